@@ -1,0 +1,36 @@
+# streamd: `make run` and `make test` are the whole set-up on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATA_DIR ?= ./data
+LISTEN ?= 127.0.0.1:50051
+
+.PHONY: install run test bench proto clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/streamd serve --data-dir $(DATA_DIR) --listen $(LISTEN)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python -m bench
+
+# Regenerate the committed stubs from proto/ (tests/unit/test_generated.py checks for drift).
+proto: install
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/streamd/v1/streamd.proto
+	$(BIN)/python -m grpc_tools.protoc -Istreamd/service --python_out=streamd/service --pyi_out=streamd/service streamd/service/wire.proto
+
+clean:
+	rm -rf $(VENV) build *.egg-info
