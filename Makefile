@@ -30,7 +30,7 @@ bench: install
 # Regenerate the committed stubs from proto/ (tests/unit/test_generated.py checks for drift).
 proto: install
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/streamd/v1/streamd.proto
-	$(BIN)/python -m grpc_tools.protoc -Istreamd/service --python_out=streamd/service --pyi_out=streamd/service streamd/service/wire.proto
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. streamd/wire.proto
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,50 @@
+"""streamd's storage engine: partition logs of record batches on local disk.
+
+``PartitionLog`` is the interface the broker uses; ``Segment``, ``OffsetIndex`` and
+``TimeIndex`` are its parts; ``batch`` is the stored frame format; ``recovery`` loads a
+directory after a clean or unclean stop; ``checkpoint.write_atomic`` writes small state
+files crash-safely. Imports only the standard library and numpy.
+"""
+
+from .checkpoint import fsync_directory, write_atomic
+from .errors import (
+    BatchTooLarge,
+    CorruptBatch,
+    InvalidBatch,
+    LogClosed,
+    OffsetOutOfRange,
+    StorageError,
+)
+from .index import OffsetIndex, TimeIndex
+from .log import (
+    DEFAULT_INDEX_INTERVAL_BYTES,
+    AppendInfo,
+    DeletedSegment,
+    LogStats,
+    PartitionLog,
+    ReadResult,
+)
+from .recovery import RecoveryPoint, RecoveryReport
+from .segment import Segment
+
+__all__ = [
+    "DEFAULT_INDEX_INTERVAL_BYTES",
+    "AppendInfo",
+    "BatchTooLarge",
+    "CorruptBatch",
+    "DeletedSegment",
+    "InvalidBatch",
+    "LogClosed",
+    "LogStats",
+    "OffsetIndex",
+    "OffsetOutOfRange",
+    "PartitionLog",
+    "ReadResult",
+    "RecoveryPoint",
+    "RecoveryReport",
+    "Segment",
+    "StorageError",
+    "TimeIndex",
+    "fsync_directory",
+    "write_atomic",
+]

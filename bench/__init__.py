@@ -1,0 +1,1 @@
+"""Benchmark streamd against Redis Streams and NATS JetStream.  Run ``python -m bench``."""

@@ -1,0 +1,1 @@
+"""Peer systems streamd is compared with."""

@@ -1,0 +1,84 @@
+"""Typed errors of the storage engine, each carrying structured fields.
+
+The tree::
+
+    StorageError                 root: everything ``segments`` raises on purpose
+    +-- OffsetOutOfRange         a read below log_start_offset or past log_end_offset
+    +-- CorruptBatch             a stored frame that fails to parse (or its CRC) on read
+    +-- LogClosed                an operation on a closed PartitionLog
+    +-- InvalidBatch             an append the log cannot store (bad record count)
+    +-- BatchTooLarge            a frame over ``batch.MAX_FRAME_BYTES``
+
+The service layer maps these to gRPC codes in one table; nothing here knows about gRPC.
+Messages name the partition when the log was opened with ``name``/``topic``/``partition``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class StorageError(Exception):
+    """Root of the storage engine's errors."""
+
+
+class OffsetOutOfRange(StorageError):
+    """``offset`` is outside ``[log_start_offset, log_end_offset]``."""
+
+    def __init__(
+        self,
+        offset: int,
+        log_start_offset: int,
+        log_end_offset: int,
+        *,
+        topic: str | None = None,
+        partition: int | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.offset = offset
+        self.log_start_offset = log_start_offset
+        self.log_end_offset = log_end_offset
+        self.topic = topic
+        self.partition = partition
+        self.name = name
+        where = f" in {name}" if name else ""
+        super().__init__(
+            f"offset {offset} is out of range{where}: valid offsets are "
+            f"{log_start_offset} to {log_end_offset}"
+        )
+
+
+class CorruptBatch(StorageError):
+    """The frame at byte ``position`` of ``path`` is not a valid stored batch."""
+
+    def __init__(self, path: Path | str, position: int, reason: str) -> None:
+        self.path = Path(path)
+        self.position = position
+        self.reason = reason
+        super().__init__(f"corrupt batch in {path} at position {position}: {reason}")
+
+
+class LogClosed(StorageError):
+    """The partition log at ``directory`` was closed."""
+
+    def __init__(self, directory: Path | str, name: str | None = None) -> None:
+        self.directory = Path(directory)
+        self.name = name
+        super().__init__(f"partition log {name or directory} is closed")
+
+
+class InvalidBatch(StorageError):
+    """An append that cannot be stored as given (``reason`` says why)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"invalid batch: {reason}")
+
+
+class BatchTooLarge(StorageError):
+    """A frame of ``size`` bytes exceeds the format's limit of ``max_bytes``."""
+
+    def __init__(self, size: int, max_bytes: int) -> None:
+        self.size = size
+        self.max_bytes = max_bytes
+        super().__init__(f"batch frame of {size} bytes exceeds the limit of {max_bytes} bytes")

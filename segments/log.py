@@ -1,0 +1,445 @@
+"""PartitionLog: one partition's append-only log of record batches.
+
+A directory of segments (``segment.py``) named by base offset, plus ``partition.json``
+and the ``clean-shutdown`` marker (``recovery.py``). Offsets are dense: a batch of n
+records appended at ``log_end_offset`` = L gets offsets L .. L+n-1. The last segment is
+the active one; earlier segments are sealed and immutable until retention deletes them
+(oldest first, never the active one; ``log_start_offset`` is the first segment's base
+offset and is persisted).
+
+Durability: appends go to the page cache through a memory map. ``flush`` fsyncs every
+segment written since the last flush and advances ``flushed_offset`` (everything below
+it survives a power loss); ``checkpoint`` persists that point as the recovery point, so
+a crash recovery scans only what came after it.
+
+Preallocation is sparse, so a full disk shows up as SIGBUS on a write into the map
+rather than as an error; keep free space above one segment per partition.
+
+Time is never read from a clock here: callers pass ``append_time_ms``/``now_ms``.
+
+Thread-safety: every public method may be called from any thread. One lock guards the
+structure (segment list, maps, offsets); ``flush`` holds it only to snapshot the work
+and fsyncs duplicated descriptors outside it, so an event-loop thread can keep appending
+and reading while a worker thread flushes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+from . import recovery
+from .batch import MAX_FRAME_BYTES, encode_frame, read_header
+from .checkpoint import fsync_directory
+from .errors import BatchTooLarge, InvalidBatch, LogClosed, OffsetOutOfRange
+from .index import MAX_POSITION, MAX_RELATIVE_OFFSET
+from .recovery import PartitionState, RecoveryPoint, RecoveryReport
+from .segment import Segment
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INDEX_INTERVAL_BYTES = 4096
+MAX_RECORD_COUNT = (1 << 32) - 1
+
+
+class AppendInfo(NamedTuple):
+    base_offset: int
+    append_time_ms: int
+    size: int  # bytes of the stored frame
+
+
+class ReadResult(NamedTuple):
+    data: bytes  # whole frames, back to back
+    first_offset: int  # base offset of the first frame (may be below the offset asked for)
+    next_offset: int  # the offset after the last frame returned
+    batch_count: int
+    record_count: int
+
+
+class LogStats(NamedTuple):
+    log_start_offset: int
+    log_end_offset: int
+    segment_count: int
+    size_bytes: int
+    oldest_timestamp_ms: int  # append time of the first batch; 0 when empty
+    newest_timestamp_ms: int  # append time of the last batch; 0 when empty
+
+
+class DeletedSegment(NamedTuple):
+    base_offset: int
+    next_offset: int
+    size_bytes: int
+    newest_timestamp_ms: int
+    reason: str  # "retention_ms", "retention_bytes" or "predicate"
+
+
+class PartitionLog:
+    """The log of one partition (see module docstring). Create with ``open``."""
+
+    def __init__(self, directory: Path, segments: list[Segment], *, segment_bytes: int,
+                 segment_ms: int, index_interval_bytes: int, name: str,
+                 topic: str | None, partition: int | None,
+                 report: RecoveryReport | None, log_start_offset: int) -> None:
+        self.directory = directory
+        self.name = name
+        self.topic = topic
+        self.partition = partition
+        self.recovery = report
+        self._segment_bytes = segment_bytes
+        self._segment_ms = segment_ms
+        self._interval = index_interval_bytes
+        self._segments = segments
+        self._bases = [s.base_offset for s in segments]
+        self._active = segments[-1]
+        self._log_end = self._active.next_offset
+        self._log_start = min(max(log_start_offset, segments[0].base_offset), self._log_end)
+        self._last_time = 0
+        for seg in reversed(segments):
+            if seg.size:
+                self._last_time = seg.last_append_time_ms or 0
+                break
+        self._flushed = self._log_end
+        self._recovery_point = RecoveryPoint(self._active.base_offset, self._active.size, self._log_end)
+        self._dirty: set[Segment] = set()
+        self._dir_dirty = False
+        self._closed = False
+        self._lock = threading.Lock()  # structure: segments, maps, offsets
+        self._io_lock = threading.Lock()  # one flush/checkpoint/close at a time
+
+    @classmethod
+    def open(cls, directory: Path | str, *, segment_bytes: int, segment_ms: int,
+             index_interval_bytes: int = DEFAULT_INDEX_INTERVAL_BYTES, now_ms: int,
+             name: str | None = None, topic: str | None = None,
+             partition: int | None = None) -> PartitionLog:
+        """Open (creating if needed) the log in ``directory``, recovering after a crash.
+        ``name`` (default ``topic-partition`` or the directory) is used in messages."""
+        if not 0 < segment_bytes <= MAX_POSITION // 2:
+            raise ValueError(f"segment_bytes must be in 1..{MAX_POSITION // 2}")
+        if segment_ms <= 0 or index_interval_bytes <= 0:
+            raise ValueError("segment_ms and index_interval_bytes must be positive")
+        directory = Path(directory)
+        if name is None:
+            name = f"{topic}-{partition}" if topic is not None else str(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        loaded = recovery.load(directory, index_interval_bytes=index_interval_bytes, name=name)
+        state = loaded.state
+        segments = [Segment.load(directory, b, index_interval_bytes=index_interval_bytes)
+                    for b in loaded.base_offsets]
+        try:
+            if segments:
+                segments[-1].activate(segment_bytes)
+            else:
+                start = max(state.log_start_offset, state.recovery_point.offset
+                            if state.recovery_point else 0) if state else 0
+                segments.append(Segment.create(directory, start, capacity_bytes=segment_bytes,
+                                               index_interval_bytes=index_interval_bytes))
+                fsync_directory(directory)
+        except BaseException:
+            for seg in segments:
+                seg.close()
+            raise
+        plog = cls(directory, segments, segment_bytes=segment_bytes, segment_ms=segment_ms,
+                   index_interval_bytes=index_interval_bytes, name=name, topic=topic,
+                   partition=partition, report=loaded.report,
+                   log_start_offset=state.log_start_offset if state else 0)
+        if plog._last_time > now_ms:
+            log.warning("%s: last append time %d is after now %d; append times stay at it "
+                        "until the clock catches up", name, plog._last_time, now_ms)
+        if loaded.report is not None:
+            log.warning("%s: recovered after an unclean shutdown: %s", name, loaded.report)
+        plog.checkpoint()
+        return plog
+
+    # -- properties ------------------------------------------------------------------
+
+    @property
+    def log_start_offset(self) -> int:
+        return self._log_start
+
+    @property
+    def log_end_offset(self) -> int:
+        """The offset the next appended record gets."""
+        return self._log_end
+
+    @property
+    def flushed_offset(self) -> int:
+        """Every offset below this is fsynced."""
+        return self._flushed
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- append and read ---------------------------------------------------------------
+
+    def append(self, body: bytes, *, record_count: int, append_time_ms: int) -> AppendInfo:
+        """Store one batch at ``log_end_offset``. The append time is made monotonic:
+        ``max(append_time_ms, last append time)``."""
+        if not 0 < record_count <= MAX_RECORD_COUNT:
+            raise InvalidBatch(f"record_count {record_count} is not in 1..{MAX_RECORD_COUNT}")
+        with self._lock:
+            self._check_open()
+            base = self._log_end
+            when = max(append_time_ms, self._last_time)
+            try:
+                frame = encode_frame(body, base_offset=base, append_time_ms=when,
+                                     record_count=record_count)
+            except ValueError:
+                raise BatchTooLarge(len(body), MAX_FRAME_BYTES) from None
+            if self._should_roll(len(frame), base, when):
+                self._roll(len(frame))
+            elif not self._active.fits(len(frame)):  # empty, and the frame is big
+                self._active.grow(len(frame))
+            self._active.append(frame, base_offset=base, append_time_ms=when,
+                                record_count=record_count)
+            self._dirty.add(self._active)
+            self._log_end = base + record_count
+            self._last_time = when
+            return AppendInfo(base, when, len(frame))
+
+    def _should_roll(self, frame_size: int, base: int, when: int) -> bool:
+        seg = self._active
+        if not seg.size:
+            return False
+        first = seg.first_append_time_ms
+        return (seg.size + frame_size > self._segment_bytes or not seg.fits(frame_size)
+                or (first is not None and when - first > self._segment_ms)
+                or base - seg.base_offset > MAX_RELATIVE_OFFSET)
+
+    def _roll(self, frame_size: int) -> None:
+        old = self._active
+        new = Segment.create(self.directory, self._log_end,
+                             capacity_bytes=max(self._segment_bytes, frame_size),
+                             index_interval_bytes=self._interval)
+        old.seal()
+        self._segments.append(new)
+        self._bases.append(new.base_offset)
+        self._active = new
+        self._dirty.update((old, new))
+        self._dir_dirty = True
+
+    def read(self, offset: int, *, max_bytes: int, max_records: int) -> ReadResult:
+        """Whole frames from the one containing ``offset``: at least one if any exists,
+        then more (across segments) while the totals are below ``max_bytes`` and
+        ``max_records``. Empty at ``log_end_offset``; OffsetOutOfRange outside
+        ``[log_start_offset, log_end_offset]``."""
+        with self._lock:
+            self._check_open()
+            self._check_range(offset)
+            if offset == self._log_end:
+                return ReadResult(b"", offset, offset, 0, 0)
+            i = bisect.bisect_right(self._bases, offset) - 1
+            seg = self._segments[i]
+            position = seg.find_position(offset)
+            chunks, total_bytes, batches, records, next_offset = [], 0, 0, 0, offset
+            while True:
+                part = seg.read(position, max_bytes=max_bytes, max_records=max_records,
+                                taken_bytes=total_bytes, taken_records=records)
+                if part.batch_count:
+                    chunks.append(part.data)
+                    total_bytes += len(part.data)
+                    batches += part.batch_count
+                    records += part.record_count
+                    next_offset = part.next_offset
+                i += 1
+                if i == len(self._segments) or total_bytes >= max_bytes or records >= max_records:
+                    break
+                seg, position = self._segments[i], 0
+            data = b"".join(chunks)
+            first_offset = read_header(data, 0, len(data)).base_offset if data else offset
+            return ReadResult(data, first_offset, next_offset if batches else offset, batches,
+                              records)
+
+    def offset_for_time(self, timestamp_ms: int) -> int:
+        """First offset of the first batch appended at or after ``timestamp_ms``;
+        ``log_end_offset`` if there is none."""
+        with self._lock:
+            self._check_open()
+            i = bisect.bisect_left(self._segments, timestamp_ms, key=_newest_or_max)
+            if i == len(self._segments):
+                return self._log_end
+            found = self._segments[i].find_time(timestamp_ms)
+            return self._log_end if found is None else found
+
+    def describe(self) -> LogStats:
+        with self._lock:
+            self._check_open()
+            nonempty = [s for s in self._segments if s.size]
+            return LogStats(
+                self._log_start, self._log_end, len(self._segments),
+                sum(s.size for s in self._segments),
+                (nonempty[0].first_append_time_ms or 0) if nonempty else 0,
+                self._last_time if nonempty else 0,
+            )
+
+    # -- durability ------------------------------------------------------------------
+
+    def flush(self) -> int:
+        """fsync everything appended so far; the new ``flushed_offset``."""
+        with self._io_lock:
+            return self._flush()
+
+    def _flush(self) -> int:
+        with self._lock:
+            self._check_open()
+            target = self._log_end
+            point = RecoveryPoint(self._active.base_offset, self._active.size, target)
+            segments, self._dirty = self._dirty, set()
+            dir_dirty, self._dir_dirty = self._dir_dirty, False
+            fds = [fd for seg in segments for fd in seg.sync_fds()]
+        try:
+            for fd in fds:
+                os.fsync(fd)
+            if dir_dirty:
+                fsync_directory(self.directory)
+        except BaseException:
+            with self._lock:
+                self._dirty |= {s for s in segments if s in self._segments}
+                self._dir_dirty |= dir_dirty
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+        with self._lock:
+            for seg in segments:
+                if seg is not self._active and seg not in self._dirty:
+                    seg.release_fds()
+            if target >= self._flushed:  # flushes are serialized, so this always holds
+                self._flushed = target
+                self._recovery_point = point
+            return self._flushed
+
+    def checkpoint(self) -> None:
+        """Persist ``partition.json``: log_start_offset and the recovery point."""
+        with self._io_lock:
+            with self._lock:
+                self._check_open()
+                state = PartitionState(self._log_start, self._recovery_point)
+            recovery.write_state(self.directory, state)
+
+    # -- retention -------------------------------------------------------------------
+
+    def delete_segments(self, predicate: Callable[[Segment], bool]) -> list[DeletedSegment]:
+        """Delete the oldest non-active segments while ``predicate(segment)`` is true;
+        moves and persists ``log_start_offset``."""
+        deleted = self._delete_prefix(predicate, "predicate")
+        if deleted:
+            self.checkpoint()
+        return deleted
+
+    def apply_retention(self, *, now_ms: int, retention_ms: int,
+                        retention_bytes: int) -> list[DeletedSegment]:
+        """Delete non-active segments whose newest batch is older than
+        ``now_ms - retention_ms``, then the oldest while the log is larger than
+        ``retention_bytes``. A negative limit is unlimited."""
+        deleted = []
+        if retention_ms >= 0:
+            limit = now_ms - retention_ms
+            deleted += self._delete_prefix(
+                lambda seg: (seg.last_append_time_ms or 0) < limit, "retention_ms")
+        if retention_bytes >= 0:
+            with self._lock:
+                self._check_open()
+                total = sum(s.size for s in self._segments)
+
+            def too_big(seg: Segment) -> bool:
+                nonlocal total
+                if total <= retention_bytes:
+                    return False
+                total -= seg.size
+                return True
+
+            deleted += self._delete_prefix(too_big, "retention_bytes")
+        if deleted:
+            self.checkpoint()
+        return deleted
+
+    def _delete_prefix(self, predicate: Callable[[Segment], bool], reason: str) -> list[DeletedSegment]:
+        renamed, deleted = [], []
+        with self._lock:
+            self._check_open()
+            while len(self._segments) > 1 and predicate(self._segments[0]):
+                seg = self._segments[0]
+                info = DeletedSegment(seg.base_offset, self._segments[1].base_offset, seg.size,
+                                      seg.last_append_time_ms or 0, reason)
+                renamed += seg.delete()
+                del self._segments[0], self._bases[0]
+                self._dirty.discard(seg)
+                self._log_start = max(self._log_start, self._segments[0].base_offset)
+                deleted.append(info)
+        for path in renamed:
+            path.unlink(missing_ok=True)
+        for info in deleted:
+            log.info("%s: deleted segment %d (%s)", self.name, info.base_offset, info.reason)
+        return deleted
+
+    # -- closing -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Flush, trim the files, persist state and mark a clean shutdown. Idempotent."""
+        with self._io_lock:
+            if self._closed:
+                return
+            self._flush()
+            with self._lock:
+                self._active.seal()
+                fds = self._active.sync_fds()
+                self._closed = True
+                state = PartitionState(
+                    self._log_start,
+                    RecoveryPoint(self._active.base_offset, self._active.size, self._log_end))
+            try:
+                for fd in fds:
+                    os.fsync(fd)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+                for seg in self._segments:
+                    seg.close()
+            recovery.write_state(self.directory, state)
+            recovery.mark_clean_shutdown(self.directory)
+
+    def delete(self) -> None:
+        """Close and remove the whole directory (topic deletion)."""
+        self.close()
+        shutil.rmtree(self.directory)
+
+    def __enter__(self) -> PartitionLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LogClosed(self.directory, self.name)
+
+    def _check_range(self, offset: int) -> None:
+        if not self._log_start <= offset <= self._log_end:
+            raise OffsetOutOfRange(offset, self._log_start, self._log_end, topic=self.topic,
+                                   partition=self.partition, name=self.name)
+
+    def _release(self) -> None:
+        """Drop maps and descriptors without flushing or marking a clean shutdown: the
+        files are left as a crash would leave them (for tests)."""
+        with self._lock:
+            self._closed = True
+            for seg in self._segments:
+                seg.close()
+
+    def __repr__(self) -> str:
+        return (f"PartitionLog({self.name!r}, start={self._log_start}, end={self._log_end}, "
+                f"segments={len(self._segments)})")
+
+
+def _newest_or_max(seg: Segment) -> int:
+    newest = seg.last_append_time_ms
+    return (1 << 63) if newest is None else newest

@@ -1,0 +1,352 @@
+"""Loading a partition directory: state files and crash recovery (Kafka's LogLoader).
+
+Files besides the segments::
+
+    partition.json   {"version": 1, "log_start_offset": N,
+                      "recovery_point": {"base_offset": B, "position": P, "offset": O}}
+                     written atomically (``checkpoint.write_atomic``). Everything before
+                     byte P of segment B (whose frame there has base offset O) is fsynced.
+    clean-shutdown   empty marker written by ``PartitionLog.close`` and removed (durably)
+                     on open, so it exists only while nothing can have been lost.
+
+``load`` leaves the directory as a clean close would: every ``.log`` holds exactly its
+valid frames, with trimmed, valid index files for the segments it scanned.
+
+- Clean shutdown: files are trusted. Only the last segment's tail is walked (from its
+  last index entry, headers only); if that does not end exactly at the file's end the
+  marker was wrong and the crash path runs.
+- Crash: frames are scanned only from the recovery point (the start of its segment if
+  the point does not sit on a frame boundary; the start of the last segment without
+  state) to the end of the data. Each frame must parse, continue the offsets, not go
+  back in time and match its CRC. The first invalid frame and everything after it is
+  cut: the file is truncated there, later segments whose base offset does not continue
+  the log are deleted, index entries at or after the start point are dropped and
+  re-added from the scan. Segments before the point are trusted as they are; their
+  indexes are checked when first loaded (``Segment``), so start-up cost does not grow
+  with the size of the log.
+
+Leftover ``*.deleted``, ``*.tmp`` and index files without a log are removed.
+Not thread-safe: runs once, before the log is shared.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from .checkpoint import TEMP_SUFFIX, remove_durable, write_atomic
+from .index import OffsetIndex, TimeIndex, check_entries
+from .segment import (
+    DELETED_SUFFIX,
+    INDEX_SUFFIX,
+    LOG_SUFFIX,
+    TIME_INDEX_SUFFIX,
+    build_index_entries,
+    segment_name,
+    walk_frames,
+)
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "partition.json"
+CLEAN_SHUTDOWN_FILE = "clean-shutdown"
+_SEGMENT_NAME = re.compile(r"\d{20}")
+_CHUNK = 1 << 22
+
+
+class RecoveryPoint(NamedTuple):
+    """A flushed position: byte ``position`` of segment ``base_offset``, at ``offset``."""
+
+    base_offset: int
+    position: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class PartitionState:
+    log_start_offset: int
+    recovery_point: RecoveryPoint | None
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """What a crash recovery scanned and cut."""
+
+    segments_scanned: int
+    bytes_scanned: int
+    bytes_truncated: int
+    batches_recovered: int
+    segments_deleted: int = 0
+
+
+@dataclass
+class LoadResult:
+    base_offsets: list[int]  # of the segments left, ascending
+    report: RecoveryReport | None  # None after a clean shutdown
+    state: PartitionState | None
+
+
+def read_state(directory: Path) -> PartitionState | None:
+    """The persisted state, or None if missing or unreadable (logged)."""
+    path = Path(directory) / STATE_FILE
+    try:
+        raw = json.loads(path.read_bytes())
+        point = raw.get("recovery_point")
+        return PartitionState(
+            int(raw["log_start_offset"]),
+            RecoveryPoint(int(point["base_offset"]), int(point["position"]), int(point["offset"]))
+            if point else None,
+        )
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("ignoring unreadable %s: %s", path, exc)
+        return None
+
+
+def write_state(directory: Path, state: PartitionState) -> None:
+    point = state.recovery_point._asdict() if state.recovery_point else None
+    doc = {"version": 1, "log_start_offset": state.log_start_offset, "recovery_point": point}
+    write_atomic(Path(directory) / STATE_FILE, json.dumps(doc, sort_keys=True).encode())
+
+
+def mark_clean_shutdown(directory: Path) -> None:
+    write_atomic(Path(directory) / CLEAN_SHUTDOWN_FILE, b"")
+
+
+def load(directory: Path, *, index_interval_bytes: int, name: str) -> LoadResult:
+    """Clean up, decide clean vs crash, recover if needed (see module docstring)."""
+    directory = Path(directory)
+    bases = _cleanup(directory)
+    state = read_state(directory)
+    clean = remove_durable(directory / CLEAN_SHUTDOWN_FILE)
+    if not bases:
+        return LoadResult([], None, state)
+    if clean:
+        if _tail_ends_at_file_end(directory, bases[-1], index_interval_bytes):
+            return LoadResult(bases, None, state)
+        log.warning("%s: clean-shutdown marker present but the last segment is damaged", name)
+    report = _recover(directory, bases, state, index_interval_bytes, name)
+    return LoadResult(bases, report, state)
+
+
+def _cleanup(directory: Path) -> list[int]:
+    """Remove garbage files; the base offsets of the segments present."""
+    bases, indexes = set(), []
+    for path in directory.iterdir():
+        if path.name.endswith((DELETED_SUFFIX, TEMP_SUFFIX)):
+            path.unlink()
+        elif _SEGMENT_NAME.fullmatch(path.stem):
+            if path.suffix == LOG_SUFFIX:
+                bases.add(int(path.stem))
+            elif path.suffix in (INDEX_SUFFIX, TIME_INDEX_SUFFIX):
+                indexes.append(path)
+    for path in indexes:
+        if int(path.stem) not in bases:
+            path.unlink()
+    return sorted(bases)
+
+
+class _Prefix(NamedTuple):
+    """Trusted index entries before a position, and the log's state there."""
+
+    offsets: np.ndarray
+    times: np.ndarray
+    next_offset: int
+    last_time: int | None
+    last_entry_position: int | None
+
+
+def _paths(directory: Path, base: int) -> tuple[Path, Path, Path]:
+    stem = directory / segment_name(base)
+    return stem.with_suffix(LOG_SUFFIX), stem.with_suffix(INDEX_SUFFIX), stem.with_suffix(TIME_INDEX_SUFFIX)
+
+
+def _prefix(buf, directory: Path, base: int, position: int, interval: int) -> _Prefix | None:
+    """Index entries for the frames before ``position`` (kept from the index files if
+    valid, else rebuilt by a header walk), or None if no frame boundary is there."""
+    _, index_path, time_path = _paths(directory, base)
+    oi = OffsetIndex(index_path, base, capacity=None, data_size=position)
+    ti = TimeIndex(time_path, base, capacity=None, data_size=position)
+    try:
+        offsets, times = oi.entries(), ti.entries()
+    finally:
+        oi.close()
+        ti.close()
+    keep = int(np.searchsorted(offsets["position"], position, side="left")) if len(offsets) else 0
+    offsets, times = offsets[:keep], times[: min(keep, len(times))]
+    if keep and check_entries(offsets, times, position) is None:
+        start = int(offsets[-1]["position"])
+        expected = base + int(offsets[-1]["relative_offset"])
+        headers = list(walk_frames(buf, start, position, expected_offset=expected))
+        if headers and headers[-1].end == position \
+                and headers[0].append_time_ms == int(times[-1]["timestamp_ms"]):
+            last = headers[-1]
+            return _Prefix(offsets, times, last.next_offset, last.append_time_ms, start)
+    return _prefix_rebuilt(buf, base, position, interval)
+
+
+def _prefix_rebuilt(buf, base: int, position: int, interval: int) -> _Prefix | None:
+    headers = list(walk_frames(buf, 0, position, expected_offset=base))
+    if (headers[-1].end if headers else 0) != position:
+        return None
+    offsets, times = build_index_entries(iter(headers), base, interval)
+    last = headers[-1] if headers else None
+    return _Prefix(offsets, times, last.next_offset if last else base,
+                   last.append_time_ms if last else None,
+                   int(offsets[-1]["position"]) if len(offsets) else None)
+
+
+def _tail_ends_at_file_end(directory: Path, base: int, interval: int) -> bool:
+    log_path = _paths(directory, base)[0]
+    size = os.stat(log_path).st_size
+    if size == 0:
+        return True
+    with open(log_path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mm:
+        return _prefix(mm, directory, base, size, interval) is not None
+
+
+def _start(directory: Path, bases: list[int], state: PartitionState | None) -> tuple[int, int, int]:
+    """(segment index, byte position, offset) where the crash scan starts."""
+    point = state.recovery_point if state else None
+    if point is None:
+        return len(bases) - 1, 0, bases[-1]
+    if point.base_offset in bases:
+        i = bases.index(point.base_offset)
+        size = os.stat(_paths(directory, bases[i])[0]).st_size
+        if 0 <= point.position <= size and point.offset >= bases[i]:
+            return i, point.position, point.offset
+        return i, 0, bases[i]
+    later = [i for i, b in enumerate(bases) if b > point.base_offset]
+    i = later[0] if later else len(bases) - 1
+    return i, 0, bases[i]
+
+
+@dataclass
+class _Totals:
+    scanned: int = 0
+    bytes_scanned: int = 0
+    bytes_truncated: int = 0
+    batches: int = 0
+    deleted: int = 0
+
+
+def _recover(directory: Path, bases: list[int], state: PartitionState | None, interval: int,
+             name: str) -> RecoveryReport:
+    i, position, expected = _start(directory, bases, state)
+    totals = _Totals()
+    last_time: int | None = None
+    while i < len(bases):
+        if position == 0 and bases[i] != expected:
+            break
+        expected, last_time = _scan_segment(directory, bases[i], position, expected, last_time,
+                                            interval, name, totals)
+        position = 0
+        i += 1
+    for base in bases[i:]:
+        log_path = _paths(directory, base)[0]
+        cut = _file_data_end(log_path)
+        log.warning("%s: deleting segment %s after the end of the valid log (%d bytes)",
+                    name, log_path, cut)
+        totals.bytes_truncated += cut
+        totals.deleted += 1
+        for path in _paths(directory, base):
+            path.unlink(missing_ok=True)
+    del bases[i:]
+    return RecoveryReport(totals.scanned, totals.bytes_scanned, totals.bytes_truncated,
+                          totals.batches, totals.deleted)
+
+
+def _scan_segment(directory: Path, base: int, position: int, expected: int, last_time: int | None,
+                  interval: int, name: str, totals: _Totals) -> tuple[int, int | None]:
+    """Validate one segment from ``position``, cut it after its last valid frame and
+    write its indexes; (next offset, last append time)."""
+    log_path, index_path, time_path = _paths(directory, base)
+    fd = os.open(log_path, os.O_RDWR)
+    try:
+        file_size = os.fstat(fd).st_size
+        mm = mmap.mmap(fd, file_size, access=mmap.ACCESS_READ) if file_size else b""
+        try:
+            prefix = _prefix(mm, directory, base, position, interval)
+            if prefix is None or prefix.next_offset != expected:
+                position, expected = 0, base
+                prefix = _Prefix(np.zeros(0, OffsetIndex.ENTRY), np.zeros(0, TimeIndex.ENTRY),
+                                 base, None, None)
+            if position and prefix.last_time is not None:
+                last_time = prefix.last_time
+            headers = list(walk_frames(mm, position, file_size, expected_offset=expected,
+                                       min_time_ms=last_time, verify_crc=True))
+            valid_end = headers[-1].end if headers else position
+            cut = _data_end(fd, mm, valid_end, file_size) - valid_end
+        finally:
+            if isinstance(mm, mmap.mmap):
+                mm.close()
+        offsets, times = build_index_entries(iter(headers), base, interval, prefix.last_entry_position)
+        OffsetIndex.write_file(index_path, np.concatenate([prefix.offsets, offsets]))
+        TimeIndex.write_file(time_path, np.concatenate([prefix.times, times]))
+        if valid_end != file_size:
+            os.ftruncate(fd, valid_end)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if cut:
+        log.warning("%s: truncated %s at position %d, cutting %d bytes of invalid data",
+                    name, log_path, valid_end, cut)
+    totals.scanned += 1
+    totals.bytes_scanned += valid_end - position
+    totals.bytes_truncated += cut
+    totals.batches += len(headers)
+    if headers:
+        return headers[-1].next_offset, headers[-1].append_time_ms
+    return expected, last_time
+
+
+def _file_data_end(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if not size:
+            return 0
+        with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mm:
+            return _data_end(fd, mm, 0, size)
+    finally:
+        os.close(fd)
+
+
+def _data_regions(fd: int, start: int, end: int):
+    """(start, end) ranges that may hold data, skipping holes of a sparse file."""
+    if not hasattr(os, "SEEK_DATA"):
+        yield start, end
+        return
+    position = start
+    while position < end:
+        try:
+            data = os.lseek(fd, position, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole is left
+            return
+        if data >= end:
+            return
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, hole
+        position = hole
+
+
+def _data_end(fd: int, buf, start: int, end: int) -> int:
+    """One past the last non-zero byte in ``[start, end)``, or ``start``: how much of
+    a preallocated tail holds data (zeros and holes are not cut data)."""
+    last = start
+    for lo, hi in _data_regions(fd, start, end):
+        for chunk_start in range(lo, hi, _CHUNK):
+            chunk = np.frombuffer(buf[chunk_start : min(hi, chunk_start + _CHUNK)], dtype=np.uint8)
+            nonzero = np.flatnonzero(chunk)
+            if nonzero.size:
+                last = chunk_start + int(nonzero[-1]) + 1
+    return last

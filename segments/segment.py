@@ -1,0 +1,443 @@
+"""One segment of a partition: a ``.log`` file of frames plus its two indexes.
+
+Files, named by the segment's base offset (the first batch's offset), 20 digits::
+
+    00000000000000000000.log        frames (``segments.batch``), back to back from byte 0
+    00000000000000000000.index      OffsetIndex (``segments.index``)
+    00000000000000000000.timeindex  TimeIndex
+
+States:
+
+- **active** (the partition's last segment): the ``.log`` is preallocated with
+  ``ftruncate`` (sparse) to its capacity and mapped writable with ``mmap``; an append is
+  a copy into the map. Bytes past ``size`` are zeros (a zero tag byte ends the data).
+  The indexes are writable memmaps. File descriptors stay open for ``sync_fds``.
+- **sealed** (``seal`` on roll or close): every file is truncated to its real size; the
+  log and indexes are mapped read-only lazily, on the first read, at that size. The
+  descriptors kept from the active state are closed by ``release_fds`` once synced.
+
+Invariants: frames are dense (each batch's base offset is the previous batch's next
+offset, the first is ``base_offset``), append times never decrease, a sealed segment is
+not empty, every position fits in uint32. Indexes are validated when first loaded and
+rebuilt from the log (header scan) if missing or garbled.
+
+Not thread-safe: ``PartitionLog`` serializes every call. Nothing here keeps a
+``memoryview`` of a map: reads copy (``mmap`` slicing returns ``bytes``).
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from .batch import BatchHeader, crc_ok, read_header
+from .errors import CorruptBatch, StorageError
+from .index import (
+    OFFSET_ENTRY,
+    TIME_ENTRY,
+    OffsetIndex,
+    TimeIndex,
+    check_entries,
+    index_capacity,
+    index_due,
+)
+
+log = logging.getLogger(__name__)
+
+LOG_SUFFIX = ".log"
+INDEX_SUFFIX = ".index"
+TIME_INDEX_SUFFIX = ".timeindex"
+DELETED_SUFFIX = ".deleted"
+
+
+def segment_name(base_offset: int) -> str:
+    return f"{base_offset:020d}"
+
+
+def walk_frames(
+    buf,
+    position: int,
+    limit: int,
+    *,
+    expected_offset: int | None = None,
+    min_time_ms: int | None = None,
+    verify_crc: bool = False,
+) -> Iterator[BatchHeader]:
+    """Yield the headers of consecutive valid frames from ``position`` up to ``limit``;
+    stop silently at the first invalid one (the caller compares the last ``end``).
+    With ``expected_offset`` each frame must continue the offsets; with ``min_time_ms``
+    append times must not decrease; with ``verify_crc`` the checksum must match."""
+    while position < limit:
+        header = read_header(buf, position, limit)
+        if header is None:
+            return
+        if expected_offset is not None:
+            if header.base_offset != expected_offset:
+                return
+            expected_offset = header.next_offset
+        if min_time_ms is not None:
+            if header.append_time_ms < min_time_ms:
+                return
+            min_time_ms = header.append_time_ms
+        if verify_crc and not crc_ok(buf, header):
+            return
+        yield header
+        position = header.end
+
+
+def build_index_entries(
+    headers: Iterator[BatchHeader], base_offset: int, index_interval_bytes: int,
+    last_entry_position: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The index entries the sparse schedule gives ``headers`` (offset, time arrays)."""
+    offsets, times = [], []
+    for h in headers:
+        if index_due(last_entry_position, h.position, index_interval_bytes):
+            rel = h.base_offset - base_offset
+            offsets.append((rel, h.position))
+            times.append((h.append_time_ms, rel, 0))
+            last_entry_position = h.position
+    return np.array(offsets, dtype=OFFSET_ENTRY), np.array(times, dtype=TIME_ENTRY)
+
+
+class SegmentRead(NamedTuple):
+    data: bytes
+    batch_count: int
+    record_count: int
+    next_offset: int
+
+
+class Segment:
+    """A ``.log`` file with its ``.index`` and ``.timeindex`` (see module docstring)."""
+
+    def __init__(self, directory: Path, base_offset: int, *, index_interval_bytes: int) -> None:
+        self.directory = Path(directory)
+        self.base_offset = base_offset
+        stem = self.directory / segment_name(base_offset)
+        self.log_path = stem.with_suffix(LOG_SUFFIX)
+        self.index_path = stem.with_suffix(INDEX_SUFFIX)
+        self.time_index_path = stem.with_suffix(TIME_INDEX_SUFFIX)
+        self._interval = index_interval_bytes
+        self._size = 0
+        self._capacity = 0
+        self._map: mmap.mmap | None = None
+        self._writable = False
+        self._fd: int | None = None  # kept while active and until synced
+        self._offset_index: OffsetIndex | None = None
+        self._time_index: TimeIndex | None = None
+        self._next_offset: int | None = None
+        self._first_time: int | None = None
+        self._last_time: int | None = None
+        self._last_entry_position: int | None = None
+
+    # -- opening and state changes -------------------------------------------------
+
+    @classmethod
+    def create(cls, directory: Path, base_offset: int, *, capacity_bytes: int,
+               index_interval_bytes: int) -> Segment:
+        """A new, empty, active segment preallocated to ``capacity_bytes``."""
+        seg = cls(directory, base_offset, index_interval_bytes=index_interval_bytes)
+        for stale in (seg.index_path, seg.time_index_path):
+            stale.unlink(missing_ok=True)
+        seg._fd = os.open(seg.log_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        seg._next_offset = base_offset
+        seg._open_writable(capacity_bytes)
+        return seg
+
+    @classmethod
+    def load(cls, directory: Path, base_offset: int, *, index_interval_bytes: int) -> Segment:
+        """A sealed segment whose ``.log`` holds exactly its data; nothing is mapped yet."""
+        seg = cls(directory, base_offset, index_interval_bytes=index_interval_bytes)
+        seg._size = os.stat(seg.log_path).st_size
+        return seg
+
+    def activate(self, capacity_bytes: int) -> None:
+        """Make a loaded segment the active one: preallocate, map writable, find the
+        end of its data. Raises CorruptBatch if its frames do not fill the file."""
+        self._unmap()
+        self._close_indexes()
+        if self._fd is None:
+            self._fd = os.open(self.log_path, os.O_RDWR)
+        self._open_writable(max(capacity_bytes, self._size))
+        self._load_tail()
+
+    def _open_writable(self, capacity: int) -> None:
+        assert self._fd is not None
+        if os.fstat(self._fd).st_size < capacity:
+            os.ftruncate(self._fd, capacity)
+        self._capacity = capacity
+        self._map = mmap.mmap(self._fd, capacity, access=mmap.ACCESS_WRITE)
+        self._writable = True
+        entries = index_capacity(capacity, self._interval)
+        self._offset_index = OffsetIndex(self.index_path, self.base_offset, capacity=entries,
+                                         data_size=self._size)
+        self._time_index = TimeIndex(self.time_index_path, self.base_offset, capacity=entries,
+                                     data_size=self._size)
+        self._check_indexes()
+
+    def seal(self) -> None:
+        """Trim the log and indexes to their real sizes; later reads map them read-only."""
+        if not self._writable:
+            return
+        self._unmap()
+        assert self._fd is not None and self._offset_index is not None and self._time_index is not None
+        os.ftruncate(self._fd, self._size)
+        self._offset_index.trim()
+        self._time_index.trim()
+        self._writable = False
+        self._capacity = self._size
+
+    def sync_fds(self) -> list[int]:
+        """Duplicates of the open descriptors with unsynced writes (caller fsyncs and
+        closes them); duplicates stay valid even if the segment is closed meanwhile."""
+        fds = [os.dup(self._fd)] if self._fd is not None else []
+        for index in (self._offset_index, self._time_index):
+            fd = index.sync_fd() if index is not None else None
+            if fd is not None:
+                fds.append(fd)
+        return fds
+
+    def release_fds(self) -> None:
+        """Close a sealed segment's descriptors once its writes are synced."""
+        if self._writable:
+            return
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        for index in (self._offset_index, self._time_index):
+            if index is not None:
+                index.release_fd()
+
+    def close(self) -> None:
+        self._unmap()
+        self._close_indexes()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._writable = False
+
+    def delete(self) -> list[Path]:
+        """Close and rename the files to ``*.deleted`` (log first, so a crash leaves no
+        index without its log); returns the renamed paths for the caller to unlink."""
+        self.close()
+        renamed = []
+        for path in (self.log_path, self.index_path, self.time_index_path):
+            target = path.with_name(path.name + DELETED_SUFFIX)
+            try:
+                os.rename(path, target)
+            except FileNotFoundError:
+                continue
+            renamed.append(target)
+        return renamed
+
+    # -- properties ----------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Bytes of data (frames) in the log."""
+        return self._size
+
+    @property
+    def is_active(self) -> bool:
+        return self._writable
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def next_offset(self) -> int:
+        """The offset after the last batch (``base_offset`` when empty)."""
+        if self._next_offset is None:
+            self._load_tail()
+        assert self._next_offset is not None
+        return self._next_offset
+
+    @property
+    def first_append_time_ms(self) -> int | None:
+        """Append time of the first batch; None when empty."""
+        if self._first_time is None and self._size:
+            self._ensure_map()
+            header = read_header(self._map, 0, self._size)
+            if header is None:
+                raise CorruptBatch(self.log_path, 0, "no valid frame at the start")
+            self._first_time = header.append_time_ms
+        return self._first_time
+
+    @property
+    def last_append_time_ms(self) -> int | None:
+        """Append time of the last batch (the newest); None when empty."""
+        if self._next_offset is None:
+            self._load_tail()
+        return self._last_time
+
+    # -- append and read -------------------------------------------------------------
+
+    def append(self, frame: bytes, *, base_offset: int, append_time_ms: int, record_count: int) -> int:
+        """Copy ``frame`` to the end of the data and index it if due; its position."""
+        position = self._size
+        end = position + len(frame)
+        if not self._writable or end > self._capacity:
+            raise StorageError(f"segment {self.log_path} cannot take {len(frame)} more bytes")
+        assert self._map is not None and self._offset_index is not None and self._time_index is not None
+        self._map[position:end] = frame
+        if index_due(self._last_entry_position, position, self._interval):
+            if self._offset_index.append(base_offset, position):
+                self._time_index.append(append_time_ms, base_offset)
+                self._last_entry_position = position
+        if self._first_time is None:
+            self._first_time = append_time_ms
+        self._last_time = append_time_ms
+        self._next_offset = base_offset + record_count
+        self._size = end
+        return position
+
+    def fits(self, frame_size: int) -> bool:
+        return self._writable and self._size + frame_size <= self._capacity
+
+    def grow(self, capacity_bytes: int) -> None:
+        """Enlarge an active segment's preallocation (for a frame bigger than
+        segment_bytes arriving at an empty segment). Safe: no view of the map is kept."""
+        if not self._writable or capacity_bytes <= self._capacity:
+            return
+        assert self._fd is not None
+        self._unmap()
+        os.ftruncate(self._fd, capacity_bytes)
+        self._map = mmap.mmap(self._fd, capacity_bytes, access=mmap.ACCESS_WRITE)
+        self._capacity = capacity_bytes
+
+    def find_position(self, offset: int) -> int:
+        """Byte position of the frame containing ``offset`` (``size`` if past the end)."""
+        self._ensure_indexes()
+        assert self._offset_index is not None
+        _, position = self._offset_index.lookup(offset)
+        for header in self._headers(position):
+            if header.next_offset > offset:
+                return header.position
+        return self._size
+
+    def read(self, position: int, *, max_bytes: int, max_records: int, taken_bytes: int,
+             taken_records: int) -> SegmentRead:
+        """Whole frames from ``position``: the first one if nothing is taken yet, then
+        more while the running totals stay below ``max_bytes`` and ``max_records``."""
+        end, records, next_offset = position, 0, self.base_offset
+        taken: list[BatchHeader] = []
+        for header in self._headers(position):
+            total_bytes = taken_bytes + end - position
+            if (total_bytes or taken_records or taken) and not (
+                total_bytes < max_bytes and taken_records + records < max_records
+            ):
+                break
+            end = header.end
+            taken.append(header)
+            records += header.record_count
+            next_offset = header.next_offset
+        data = self._map[position:end] if end > position and self._map is not None else b""
+        # Never serve a batch that no longer matches its checksum (bit rot, a torn
+        # page): the copy is checked, so what is verified is what is sent.
+        for header in taken:
+            if not crc_ok(data, header._replace(position=header.position - position)):
+                raise CorruptBatch(self.log_path, header.position, "checksum mismatch")
+        return SegmentRead(data, len(taken), records, next_offset)
+
+    def find_time(self, timestamp_ms: int) -> int | None:
+        """Base offset of the first batch appended at or after ``timestamp_ms``; None
+        if every batch here is older."""
+        self._ensure_indexes()
+        assert self._offset_index is not None and self._time_index is not None
+        start = self._time_index.lookup(timestamp_ms)
+        _, position = self._offset_index.lookup(start)
+        for header in self._headers(position):
+            if header.append_time_ms >= timestamp_ms:
+                return header.base_offset
+        return None
+
+    # -- internals -------------------------------------------------------------------
+
+    def _headers(self, position: int) -> Iterator[BatchHeader]:
+        """Headers from ``position`` to the end of the data; CorruptBatch if a frame in
+        between does not parse."""
+        self._ensure_map()
+        for header in walk_frames(self._map, position, self._size):
+            yield header
+            position = header.end
+        if position != self._size:
+            raise CorruptBatch(self.log_path, position, "frame header does not parse")
+
+    def _ensure_map(self) -> None:
+        if self._map is None and self._size:
+            fd = os.open(self.log_path, os.O_RDONLY)
+            try:
+                self._map = mmap.mmap(fd, self._size, access=mmap.ACCESS_READ)
+            finally:
+                os.close(fd)
+
+    def _unmap(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
+    def _ensure_indexes(self) -> None:
+        if self._offset_index is None:
+            self._offset_index = OffsetIndex(self.index_path, self.base_offset, capacity=None,
+                                             data_size=self._size)
+            self._time_index = TimeIndex(self.time_index_path, self.base_offset, capacity=None,
+                                         data_size=self._size)
+            self._check_indexes()
+
+    def _close_indexes(self) -> None:
+        for index in (self._offset_index, self._time_index):
+            if index is not None:
+                index.close()
+        self._offset_index = self._time_index = None
+
+    def _check_indexes(self) -> None:
+        """Validate the loaded indexes (cheap checks) and rebuild them if they fail."""
+        assert self._offset_index is not None and self._time_index is not None
+        offsets, times = self._offset_index.entries(), self._time_index.entries()
+        reason = None
+        if not (self._offset_index.file_ok and self._time_index.file_ok):
+            reason = "missing or not a whole number of entries"
+        reason = reason or check_entries(offsets, times, self._size) or self._spot_check(offsets, times)
+        if reason is None:
+            self._last_entry_position = self._offset_index.last_position()
+            return
+        log.warning("rebuilding indexes of %s: %s", self.log_path, reason)
+        self._ensure_map()
+        headers = list(self._headers(0))
+        offsets, times = build_index_entries(iter(headers), self.base_offset, self._interval)
+        self._offset_index.replace(offsets)
+        self._time_index.replace(times)
+        self._last_entry_position = self._offset_index.last_position()
+
+    def _spot_check(self, offsets: np.ndarray, times: np.ndarray) -> str | None:
+        """Whether the last entry points at the frame it claims (one header read)."""
+        if not len(offsets):
+            return None
+        self._ensure_map()
+        position = int(offsets[-1]["position"])
+        header = read_header(self._map, position, self._size)
+        if header is None:
+            return f"no frame at indexed position {position}"
+        if header.base_offset != self.base_offset + int(offsets[-1]["relative_offset"]):
+            return f"frame at position {position} has another offset"
+        if header.append_time_ms != int(times[-1]["timestamp_ms"]):
+            return f"frame at position {position} has another append time"
+        return None
+
+    def _load_tail(self) -> None:
+        """Find the last batch (next offset, newest append time) from the last entry."""
+        self._ensure_indexes()
+        assert self._offset_index is not None
+        position = self._offset_index.last_position() or 0
+        last = None
+        for last in self._headers(position):
+            pass
+        self._next_offset = last.next_offset if last else self.base_offset
+        self._last_time = last.append_time_ms if last else None

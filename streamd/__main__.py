@@ -1,0 +1,5 @@
+"""``python -m streamd`` is the ``streamd`` command."""
+
+from streamd.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,428 @@
+"""The Broker: topics, their partitions, and the background work that keeps them.
+
+Owns the data directory layout::
+
+    DATA_DIR/@broker.lock        flock()ed while a broker runs: one broker per directory
+    DATA_DIR/@tmp/               topics being created (renamed into place when whole)
+    DATA_DIR/@deleted/           topics being deleted (renamed out, then removed)
+    DATA_DIR/<topic>/topic.json  see streamd.broker.topic
+    DATA_DIR/<topic>/<p>/        one PartitionLog directory per partition
+
+Runs on one asyncio event loop; blocking storage work (fsync, checkpoints, removing
+directories) goes to the executor. Knows nothing of gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import Executor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from segments import OffsetOutOfRange, PartitionLog
+
+from streamd.clock import Clock
+from streamd.partitioner import key_partition
+from streamd.v1 import streamd_pb2 as pb
+
+from .batches import batch_from_records, check_batch
+from .errors import (
+    BrokerUnavailable,
+    InvalidArgument,
+    LimitExceeded,
+    PartitionNotFound,
+    RecordTooLarge,
+    TopicAlreadyExists,
+    TopicNotFound,
+)
+from .partition import Partition
+from .topic import TopicMeta, TopicSettings, check_topic_name
+
+log = logging.getLogger("streamd.broker")
+
+LOCK_FILE = "@broker.lock"
+TMP_DIR = "@tmp"
+DELETED_DIR = "@deleted"
+MAX_WAIT_MS = 30_000
+
+
+class DataDirLocked(Exception):
+    """Another broker holds the data directory."""
+
+
+@dataclass
+class Topic:
+    meta: TopicMeta
+    directory: Path
+    partitions: list[Partition]
+    next_round_robin: int = 0
+
+
+@dataclass(frozen=True)
+class ProduceResult:
+    partition: int
+    base_offset: int
+    record_count: int
+    append_time_ms: int
+    durable: bool
+
+
+@dataclass(frozen=True)
+class ReadOut:
+    """Stored frames (``data``) and where the partition stood when they were read."""
+
+    data: bytes
+    next_offset: int
+    log_start_offset: int
+    log_end_offset: int
+
+
+class Broker:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        defaults: TopicSettings,
+        clock: Clock,
+        executor: Executor,
+        index_interval_bytes: int = 4096,
+        max_topics: int = 10_000,
+        max_partitions_per_topic: int = 1_000,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.defaults = defaults.validate()
+        self.clock = clock
+        self.executor = executor
+        self.index_interval_bytes = index_interval_bytes
+        self.max_topics = max_topics
+        self.max_partitions_per_topic = max_partitions_per_topic
+        self.topics: dict[str, Topic] = {}
+        self.state = "starting"
+        self._lock_fd: int | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle -----------------------------------------------------------
+    def open(self) -> None:
+        """Lock the data directory and load (recovering) every topic. Blocking."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DataDirLocked(f"{self.data_dir} is in use by another streamd broker") from None
+        self._lock_fd = fd
+        for leftover in (TMP_DIR, DELETED_DIR):
+            shutil.rmtree(self.data_dir / leftover, ignore_errors=True)
+        for entry in sorted(self.data_dir.iterdir()):
+            if entry.name.startswith("@") or not (entry / "topic.json").is_file():
+                continue
+            meta = TopicMeta.read(entry)
+            self.topics[meta.name] = self._open_topic(meta, entry)
+        log.info("loaded %d topics from %s", len(self.topics), self.data_dir)
+
+    def start_background(self) -> None:
+        """Start retention, interval fsync and recovery-point checkpoints."""
+        self.state = "serving"
+        self._tasks = [
+            asyncio.create_task(self._every(50, self._flush_interval_topics), name="fsync-interval"),
+        ]
+
+    def add_periodic(self, interval_ms: int, job) -> None:
+        self._tasks.append(asyncio.create_task(self._every(interval_ms, job)))
+
+    async def close(self) -> None:
+        """Flush everything, close every log cleanly, release the directory."""
+        self.state = "stopping"
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for topic in self.topics.values():
+            for part in topic.partitions:
+                part.close()
+        loop = asyncio.get_running_loop()
+        for topic in list(self.topics.values()):
+            for part in topic.partitions:
+                await loop.run_in_executor(self.executor, part.log.close)
+        self.topics.clear()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _open_topic(self, meta: TopicMeta, directory: Path) -> Topic:
+        s = meta.settings
+        parts = []
+        for p in range(meta.partition_count):
+            plog = PartitionLog.open(
+                directory / str(p),
+                segment_bytes=s.segment_bytes,
+                segment_ms=s.segment_ms,
+                index_interval_bytes=self.index_interval_bytes,
+                now_ms=self.clock.now_ms(),
+                name=f"{meta.name}/{p}",
+            )
+            parts.append(Partition(meta.name, p, plog, executor=self.executor))
+        return Topic(meta, directory, parts)
+
+    def _check_serving(self) -> None:
+        if self.state != "serving":
+            raise BrokerUnavailable(self.state)
+
+    def _check_open(self, part: Partition) -> None:
+        if part.closed:
+            if self.state != "serving":
+                raise BrokerUnavailable(self.state)
+            raise TopicNotFound(part.topic)
+
+    # -- topics --------------------------------------------------------------
+    def topic(self, name: str) -> Topic:
+        check_topic_name(name)
+        topic = self.topics.get(name)
+        if topic is None:
+            raise TopicNotFound(name)
+        return topic
+
+    def partition(self, name: str, partition: int) -> Partition:
+        topic = self.topic(name)
+        if not 0 <= partition < len(topic.partitions):
+            raise PartitionNotFound(name, partition, len(topic.partitions))
+        return topic.partitions[partition]
+
+    def create_topic(self, name: str, partition_count: int, overrides: dict[str, object]) -> Topic:
+        self._check_serving()
+        check_topic_name(name)
+        if partition_count == 0:
+            partition_count = 1
+        if partition_count < 0:
+            raise InvalidArgument("partition_count", f"must be positive, not {partition_count}")
+        if partition_count > self.max_partitions_per_topic:
+            raise LimitExceeded("partitions per topic", self.max_partitions_per_topic)
+        if name in self.topics:
+            raise TopicAlreadyExists(name)
+        if len(self.topics) >= self.max_topics:
+            raise LimitExceeded("topics", self.max_topics)
+        settings = replace(self.defaults, **overrides).validate()
+        meta = TopicMeta(name, partition_count, settings, self.clock.now_ms())
+        staging = self.data_dir / TMP_DIR / f"{name}.{uuid.uuid4().hex}"
+        staging.mkdir(parents=True)
+        for p in range(partition_count):
+            (staging / str(p)).mkdir()
+        meta.write(staging)
+        final = self.data_dir / name
+        os.rename(staging, final)
+        _fsync_dir(self.data_dir)
+        topic = self._open_topic(meta, final)
+        self.topics[name] = topic
+        log.info("created topic %s with %d partitions %s", name, partition_count, settings)
+        return topic
+
+    async def delete_topic(self, name: str) -> None:
+        self._check_serving()
+        topic = self.topic(name)
+        del self.topics[name]
+        for part in topic.partitions:
+            part.close()
+        loop = asyncio.get_running_loop()
+        for part in topic.partitions:
+            await loop.run_in_executor(self.executor, part.log.close)
+        graveyard = self.data_dir / DELETED_DIR
+        graveyard.mkdir(exist_ok=True)
+        target = graveyard / f"{name}.{uuid.uuid4().hex}"
+        os.rename(topic.directory, target)
+        _fsync_dir(self.data_dir)
+        await loop.run_in_executor(self.executor, shutil.rmtree, target)
+        log.info("deleted topic %s", name)
+
+    # -- produce -------------------------------------------------------------
+    async def produce(
+        self,
+        name: str,
+        partition_batches: list[tuple[int, list[bytes]]],
+        records: list[bytes],
+    ) -> list[ProduceResult]:
+        """Append, then wait for fsync where the topic's policy is ``always``."""
+        results, durable = self.append(name, partition_batches, records)
+        await durable
+        return results
+
+    def append(
+        self,
+        name: str,
+        partition_batches: list[tuple[int, list[bytes]]],
+        records: list[bytes],
+    ) -> tuple[list[ProduceResult], "asyncio.Future[None]"]:
+        """Check and append batches (and broker-routed records) now; return the
+        results and a future that completes when they are as durable as the topic's
+        policy promises. Every check happens before anything is appended, so a
+        refused request appends nothing. Pipelined producers append in arrival order
+        and await durability concurrently, which lets group commit share fsyncs."""
+        self._check_serving()
+        topic = self.topic(name)
+        s = topic.meta.settings
+        plan: list[tuple[Partition, list[tuple[bytes, int]]]] = []
+        for index, raws in partition_batches:
+            part = self.partition(name, index)
+            bodies = [
+                check_batch(
+                    raw,
+                    max_batch_bytes=s.max_batch_bytes,
+                    max_record_bytes=s.max_record_bytes,
+                    compress=s.compression == "lz4",
+                )
+                for raw in raws
+            ]
+            if bodies:
+                plan.append((part, bodies))
+        if records:
+            plan.extend(self._route(topic, records))
+        now = self.clock.now_ms()
+        appended = [(part, *part.append(bodies, now_ms=now)) for part, bodies in plan]
+        durable = s.fsync_policy == "always"
+        results = [ProduceResult(p.index, base, count, t, durable) for p, base, count, t in appended]
+        if durable:
+            waiter = asyncio.ensure_future(
+                _gather(*(part.sync_to(base + count) for part, base, count, _ in appended))
+            )
+        else:
+            waiter = asyncio.get_running_loop().create_future()
+            waiter.set_result(None)
+        return results, waiter
+
+    def _route(self, topic: Topic, records: list[bytes]) -> list[tuple[Partition, list[tuple[bytes, int]]]]:
+        s = topic.meta.settings
+        n = len(topic.partitions)
+        groups: dict[int, list[bytes]] = {}
+        for i, raw in enumerate(records):
+            try:
+                record = pb.Record.FromString(raw)
+            except Exception:
+                raise InvalidArgument("records", f"record {i} is not a serialized Record") from None
+            if len(raw) > s.max_record_bytes:
+                raise RecordTooLarge("record", len(raw), s.max_record_bytes)
+            if record.HasField("key"):
+                p = key_partition(record.key, n)
+            else:
+                p = topic.next_round_robin % n
+                topic.next_round_robin += 1
+            groups.setdefault(p, []).append(raw)
+        out = []
+        for p, raws in sorted(groups.items()):
+            body, count = check_batch(
+                batch_from_records(raws),
+                max_batch_bytes=max(s.max_batch_bytes, sum(map(len, raws)) + 64),
+                max_record_bytes=s.max_record_bytes,
+                compress=s.compression == "lz4",
+            )
+            out.append((topic.partitions[p], [(body, count)]))
+        return out
+
+    # -- read ----------------------------------------------------------------
+    def read(self, name: str, partition: int, offset: int, *, max_records: int, max_bytes: int) -> ReadOut:
+        plog = self.partition(name, partition).log
+        if offset < 0:
+            raise OffsetOutOfRange(offset, plog.log_start_offset, plog.log_end_offset, name=f"{name}/{partition}")
+        res = plog.read(offset, max_bytes=max_bytes, max_records=max_records)
+        return ReadOut(res.data, res.next_offset, plog.log_start_offset, plog.log_end_offset)
+
+    async def fetch(
+        self, name: str, partition: int, offset: int, *, max_records: int, max_bytes: int, max_wait_ms: int
+    ) -> ReadOut:
+        self._check_serving()
+        part = self.partition(name, partition)
+        if offset == part.log.log_end_offset and max_wait_ms > 0:
+            await part.wait_for_data(offset, min(max_wait_ms, MAX_WAIT_MS) / 1000)
+            self._check_open(part)
+        return self.read(name, partition, offset, max_records=max_records, max_bytes=max_bytes)
+
+    def offset_for(self, name: str, partition: int, *, position: str | None = None, timestamp_ms: int | None = None) -> int:
+        plog = self.partition(name, partition).log
+        if timestamp_ms is not None:
+            return plog.offset_for_time(timestamp_ms)
+        return plog.log_end_offset if position == "latest" else plog.log_start_offset
+
+    async def subscribe(
+        self, name: str, partition: int, offset: int, *, max_records: int, max_bytes: int
+    ) -> AsyncIterator[ReadOut]:
+        """Stored frames from ``offset`` on, then new ones as they are appended."""
+        self._check_serving()
+        part = self.partition(name, partition)
+        plog = part.log
+        if not plog.log_start_offset <= offset <= plog.log_end_offset:
+            raise OffsetOutOfRange(offset, plog.log_start_offset, plog.log_end_offset, name=f"{name}/{partition}")
+        while True:
+            self._check_open(part)
+            if offset >= part.log.log_end_offset:
+                await part.wait_for_data(offset, None)
+                continue
+            out = self.read(name, partition, offset, max_records=max_records, max_bytes=max_bytes)
+            offset = out.next_offset
+            yield out
+
+    # -- background ----------------------------------------------------------
+    def all_partitions(self) -> list[Partition]:
+        return [p for t in self.topics.values() for p in t.partitions]
+
+    async def _every(self, interval_ms: int, job) -> None:
+        while True:
+            await asyncio.sleep(interval_ms / 1000)
+            try:
+                await job()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("background job %s failed", getattr(job, "__name__", job))
+
+    async def _flush_interval_topics(self) -> None:
+        now = self.clock.now_ms()
+        for topic in list(self.topics.values()):
+            s = topic.meta.settings
+            if s.fsync_policy != "interval":
+                continue
+            for part in topic.partitions:
+                if now - getattr(part, "last_flush_ms", 0) >= s.fsync_interval_ms:
+                    part.last_flush_ms = now
+                    await part.flush()
+
+    async def checkpoint_all(self) -> None:
+        """Flush and record each partition's recovery point, so a crash rescans only
+        what was written since (this bounds start-up time for every fsync policy)."""
+        loop = asyncio.get_running_loop()
+        for part in self.all_partitions():
+            if part.closed:
+                continue
+            await part.flush()
+            await loop.run_in_executor(self.executor, part.log.checkpoint)
+
+    async def apply_retention(self) -> None:
+        now = self.clock.now_ms()
+        for topic in list(self.topics.values()):
+            s = topic.meta.settings
+            for part in topic.partitions:
+                if part.closed:
+                    continue
+                deleted = part.log.apply_retention(
+                    now_ms=now, retention_ms=s.retention_ms, retention_bytes=s.retention_bytes
+                )
+                if deleted:
+                    log.info(
+                        "retention deleted %d segment(s) of %s/%d; log start offset now %d",
+                        len(deleted), topic.meta.name, part.index, part.log.log_start_offset,
+                    )
+
+
+async def _gather(*aws) -> None:
+    await asyncio.gather(*aws)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

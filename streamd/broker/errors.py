@@ -1,0 +1,107 @@
+"""Typed errors of the broker layer.
+
+Every error carries structured fields and a stable ``reason`` (an ErrorInfo reason,
+UPPER_SNAKE_CASE, never changed once released). ``streamd.service.errors`` maps each
+class to a gRPC status code; nothing else decides codes.
+
+    BrokerError
+    ├── TopicNotFound            unknown topic
+    ├── PartitionNotFound        partition index outside the topic
+    ├── TopicAlreadyExists
+    ├── InvalidArgument          a request field is out of its domain
+    │   ├── InvalidTopicName
+    │   └── InvalidBatch         a produced batch is not a valid RecordBatch
+    ├── RecordTooLarge           a record or batch over the topic's limit
+    ├── LimitExceeded            too many topics, partitions, ...
+    └── BrokerUnavailable        starting or stopping
+"""
+
+from __future__ import annotations
+
+
+class BrokerError(Exception):
+    reason = "BROKER_ERROR"
+
+    def __init__(self, message: str, **fields: object) -> None:
+        super().__init__(message)
+        self.fields = {k: v for k, v in fields.items() if v is not None}
+
+    def metadata(self) -> dict[str, str]:
+        """The structured fields as ErrorInfo metadata (string values)."""
+        return {k: str(v) for k, v in self.fields.items()}
+
+
+class TopicNotFound(BrokerError):
+    reason = "TOPIC_NOT_FOUND"
+
+    def __init__(self, topic: str) -> None:
+        super().__init__(f"topic {topic!r} does not exist", topic=topic)
+        self.topic = topic
+
+
+class PartitionNotFound(BrokerError):
+    reason = "PARTITION_NOT_FOUND"
+
+    def __init__(self, topic: str, partition: int, partition_count: int) -> None:
+        super().__init__(
+            f"topic {topic!r} has partitions 0..{partition_count - 1}, not {partition}",
+            topic=topic,
+            partition=partition,
+            partition_count=partition_count,
+        )
+        self.topic, self.partition, self.partition_count = topic, partition, partition_count
+
+
+class TopicAlreadyExists(BrokerError):
+    reason = "TOPIC_ALREADY_EXISTS"
+
+    def __init__(self, topic: str) -> None:
+        super().__init__(f"topic {topic!r} already exists", topic=topic)
+        self.topic = topic
+
+
+class InvalidArgument(BrokerError):
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, message: str, *, reason: str | None = None, **fields: object) -> None:
+        super().__init__(f"{field}: {message}", field=field, **fields)
+        self.field = field
+        if reason is not None:
+            self.reason = reason
+
+
+class InvalidTopicName(InvalidArgument):
+    reason = "INVALID_TOPIC_NAME"
+
+    def __init__(self, topic: str, why: str) -> None:
+        super().__init__("topic", f"{topic[:300]!r} is not a valid topic name: {why}")
+
+
+class InvalidBatch(InvalidArgument):
+    reason = "INVALID_BATCH"
+
+    def __init__(self, message: str, *, partition: int | None = None, batch: int | None = None) -> None:
+        super().__init__("batches", message, partition=partition, batch=batch)
+
+
+class RecordTooLarge(BrokerError):
+    reason = "RECORD_TOO_LARGE"
+
+    def __init__(self, what: str, size: int, limit: int) -> None:
+        super().__init__(f"{what} of {size} bytes exceeds the limit of {limit} bytes", size=size, limit=limit)
+        self.size, self.limit = size, limit
+
+
+class LimitExceeded(BrokerError):
+    reason = "LIMIT_EXCEEDED"
+
+    def __init__(self, what: str, limit: int) -> None:
+        super().__init__(f"{what} would exceed the limit of {limit}", limit=limit, what=what)
+        self.limit = limit
+
+
+class BrokerUnavailable(BrokerError):
+    reason = "BROKER_UNAVAILABLE"
+
+    def __init__(self, state: str) -> None:
+        super().__init__(f"the broker is {state}; retry shortly", state=state)

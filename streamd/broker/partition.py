@@ -1,0 +1,82 @@
+"""One partition as the broker sees it: a PartitionLog plus what concurrency needs.
+
+- Appends run on the event-loop thread (one writer per partition by construction:
+  asyncio runs one coroutine at a time and ``append`` does not await mid-request).
+- Durability: ``sync_to(offset)`` waits until everything below ``offset`` is fsynced.
+  It is group commit: while one fsync runs in the thread pool, later appenders wait
+  for the next one, which then covers all of them with a single fsync.
+- Readers waiting for new data (long-poll Fetch, Subscribe) park on a future that the
+  next append (or topic deletion) resolves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Executor
+
+from segments import PartitionLog
+
+
+class Partition:
+    def __init__(self, topic: str, index: int, log: PartitionLog, *, executor: Executor) -> None:
+        self.topic = topic
+        self.index = index
+        self.log = log
+        self._executor = executor
+        self._flush_task: asyncio.Future[int] | None = None
+        self._data: asyncio.Future[None] | None = None
+        self.closed = False
+
+    # -- writing -------------------------------------------------------------
+    def append(self, bodies: list[tuple[bytes, int]], *, now_ms: int) -> tuple[int, int, int]:
+        """Append checked batch bodies; returns (base_offset, record_count, append_time_ms)."""
+        base = self.log.log_end_offset
+        append_time = now_ms
+        count = 0
+        for body, record_count in bodies:
+            info = self.log.append(body, record_count=record_count, append_time_ms=now_ms)
+            append_time = info.append_time_ms
+            count += record_count
+        self._wake()
+        return base, count, append_time
+
+    async def sync_to(self, offset: int) -> None:
+        """Return once every record below ``offset`` is fsynced (group commit)."""
+        while self.log.flushed_offset < offset:
+            if self._flush_task is None:
+                self._flush_task = asyncio.ensure_future(self._flush())
+            await asyncio.shield(self._flush_task)
+
+    async def flush(self) -> None:
+        if self.log.flushed_offset < self.log.log_end_offset:
+            await self.sync_to(self.log.log_end_offset)
+
+    async def _flush(self) -> int:
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, self.log.flush)
+        finally:
+            self._flush_task = None
+
+    # -- waiting for data ----------------------------------------------------
+    async def wait_for_data(self, offset: int, timeout_s: float | None) -> bool:
+        """Wait until the log end passes ``offset``; False on timeout."""
+        if self.log.log_end_offset > offset or self.closed:
+            return True
+        if self._data is None or self._data.done():
+            self._data = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._data), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def _wake(self) -> None:
+        if self._data is not None and not self._data.done():
+            self._data.set_result(None)
+        self._data = None
+
+    def close(self) -> None:
+        """Wake every waiter; the log itself is closed by the owner."""
+        self.closed = True
+        self._wake()

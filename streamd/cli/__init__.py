@@ -1,0 +1,1 @@
+"""The ``streamd`` command line: a thin client over streamd.client (and ``serve``)."""

@@ -1,0 +1,293 @@
+"""``streamd`` subcommands: serve, topics, produce, consume, offsets.
+
+Exit codes: 0 success, 1 error (one line on stderr), 2 usage error (argparse).
+The server address comes from ``--server``, else ``STREAMD_SERVER``, else
+127.0.0.1:50051.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from collections.abc import Sequence
+
+from google.protobuf import json_format
+
+from streamd.client import Admin, Consumer, Producer, StreamdError
+from streamd.client.admin import COMPRESSION, FSYNC
+from streamd.config import BrokerConfig
+
+from .format import format_record, record_json, table
+
+
+def _topic_json(t) -> dict:
+    return json_format.MessageToDict(t, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def _ms(ts: int) -> str:
+    if not ts:
+        return "-"
+    return dt.datetime.fromtimestamp(ts / 1000, dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def parse_time(text: str) -> int:
+    """Epoch ms ("1700000000000", "@1700000000000") or ISO-8601 ("2026-11-28T10:00:00Z")."""
+    text = text.lstrip("@")
+    if text.isdigit():
+        return int(text)
+    parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.timezone.utc)
+    return int(parsed.timestamp() * 1000)
+
+
+# -- serve --------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from streamd.server import run
+
+    flags = {
+        "data_dir": args.data_dir,
+        "listen": args.listen,
+        "fsync_policy": args.fsync,
+        "segment_bytes": args.segment_bytes,
+        "retention_ms": args.retention_ms,
+        "log_level": args.log_level,
+    }
+    config = BrokerConfig.load(flags=flags, file=args.config)
+    if args.print_config:
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
+    from streamd.broker.broker import DataDirLocked
+
+    try:
+        run(config)
+    except DataDirLocked as exc:
+        print(f"streamd: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- topics -------------------------------------------------------------------
+def cmd_topics_create(args: argparse.Namespace) -> int:
+    with Admin(args.server) as admin:
+        t = admin.create_topic(
+            args.name,
+            args.partitions,
+            retention_ms=args.retention_ms,
+            retention_bytes=args.retention_bytes,
+            segment_bytes=args.segment_bytes,
+            segment_ms=args.segment_ms,
+            max_record_bytes=args.max_record_bytes,
+            fsync=args.fsync,
+            fsync_interval_ms=args.fsync_interval_ms,
+            compression=args.compression,
+        )
+    print(json.dumps(_topic_json(t)) if args.json else f"created topic {t.name} with {t.partition_count} partition(s)")
+    return 0
+
+
+def cmd_topics_list(args: argparse.Namespace) -> int:
+    with Admin(args.server) as admin:
+        topics = admin.list_topics()
+    if args.json:
+        print(json.dumps([_topic_json(t) for t in topics]))
+        return 0
+    rows = [
+        (t.name, t.partition_count, sum(p.log_end_offset - p.log_start_offset for p in t.partitions),
+         sum(p.size_bytes for p in t.partitions))
+        for t in topics
+    ]
+    print(table(["TOPIC", "PARTITIONS", "RECORDS", "BYTES"], rows))
+    return 0
+
+
+def cmd_topics_describe(args: argparse.Namespace) -> int:
+    with Admin(args.server) as admin:
+        t = admin.describe_topic(args.name)
+    if args.json:
+        print(json.dumps(_topic_json(t)))
+        return 0
+    c = t.config
+    fsync = {v: k for k, v in FSYNC.items()}.get(c.fsync_policy, "?")
+    compression = {v: k for k, v in COMPRESSION.items()}.get(c.compression, "?")
+    print(f"topic {t.name}: {t.partition_count} partition(s), created {_ms(t.created_ms)}")
+    print(
+        f"config: retention_ms={c.retention_ms} retention_bytes={c.retention_bytes} segment_bytes={c.segment_bytes} "
+        f"segment_ms={c.segment_ms} max_record_bytes={c.max_record_bytes} fsync={fsync} "
+        f"fsync_interval_ms={c.fsync_interval_ms} compression={compression}"
+    )
+    rows = [
+        (p.partition, p.log_start_offset, p.log_end_offset, p.segment_count, p.size_bytes,
+         _ms(p.oldest_timestamp_ms), _ms(p.newest_timestamp_ms))
+        for p in t.partitions
+    ]
+    print(table(["PARTITION", "LOG-START", "LOG-END", "SEGMENTS", "BYTES", "OLDEST", "NEWEST"], rows))
+    return 0
+
+
+def cmd_topics_delete(args: argparse.Namespace) -> int:
+    with Admin(args.server) as admin:
+        admin.delete_topic(args.name)
+    print(f"deleted topic {args.name}")
+    return 0
+
+
+# -- produce / consume / offsets -------------------------------------------------
+def cmd_produce(args: argparse.Namespace) -> int:
+    futures = []
+    with Producer(args.server, linger_ms=args.linger_ms, compression=args.compression) as producer:
+        for line in sys.stdin.buffer:
+            line = line.rstrip(b"\r\n")
+            key = None
+            if args.key_delimiter is not None:
+                delim = args.key_delimiter.encode()
+                if delim in line:
+                    key, line = line.split(delim, 1)
+            futures.append(producer.send(args.topic, line, key=key, partition=args.partition))
+        producer.flush()
+        errors = [f.exception() for f in futures if f.exception() is not None]
+    acked = len(futures) - len(errors)
+    if args.json:
+        print(json.dumps({"acknowledged": acked, "failed": len(errors)}))
+    else:
+        print(f"{acked} record(s) acknowledged", file=sys.stderr)
+    if errors:
+        print(f"streamd: {len(errors)} record(s) failed: {errors[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _start(consumer: Consumer, topic: str, partitions, start: str) -> None:
+    if start in ("beginning", "end"):
+        consumer.assign(topic, partitions, start=start)
+    elif start.startswith("@"):
+        consumer.assign(topic, partitions)
+        consumer.seek_to_time(topic, parse_time(start))
+    else:
+        offset = int(start)
+        consumer.assign(topic, partitions)
+        for (t, p) in list(consumer.positions):
+            if offset < 0:  # relative to the end, as kcat's -o -N
+                consumer.seek(t, p, max(consumer.ends[(t, p)] + offset, 0))
+            else:
+                consumer.seek(t, p, offset)
+
+
+def cmd_consume(args: argparse.Namespace) -> int:
+    fmt = args.format
+    count = 0
+    out = sys.stdout
+    with Consumer(args.server) as consumer:
+        _start(consumer, args.topic, None if args.partition is None else [args.partition], args.from_)
+        try:
+            for record in consumer.records(exit_at_end=args.exit_at_end):
+                out.write(record_json(record) + "\n" if args.json else format_record(fmt, record))
+                count += 1
+                if args.count is not None and count >= args.count:
+                    break
+        except KeyboardInterrupt:
+            pass
+        finally:
+            out.flush()
+    return 0
+
+
+def cmd_offsets(args: argparse.Namespace) -> int:
+    with Admin(args.server) as admin:
+        earliest = admin.list_offsets(args.topic)
+        at = admin.list_offsets(args.topic, timestamp_ms=parse_time(args.at)) if args.at else None
+    rows = []
+    for i, o in enumerate(earliest):
+        row = {"partition": o.partition, "earliest": o.log_start_offset, "latest": o.log_end_offset}
+        if at is not None:
+            row["at"] = at[i].offset
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(table([k.upper() for k in rows[0]] if rows else ["PARTITION"], [list(r.values()) for r in rows]))
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamd", description="streamd: event log and work queue")
+    parser.add_argument("--server", help="broker address (default $STREAMD_SERVER or 127.0.0.1:50051)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run a broker")
+    p.add_argument("--data-dir")
+    p.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:50051)")
+    p.add_argument("--config", type=lambda s: __import__("pathlib").Path(s), help="TOML config file")
+    p.add_argument("--fsync", choices=["always", "interval", "never"], help="default topic fsync policy")
+    p.add_argument("--segment-bytes", type=int)
+    p.add_argument("--retention-ms", type=int)
+    p.add_argument("--log-level")
+    p.add_argument("--print-config", action="store_true", help="print the effective config and exit")
+    p.set_defaults(func=cmd_serve)
+
+    topics = sub.add_parser("topics", help="manage topics").add_subparsers(dest="topics_command", required=True)
+    p = topics.add_parser("create")
+    p.add_argument("name")
+    p.add_argument("--partitions", type=int, default=1)
+    p.add_argument("--retention-ms", type=int)
+    p.add_argument("--retention-bytes", type=int)
+    p.add_argument("--segment-bytes", type=int)
+    p.add_argument("--segment-ms", type=int)
+    p.add_argument("--max-record-bytes", type=int)
+    p.add_argument("--fsync", choices=sorted(FSYNC))
+    p.add_argument("--fsync-interval-ms", type=int)
+    p.add_argument("--compression", choices=["producer", "lz4"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_topics_create)
+    p = topics.add_parser("list")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_topics_list)
+    p = topics.add_parser("describe")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_topics_describe)
+    p = topics.add_parser("delete")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_topics_delete)
+
+    p = sub.add_parser("produce", help="produce one record per stdin line")
+    p.add_argument("topic")
+    p.add_argument("--partition", type=int)
+    p.add_argument("--key-delimiter", help="split each line into KEY<delim>VALUE")
+    p.add_argument("--linger-ms", type=float, default=5)
+    p.add_argument("--compression", choices=["none", "lz4"], default="none")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_produce)
+
+    p = sub.add_parser("consume", help="print records (kcat-like)")
+    p.add_argument("topic")
+    p.add_argument("--partition", type=int)
+    p.add_argument("--from", dest="from_", default="beginning",
+                   help="beginning | end | OFFSET | -N (N before the end) | @EPOCH_MS | @ISO-8601")
+    p.add_argument("--exit-at-end", action="store_true", help="stop at the end instead of tailing")
+    p.add_argument("--count", type=int, help="stop after N records")
+    p.add_argument("--format", default="%s\\n",
+                   help="kcat tokens: %%t %%p %%o %%k %%s %%T %%h, escapes \\n \\t (default '%%s\\n')")
+    p.add_argument("--json", action="store_true", help="one JSON object per record")
+    p.set_defaults(func=cmd_consume)
+
+    p = sub.add_parser("offsets", help="earliest/latest offsets per partition")
+    p.add_argument("topic")
+    p.add_argument("--at", help="also the first offset at/after this time (epoch ms or ISO-8601)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_offsets)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BrokenPipeError:
+        return 0
+    except (StreamdError, ValueError, OSError) as exc:
+        print(f"streamd: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,86 @@
+"""Topic administration (blocking): create, delete, list, describe, offsets."""
+
+from __future__ import annotations
+
+import grpc
+
+from streamd.v1 import streamd_pb2 as pb
+from streamd.v1 import streamd_pb2_grpc as rpc
+
+from ._channel import sync_channel
+from .errors import StreamdError
+
+FSYNC = {
+    "always": pb.FSYNC_POLICY_ALWAYS,
+    "interval": pb.FSYNC_POLICY_INTERVAL,
+    "never": pb.FSYNC_POLICY_NEVER,
+}
+COMPRESSION = {"producer": pb.COMPRESSION_UNSPECIFIED, "none": pb.COMPRESSION_NONE, "lz4": pb.COMPRESSION_LZ4}
+
+
+class Admin:
+    def __init__(self, server: str | None = None, *, channel: grpc.Channel | None = None) -> None:
+        self._own_channel = channel is None
+        self._channel = channel or sync_channel(server)
+        self._topics = rpc.TopicServiceStub(self._channel)
+        self._log = rpc.LogServiceStub(self._channel)
+
+    def __enter__(self) -> "Admin":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._own_channel:
+            self._channel.close()
+
+    def _call(self, method, request):
+        try:
+            return method(request)
+        except grpc.RpcError as err:
+            raise StreamdError.from_rpc_error(err) from None
+
+    def create_topic(
+        self,
+        topic: str,
+        partitions: int = 1,
+        *,
+        retention_ms: int | None = None,
+        retention_bytes: int | None = None,
+        segment_bytes: int | None = None,
+        segment_ms: int | None = None,
+        max_record_bytes: int | None = None,
+        fsync: str | None = None,
+        fsync_interval_ms: int | None = None,
+        compression: str | None = None,
+    ) -> pb.TopicDescription:
+        config = pb.TopicConfig(
+            retention_ms=retention_ms,
+            retention_bytes=retention_bytes,
+            segment_bytes=segment_bytes,
+            segment_ms=segment_ms,
+            max_record_bytes=max_record_bytes,
+            fsync_policy=FSYNC[fsync] if fsync else None,
+            fsync_interval_ms=fsync_interval_ms,
+            compression=COMPRESSION[compression] if compression else None,
+        )
+        request = pb.CreateTopicRequest(topic=topic, partition_count=partitions, config=config)
+        return self._call(self._topics.CreateTopic, request).topic
+
+    def delete_topic(self, topic: str) -> None:
+        self._call(self._topics.DeleteTopic, pb.DeleteTopicRequest(topic=topic))
+
+    def list_topics(self) -> list[pb.TopicDescription]:
+        return list(self._call(self._topics.ListTopics, pb.ListTopicsRequest()).topics)
+
+    def describe_topic(self, topic: str) -> pb.TopicDescription:
+        return self._call(self._topics.DescribeTopic, pb.DescribeTopicRequest(topic=topic)).topic
+
+    def list_offsets(self, topic: str, *, timestamp_ms: int | None = None, latest: bool = False) -> list[pb.PartitionOffset]:
+        if timestamp_ms is not None:
+            request = pb.ListOffsetsRequest(topic=topic, timestamp_ms=timestamp_ms)
+        else:
+            spec = pb.OFFSET_SPEC_LATEST if latest else pb.OFFSET_SPEC_EARLIEST
+            request = pb.ListOffsetsRequest(topic=topic, position=spec)
+        return list(self._call(self._log.ListOffsets, request).offsets)

@@ -1,0 +1,256 @@
+"""Consumers: read a topic's partitions by offset or time, pull or push.
+
+``Consumer`` (blocking) keeps a position per assigned partition and offers
+- ``poll()``: one round of Fetch over the assigned partitions (long-poll when idle);
+- ``records()``: an iterator built on ``poll`` that tails, or stops at the end;
+- ``subscribe()``: a Subscribe stream on one partition (the broker pushes; gRPC flow
+  control stops it when the reader falls behind).
+Positions move with ``seek``, ``seek_to_time``, ``seek_to_beginning``, ``seek_to_end``.
+
+``AsyncConsumer`` offers the same on asyncio, and merges Subscribe streams of several
+partitions into one async iterator with a bounded queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator
+
+import grpc
+
+from streamd.v1 import streamd_pb2 as pb
+from streamd.v1 import streamd_pb2_grpc as rpc
+
+from ._channel import aio_channel, sync_channel
+from .errors import StreamdError
+from .records import ConsumerRecord, decode_batches
+
+DEFAULT_MAX_WAIT_MS = 500
+
+
+def _start_fields(offset: int | None, timestamp_ms: int | None, position: str | None) -> dict:
+    if offset is not None:
+        return {"offset": offset}
+    if timestamp_ms is not None:
+        return {"timestamp_ms": timestamp_ms}
+    spec = pb.OFFSET_SPEC_LATEST if position in ("end", "latest") else pb.OFFSET_SPEC_EARLIEST
+    return {"position": spec}
+
+
+class Consumer:
+    def __init__(self, server: str | None = None, *, channel: grpc.Channel | None = None) -> None:
+        self._own_channel = channel is None
+        self._channel = channel or sync_channel(server)
+        self._log = rpc.LogServiceStub(self._channel)
+        self._topics = rpc.TopicServiceStub(self._channel)
+        self.positions: dict[tuple[str, int], int] = {}
+        self.ends: dict[tuple[str, int], int] = {}
+
+    def __enter__(self) -> "Consumer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._own_channel:
+            self._channel.close()
+
+    def _call(self, method, request):
+        try:
+            return method(request)
+        except grpc.RpcError as err:
+            raise StreamdError.from_rpc_error(err) from None
+
+    # -- assignment and positions -------------------------------------------
+    def partition_count(self, topic: str) -> int:
+        return self._call(self._topics.DescribeTopic, pb.DescribeTopicRequest(topic=topic)).topic.partition_count
+
+    def assign(self, topic: str, partitions: Iterable[int] | None = None, *, start: str = "beginning") -> None:
+        """Read ``partitions`` of ``topic`` (all when None) from the beginning or end."""
+        if partitions is None:
+            partitions = range(self.partition_count(topic))
+        partitions = list(partitions)
+        spec = pb.OFFSET_SPEC_LATEST if start == "end" else pb.OFFSET_SPEC_EARLIEST
+        reply = self._call(
+            self._log.ListOffsets, pb.ListOffsetsRequest(topic=topic, partitions=partitions, position=spec)
+        )
+        for o in reply.offsets:
+            self.positions[(topic, o.partition)] = o.offset
+            self.ends[(topic, o.partition)] = o.log_end_offset
+
+    def seek(self, topic: str, partition: int, offset: int) -> None:
+        self.positions[(topic, partition)] = offset
+
+    def seek_to_time(self, topic: str, timestamp_ms: int, partitions: Iterable[int] | None = None) -> None:
+        """Move to the first record appended at or after ``timestamp_ms``."""
+        parts = [p for (t, p) in self.positions if t == topic] if partitions is None else list(partitions)
+        reply = self._call(
+            self._log.ListOffsets,
+            pb.ListOffsetsRequest(topic=topic, partitions=parts, timestamp_ms=timestamp_ms),
+        )
+        for o in reply.offsets:
+            self.positions[(topic, o.partition)] = o.offset
+
+    def seek_to_beginning(self, topic: str) -> None:
+        self.assign(topic, [p for (t, p) in self.positions if t == topic] or None, start="beginning")
+
+    def seek_to_end(self, topic: str) -> None:
+        self.assign(topic, [p for (t, p) in self.positions if t == topic] or None, start="end")
+
+    def list_offsets(self, topic: str, *, timestamp_ms: int | None = None, position: str = "earliest"):
+        request = pb.ListOffsetsRequest(topic=topic, **_start_fields(None, timestamp_ms, position))
+        return list(self._call(self._log.ListOffsets, request).offsets)
+
+    # -- pull ------------------------------------------------------------------
+    def fetch(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        *,
+        max_records: int = 0,
+        max_bytes: int = 0,
+        max_wait_ms: int = 0,
+    ) -> tuple[list[ConsumerRecord], pb.FetchResponse]:
+        """One Fetch: the records at or after ``offset`` and the raw response."""
+        reply = self._call(
+            self._log.Fetch,
+            pb.FetchRequest(
+                topic=topic,
+                partition=partition,
+                offset=offset,
+                max_records=max_records,
+                max_bytes=max_bytes,
+                max_wait_ms=max_wait_ms,
+            ),
+        )
+        return list(decode_batches(reply.batches, topic, partition, offset)), reply
+
+    def poll(self, *, max_records: int = 0, max_wait_ms: int = DEFAULT_MAX_WAIT_MS) -> list[ConsumerRecord]:
+        """Fetch once from each assigned partition; long-poll only when all are idle."""
+        out: list[ConsumerRecord] = []
+        for key, offset in list(self.positions.items()):
+            records, reply = self.fetch(*key, offset, max_records=max_records)
+            self._advance(key, reply)
+            out.extend(records)
+        if not out and max_wait_ms > 0 and len(self.positions) == 1:
+            key, offset = next(iter(self.positions.items()))
+            records, reply = self.fetch(*key, offset, max_records=max_records, max_wait_ms=max_wait_ms)
+            self._advance(key, reply)
+            out.extend(records)
+        elif not out and max_wait_ms > 0:
+            time.sleep(min(max_wait_ms, 50) / 1000)
+        return out
+
+    def _advance(self, key: tuple[str, int], reply: pb.FetchResponse) -> None:
+        if reply.batches:
+            self.positions[key] = reply.next_offset
+        self.ends[key] = reply.log_end_offset
+
+    def at_end(self) -> bool:
+        return all(self.positions[k] >= self.ends.get(k, 0) for k in self.positions)
+
+    def records(self, *, exit_at_end: bool = False, max_wait_ms: int = DEFAULT_MAX_WAIT_MS) -> Iterator[ConsumerRecord]:
+        """Records of every assigned partition; tails unless ``exit_at_end``."""
+        while True:
+            batch = self.poll(max_wait_ms=0 if exit_at_end else max_wait_ms)
+            yield from batch
+            if exit_at_end and not batch and self.at_end():
+                return
+
+    # -- push ------------------------------------------------------------------
+    def subscribe(
+        self,
+        topic: str,
+        partition: int = 0,
+        *,
+        offset: int | None = None,
+        timestamp_ms: int | None = None,
+        position: str = "beginning",
+        max_bytes: int = 0,
+    ) -> Iterator[ConsumerRecord]:
+        """Records pushed by the broker from a start position on, tailing forever."""
+        request = pb.SubscribeRequest(
+            topic=topic, partition=partition, max_bytes=max_bytes, **_start_fields(offset, timestamp_ms, position)
+        )
+        call = self._log.Subscribe(request)
+        start = offset or 0
+        try:
+            for message in call:
+                yield from decode_batches(message.batches, topic, partition, start)
+                start = message.next_offset
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.CANCELLED:
+                raise StreamdError.from_rpc_error(err) from None
+        finally:
+            call.cancel()
+
+
+class AsyncConsumer:
+    """asyncio flavour: ``fetch`` and a merged multi-partition ``subscribe``."""
+
+    def __init__(self, server: str | None = None, *, channel: grpc.aio.Channel | None = None) -> None:
+        self._own_channel = channel is None
+        self._channel = channel or aio_channel(server)
+        self._log = rpc.LogServiceStub(self._channel)
+        self._topics = rpc.TopicServiceStub(self._channel)
+
+    async def __aenter__(self) -> "AsyncConsumer":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._own_channel:
+            await self._channel.close()
+
+    async def fetch(self, topic: str, partition: int, offset: int, **limits) -> tuple[list[ConsumerRecord], pb.FetchResponse]:
+        try:
+            reply = await self._log.Fetch(pb.FetchRequest(topic=topic, partition=partition, offset=offset, **limits))
+        except grpc.RpcError as err:
+            raise StreamdError.from_rpc_error(err) from None
+        return list(decode_batches(reply.batches, topic, partition, offset)), reply
+
+    async def subscribe(
+        self,
+        topic: str,
+        partitions: Iterable[int] | None = None,
+        *,
+        offset: int | None = None,
+        timestamp_ms: int | None = None,
+        position: str = "beginning",
+        queue_size: int = 16,
+    ) -> AsyncIterator[ConsumerRecord]:
+        """Records of several partitions as they arrive (order kept per partition)."""
+        if partitions is None:
+            reply = await self._topics.DescribeTopic(pb.DescribeTopicRequest(topic=topic))
+            partitions = range(reply.topic.partition_count)
+        queue: asyncio.Queue = asyncio.Queue(queue_size)
+
+        async def pump(partition: int) -> None:
+            request = pb.SubscribeRequest(
+                topic=topic, partition=partition, **_start_fields(offset, timestamp_ms, position)
+            )
+            start = offset or 0
+            try:
+                async for message in self._log.Subscribe(request):
+                    await queue.put(list(decode_batches(message.batches, topic, partition, start)))
+                    start = message.next_offset
+            except grpc.RpcError as err:
+                await queue.put(StreamdError.from_rpc_error(err))
+
+        tasks = [asyncio.create_task(pump(p)) for p in partitions]
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                for record in item:
+                    yield record
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)

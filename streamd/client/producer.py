@@ -1,0 +1,346 @@
+"""Producers: batching, the documented partitioner, lz4, pipelined acknowledgements.
+
+``AsyncProducer`` (asyncio) is the engine; ``Producer`` runs one on a private event
+loop thread for blocking code. Records are accumulated per partition and shipped as
+one RecordBatch when the batch reaches ``batch_max_bytes`` or when ``linger_ms`` has
+passed since its first record. Requests go over one ProduceStream (a bidirectional
+stream), up to ``max_in_flight`` at once; answers come back in order and resolve each
+record's future with its offset.
+
+Not idempotent yet: a request that fails in transit is reported, never retried, so a
+record is written at most once by the SDK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import threading
+from collections.abc import Iterable, Sequence
+
+import grpc
+
+from streamd.partitioner import key_partition
+from streamd.v1 import streamd_pb2 as pb
+from streamd.v1 import streamd_pb2_grpc as rpc
+
+from ._channel import aio_channel
+from .errors import ProduceError, StreamdError
+from .records import Headers, RecordMetadata, add_record, encode_batch, values_batch
+
+DEFAULT_LINGER_MS = 5
+DEFAULT_BATCH_MAX_BYTES = 512 * 1024
+DEFAULT_MAX_IN_FLIGHT = 64
+_RECORD_OVERHEAD = 16  # tags, lengths, timestamp
+
+
+class _Accumulator:
+    """Records waiting to be shipped to one partition."""
+
+    __slots__ = ("topic", "partition", "record_set", "futures", "size", "timer")
+
+    def __init__(self, topic: str, partition: int) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.record_set = pb.RecordSet()
+        self.futures: list[asyncio.Future[RecordMetadata]] = []
+        self.size = 0
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class AsyncProducer:
+    def __init__(
+        self,
+        server: str | None = None,
+        *,
+        linger_ms: float = DEFAULT_LINGER_MS,
+        batch_max_bytes: int = DEFAULT_BATCH_MAX_BYTES,
+        compression: str = "none",
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        if compression not in ("none", "lz4"):
+            raise ValueError("compression must be 'none' or 'lz4'")
+        self._own_channel = channel is None
+        self._channel = channel or aio_channel(server)
+        self._log = rpc.LogServiceStub(self._channel)
+        self._topics = rpc.TopicServiceStub(self._channel)
+        self.linger_ms = linger_ms
+        self.batch_max_bytes = batch_max_bytes
+        self.compression = compression
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._acc: dict[tuple[str, int], _Accumulator] = {}
+        self._partition_counts: dict[str, asyncio.Future[int]] = {}
+        self._sticky: dict[str, int] = {}
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, tuple[asyncio.Future, object]] = {}
+        self._call = None
+        self._reader: asyncio.Task | None = None
+        self._in_flight: set[asyncio.Future] = set()
+        self._closed = False
+
+    async def __aenter__(self) -> "AsyncProducer":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # -- public API ----------------------------------------------------------
+    async def send(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: bytes | None = None,
+        partition: int | None = None,
+        headers: Headers | None = None,
+        timestamp_ms: int = 0,
+    ) -> "asyncio.Future[RecordMetadata]":
+        """Queue one record; the returned future resolves once it is acknowledged."""
+        if self._closed:
+            raise RuntimeError("producer is closed")
+        if partition is None:
+            partition = await self._choose_partition(topic, key)
+        acc = self._acc.get((topic, partition))
+        if acc is None:
+            acc = self._acc[(topic, partition)] = _Accumulator(topic, partition)
+        add_record(acc.record_set, value, key, headers, timestamp_ms)
+        future = asyncio.get_running_loop().create_future()
+        acc.futures.append(future)
+        acc.size += len(value) + (len(key) if key else 0) + _RECORD_OVERHEAD
+        if acc.size >= self.batch_max_bytes:
+            await self._ship(acc)
+        elif acc.timer is None:
+            acc.timer = asyncio.get_running_loop().call_later(self.linger_ms / 1000, self._linger_expired, acc)
+        return future
+
+    async def send_and_wait(self, topic: str, value: bytes, **kwargs) -> RecordMetadata:
+        future = await self.send(topic, value, **kwargs)
+        await self._flush_partition(topic, future)
+        return await future
+
+    async def send_batch(
+        self, topic: str, partition: int, values: Iterable[bytes] | pb.RecordSet
+    ) -> "asyncio.Future[RecordMetadata]":
+        """Ship one batch now (no linger); resolves with the batch's first offset.
+
+        The bulk fast path: ``values`` are keyless record values, or a prepared RecordSet.
+        """
+        if isinstance(values, pb.RecordSet):
+            batch = encode_batch(values, self.compression)
+        else:
+            batch = values_batch(values, self.compression)
+        request = pb.ProduceRequest(
+            topic=topic, partitions=[pb.PartitionBatches(partition=partition, batches=[batch])]
+        )
+        future = asyncio.get_running_loop().create_future()
+        await self._submit(request, (topic, [future], True))
+        return future
+
+    async def flush(self) -> None:
+        """Ship everything queued and wait for every answer."""
+        for acc in list(self._acc.values()):
+            await self._ship(acc)
+        if self._in_flight:
+            await asyncio.gather(*list(self._in_flight), return_exceptions=True)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            await self.flush()
+        finally:
+            self._closed = True
+            if self._call is not None:
+                await self._call.done_writing()
+            if self._reader is not None:
+                await asyncio.gather(self._reader, return_exceptions=True)
+            if self._own_channel:
+                await self._channel.close()
+
+    async def partition_count(self, topic: str) -> int:
+        # One lookup per topic, shared: concurrent first sends resume in the order
+        # they arrived (a future wakes its waiters FIFO), so record order is kept.
+        lookup = self._partition_counts.get(topic)
+        if lookup is None:
+            lookup = self._partition_counts[topic] = asyncio.ensure_future(self._describe(topic))
+        try:
+            return await asyncio.shield(lookup)
+        except StreamdError:
+            self._partition_counts.pop(topic, None)
+            raise
+
+    async def _describe(self, topic: str) -> int:
+        try:
+            reply = await self._topics.DescribeTopic(pb.DescribeTopicRequest(topic=topic))
+        except grpc.RpcError as err:
+            raise StreamdError.from_rpc_error(err) from None
+        return reply.topic.partition_count
+
+    # -- internals -----------------------------------------------------------
+    async def _choose_partition(self, topic: str, key: bytes | None) -> int:
+        count = await self.partition_count(topic)
+        if key is not None:
+            return key_partition(key, count)
+        # Sticky round-robin: keyless records fill one partition's batch at a time.
+        return self._sticky.setdefault(topic, 0) % count
+
+    def _linger_expired(self, acc: _Accumulator) -> None:
+        acc.timer = None
+        if acc.futures:
+            task = asyncio.ensure_future(self._ship(acc))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+    async def _flush_partition(self, topic: str, future: asyncio.Future) -> None:
+        for acc in list(self._acc.values()):
+            if acc.topic == topic and future in acc.futures:
+                await self._ship(acc)
+                return
+
+    async def _ship(self, acc: _Accumulator) -> None:
+        if acc.timer is not None:
+            acc.timer.cancel()
+            acc.timer = None
+        if not acc.futures:
+            return
+        record_set, futures = acc.record_set, acc.futures
+        acc.record_set, acc.futures, acc.size = pb.RecordSet(), [], 0
+        if acc.topic in self._sticky:
+            self._sticky[acc.topic] += 1
+        batch = encode_batch(record_set, self.compression)
+        request = pb.ProduceRequest(
+            topic=acc.topic, partitions=[pb.PartitionBatches(partition=acc.partition, batches=[batch])]
+        )
+        await self._submit(request, (acc.topic, futures, False))
+
+    async def _submit(self, request: pb.ProduceRequest, target: tuple) -> None:
+        await self._slots.acquire()
+        if self._call is None or self._call.done():
+            self._call = self._log.ProduceStream()
+            self._reader = asyncio.ensure_future(self._read_answers(self._call))
+        request_id = next(self._ids)
+        done = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = (done, target)
+        self._in_flight.add(done)
+        done.add_done_callback(self._in_flight.discard)
+        try:
+            await self._call.write(pb.ProduceStreamRequest(request_id=request_id, request=request))
+        except (grpc.RpcError, asyncio.InvalidStateError) as err:
+            self._fail(request_id, err)
+
+    async def _read_answers(self, call) -> None:
+        try:
+            async for answer in call:
+                self._answer(answer)
+        except grpc.RpcError as err:
+            for request_id in list(self._waiting):
+                self._fail(request_id, err)
+        finally:
+            for request_id in list(self._waiting):
+                self._fail(request_id, StreamdError("UNAVAILABLE", "STREAM_CLOSED", "produce stream ended"))
+
+    def _answer(self, answer: pb.ProduceStreamResponse) -> None:
+        entry = self._waiting.pop(answer.request_id, None)
+        if entry is None:
+            return
+        done, (topic, futures, whole_batch) = entry
+        self._slots.release()
+        if answer.HasField("error"):
+            e = answer.error
+            exc = ProduceError(_code_name(e.code), e.reason, e.message, dict(e.metadata))
+            for f in futures:
+                if not f.done():
+                    f.set_exception(exc)
+            done.set_result(None)
+            return
+        result = answer.response.results[0]
+        if whole_batch:
+            futures[0].set_result(
+                RecordMetadata(topic, result.partition, result.base_offset, result.append_time_ms, result.durable)
+            )
+        else:
+            for i, f in enumerate(futures):
+                if not f.done():
+                    f.set_result(
+                        RecordMetadata(
+                            topic, result.partition, result.base_offset + i, result.append_time_ms, result.durable
+                        )
+                    )
+        done.set_result(None)
+
+    def _fail(self, request_id: int, err: BaseException) -> None:
+        entry = self._waiting.pop(request_id, None)
+        if entry is None:
+            return
+        self._slots.release()
+        done, (_, futures, _) = entry
+        exc = StreamdError.from_rpc_error(err) if isinstance(err, grpc.RpcError) else err
+        for f in futures:
+            if not f.done():
+                f.set_exception(exc)
+        done.set_result(None)
+
+
+def _code_name(code: int) -> str:
+    for status in grpc.StatusCode:
+        if status.value[0] == code:
+            return status.name
+    return str(code)
+
+
+class Producer:
+    """A blocking producer: an AsyncProducer on a private event-loop thread.
+
+    ``send`` returns a ``concurrent.futures.Future`` resolving to RecordMetadata.
+    """
+
+    def __init__(self, server: str | None = None, **options) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="streamd-producer", daemon=True)
+        self._thread.start()
+        self._producer: AsyncProducer = self._run(self._make(server, options))
+
+    async def _make(self, server, options) -> AsyncProducer:
+        return AsyncProducer(server, **options)
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def __enter__(self) -> "Producer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def send(self, topic: str, value: bytes, **kwargs) -> concurrent.futures.Future:
+        async def go():
+            return await (await self._producer.send(topic, value, **kwargs))
+
+        return asyncio.run_coroutine_threadsafe(go(), self._loop)
+
+    def send_and_wait(self, topic: str, value: bytes, **kwargs) -> RecordMetadata:
+        return self._run(self._producer.send_and_wait(topic, value, **kwargs))
+
+    def send_batch(self, topic: str, partition: int, values: Sequence[bytes]) -> RecordMetadata:
+        async def go():
+            return await (await self._producer.send_batch(topic, partition, values))
+
+        return self._run(go())
+
+    def flush(self) -> None:
+        self._run(self._producer.flush())
+
+    def partition_count(self, topic: str) -> int:
+        return self._run(self._producer.partition_count(topic))
+
+    def close(self) -> None:
+        if not self._loop.is_running():
+            return
+        try:
+            self._run(self._producer.close())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+            self._loop.close()

@@ -1,0 +1,106 @@
+"""The one place where errors become gRPC statuses.
+
+Each typed error of a lower layer maps to a status code here; its ``reason`` and
+structured fields travel as a ``google.rpc.ErrorInfo`` in the status details
+(``grpc-status-details-bin``), which every gRPC language can decode. Anything not
+in the table is a bug: INTERNAL, logged with its traceback, and the server keeps
+serving.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+import segments
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from streamd.broker import errors as broker_errors
+from streamd.v1 import streamd_pb2 as pb
+
+log = logging.getLogger("streamd.service")
+
+DOMAIN = "streamd.io"
+
+#: error class -> gRPC status code; the most specific class listed wins.
+STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
+    broker_errors.TopicNotFound: grpc.StatusCode.NOT_FOUND,
+    broker_errors.PartitionNotFound: grpc.StatusCode.NOT_FOUND,
+    broker_errors.TopicAlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    broker_errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    broker_errors.RecordTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    broker_errors.LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    broker_errors.BrokerUnavailable: grpc.StatusCode.UNAVAILABLE,
+    segments.OffsetOutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    segments.CorruptBatch: grpc.StatusCode.DATA_LOSS,
+    segments.LogClosed: grpc.StatusCode.UNAVAILABLE,
+    segments.InvalidBatch: grpc.StatusCode.INVALID_ARGUMENT,
+    segments.BatchTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+class MalformedRequest(broker_errors.InvalidArgument):
+    """The request bytes do not parse as the method's message."""
+
+    reason = "MALFORMED_REQUEST"
+
+    def __init__(self, message_type: str) -> None:
+        super().__init__("request", f"the request is not a valid {message_type}")
+
+
+def status_code_for(exc: BaseException) -> grpc.StatusCode | None:
+    for cls in type(exc).__mro__:
+        code = STATUS_CODES.get(cls)
+        if code is not None:
+            return code
+    return None
+
+
+def reason_and_metadata(exc: BaseException) -> tuple[str, dict[str, str]]:
+    if isinstance(exc, broker_errors.BrokerError):
+        return exc.reason, exc.metadata()
+    if isinstance(exc, segments.OffsetOutOfRange):
+        return "OFFSET_OUT_OF_RANGE", {
+            "offset": str(exc.offset),
+            "log_start_offset": str(exc.log_start_offset),
+            "log_end_offset": str(exc.log_end_offset),
+        }
+    if isinstance(exc, segments.CorruptBatch):
+        return "CORRUPT_BATCH", {"position": str(getattr(exc, "position", ""))}
+    if isinstance(exc, segments.LogClosed):
+        return "PARTITION_CLOSED", {}
+    if isinstance(exc, segments.InvalidBatch):
+        return "INVALID_BATCH", {}
+    if isinstance(exc, segments.BatchTooLarge):
+        return "RECORD_TOO_LARGE", {"size": str(exc.size), "limit": str(exc.max_bytes)}
+    return "INTERNAL", {}
+
+
+def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str, str, dict[str, str]]:
+    """(code, reason, message, metadata) for any exception; logs the unexpected ones."""
+    code = status_code_for(exc)
+    if code is None:
+        log.error("unexpected error", exc_info=exc)
+        return grpc.StatusCode.INTERNAL, "INTERNAL", "internal error; see the broker log", {}
+    reason, metadata = reason_and_metadata(exc)
+    return code, reason, str(exc), metadata
+
+
+def rich_status(exc: BaseException) -> grpc.Status:
+    code, reason, message, metadata = to_status(exc)
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    return rpc_status.to_status(status)
+
+
+def stream_error(exc: BaseException) -> pb.StreamError:
+    """The same information as ``rich_status``, as a message inside a stream."""
+    code, reason, message, metadata = to_status(exc)
+    return pb.StreamError(code=code.value[0], reason=reason, message=message, metadata=metadata)
+
+
+assert code_pb2.OUT_OF_RANGE == grpc.StatusCode.OUT_OF_RANGE.value[0]

@@ -1,0 +1,125 @@
+"""Registering servicers with grpc.aio, with our own (de)serialization.
+
+grpcio's generated ``add_*_to_server`` helpers decode requests before our code runs
+(a malformed request then gets UNKNOWN or INTERNAL from grpcio) and always encode
+responses with protobuf. We register each method ourselves instead:
+
+- requests arrive as bytes and are parsed here; a DecodeError becomes
+  INVALID_ARGUMENT / MALFORMED_REQUEST;
+- a method may parse its request as a server-side view (``streamd.wire``) that keeps
+  record batches as bytes;
+- a handler may return ``bytes`` that already are the serialized response (Fetch and
+  Subscribe return stored frames without re-encoding them);
+- every exception goes through ``streamd.service.errors``, the one status table.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError, Message
+
+from .errors import MalformedRequest, rich_status
+
+
+def _serialize(response: Message | bytes) -> bytes:
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+def _parser(message_cls: type[Message]) -> Callable[[bytes], Message]:
+    def parse(raw: bytes) -> Message:
+        try:
+            return message_cls.FromString(raw)
+        except DecodeError:
+            raise MalformedRequest(message_cls.DESCRIPTOR.full_name) from None
+
+    return parse
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    await context.abort_with_status(rich_status(exc))
+
+
+def _unary(impl, parse):
+    async def handler(raw: bytes, context: grpc.aio.ServicerContext):
+        try:
+            return await impl(parse(raw), context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # the one place errors become statuses
+            await _abort(context, exc)
+
+    return handler
+
+
+def _server_stream(impl, parse):
+    async def handler(raw: bytes, context: grpc.aio.ServicerContext):
+        try:
+            async for response in impl(parse(raw), context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+
+    return handler
+
+
+def _bidi_stream(impl, parse):
+    async def handler(request_iterator, context: grpc.aio.ServicerContext):
+        async def parsed():
+            async for raw in request_iterator:
+                yield parse(raw)
+
+        try:
+            async for response in impl(parsed(), context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+
+    return handler
+
+
+def generic_handler(
+    service: ServiceDescriptor,
+    servicer: Any,
+    request_types: dict[str, type[Message]] | None = None,
+) -> grpc.GenericRpcHandler:
+    """A handler for every method of ``service`` implemented by ``servicer``.
+
+    ``request_types`` overrides the message a method's request is parsed as.
+    """
+    request_types = request_types or {}
+    handlers = {}
+    for method in service.methods:
+        impl = getattr(servicer, method.name)
+        message_cls = request_types.get(method.name) or _message_class(method.input_type)
+        parse = _parser(message_cls)
+        if method.client_streaming and method.server_streaming:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                _bidi_stream(impl, parse), response_serializer=_serialize
+            )
+        elif method.server_streaming:
+            assert inspect.isasyncgenfunction(impl), method.name
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                _server_stream(impl, parse), response_serializer=_serialize
+            )
+        elif method.client_streaming:
+            raise NotImplementedError(f"client streaming {method.full_name}")
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _unary(impl, parse), response_serializer=_serialize
+            )
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+def _message_class(descriptor) -> type[Message]:
+    from google.protobuf import message_factory
+
+    return message_factory.GetMessageClass(descriptor)

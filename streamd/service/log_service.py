@@ -1,0 +1,159 @@
+"""streamd.v1.LogService: produce, fetch, list offsets, subscribe.
+
+Fetch and Subscribe answer with stored frames as they are: the response bytes are a
+slice of the log followed by the serialized scalar fields (protobuf merges
+concatenated messages, and each frame is a serialized ``batches`` entry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from streamd.broker.broker import Broker, ProduceResult, ReadOut
+from streamd.broker.errors import InvalidArgument
+from streamd.v1 import streamd_pb2 as pb
+from streamd.wire_pb2 import RawProduceRequest, RawProduceStreamRequest
+
+from .errors import stream_error
+
+DEFAULT_MAX_RECORDS = 10_000
+DEFAULT_MAX_BYTES = 4 * 1024 * 1024 - 64 * 1024  # fits grpc's default 4 MiB receive limit
+MAX_FETCH_BYTES = 64 * 1024 * 1024
+PIPELINE_DEPTH = 1024  # produce-stream requests in flight before we stop reading
+
+# Methods whose requests are parsed as server-side views that keep batches as bytes.
+REQUEST_VIEWS = {"Produce": RawProduceRequest, "ProduceStream": RawProduceStreamRequest}
+
+
+def _limits(max_records: int, max_bytes: int) -> tuple[int, int]:
+    if max_records < 0:
+        raise InvalidArgument("max_records", "must not be negative")
+    if max_bytes < 0:
+        raise InvalidArgument("max_bytes", "must not be negative")
+    return max_records or DEFAULT_MAX_RECORDS, min(max_bytes or DEFAULT_MAX_BYTES, MAX_FETCH_BYTES)
+
+
+def _frames_response(out: ReadOut) -> bytes:
+    tail = pb.FetchResponse(
+        log_start_offset=out.log_start_offset,
+        log_end_offset=out.log_end_offset,
+        next_offset=out.next_offset,
+    ).SerializeToString()
+    return out.data + tail
+
+
+def _produce_response(results: list[ProduceResult]) -> pb.ProduceResponse:
+    return pb.ProduceResponse(
+        results=[
+            pb.PartitionProduceResult(
+                partition=r.partition,
+                base_offset=r.base_offset,
+                record_count=r.record_count,
+                append_time_ms=r.append_time_ms,
+                durable=r.durable,
+            )
+            for r in results
+        ]
+    )
+
+
+class LogService:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    def _append(self, request: RawProduceRequest):
+        batches = [(p.partition, list(p.batches)) for p in request.partitions]
+        return self.broker.append(request.topic, batches, list(request.records))
+
+    async def Produce(self, request: RawProduceRequest, context) -> pb.ProduceResponse:
+        results, durable = self._append(request)
+        await durable
+        return _produce_response(results)
+
+    async def ProduceStream(self, requests, context):
+        """Append each request as it arrives; answer in order once durable."""
+        pending: asyncio.Queue = asyncio.Queue(PIPELINE_DEPTH)
+
+        async def read() -> None:
+            try:
+                async for item in requests:
+                    try:
+                        results, durable = self._append(item.request)
+                    except Exception as exc:
+                        failed = asyncio.get_running_loop().create_future()
+                        failed.set_exception(exc)
+                        await pending.put((item.request_id, None, failed))
+                    else:
+                        await pending.put((item.request_id, results, durable))
+            except Exception as exc:  # a malformed message ends the stream
+                await pending.put(exc)
+                return
+            await pending.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await pending.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                request_id, results, durable = item
+                try:
+                    await durable
+                except Exception as exc:
+                    yield pb.ProduceStreamResponse(request_id=request_id, error=stream_error(exc))
+                else:
+                    yield pb.ProduceStreamResponse(
+                        request_id=request_id, response=_produce_response(results)
+                    )
+        finally:
+            reader.cancel()
+
+    async def Fetch(self, request: pb.FetchRequest, context) -> bytes:
+        max_records, max_bytes = _limits(request.max_records, request.max_bytes)
+        if request.max_wait_ms < 0:
+            raise InvalidArgument("max_wait_ms", "must not be negative")
+        out = await self.broker.fetch(
+            request.topic,
+            request.partition,
+            request.offset,
+            max_records=max_records,
+            max_bytes=max_bytes,
+            max_wait_ms=request.max_wait_ms,
+        )
+        return _frames_response(out)
+
+    async def ListOffsets(self, request: pb.ListOffsetsRequest, context) -> pb.ListOffsetsResponse:
+        topic = self.broker.topic(request.topic)
+        partitions = list(request.partitions) or list(range(len(topic.partitions)))
+        which = request.WhichOneof("spec")
+        out = []
+        for p in partitions:
+            part = self.broker.partition(request.topic, p)
+            if which == "timestamp_ms":
+                offset = self.broker.offset_for(request.topic, p, timestamp_ms=request.timestamp_ms)
+            else:
+                latest = which == "position" and request.position == pb.OFFSET_SPEC_LATEST
+                offset = self.broker.offset_for(request.topic, p, position="latest" if latest else "earliest")
+            out.append(
+                pb.PartitionOffset(
+                    partition=p,
+                    offset=offset,
+                    log_start_offset=part.log.log_start_offset,
+                    log_end_offset=part.log.log_end_offset,
+                )
+            )
+        return pb.ListOffsetsResponse(offsets=out)
+
+    async def Subscribe(self, request: pb.SubscribeRequest, context):
+        max_records, max_bytes = _limits(request.max_records, request.max_bytes)
+        topic, p = request.topic, request.partition
+        self.broker.partition(topic, p)
+        which = request.WhichOneof("start")
+        if which == "offset":
+            offset = request.offset
+        elif which == "timestamp_ms":
+            offset = self.broker.offset_for(topic, p, timestamp_ms=request.timestamp_ms)
+        else:
+            latest = which == "position" and request.position == pb.OFFSET_SPEC_LATEST
+            offset = self.broker.offset_for(topic, p, position="latest" if latest else "earliest")
+        async for out in self.broker.subscribe(topic, p, offset, max_records=max_records, max_bytes=max_bytes):
+            yield _frames_response(out)

@@ -1,0 +1,165 @@
+"""Shared fixtures: a real broker on 127.0.0.1 (in-process or as a subprocess)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from streamd.config import BrokerConfig
+from streamd.server import Server
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class RunningServer:
+    """A Server on its own event-loop thread, listening on 127.0.0.1:<free port>."""
+
+    def __init__(self, data_dir: Path, **overrides) -> None:
+        self.config = BrokerConfig(data_dir=data_dir, listen="127.0.0.1:0", **overrides)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = Server(self.config)
+        port = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(30)
+        self.address = f"127.0.0.1:{port}"
+
+    def call(self, coro_fn, timeout: float = 30):
+        async def go():
+            return await coro_fn()
+
+        return asyncio.run_coroutine_threadsafe(go(), self.loop).result(timeout)
+
+    def stop(self) -> None:
+        if self.loop.is_closed():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+
+@pytest.fixture
+def server(tmp_path):
+    running = RunningServer(tmp_path / "data")
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def make_server(tmp_path):
+    """Start (and always stop) servers with custom config on a shared data dir."""
+    started: list[RunningServer] = []
+
+    def start(**overrides) -> RunningServer:
+        running = RunningServer(overrides.pop("data_dir", tmp_path / "data"), **overrides)
+        started.append(running)
+        return running
+
+    try:
+        yield start
+    finally:
+        for running in started:
+            running.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``streamd serve`` as a child process (for crash and CLI smoke tests)."""
+
+    def __init__(self, data_dir: Path, *extra: str, env: dict | None = None) -> None:
+        self.data_dir = data_dir
+        self.extra = extra
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.address = ""
+
+    def start(self, timeout: float = 30) -> "ServerProcess":
+        port = free_port()
+        self.address = f"127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "streamd", "serve", "--data-dir", str(self.data_dir),
+               "--listen", self.address, *self.extra]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(self.env or {}))
+        self.log_path = self.data_dir.parent / f"server-{port}.log"
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        channel = grpc.insecure_channel(self.address)
+        try:
+            grpc.channel_ready_future(channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            self.kill()
+            raise RuntimeError(f"server did not start: {self.log_path.read_text()}") from None
+        finally:
+            channel.close()
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self._close_log()
+
+    def terminate(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._close_log()
+        return self.proc.returncode
+
+    def _close_log(self) -> None:
+        log = getattr(self, "_log", None)
+        if log is not None and not log.closed:
+            log.close()
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def server_process(tmp_path):
+    procs: list[ServerProcess] = []
+
+    def start(*extra: str, data_dir: Path | None = None, env: dict | None = None) -> ServerProcess:
+        proc = ServerProcess(data_dir or tmp_path / "data", *extra, env=env).start()
+        procs.append(proc)
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in procs:
+            proc.kill()
+
+
+def wait_until(predicate, timeout: float = 10, interval: float = 0.02):
+    """Poll ``predicate`` (bounded in time); return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)

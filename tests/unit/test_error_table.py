@@ -1,0 +1,44 @@
+"""Every public error maps to a specific status code in the one table."""
+
+from __future__ import annotations
+
+import inspect
+
+import grpc
+import segments
+import segments.errors
+
+from streamd.broker import errors as broker_errors
+from streamd.service.errors import rich_status, status_code_for, to_status
+
+
+def _public_errors(module, root):
+    return [
+        obj for _, obj in inspect.getmembers(module, inspect.isclass)
+        if issubclass(obj, root) and obj is not root and obj.__module__ == module.__name__
+    ]
+
+
+def test_every_broker_error_maps_to_a_specific_code():
+    for cls in _public_errors(broker_errors, broker_errors.BrokerError):
+        code = status_code_for(cls.__new__(cls))
+        assert code not in (None, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), cls
+
+
+def test_every_storage_error_maps_to_a_specific_code():
+    for cls in _public_errors(segments.errors, segments.errors.StorageError):
+        code = status_code_for(cls.__new__(cls))
+        assert code not in (None, grpc.StatusCode.UNKNOWN), cls
+
+
+def test_offset_out_of_range_carries_the_valid_range():
+    exc = segments.OffsetOutOfRange(9, 2, 5)
+    code, reason, _, metadata = to_status(exc)
+    assert code == grpc.StatusCode.OUT_OF_RANGE and reason == "OFFSET_OUT_OF_RANGE"
+    assert metadata == {"offset": "9", "log_start_offset": "2", "log_end_offset": "5"}
+
+
+def test_unknown_exceptions_become_internal_with_a_generic_message():
+    code, reason, message, _ = to_status(RuntimeError("secret"))
+    assert code == grpc.StatusCode.INTERNAL and "secret" not in message
+    assert rich_status(broker_errors.TopicNotFound("t")).code == grpc.StatusCode.NOT_FOUND
