@@ -136,22 +136,23 @@ class Streamd(Driver):
         self.runner.run(run())
 
     def consume(self, n: int, record_bytes: int, max_seconds: float) -> dict:
-        """Fetch from offset 0 until n records were decoded (each record's value read)."""
+        """The SDK's pipelined Fetch iterator from offset 0 until n records were read
+        (each record's value touched)."""
         from streamd.client import Consumer
 
         topic = self._topic()
         try:
             self._fill(topic, n, record_bytes)
             with Consumer(self.address) as consumer:
-                got, offset, total_bytes = 0, 0, 0
+                consumer.assign(topic, [0])
+                got, total_bytes = 0, 0
                 t0 = now()
                 deadline = t0 + max_seconds
-                while got < n and now() < deadline:
-                    records, reply = consumer.fetch(topic, 0, offset, max_bytes=4_000_000)
-                    for record in records:
-                        total_bytes += len(record.value)
-                    got += len(records)
-                    offset = reply.next_offset
+                for record in consumer.records(exit_at_end=True):
+                    total_bytes += len(record.value)
+                    got += 1
+                    if got >= n or (got % 10_000 == 0 and now() > deadline):
+                        break
                 elapsed = now() - t0
             if total_bytes != got * record_bytes:
                 raise RuntimeError("short read")

@@ -285,8 +285,13 @@ class Segment:
         end = position + len(frame)
         if not self._writable or end > self._capacity:
             raise StorageError(f"segment {self.log_path} cannot take {len(frame)} more bytes")
-        assert self._map is not None and self._offset_index is not None and self._time_index is not None
-        self._map[position:end] = frame
+        assert self._fd is not None and self._offset_index is not None and self._time_index is not None
+        # pwrite, not a store into the map: a full disk is then an OSError (ENOSPC)
+        # instead of SIGBUS, and no page faults are taken on the write path. The map
+        # shares the page cache, so readers see the bytes at once.
+        written = os.pwrite(self._fd, frame, position)
+        if written != len(frame):
+            raise StorageError(f"short write to {self.log_path}: {written} of {len(frame)} bytes")
         if index_due(self._last_entry_position, position, self._interval):
             if self._offset_index.append(base_offset, position):
                 self._time_index.append(append_time_ms, base_offset)

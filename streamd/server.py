@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from streamd._malloc import tune_malloc
 from streamd.broker.broker import Broker
 from streamd.broker.topic import TopicSettings
 from streamd.clock import Clock, SystemClock
@@ -123,6 +124,7 @@ class Server:
 
 
 def run(config: BrokerConfig) -> None:
+    tune_malloc()
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",

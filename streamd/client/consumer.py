@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 
 import grpc
 
+from streamd._malloc import tune_malloc
 from streamd.v1 import streamd_pb2 as pb
 from streamd.v1 import streamd_pb2_grpc as rpc
 
@@ -40,6 +41,7 @@ def _start_fields(offset: int | None, timestamp_ms: int | None, position: str | 
 
 class Consumer:
     def __init__(self, server: str | None = None, *, channel: grpc.Channel | None = None) -> None:
+        tune_malloc()
         self._own_channel = channel is None
         self._channel = channel or sync_channel(server)
         self._log = rpc.LogServiceStub(self._channel)
@@ -126,7 +128,7 @@ class Consumer:
                 max_wait_ms=max_wait_ms,
             ),
         )
-        return list(decode_batches(reply.batches, topic, partition, offset)), reply
+        return decode_batches(reply.batches, topic, partition, offset), reply
 
     def poll(self, *, max_records: int = 0, max_wait_ms: int = DEFAULT_MAX_WAIT_MS) -> list[ConsumerRecord]:
         """Fetch once from each assigned partition; long-poll only when all are idle."""
@@ -153,12 +155,48 @@ class Consumer:
         return all(self.positions[k] >= self.ends.get(k, 0) for k in self.positions)
 
     def records(self, *, exit_at_end: bool = False, max_wait_ms: int = DEFAULT_MAX_WAIT_MS) -> Iterator[ConsumerRecord]:
-        """Records of every assigned partition; tails unless ``exit_at_end``."""
-        while True:
-            batch = self.poll(max_wait_ms=0 if exit_at_end else max_wait_ms)
-            yield from batch
-            if exit_at_end and not batch and self.at_end():
-                return
+        """Records of every assigned partition; tails unless ``exit_at_end``.
+
+        Pipelined: each partition's next Fetch is on the wire while the previous
+        answer is decoded. Positions set by ``seek`` apply to the next call.
+        """
+        keys = list(self.positions)
+        if not keys:
+            return
+        # One partition can long-poll; several are polled without waiting, so an idle
+        # partition never holds back a busy one.
+        wait = 0 if exit_at_end or len(keys) > 1 else max_wait_ms
+        inflight = {key: self._fetch_future(key, self.positions[key], wait) for key in keys}
+        try:
+            while True:
+                got = 0
+                for key in keys:
+                    reply = self._result(inflight[key])
+                    start = self.positions[key]
+                    self._advance(key, reply)
+                    inflight[key] = self._fetch_future(key, self.positions[key], wait)
+                    records = decode_batches(reply.batches, key[0], key[1], start)
+                    got += len(records)
+                    yield from records
+                if not got:
+                    if exit_at_end and self.at_end():
+                        return
+                    if wait == 0 and not exit_at_end:
+                        time.sleep(min(max_wait_ms, 50) / 1000)
+        finally:
+            for future in inflight.values():
+                future.cancel()
+
+    def _fetch_future(self, key: tuple[str, int], offset: int, max_wait_ms: int):
+        request = pb.FetchRequest(topic=key[0], partition=key[1], offset=offset, max_wait_ms=max_wait_ms)
+        return self._log.Fetch.future(request)
+
+    @staticmethod
+    def _result(future) -> pb.FetchResponse:
+        try:
+            return future.result()
+        except grpc.RpcError as err:
+            raise StreamdError.from_rpc_error(err) from None
 
     # -- push ------------------------------------------------------------------
     def subscribe(
@@ -192,6 +230,7 @@ class AsyncConsumer:
     """asyncio flavour: ``fetch`` and a merged multi-partition ``subscribe``."""
 
     def __init__(self, server: str | None = None, *, channel: grpc.aio.Channel | None = None) -> None:
+        tune_malloc()
         self._own_channel = channel is None
         self._channel = channel or aio_channel(server)
         self._log = rpc.LogServiceStub(self._channel)
@@ -212,7 +251,7 @@ class AsyncConsumer:
             reply = await self._log.Fetch(pb.FetchRequest(topic=topic, partition=partition, offset=offset, **limits))
         except grpc.RpcError as err:
             raise StreamdError.from_rpc_error(err) from None
-        return list(decode_batches(reply.batches, topic, partition, offset)), reply
+        return decode_batches(reply.batches, topic, partition, offset), reply
 
     async def subscribe(
         self,

@@ -25,6 +25,8 @@ from streamd.partitioner import key_partition
 from streamd.v1 import streamd_pb2 as pb
 from streamd.v1 import streamd_pb2_grpc as rpc
 
+from streamd._malloc import tune_malloc
+
 from ._channel import aio_channel
 from .errors import ProduceError, StreamdError
 from .records import Headers, RecordMetadata, add_record, encode_batch, values_batch
@@ -62,6 +64,7 @@ class AsyncProducer:
     ) -> None:
         if compression not in ("none", "lz4"):
             raise ValueError("compression must be 'none' or 'lz4'")
+        tune_malloc()
         self._own_channel = channel is None
         self._channel = channel or aio_channel(server)
         self._log = rpc.LogServiceStub(self._channel)
@@ -115,9 +118,26 @@ class AsyncProducer:
             acc.timer = asyncio.get_running_loop().call_later(self.linger_ms / 1000, self._linger_expired, acc)
         return future
 
-    async def send_and_wait(self, topic: str, value: bytes, **kwargs) -> RecordMetadata:
-        future = await self.send(topic, value, **kwargs)
-        await self._flush_partition(topic, future)
+    async def send_and_wait(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: bytes | None = None,
+        partition: int | None = None,
+        headers: Headers | None = None,
+        timestamp_ms: int = 0,
+    ) -> RecordMetadata:
+        """Send one record now (no linger) and wait for its acknowledgement."""
+        if partition is None:
+            partition = await self._choose_partition(topic, key)
+        acc = self._acc.get((topic, partition))
+        if acc is not None and acc.futures:
+            await self._ship(acc)  # records sent earlier go first
+        record_set = pb.RecordSet()
+        add_record(record_set, value, key, headers, timestamp_ms)
+        future = asyncio.get_running_loop().create_future()
+        await self._submit(topic, partition, encode_batch(record_set, self.compression), (topic, [future], False))
         return await future
 
     async def send_batch(
@@ -131,11 +151,8 @@ class AsyncProducer:
             batch = encode_batch(values, self.compression)
         else:
             batch = values_batch(values, self.compression)
-        request = pb.ProduceRequest(
-            topic=topic, partitions=[pb.PartitionBatches(partition=partition, batches=[batch])]
-        )
         future = asyncio.get_running_loop().create_future()
-        await self._submit(request, (topic, [future], True))
+        await self._submit(topic, partition, batch, (topic, [future], True))
         return future
 
     async def flush(self) -> None:
@@ -193,12 +210,6 @@ class AsyncProducer:
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
 
-    async def _flush_partition(self, topic: str, future: asyncio.Future) -> None:
-        for acc in list(self._acc.values()):
-            if acc.topic == topic and future in acc.futures:
-                await self._ship(acc)
-                return
-
     async def _ship(self, acc: _Accumulator) -> None:
         if acc.timer is not None:
             acc.timer.cancel()
@@ -210,12 +221,9 @@ class AsyncProducer:
         if acc.topic in self._sticky:
             self._sticky[acc.topic] += 1
         batch = encode_batch(record_set, self.compression)
-        request = pb.ProduceRequest(
-            topic=acc.topic, partitions=[pb.PartitionBatches(partition=acc.partition, batches=[batch])]
-        )
-        await self._submit(request, (acc.topic, futures, False))
+        await self._submit(acc.topic, acc.partition, batch, (acc.topic, futures, False))
 
-    async def _submit(self, request: pb.ProduceRequest, target: tuple) -> None:
+    async def _submit(self, topic: str, partition: int, batch: pb.RecordBatch, target: tuple) -> None:
         await self._slots.acquire()
         if self._call is None or self._call.done():
             self._call = self._log.ProduceStream()
@@ -225,8 +233,12 @@ class AsyncProducer:
         self._waiting[request_id] = (done, target)
         self._in_flight.add(done)
         done.add_done_callback(self._in_flight.discard)
+        # Built in place: nesting finished messages would copy the batch each time.
+        message = pb.ProduceStreamRequest(request_id=request_id)
+        message.request.topic = topic
+        message.request.partitions.add(partition=partition).batches.append(batch)
         try:
-            await self._call.write(pb.ProduceStreamRequest(request_id=request_id, request=request))
+            await self._call.write(message)
         except (grpc.RpcError, asyncio.InvalidStateError) as err:
             self._fail(request_id, err)
 

@@ -6,7 +6,7 @@ FetchResponse's batches, decompressing lz4 where the batch says so.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import lz4.frame
@@ -16,16 +16,55 @@ from streamd.v1 import streamd_pb2 as pb
 Headers = Sequence[tuple[str, bytes]]
 
 
-@dataclass(frozen=True, slots=True)
 class ConsumerRecord:
-    topic: str
-    partition: int
-    offset: int
-    #: The producer's timestamp, or the broker's append time when the producer set none.
-    timestamp_ms: int
-    key: bytes | None
-    value: bytes
-    headers: tuple[tuple[str, bytes], ...] = ()
+    """One record as read: topic, partition, offset, timestamp_ms, key, value, headers.
+
+    A light view over the decoded protobuf record: the fields are read from it when
+    asked for, so iterating a large fetch costs one small object per record.
+    ``key`` is None for a record produced without a key; ``timestamp_ms`` is the
+    producer's timestamp, or the broker's append time when the producer set none.
+    """
+
+    __slots__ = ("topic", "partition", "offset", "_record", "_append_time_ms")
+
+    def __init__(self, topic: str, partition: int, offset: int, record: pb.Record, append_time_ms: int) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self._record = record
+        self._append_time_ms = append_time_ms
+
+    @property
+    def value(self) -> bytes:
+        return self._record.value
+
+    @property
+    def key(self) -> bytes | None:
+        r = self._record
+        return r.key if r.HasField("key") else None
+
+    @property
+    def timestamp_ms(self) -> int:
+        return self._record.timestamp_ms or self._append_time_ms
+
+    @property
+    def headers(self) -> tuple[tuple[str, bytes], ...]:
+        return tuple((h.key, h.value) for h in self._record.headers)
+
+    def _fields(self) -> tuple:
+        return (self.topic, self.partition, self.offset, self.timestamp_ms, self.key, self.value, self.headers)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ConsumerRecord) and self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        return (
+            f"ConsumerRecord(topic={self.topic!r}, partition={self.partition}, offset={self.offset}, "
+            f"timestamp_ms={self.timestamp_ms}, key={self.key!r}, value={self.value[:64]!r}, headers={self.headers!r})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,21 +120,16 @@ def batch_records(batch: pb.RecordBatch) -> pb.RecordSet:
 
 def decode_batches(
     batches: Iterable[pb.RecordBatch], topic: str, partition: int, min_offset: int = 0
-) -> Iterator[ConsumerRecord]:
+) -> list[ConsumerRecord]:
     """Records of stored batches, skipping offsets below ``min_offset``."""
+    out: list[ConsumerRecord] = []
     for batch in batches:
         base = batch.base_offset
         append_time = batch.append_time_ms
+        records = batch_records(batch).records
         skip = min_offset - base
-        for i, r in enumerate(batch_records(batch).records):
-            if i < skip:
-                continue
-            yield ConsumerRecord(
-                topic,
-                partition,
-                base + i,
-                r.timestamp_ms or append_time,
-                r.key if r.HasField("key") else None,
-                r.value,
-                tuple((h.key, h.value) for h in r.headers) if r.headers else (),
-            )
+        if skip > 0:
+            records = records[skip:]
+            base += skip
+        out.extend([ConsumerRecord(topic, partition, i, r, append_time) for i, r in enumerate(records, base)])
+    return out

@@ -70,6 +70,9 @@ def _server_stream(impl, parse):
 
 
 def _bidi_stream(impl, parse):
+    if not inspect.isasyncgenfunction(impl):
+        return _bidi_stream_writer(impl, parse)
+
     async def handler(request_iterator, context: grpc.aio.ServicerContext):
         async def parsed():
             async for raw in request_iterator:
@@ -78,6 +81,25 @@ def _bidi_stream(impl, parse):
         try:
             async for response in impl(parsed(), context):
                 yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+
+    return handler
+
+
+def _bidi_stream_writer(impl, parse):
+    """For a coroutine ``impl(read, context)`` that answers with ``context.write``;
+    ``read()`` returns the next parsed request, or None at the end of the stream."""
+
+    async def handler(request_iterator, context: grpc.aio.ServicerContext):
+        async def read():
+            raw = await context.read()
+            return None if raw is grpc.aio.EOF else parse(raw)
+
+        try:
+            await impl(read, context)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:

@@ -8,6 +8,7 @@ concatenated messages, and each frame is a serialized ``batches`` entry).
 from __future__ import annotations
 
 import asyncio
+import collections
 
 from streamd.broker.broker import Broker, ProduceResult, ReadOut
 from streamd.broker.errors import InvalidArgument
@@ -42,19 +43,34 @@ def _frames_response(out: ReadOut) -> bytes:
     return out.data + tail
 
 
-def _produce_response(results: list[ProduceResult]) -> pb.ProduceResponse:
-    return pb.ProduceResponse(
-        results=[
-            pb.PartitionProduceResult(
-                partition=r.partition,
-                base_offset=r.base_offset,
-                record_count=r.record_count,
-                append_time_ms=r.append_time_ms,
-                durable=r.durable,
-            )
-            for r in results
-        ]
-    )
+def _fill_results(response: pb.ProduceResponse, results: list[ProduceResult]) -> pb.ProduceResponse:
+    add = response.results.add
+    for r in results:
+        add(
+            partition=r.partition,
+            base_offset=r.base_offset,
+            record_count=r.record_count,
+            append_time_ms=r.append_time_ms,
+            durable=r.durable,
+        )
+    return response
+
+
+def _failed(exc: Exception) -> asyncio.Future:
+    future = asyncio.get_running_loop().create_future()
+    future.set_exception(exc)
+    return future
+
+
+async def _stream_answer(request_id: int, results, durable: asyncio.Future) -> pb.ProduceStreamResponse:
+    answer = pb.ProduceStreamResponse(request_id=request_id)
+    try:
+        await durable
+    except Exception as exc:
+        answer.error.CopyFrom(stream_error(exc))
+    else:
+        _fill_results(answer.response, results)
+    return answer
 
 
 class LogService:
@@ -68,44 +84,40 @@ class LogService:
     async def Produce(self, request: RawProduceRequest, context) -> pb.ProduceResponse:
         results, durable = self._append(request)
         await durable
-        return _produce_response(results)
+        return _fill_results(pb.ProduceResponse(), results)
 
-    async def ProduceStream(self, requests, context):
-        """Append each request as it arrives; answer in order once durable."""
-        pending: asyncio.Queue = asyncio.Queue(PIPELINE_DEPTH)
+    async def ProduceStream(self, read, context) -> None:
+        """Append each request as it arrives; answer in request order once durable.
 
-        async def read() -> None:
+        With nothing pending and the request already durable (fsync interval/never)
+        the answer is written inline; otherwise answers queue for a writer task, so a
+        pipelining producer keeps appending while earlier requests wait for their
+        (shared) fsync.
+        """
+        pending: collections.deque = collections.deque()
+        writer: asyncio.Task | None = None
+
+        async def drain() -> None:
+            while pending:
+                request_id, results, durable = pending[0]
+                await context.write(await _stream_answer(request_id, results, durable))
+                pending.popleft()
+
+        while (item := await read()) is not None:
             try:
-                async for item in requests:
-                    try:
-                        results, durable = self._append(item.request)
-                    except Exception as exc:
-                        failed = asyncio.get_running_loop().create_future()
-                        failed.set_exception(exc)
-                        await pending.put((item.request_id, None, failed))
-                    else:
-                        await pending.put((item.request_id, results, durable))
-            except Exception as exc:  # a malformed message ends the stream
-                await pending.put(exc)
-                return
-            await pending.put(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (item := await pending.get()) is not None:
-                if isinstance(item, Exception):
-                    raise item
-                request_id, results, durable = item
-                try:
-                    await durable
-                except Exception as exc:
-                    yield pb.ProduceStreamResponse(request_id=request_id, error=stream_error(exc))
-                else:
-                    yield pb.ProduceStreamResponse(
-                        request_id=request_id, response=_produce_response(results)
-                    )
-        finally:
-            reader.cancel()
+                results, durable = self._append(item.request)
+            except Exception as exc:
+                results, durable = None, _failed(exc)
+            if not pending and durable.done():
+                await context.write(await _stream_answer(item.request_id, results, durable))
+                continue
+            pending.append((item.request_id, results, durable))
+            if writer is None or writer.done():
+                writer = asyncio.create_task(drain())
+            if len(pending) >= PIPELINE_DEPTH:
+                await asyncio.shield(writer)  # stop reading until answers go out
+        if writer is not None:
+            await writer
 
     async def Fetch(self, request: pb.FetchRequest, context) -> bytes:
         max_records, max_bytes = _limits(request.max_records, request.max_bytes)
