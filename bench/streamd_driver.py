@@ -13,8 +13,6 @@ import asyncio
 import itertools
 import os
 import sys
-import threading
-import time
 
 from bench.harness import (
     Driver,
@@ -183,43 +181,42 @@ class Streamd(Driver):
         return throughput(done, elapsed, record_bytes)
 
     def latency(self, rate: float, seconds: float, record_bytes: int) -> dict:
-        """Records sent one per request on a deadline schedule; a Subscribe stream in
-        a thread measures each record's age on arrival."""
-        from streamd.client import AsyncProducer, Consumer
+        """Records sent one per request on a deadline schedule; a Subscribe stream
+        (the SDK's AsyncConsumer, on the producer's event loop) measures each
+        record's age on arrival."""
+        from streamd.client import AsyncConsumer, AsyncProducer
 
         topic = self._topic()
         lat: list[int] = []
-        done = threading.Event()
-        consumer = Consumer(self.address)
         expected = int(rate * seconds)
 
-        def read() -> None:
-            for record in consumer.subscribe(topic, 0, position="beginning"):
-                lat.append(stamp_age_ns(record.value))
-                if len(lat) >= expected or done.is_set():
-                    return
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        time.sleep(0.1)
-
         async def run() -> tuple[int, float]:
-            async with AsyncProducer(self.address, linger_ms=0) as producer:
+            async with AsyncConsumer(self.address) as consumer, AsyncProducer(self.address, linger_ms=0) as producer:
+
+                async def read() -> None:
+                    async for record in consumer.subscribe(topic, [0]):
+                        lat.append(stamp_age_ns(record.value))
+                        if len(lat) >= expected:
+                            return
+
+                reader = asyncio.create_task(read())
+                await asyncio.sleep(0.1)  # let the subscription reach the broker
                 pacer = Pacer(rate, seconds)
                 sent, pending = 0, []
                 while await pacer.anext() is not None:
                     pending.append(await producer.send_batch(topic, 0, [stamp(record_bytes)]))
                     sent += 1
                 await asyncio.gather(*pending)
-                return sent, pacer.elapsed()
+                elapsed = pacer.elapsed()
+                try:
+                    await asyncio.wait_for(reader, 5)
+                except TimeoutError:
+                    pass
+                return sent, elapsed
 
         try:
             sent, elapsed = self.runner.run(run())
-            reader.join(5)
         finally:
-            done.set()
-            consumer.close()
-            reader.join(5)
             self.admin.delete_topic(topic)
         return latency_summary(lat, sent, elapsed)
 

@@ -154,7 +154,9 @@ class Consumer:
     def at_end(self) -> bool:
         return all(self.positions[k] >= self.ends.get(k, 0) for k in self.positions)
 
-    def records(self, *, exit_at_end: bool = False, max_wait_ms: int = DEFAULT_MAX_WAIT_MS) -> Iterator[ConsumerRecord]:
+    def records(
+        self, *, exit_at_end: bool = False, max_wait_ms: int = DEFAULT_MAX_WAIT_MS, max_bytes: int = 0
+    ) -> Iterator[ConsumerRecord]:
         """Records of every assigned partition; tails unless ``exit_at_end``.
 
         Pipelined: each partition's next Fetch is on the wire while the previous
@@ -166,7 +168,7 @@ class Consumer:
         # One partition can long-poll; several are polled without waiting, so an idle
         # partition never holds back a busy one.
         wait = 0 if exit_at_end or len(keys) > 1 else max_wait_ms
-        inflight = {key: self._fetch_future(key, self.positions[key], wait) for key in keys}
+        inflight = {key: self._fetch_future(key, self.positions[key], wait, max_bytes) for key in keys}
         try:
             while True:
                 got = 0
@@ -174,7 +176,7 @@ class Consumer:
                     reply = self._result(inflight[key])
                     start = self.positions[key]
                     self._advance(key, reply)
-                    inflight[key] = self._fetch_future(key, self.positions[key], wait)
+                    inflight[key] = self._fetch_future(key, self.positions[key], wait, max_bytes)
                     records = decode_batches(reply.batches, key[0], key[1], start)
                     got += len(records)
                     yield from records
@@ -187,8 +189,10 @@ class Consumer:
             for future in inflight.values():
                 future.cancel()
 
-    def _fetch_future(self, key: tuple[str, int], offset: int, max_wait_ms: int):
-        request = pb.FetchRequest(topic=key[0], partition=key[1], offset=offset, max_wait_ms=max_wait_ms)
+    def _fetch_future(self, key: tuple[str, int], offset: int, max_wait_ms: int, max_bytes: int = 0):
+        request = pb.FetchRequest(
+            topic=key[0], partition=key[1], offset=offset, max_wait_ms=max_wait_ms, max_bytes=max_bytes
+        )
         return self._log.Fetch.future(request)
 
     @staticmethod
