@@ -12,6 +12,7 @@ from .errors import (
     CorruptBatch,
     InvalidBatch,
     LogClosed,
+    LogFailed,
     OffsetOutOfRange,
     StorageError,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "DeletedSegment",
     "InvalidBatch",
     "LogClosed",
+    "LogFailed",
     "LogStats",
     "OffsetIndex",
     "OffsetOutOfRange",

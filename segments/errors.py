@@ -6,6 +6,7 @@ The tree::
     +-- OffsetOutOfRange         a read below log_start_offset or past log_end_offset
     +-- CorruptBatch             a stored frame that fails to parse (or its CRC) on read
     +-- LogClosed                an operation on a closed PartitionLog
+    +-- LogFailed                an fsync failed: the log refuses work until reopened
     +-- InvalidBatch             an append the log cannot store (bad record count)
     +-- BatchTooLarge            a frame over ``batch.MAX_FRAME_BYTES``
 
@@ -56,6 +57,18 @@ class CorruptBatch(StorageError):
         self.position = position
         self.reason = reason
         super().__init__(f"corrupt batch in {path} at position {position}: {reason}")
+
+
+class LogFailed(StorageError):
+    """An fsync of the partition log failed. After a failed fsync Linux may have
+    dropped the dirty pages, so a retry could "succeed" without the data: the log
+    refuses appends and flushes until the broker restarts and recovers from disk."""
+
+    def __init__(self, directory: Path | str, cause: BaseException, name: str | None = None) -> None:
+        self.directory = Path(directory)
+        self.name = name
+        self.cause = cause
+        super().__init__(f"partition log {name or directory} failed to fsync ({cause}); restart the broker")
 
 
 class LogClosed(StorageError):

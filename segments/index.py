@@ -28,6 +28,7 @@ from the log. Not thread-safe: the owning ``PartitionLog`` serializes access.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import ClassVar
@@ -120,7 +121,7 @@ class _Index:
             file_size = os.fstat(self._fd).st_size
             length = max(capacity, file_size // esize)
             if file_size != length * esize:
-                os.ftruncate(self._fd, length * esize)
+                _allocate(self._fd, length * esize)
             self._array = np.memmap(self.path, dtype=self.ENTRY, mode="r+", shape=(length,))
         #: False if the file was missing or not a whole number of entries.
         self.file_ok = file_size >= 0 and file_size % esize == 0
@@ -263,3 +264,18 @@ class TimeIndex(_Index):
         """Drop the entries for batches at or after ``offset`` (writable only)."""
         rel = self._array["relative_offset"][: self.count]
         self.truncate(int(np.searchsorted(rel, offset - self.base_offset, side="left")))
+
+
+def _allocate(fd: int, size: int) -> None:
+    """Size the file with real blocks: stores through the memmap can then never hit an
+    unallocated page on a full disk (SIGBUS); the shortage is ENOSPC here instead."""
+    current = os.fstat(fd).st_size
+    if size < current:
+        os.ftruncate(fd, size)
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        os.ftruncate(fd, size)  # the filesystem cannot preallocate; sparse it is

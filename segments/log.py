@@ -7,13 +7,15 @@ the active one; earlier segments are sealed and immutable until retention delete
 (oldest first, never the active one; ``log_start_offset`` is the first segment's base
 offset and is persisted).
 
-Durability: appends go to the page cache through a memory map. ``flush`` fsyncs every
+Durability: appends go to the page cache with ``pwrite``. ``flush`` fsyncs every
 segment written since the last flush and advances ``flushed_offset`` (everything below
 it survives a power loss); ``checkpoint`` persists that point as the recovery point, so
 a crash recovery scans only what came after it.
 
-Preallocation is sparse, so a full disk shows up as SIGBUS on a write into the map
-rather than as an error; keep free space above one segment per partition.
+A full disk is an OSError (ENOSPC) from the append or the roll, never SIGBUS: the log
+is written with ``pwrite`` (its preallocation is sparse) and index files, written
+through memmaps, are preallocated with real blocks (``posix_fallocate``). A failed
+fsync fails the log (``LogFailed``) until the broker restarts and recovers.
 
 Time is never read from a clock here: callers pass ``append_time_ms``/``now_ms``.
 
@@ -37,7 +39,7 @@ from typing import NamedTuple
 from . import recovery
 from .batch import MAX_FRAME_BYTES, encode_frame, read_header
 from .checkpoint import fsync_directory
-from .errors import BatchTooLarge, InvalidBatch, LogClosed, OffsetOutOfRange
+from .errors import BatchTooLarge, InvalidBatch, LogClosed, LogFailed, OffsetOutOfRange
 from .index import MAX_POSITION, MAX_RELATIVE_OFFSET
 from .recovery import PartitionState, RecoveryPoint, RecoveryReport
 from .segment import Segment
@@ -109,6 +111,7 @@ class PartitionLog:
         self._dirty: set[Segment] = set()
         self._dir_dirty = False
         self._closed = False
+        self._failed: LogFailed | None = None
         self._lock = threading.Lock()  # structure: segments, maps, offsets
         self._io_lock = threading.Lock()  # one flush/checkpoint/close at a time
 
@@ -248,7 +251,10 @@ class PartitionLog:
                     records += part.record_count
                     next_offset = part.next_offset
                 i += 1
-                if i == len(self._segments) or total_bytes >= max_bytes or records >= max_records:
+                # Go on to the next segment only if this one was read to its end.
+                reached_end = part.batch_count and part.next_offset == (
+                    self._bases[i] if i < len(self._segments) else self._log_end)
+                if i == len(self._segments) or not reached_end:
                     break
                 seg, position = self._segments[i], 0
             data = b"".join(chunks)
@@ -290,19 +296,29 @@ class PartitionLog:
             self._check_open()
             target = self._log_end
             point = RecoveryPoint(self._active.base_offset, self._active.size, target)
-            segments, self._dirty = self._dirty, set()
-            dir_dirty, self._dir_dirty = self._dir_dirty, False
-            fds = [fd for seg in segments for fd in seg.sync_fds()]
+            segments, dir_dirty = set(self._dirty), self._dir_dirty
+            fds: list[int] = []
+            try:
+                for seg in segments:
+                    fds.extend(seg.sync_fds())
+            except BaseException:  # e.g. EMFILE: nothing was taken, nothing is lost
+                for fd in fds:
+                    os.close(fd)
+                raise
+            self._dirty, self._dir_dirty = set(), False
         try:
             for fd in fds:
                 os.fsync(fd)
             if dir_dirty:
                 fsync_directory(self.directory)
-        except BaseException:
+        except OSError as exc:
+            # Never retry a failed fsync: the kernel may have marked the pages clean,
+            # and a second fsync would then report data durable that is gone.
             with self._lock:
-                self._dirty |= {s for s in segments if s in self._segments}
-                self._dir_dirty |= dir_dirty
-            raise
+                self._failed = LogFailed(self.directory, exc, self.name)
+            log.error("fsync failed in %s: %s; the partition refuses writes until restart",
+                      self.directory, exc)
+            raise self._failed from exc
         finally:
             for fd in fds:
                 os.close(fd)
@@ -386,6 +402,9 @@ class PartitionLog:
         with self._io_lock:
             if self._closed:
                 return
+            if self._failed is not None:  # no clean-shutdown mark: the next start recovers
+                self._release()
+                return
             self._flush()
             with self._lock:
                 self._active.seal()
@@ -421,6 +440,8 @@ class PartitionLog:
     def _check_open(self) -> None:
         if self._closed:
             raise LogClosed(self.directory, self.name)
+        if self._failed is not None:
+            raise self._failed
 
     def _check_range(self, offset: int) -> None:
         if not self._log_start <= offset <= self._log_end:

@@ -9,8 +9,8 @@ Files, named by the segment's base offset (the first batch's offset), 20 digits:
 States:
 
 - **active** (the partition's last segment): the ``.log`` is preallocated with
-  ``ftruncate`` (sparse) to its capacity and mapped writable with ``mmap``; an append is
-  a copy into the map. Bytes past ``size`` are zeros (a zero tag byte ends the data).
+  ``ftruncate`` (sparse) to its capacity and mapped with ``mmap`` for reads; an append
+  is a ``pwrite`` at the end of the data. Bytes past ``size`` are zeros (a zero tag byte ends the data).
   The indexes are writable memmaps. File descriptors stay open for ``sync_fds``.
 - **sealed** (``seal`` on roll or close): every file is truncated to its real size; the
   log and indexes are mapped read-only lazily, on the first read, at that size. The
@@ -336,7 +336,7 @@ class Segment:
         for header in self._headers(position):
             total_bytes = taken_bytes + end - position
             if (total_bytes or taken_records or taken) and not (
-                total_bytes < max_bytes and taken_records + records < max_records
+                total_bytes + header.size <= max_bytes and taken_records + records < max_records
             ):
                 break
             end = header.end

@@ -52,9 +52,11 @@ def check_batch(
         batch = pb.RecordBatch.FromString(raw)
     except DecodeError:
         raise InvalidBatch("not a serialized RecordBatch") from None
-    if any(getattr(batch, name) for name in _BROKER_FIELDS):
-        for name in _BROKER_FIELDS:
-            batch.ClearField(name)
+    for name in _BROKER_FIELDS:
+        batch.ClearField(name)
+    if batch.ByteSize() != len(raw):
+        # The producer sent broker-owned fields (a forwarded batch, or zeros written
+        # explicitly): stored after the broker's header they would override it.
         raw = batch.SerializeToString()
     compression = batch.compression
     if compression == pb.COMPRESSION_LZ4:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import logging
 import os
 import shutil
@@ -26,6 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from segments import OffsetOutOfRange, PartitionLog
+from segments.batch import read_header
 
 from streamd.clock import Clock
 from streamd.partitioner import key_partition
@@ -167,7 +169,9 @@ class Broker:
                 now_ms=self.clock.now_ms(),
                 name=f"{meta.name}/{p}",
             )
-            parts.append(Partition(meta.name, p, plog, executor=self.executor))
+            parts.append(
+                Partition(meta.name, p, plog, executor=self.executor, fsync_always=s.fsync_policy == "always")
+            )
         return Topic(meta, directory, parts)
 
     def _check_serving(self) -> None:
@@ -324,27 +328,36 @@ class Broker:
 
     # -- read ----------------------------------------------------------------
     def read(self, name: str, partition: int, offset: int, *, max_records: int, max_bytes: int) -> ReadOut:
-        plog = self.partition(name, partition).log
-        if offset < 0:
-            raise OffsetOutOfRange(offset, plog.log_start_offset, plog.log_end_offset, name=f"{name}/{partition}")
+        """Stored frames from the one holding ``offset``, never past the high watermark."""
+        part = self.partition(name, partition)
+        plog = part.log
+        end = part.high_watermark
+        if not plog.log_start_offset <= offset <= plog.log_end_offset:
+            raise OffsetOutOfRange(offset, plog.log_start_offset, end, name=f"{name}/{partition}")
+        if offset >= end:
+            return ReadOut(b"", offset, plog.log_start_offset, end)
         res = plog.read(offset, max_bytes=max_bytes, max_records=max_records)
-        return ReadOut(res.data, res.next_offset, plog.log_start_offset, plog.log_end_offset)
+        data, next_offset = res.data, res.next_offset
+        if next_offset > end:
+            data, next_offset = _cut_at(data, end)
+        return ReadOut(data, next_offset, plog.log_start_offset, end)
 
     async def fetch(
         self, name: str, partition: int, offset: int, *, max_records: int, max_bytes: int, max_wait_ms: int
     ) -> ReadOut:
         self._check_serving()
         part = self.partition(name, partition)
-        if offset == part.log.log_end_offset and max_wait_ms > 0:
+        if offset >= part.high_watermark and max_wait_ms > 0:
             await part.wait_for_data(offset, min(max_wait_ms, MAX_WAIT_MS) / 1000)
             self._check_open(part)
         return self.read(name, partition, offset, max_records=max_records, max_bytes=max_bytes)
 
     def offset_for(self, name: str, partition: int, *, position: str | None = None, timestamp_ms: int | None = None) -> int:
-        plog = self.partition(name, partition).log
+        part = self.partition(name, partition)
+        end = part.high_watermark
         if timestamp_ms is not None:
-            return plog.offset_for_time(timestamp_ms)
-        return plog.log_end_offset if position == "latest" else plog.log_start_offset
+            return min(part.log.offset_for_time(timestamp_ms), end)
+        return end if position == "latest" else part.log.log_start_offset
 
     async def subscribe(
         self, name: str, partition: int, offset: int, *, max_records: int, max_bytes: int
@@ -354,10 +367,10 @@ class Broker:
         part = self.partition(name, partition)
         plog = part.log
         if not plog.log_start_offset <= offset <= plog.log_end_offset:
-            raise OffsetOutOfRange(offset, plog.log_start_offset, plog.log_end_offset, name=f"{name}/{partition}")
+            raise OffsetOutOfRange(offset, plog.log_start_offset, part.high_watermark, name=f"{name}/{partition}")
         while True:
             self._check_open(part)
-            if offset >= part.log.log_end_offset:
+            if offset >= part.high_watermark:
                 await part.wait_for_data(offset, None)
                 continue
             out = self.read(name, partition, offset, max_records=max_records, max_bytes=max_bytes)
@@ -387,33 +400,65 @@ class Broker:
             for part in topic.partitions:
                 if now - getattr(part, "last_flush_ms", 0) >= s.fsync_interval_ms:
                     part.last_flush_ms = now
-                    await part.flush()
+                    await self._each(part, "fsync", part.flush())
 
     async def checkpoint_all(self) -> None:
         """Flush and record each partition's recovery point, so a crash rescans only
         what was written since (this bounds start-up time for every fsync policy)."""
         loop = asyncio.get_running_loop()
-        for part in self.all_partitions():
-            if part.closed:
-                continue
+
+        async def one(part: Partition) -> None:
             await part.flush()
             await loop.run_in_executor(self.executor, part.log.checkpoint)
 
+        for part in self.all_partitions():
+            await self._each(part, "checkpoint", one(part))
+
     async def apply_retention(self) -> None:
+        """Delete expired segments; the file work (unlink, fsync) runs in the executor."""
         now = self.clock.now_ms()
+        loop = asyncio.get_running_loop()
         for topic in list(self.topics.values()):
             s = topic.meta.settings
             for part in topic.partitions:
                 if part.closed:
                     continue
-                deleted = part.log.apply_retention(
-                    now_ms=now, retention_ms=s.retention_ms, retention_bytes=s.retention_bytes
+                job = functools.partial(
+                    part.log.apply_retention, now_ms=now, retention_ms=s.retention_ms, retention_bytes=s.retention_bytes
                 )
+                deleted = await self._each(part, "retention", loop.run_in_executor(self.executor, job))
                 if deleted:
                     log.info(
                         "retention deleted %d segment(s) of %s/%d; log start offset now %d",
                         len(deleted), topic.meta.name, part.index, part.log.log_start_offset,
                     )
+
+    async def _each(self, part: Partition, what: str, work):
+        """Run one partition's share of a background job; a failure there is logged
+        and never stops the job for the other partitions."""
+        if part.closed:
+            if asyncio.iscoroutine(work):
+                work.close()
+            return None
+        try:
+            return await work
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if not part.closed:
+                log.exception("%s of %s/%d failed", what, part.topic, part.index)
+            return None
+
+
+def _cut_at(data: bytes, end_offset: int) -> tuple[bytes, int]:
+    """The leading frames of ``data`` that hold only offsets below ``end_offset``."""
+    position, next_offset = 0, None
+    while position < len(data):
+        header = read_header(data, position, len(data))
+        if header is None or header.base_offset >= end_offset:
+            break
+        position, next_offset = header.end, header.next_offset
+    return data[:position], (end_offset if next_offset is None else next_offset)
 
 
 async def _gather(*aws) -> None:

@@ -6,7 +6,8 @@
   It is group commit: while one fsync runs in the thread pool, later appenders wait
   for the next one, which then covers all of them with a single fsync.
 - Readers waiting for new data (long-poll Fetch, Subscribe) park on a future that the
-  next append (or topic deletion) resolves.
+  next append (or, for fsync=always topics, the next fsync; or topic deletion)
+  resolves. Readers never see past ``high_watermark``.
 """
 
 from __future__ import annotations
@@ -18,10 +19,15 @@ from segments import PartitionLog
 
 
 class Partition:
-    def __init__(self, topic: str, index: int, log: PartitionLog, *, executor: Executor) -> None:
+    def __init__(
+        self, topic: str, index: int, log: PartitionLog, *, executor: Executor, fsync_always: bool = False
+    ) -> None:
         self.topic = topic
         self.index = index
         self.log = log
+        #: fsync=always: readers see only fsynced records (the high watermark), so no
+        #: consumer acts on a record that a power loss could still take back.
+        self.wait_for_durability = fsync_always
         self._executor = executor
         self._flush_task: asyncio.Future[int] | None = None
         self._data: asyncio.Future[None] | None = None
@@ -33,11 +39,15 @@ class Partition:
         base = self.log.log_end_offset
         append_time = now_ms
         count = 0
-        for body, record_count in bodies:
-            info = self.log.append(body, record_count=record_count, append_time_ms=now_ms)
-            append_time = info.append_time_ms
-            count += record_count
-        self._wake()
+        try:
+            for body, record_count in bodies:
+                info = self.log.append(body, record_count=record_count, append_time_ms=now_ms)
+                append_time = info.append_time_ms
+                count += record_count
+        finally:
+            # Even after a storage error part-way, what was appended is visible.
+            if not self.wait_for_durability:
+                self._wake()
         return base, count, append_time
 
     async def sync_to(self, offset: int) -> None:
@@ -54,14 +64,23 @@ class Partition:
     async def _flush(self) -> int:
         try:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, self.log.flush)
+            flushed = await loop.run_in_executor(self._executor, self.log.flush)
         finally:
             self._flush_task = None
+        if self.wait_for_durability:
+            self._wake()
+        return flushed
+
+    @property
+    def high_watermark(self) -> int:
+        """The end of what readers may see: the fsynced end for fsync=always topics,
+        the log end otherwise."""
+        return self.log.flushed_offset if self.wait_for_durability else self.log.log_end_offset
 
     # -- waiting for data ----------------------------------------------------
     async def wait_for_data(self, offset: int, timeout_s: float | None) -> bool:
-        """Wait until the log end passes ``offset``; False on timeout."""
-        if self.log.log_end_offset > offset or self.closed:
+        """Wait until the high watermark passes ``offset``; False on timeout."""
+        if self.high_watermark > offset or self.closed:
             return True
         if self._data is None or self._data.done():
             self._data = asyncio.get_running_loop().create_future()

@@ -65,8 +65,9 @@ class TopicSettings:
                 raise InvalidArgument(f"config.{name}", f"must be positive, not {value}")
         if self.segment_bytes < 4096 or self.segment_bytes > (1 << 31) - 1:
             raise InvalidArgument("config.segment_bytes", "must be between 4096 and 2 GiB - 1")
-        if self.max_record_bytes > 64 * 1024 * 1024:
-            raise InvalidArgument("config.max_record_bytes", "must be at most 64 MiB")
+        if self.max_record_bytes > 8 * 1024 * 1024:
+            # batches may reach 4x this; a fetch answer must stay under 64 MiB
+            raise InvalidArgument("config.max_record_bytes", "must be at most 8 MiB")
         if self.fsync_policy not in FSYNC_POLICIES:
             raise InvalidArgument("config.fsync_policy", f"must be one of {FSYNC_POLICIES}")
         if self.compression not in COMPRESSIONS:

@@ -9,6 +9,7 @@ serving.
 
 from __future__ import annotations
 
+import errno
 import logging
 
 import grpc
@@ -36,6 +37,7 @@ STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     segments.OffsetOutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     segments.CorruptBatch: grpc.StatusCode.DATA_LOSS,
     segments.LogClosed: grpc.StatusCode.UNAVAILABLE,
+    segments.LogFailed: grpc.StatusCode.UNAVAILABLE,
     segments.InvalidBatch: grpc.StatusCode.INVALID_ARGUMENT,
     segments.BatchTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
@@ -51,6 +53,8 @@ class MalformedRequest(broker_errors.InvalidArgument):
 
 
 def status_code_for(exc: BaseException) -> grpc.StatusCode | None:
+    if _disk_full(exc):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     for cls in type(exc).__mro__:
         code = STATUS_CODES.get(cls)
         if code is not None:
@@ -58,7 +62,13 @@ def status_code_for(exc: BaseException) -> grpc.StatusCode | None:
     return None
 
 
+def _disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def reason_and_metadata(exc: BaseException) -> tuple[str, dict[str, str]]:
+    if _disk_full(exc):
+        return "DISK_FULL", {}
     if isinstance(exc, broker_errors.BrokerError):
         return exc.reason, exc.metadata()
     if isinstance(exc, segments.OffsetOutOfRange):
@@ -69,6 +79,8 @@ def reason_and_metadata(exc: BaseException) -> tuple[str, dict[str, str]]:
         }
     if isinstance(exc, segments.CorruptBatch):
         return "CORRUPT_BATCH", {"position": str(getattr(exc, "position", ""))}
+    if isinstance(exc, segments.LogFailed):
+        return "STORAGE_FAILED", {}
     if isinstance(exc, segments.LogClosed):
         return "PARTITION_CLOSED", {}
     if isinstance(exc, segments.InvalidBatch):

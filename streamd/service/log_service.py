@@ -19,7 +19,7 @@ from .errors import stream_error
 
 DEFAULT_MAX_RECORDS = 10_000
 DEFAULT_MAX_BYTES = 4 * 1024 * 1024 - 64 * 1024  # fits grpc's default 4 MiB receive limit
-MAX_FETCH_BYTES = 64 * 1024 * 1024
+MAX_FETCH_BYTES = 32 * 1024 * 1024  # + one batch (<= 32 MiB) fits the 64 MiB send limit
 PIPELINE_DEPTH = 1024  # produce-stream requests in flight before we stop reading
 
 # Methods whose requests are parsed as server-side views that keep batches as bytes.
@@ -150,7 +150,7 @@ class LogService:
                     partition=p,
                     offset=offset,
                     log_start_offset=part.log.log_start_offset,
-                    log_end_offset=part.log.log_end_offset,
+                    log_end_offset=part.high_watermark,
                 )
             )
         return pb.ListOffsetsResponse(offsets=out)

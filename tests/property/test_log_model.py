@@ -69,7 +69,8 @@ class LogModel(RuleBasedStateMachine):
         i = next(i for i, b in enumerate(self.batches) if b[0] + b[1] > offset)
         expected, size, records = [], 0, 0
         for batch in self.batches[i:]:
-            if expected and not (size < max_bytes and records < max_records):
+            frame_size = HEADER_SIZE + len(batch[3])
+            if expected and not (size + frame_size <= max_bytes and records < max_records):
                 break
             expected.append(batch)
             size += HEADER_SIZE + len(batch[3])

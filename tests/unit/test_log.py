@@ -96,16 +96,19 @@ def test_reads_cross_segments(tmp_path, plog):
     assert got.next_offset == plog.log_end_offset
 
 
-def test_max_bytes_and_max_records_are_soft_limits_on_whole_frames(plog):
+def test_max_bytes_is_a_hard_limit_after_the_first_frame(plog):
     written = fill(plog)
     sizes = [HEADER_SIZE + len(w[3]) for w in written]
     got = plog.read(0, max_bytes=0, max_records=0)
-    assert got.batch_count == 1  # always one frame
-    # Frames are added while the total so far is below the limit.
+    assert got.batch_count == 1  # always one frame, however large
+    # A further frame is added only if the total stays within max_bytes.
     got = plog.read(0, max_bytes=sizes[0] + sizes[1], max_records=1000)
     assert got.batch_count == 2 and len(got.data) == sizes[0] + sizes[1]
-    got = plog.read(0, max_bytes=sizes[0] + sizes[1] + 1, max_records=1000)
+    got = plog.read(0, max_bytes=sizes[0] + sizes[1] + sizes[2] - 1, max_records=1000)
+    assert got.batch_count == 2
+    got = plog.read(0, max_bytes=sizes[0] + sizes[1] + sizes[2], max_records=1000)
     assert got.batch_count == 3
+    # max_records stays soft: frames are added while fewer records are taken.
     got = plog.read(0, max_bytes=1 << 20, max_records=3)  # counts 1, 2 -> 3 records
     assert got.batch_count == 2 and got.record_count == 3
     got = plog.read(0, max_bytes=1 << 20, max_records=4)

@@ -1,0 +1,115 @@
+"""Guards found in review: failed fsyncs, failed dup()s, broker-owned fields sent by a
+producer, and the high watermark of fsync=always topics."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from segments import LogFailed, PartitionLog
+from streamd.broker.batches import check_batch
+from streamd.broker.broker import Broker
+from streamd.broker.topic import TopicSettings
+from streamd.client.records import values_batch
+from streamd.service.errors import to_status
+from streamd.testing import FakeClock
+from streamd.v1 import streamd_pb2 as pb
+
+
+def _open(path) -> PartitionLog:
+    return PartitionLog.open(path, segment_bytes=4096, segment_ms=10**9, now_ms=0)
+
+
+def test_failed_fsync_fails_the_log_instead_of_retrying(tmp_path, monkeypatch):
+    plog = _open(tmp_path / "p")
+    plog.append(b"x" * 10, record_count=1, append_time_ms=1)
+    real_fsync = os.fsync
+
+    def eio(fd):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "fsync", eio)
+    with pytest.raises(LogFailed):
+        plog.flush()
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    # A retry must not report the data durable: the log refuses work until reopened.
+    with pytest.raises(LogFailed):
+        plog.flush()
+    with pytest.raises(LogFailed):
+        plog.append(b"y", record_count=1, append_time_ms=2)
+    assert plog.flushed_offset == 0
+    assert to_status(LogFailed(tmp_path, OSError()))[:2] == (grpc.StatusCode.UNAVAILABLE, "STORAGE_FAILED")
+    plog.close()
+    reopened = _open(tmp_path / "p")  # recovers from disk, as after a crash
+    assert reopened.recovery is not None and reopened.log_end_offset == 1
+    reopened.close()
+
+
+def test_failed_dup_loses_no_dirty_segment(tmp_path, monkeypatch):
+    plog = _open(tmp_path / "p")
+    for i in range(20):  # several segments
+        plog.append(b"x" * 500, record_count=1, append_time_ms=i)
+    real_dup, calls = os.dup, []
+
+    def flaky_dup(fd):
+        if not calls:
+            calls.append(fd)
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_dup(fd)
+
+    monkeypatch.setattr(os, "dup", flaky_dup)
+    with pytest.raises(OSError):
+        plog.flush()
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    assert plog.flush() == 20
+    assert synced, "the second flush must fsync what the first could not"
+    plog.close()
+
+
+def test_explicit_zero_broker_fields_cannot_override_the_stored_header():
+    batch = values_batch([b"a", b"b"]).SerializeToString()
+    # base_offset (field 2, sfixed64) and record_count (field 4, fixed32) written as 0.
+    sneaky = bytes([0x11]) + bytes(8) + bytes([0x25]) + bytes(4) + batch
+    body, count = check_batch(sneaky, max_batch_bytes=1 << 20, max_record_bytes=1 << 20)
+    assert count == 2
+    parsed = pb.RecordBatch.FromString(body)
+    assert parsed.records  # still a batch
+    assert body == batch  # the broker-owned fields are gone from what is stored
+
+
+def test_disk_full_is_resource_exhausted():
+    code, reason, _, _ = to_status(OSError(errno.ENOSPC, "No space left on device"))
+    assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "DISK_FULL")
+
+
+def test_fsync_always_readers_see_only_fsynced_records(tmp_path):
+    settings = TopicSettings(
+        retention_ms=-1, retention_bytes=-1, segment_bytes=1 << 20, segment_ms=10**9,
+        max_record_bytes=1 << 20, fsync_policy="always", fsync_interval_ms=1000, compression="producer",
+    )
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(2) as executor:
+            broker = Broker(tmp_path / "data", defaults=settings, clock=FakeClock(), executor=executor)
+            broker.open()
+            broker.state = "serving"
+            broker.create_topic("t", 1, {})
+            raw = values_batch([b"r1", b"r2"]).SerializeToString()
+            results, durable = broker.append("t", [(0, [raw])], [])
+            assert broker.partition("t", 0).log.log_end_offset == 2
+            before = broker.read("t", 0, 0, max_records=100, max_bytes=1 << 20)
+            assert (before.data, before.log_end_offset) == (b"", 0)  # not yet durable
+            assert broker.offset_for("t", 0, position="latest") == 0
+            await durable
+            after = broker.read("t", 0, 0, max_records=100, max_bytes=1 << 20)
+            assert after.data and after.log_end_offset == 2 and after.next_offset == 2
+            await broker.close()
+
+    asyncio.run(scenario())
