@@ -177,9 +177,12 @@ class Consumer:
                     start = self.positions[key]
                     self._advance(key, reply)
                     inflight[key] = self._fetch_future(key, self.positions[key], wait, max_bytes)
-                    records = decode_batches(reply.batches, key[0], key[1], start)
-                    got += len(records)
-                    yield from records
+                    # Batch by batch: a whole answer decoded at once would keep ~10^5
+                    # objects alive together and make the cyclic GC rescan them.
+                    for batch in reply.batches:
+                        records = decode_batches((batch,), key[0], key[1], start)
+                        got += len(records)
+                        yield from records
                 if not got:
                     if exit_at_end and self.at_end():
                         return
@@ -271,6 +274,23 @@ class AsyncConsumer:
         if partitions is None:
             reply = await self._topics.DescribeTopic(pb.DescribeTopicRequest(topic=topic))
             partitions = range(reply.topic.partition_count)
+        partitions = list(partitions)
+        if len(partitions) == 1:  # no merging needed: read the stream directly
+            request = pb.SubscribeRequest(
+                topic=topic, partition=partitions[0], **_start_fields(offset, timestamp_ms, position)
+            )
+            start = offset or 0
+            call = self._log.Subscribe(request)
+            try:
+                async for message in call:
+                    for record in decode_batches(message.batches, topic, partitions[0], start):
+                        yield record
+                    start = message.next_offset
+            except grpc.RpcError as err:
+                raise StreamdError.from_rpc_error(err) from None
+            finally:
+                call.cancel()
+            return
         queue: asyncio.Queue = asyncio.Queue(queue_size)
 
         async def pump(partition: int) -> None:

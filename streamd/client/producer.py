@@ -73,6 +73,7 @@ class AsyncProducer:
         self.batch_max_bytes = batch_max_bytes
         self.compression = compression
         self._slots = asyncio.Semaphore(max_in_flight)
+        self._write_lock = asyncio.Lock()
         self._acc: dict[tuple[str, int], _Accumulator] = {}
         self._partition_counts: dict[str, asyncio.Future[int]] = {}
         self._sticky: dict[str, int] = {}
@@ -225,22 +226,26 @@ class AsyncProducer:
 
     async def _submit(self, topic: str, partition: int, batch: pb.RecordBatch, target: tuple) -> None:
         await self._slots.acquire()
-        if self._call is None or self._call.done():
-            self._call = self._log.ProduceStream()
-            self._reader = asyncio.ensure_future(self._read_answers(self._call))
-        request_id = next(self._ids)
-        done = asyncio.get_running_loop().create_future()
-        self._waiting[request_id] = (done, target)
-        self._in_flight.add(done)
-        done.add_done_callback(self._in_flight.discard)
-        # Built in place: nesting finished messages would copy the batch each time.
-        message = pb.ProduceStreamRequest(request_id=request_id)
-        message.request.topic = topic
-        message.request.partitions.add(partition=partition).batches.append(batch)
-        try:
-            await self._call.write(message)
-        except (grpc.RpcError, asyncio.InvalidStateError) as err:
-            self._fail(request_id, err)
+        # One write at a time, in submission order (asyncio.Lock is FIFO): grpc.aio
+        # refuses overlapping writes on a stream, and order is what keeps per-partition
+        # record order when linger timers and full batches ship concurrently.
+        async with self._write_lock:
+            if self._call is None or self._call.done():
+                self._call = self._log.ProduceStream()
+                self._reader = asyncio.ensure_future(self._read_answers(self._call))
+            request_id = next(self._ids)
+            done = asyncio.get_running_loop().create_future()
+            self._waiting[request_id] = (done, target)
+            self._in_flight.add(done)
+            done.add_done_callback(self._in_flight.discard)
+            # Built in place: nesting finished messages would copy the batch each time.
+            message = pb.ProduceStreamRequest(request_id=request_id)
+            message.request.topic = topic
+            message.request.partitions.add(partition=partition).batches.append(batch)
+            try:
+                await self._call.write(message)
+            except (grpc.RpcError, asyncio.InvalidStateError) as err:
+                self._fail(request_id, err)
 
     async def _read_answers(self, call) -> None:
         try:
@@ -312,6 +317,7 @@ class Producer:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="streamd-producer", daemon=True)
         self._thread.start()
+        self._enqueued: list[concurrent.futures.Future] = []
         self._producer: AsyncProducer = self._run(self._make(server, options))
 
     async def _make(self, server, options) -> AsyncProducer:
@@ -327,10 +333,27 @@ class Producer:
         self.close()
 
     def send(self, topic: str, value: bytes, **kwargs) -> concurrent.futures.Future:
-        async def go():
-            return await (await self._producer.send(topic, value, **kwargs))
+        result: concurrent.futures.Future = concurrent.futures.Future()
 
-        return asyncio.run_coroutine_threadsafe(go(), self._loop)
+        def copy(done: asyncio.Future) -> None:
+            if done.exception() is not None:
+                result.set_exception(done.exception())
+            else:
+                result.set_result(done.result())
+
+        async def enqueue() -> None:
+            try:
+                record = await self._producer.send(topic, value, **kwargs)
+            except BaseException as exc:
+                result.set_exception(exc)
+            else:
+                record.add_done_callback(copy)
+
+        # flush() waits for these, so a flush covers every send made before it.
+        self._enqueued.append(asyncio.run_coroutine_threadsafe(enqueue(), self._loop))
+        if len(self._enqueued) > 10_000:
+            self._enqueued = [f for f in self._enqueued if not f.done()]
+        return result
 
     def send_and_wait(self, topic: str, value: bytes, **kwargs) -> RecordMetadata:
         return self._run(self._producer.send_and_wait(topic, value, **kwargs))
@@ -342,6 +365,9 @@ class Producer:
         return self._run(go())
 
     def flush(self) -> None:
+        enqueued, self._enqueued = self._enqueued, []
+        for future in enqueued:
+            future.result()
         self._run(self._producer.flush())
 
     def partition_count(self, topic: str) -> int:
@@ -351,6 +377,8 @@ class Producer:
         if not self._loop.is_running():
             return
         try:
+            for future in self._enqueued:
+                future.result()
             self._run(self._producer.close())
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
