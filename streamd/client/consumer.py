@@ -25,7 +25,7 @@ from streamd.v1 import streamd_pb2_grpc as rpc
 
 from ._channel import aio_channel, sync_channel
 from .errors import StreamdError
-from .records import ConsumerRecord, decode_batches
+from .records import ConsumerRecord, decode_batches, iter_batch
 
 DEFAULT_MAX_WAIT_MS = 500
 
@@ -177,12 +177,12 @@ class Consumer:
                     start = self.positions[key]
                     self._advance(key, reply)
                     inflight[key] = self._fetch_future(key, self.positions[key], wait, max_bytes)
-                    # Batch by batch: a whole answer decoded at once would keep ~10^5
-                    # objects alive together and make the cyclic GC rescan them.
+                    # Record by record: objects that die as soon as they are read never
+                    # survive into older GC generations (a decoded list of 10^5 records
+                    # made the cyclic GC cost ~40% of consuming).
                     for batch in reply.batches:
-                        records = decode_batches((batch,), key[0], key[1], start)
-                        got += len(records)
-                        yield from records
+                        got += batch.record_count
+                        yield from iter_batch(batch, key[0], key[1], start)
                 if not got:
                     if exit_at_end and self.at_end():
                         return
@@ -224,7 +224,8 @@ class Consumer:
         start = offset or 0
         try:
             for message in call:
-                yield from decode_batches(message.batches, topic, partition, start)
+                for batch in message.batches:
+                    yield from iter_batch(batch, topic, partition, start)
                 start = message.next_offset
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.CANCELLED:
@@ -283,8 +284,9 @@ class AsyncConsumer:
             call = self._log.Subscribe(request)
             try:
                 async for message in call:
-                    for record in decode_batches(message.batches, topic, partitions[0], start):
-                        yield record
+                    for batch in message.batches:
+                        for record in iter_batch(batch, topic, partitions[0], start):
+                            yield record
                     start = message.next_offset
             except grpc.RpcError as err:
                 raise StreamdError.from_rpc_error(err) from None

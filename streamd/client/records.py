@@ -6,7 +6,7 @@ FetchResponse's batches, decompressing lz4 where the batch says so.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import lz4.frame
@@ -118,18 +118,22 @@ def batch_records(batch: pb.RecordBatch) -> pb.RecordSet:
     return pb.RecordSet.FromString(payload)
 
 
+def iter_batch(batch: pb.RecordBatch, topic: str, partition: int, min_offset: int = 0) -> Iterator[ConsumerRecord]:
+    """One stored batch's records, made one at a time: each record object can die as
+    soon as the reader is done with it, before any GC pass sees it."""
+    base = batch.base_offset
+    append_time = batch.append_time_ms
+    records = batch_records(batch).records
+    skip = min_offset - base
+    if skip > 0:
+        records = records[skip:]
+        base += skip
+    for i, r in enumerate(records, base):
+        yield ConsumerRecord(topic, partition, i, r, append_time)
+
+
 def decode_batches(
     batches: Iterable[pb.RecordBatch], topic: str, partition: int, min_offset: int = 0
 ) -> list[ConsumerRecord]:
-    """Records of stored batches, skipping offsets below ``min_offset``."""
-    out: list[ConsumerRecord] = []
-    for batch in batches:
-        base = batch.base_offset
-        append_time = batch.append_time_ms
-        records = batch_records(batch).records
-        skip = min_offset - base
-        if skip > 0:
-            records = records[skip:]
-            base += skip
-        out.extend([ConsumerRecord(topic, partition, i, r, append_time) for i, r in enumerate(records, base)])
-    return out
+    """Records of stored batches as a list, skipping offsets below ``min_offset``."""
+    return [r for batch in batches for r in iter_batch(batch, topic, partition, min_offset)]
