@@ -73,8 +73,8 @@ class Streamd(Driver):
                 self.server.stop()
 
     def info(self) -> dict:
-        import grpc
         import google.protobuf
+        import grpc
 
         return {
             "server": "streamd 0.1.0 (this checkout)",

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Iterator
 from typing import NamedTuple
 
 FRAME_TAG = 0x0A
@@ -109,6 +110,18 @@ def read_header(buf, position: int, limit: int) -> BatchHeader | None:
     if count < 1 or base < 0:
         return None
     return BatchHeader(position, length + 6, crc, base, append, count)
+
+
+def iter_headers(buf, position: int = 0, limit: int | None = None) -> Iterator[BatchHeader]:
+    """Headers of consecutive well-formed frames from ``position``; stops at the first
+    position that does not hold one (end of data, zero fill or garbage)."""
+    limit = len(buf) if limit is None else limit
+    while position < limit:
+        header = read_header(buf, position, limit)
+        if header is None:
+            return
+        yield header
+        position = header.end
 
 
 def crc_ok(buf, header: BatchHeader) -> bool:

@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .batch import BatchHeader, crc_ok, read_header
+from .batch import BatchHeader, crc_ok, iter_headers, read_header
 from .errors import CorruptBatch, StorageError
 from .index import (
     OFFSET_ENTRY,
@@ -73,10 +73,7 @@ def walk_frames(
     stop silently at the first invalid one (the caller compares the last ``end``).
     With ``expected_offset`` each frame must continue the offsets; with ``min_time_ms``
     append times must not decrease; with ``verify_crc`` the checksum must match."""
-    while position < limit:
-        header = read_header(buf, position, limit)
-        if header is None:
-            return
+    for header in iter_headers(buf, position, limit):
         if expected_offset is not None:
             if header.base_offset != expected_offset:
                 return
@@ -88,7 +85,6 @@ def walk_frames(
         if verify_crc and not crc_ok(buf, header):
             return
         yield header
-        position = header.end
 
 
 def build_index_entries(

@@ -15,8 +15,19 @@ import json
 import os
 
 from bench import install
-from bench.harness import (Driver, Skip, latency_summary, now, payload, stamp, stamp_age_ns,
-                           start_server, throughput, Pacer, ServerProcess)
+from bench.harness import (
+    Driver,
+    Pacer,
+    ServerProcess,
+    Skip,
+    latency_summary,
+    now,
+    payload,
+    stamp,
+    stamp_age_ns,
+    start_server,
+    throughput,
+)
 
 
 class NatsJetStream(Driver):

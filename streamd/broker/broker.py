@@ -27,8 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from segments import OffsetOutOfRange, PartitionLog
-from segments.batch import read_header
-
+from segments.batch import iter_headers
 from streamd.clock import Clock
 from streamd.partitioner import key_partition
 from streamd.v1 import streamd_pb2 as pb
@@ -452,13 +451,12 @@ class Broker:
 
 def _cut_at(data: bytes, end_offset: int) -> tuple[bytes, int]:
     """The leading frames of ``data`` that hold only offsets below ``end_offset``."""
-    position, next_offset = 0, None
-    while position < len(data):
-        header = read_header(data, position, len(data))
-        if header is None or header.base_offset >= end_offset:
+    position, next_offset = 0, end_offset
+    for header in iter_headers(data):
+        if header.base_offset >= end_offset:
             break
         position, next_offset = header.end, header.next_offset
-    return data[:position], (end_offset if next_offset is None else next_offset)
+    return data[:position], next_offset
 
 
 async def _gather(*aws) -> None:

@@ -1,4 +1,5 @@
-"""Channels to a broker, with the limits streamd's messages need."""
+"""Channels to a broker, with the limits streamd's messages need, and the shared
+behaviour of the blocking clients."""
 
 from __future__ import annotations
 
@@ -24,3 +25,35 @@ def sync_channel(server: str | None = None) -> grpc.Channel:
 
 def aio_channel(server: str | None = None) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(server_address(server), options=OPTIONS)
+
+
+class SyncClient:
+    """A blocking client over its own channel (or one it is given)."""
+
+    def __init__(self, server: str | None = None, *, channel: grpc.Channel | None = None) -> None:
+        from streamd._malloc import tune_malloc
+        from streamd.v1 import streamd_pb2_grpc as rpc
+
+        tune_malloc()
+        self._own_channel = channel is None
+        self._channel = channel or sync_channel(server)
+        self._topics = rpc.TopicServiceStub(self._channel)
+        self._log = rpc.LogServiceStub(self._channel)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._own_channel:
+            self._channel.close()
+
+    def _call(self, method, request):
+        from .errors import StreamdError
+
+        try:
+            return method(request)
+        except grpc.RpcError as err:
+            raise StreamdError.from_rpc_error(err) from None

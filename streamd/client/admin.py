@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import grpc
-
 from streamd.v1 import streamd_pb2 as pb
-from streamd.v1 import streamd_pb2_grpc as rpc
 
-from ._channel import sync_channel
-from .errors import StreamdError
+from ._channel import SyncClient
 
 FSYNC = {
     "always": pb.FSYNC_POLICY_ALWAYS,
@@ -18,29 +14,7 @@ FSYNC = {
 COMPRESSION = {"producer": pb.COMPRESSION_UNSPECIFIED, "none": pb.COMPRESSION_NONE, "lz4": pb.COMPRESSION_LZ4}
 
 
-class Admin:
-    def __init__(self, server: str | None = None, *, channel: grpc.Channel | None = None) -> None:
-        self._own_channel = channel is None
-        self._channel = channel or sync_channel(server)
-        self._topics = rpc.TopicServiceStub(self._channel)
-        self._log = rpc.LogServiceStub(self._channel)
-
-    def __enter__(self) -> "Admin":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._own_channel:
-            self._channel.close()
-
-    def _call(self, method, request):
-        try:
-            return method(request)
-        except grpc.RpcError as err:
-            raise StreamdError.from_rpc_error(err) from None
-
+class Admin(SyncClient):
     def create_topic(
         self,
         topic: str,

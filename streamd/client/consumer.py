@@ -23,7 +23,7 @@ from streamd._malloc import tune_malloc
 from streamd.v1 import streamd_pb2 as pb
 from streamd.v1 import streamd_pb2_grpc as rpc
 
-from ._channel import aio_channel, sync_channel
+from ._channel import SyncClient, aio_channel
 from .errors import StreamdError
 from .records import ConsumerRecord, decode_batches, iter_batch
 
@@ -39,31 +39,11 @@ def _start_fields(offset: int | None, timestamp_ms: int | None, position: str | 
     return {"position": spec}
 
 
-class Consumer:
+class Consumer(SyncClient):
     def __init__(self, server: str | None = None, *, channel: grpc.Channel | None = None) -> None:
-        tune_malloc()
-        self._own_channel = channel is None
-        self._channel = channel or sync_channel(server)
-        self._log = rpc.LogServiceStub(self._channel)
-        self._topics = rpc.TopicServiceStub(self._channel)
+        super().__init__(server, channel=channel)
         self.positions: dict[tuple[str, int], int] = {}
         self.ends: dict[tuple[str, int], int] = {}
-
-    def __enter__(self) -> "Consumer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._own_channel:
-            self._channel.close()
-
-    def _call(self, method, request):
-        try:
-            return method(request)
-        except grpc.RpcError as err:
-            raise StreamdError.from_rpc_error(err) from None
 
     # -- assignment and positions -------------------------------------------
     def partition_count(self, topic: str) -> int:

@@ -21,11 +21,10 @@ from collections.abc import Iterable, Sequence
 
 import grpc
 
+from streamd._malloc import tune_malloc
 from streamd.partitioner import key_partition
 from streamd.v1 import streamd_pb2 as pb
 from streamd.v1 import streamd_pb2_grpc as rpc
-
-from streamd._malloc import tune_malloc
 
 from ._channel import aio_channel
 from .errors import ProduceError, StreamdError

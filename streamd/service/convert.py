@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from segments import LogStats
-
 from streamd.broker.errors import InvalidArgument
 from streamd.broker.topic import TopicMeta, TopicSettings
 from streamd.v1 import streamd_pb2 as pb

@@ -13,11 +13,11 @@ import errno
 import logging
 
 import grpc
-import segments
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+import segments
 from streamd.broker import errors as broker_errors
 from streamd.v1 import streamd_pb2 as pb
 

@@ -10,20 +10,14 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from segments import OffsetOutOfRange, PartitionLog
-from segments.batch import HEADER_SIZE, body_of, read_header
+from segments.batch import HEADER_SIZE
+
+from ..framing import frames
 
 SEGMENT_BYTES = 200
 INDEX_INTERVAL = 50
 
 
-def frames(data: bytes):
-    out, pos = [], 0
-    while pos < len(data):
-        h = read_header(data, pos, len(data))
-        assert h is not None
-        out.append((h.base_offset, h.record_count, h.append_time_ms, body_of(data[pos:h.end])))
-        pos = h.end
-    return out
 
 
 class LogModel(RuleBasedStateMachine):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import inspect
 
 import grpc
+
 import segments
 import segments.errors
-
 from streamd.broker import errors as broker_errors
 from streamd.service.errors import rich_status, status_code_for, to_status
 

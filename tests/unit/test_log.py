@@ -16,19 +16,13 @@ from segments import (
     OffsetOutOfRange,
     PartitionLog,
 )
-from segments.batch import HEADER_SIZE, body_of, read_header
+from segments.batch import HEADER_SIZE
+
+from ..framing import frames
 
 DAY = 86_400_000
 
 
-def frames(data: bytes):
-    out, pos = [], 0
-    while pos < len(data):
-        h = read_header(data, pos, len(data))
-        assert h is not None
-        out.append((h.base_offset, h.record_count, h.append_time_ms, body_of(data[pos:h.end])))
-        pos = h.end
-    return out
 
 
 def open_log(path, *, segment_bytes=300, segment_ms=DAY, index_interval_bytes=64, now_ms=0, **kw):

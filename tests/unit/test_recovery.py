@@ -9,8 +9,10 @@ import os
 import pytest
 
 from segments import PartitionLog, RecoveryReport
-from segments.batch import HEADER_SIZE, body_of, read_header
+from segments.batch import HEADER_SIZE
 from segments.checkpoint import write_atomic
+
+from ..framing import frames
 
 SEGMENT_BYTES = 400
 LAST = "00000000000000000000"
@@ -21,14 +23,6 @@ def open_log(path, **kw):
                              segment_ms=10**9, index_interval_bytes=64, now_ms=0, **kw)
 
 
-def frames(data: bytes):
-    out, pos = [], 0
-    while pos < len(data):
-        h = read_header(data, pos, len(data))
-        assert h is not None
-        out.append((h.base_offset, h.record_count, h.append_time_ms, body_of(data[pos:h.end])))
-        pos = h.end
-    return out
 
 
 def read_all(log):

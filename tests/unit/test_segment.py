@@ -7,17 +7,9 @@ import os
 import pytest
 
 from segments import Segment
-from segments.batch import HEADER_SIZE, body_of, encode_frame, read_header
+from segments.batch import encode_frame
 
-
-def _frames(data: bytes):
-    out, pos = [], 0
-    while pos < len(data):
-        h = read_header(data, pos, len(data))
-        assert h is not None
-        out.append((h.base_offset, h.record_count, h.append_time_ms, body_of(data[pos:h.end])))
-        pos = h.end
-    return out
+from ..framing import frames as _frames
 
 
 def _append(seg, offset, count, when, body):
