@@ -20,9 +20,6 @@ from bench import harness
 # system name -> module exposing ``driver(workdir: str) -> harness.Driver``.
 # streamd comes first; ratios are computed streamd vs every other system.
 SYSTEMS = {
-    # TODO(streamd driver): write bench/streamd_driver.py with a
-    # ``driver(workdir)`` factory returning a harness.Driver (see bench/README.md).
-    # Until that file exists streamd is reported as "omitted" and no ratios are given.
     "streamd": "bench.streamd_driver",
     "redis_streams": "bench.peers.redis_streams",
     "nats_jetstream": "bench.peers.nats_jetstream",
