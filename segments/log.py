@@ -220,7 +220,11 @@ class PartitionLog:
         new = Segment.create(self.directory, self._log_end,
                              capacity_bytes=max(self._segment_bytes, frame_size),
                              index_interval_bytes=self._interval)
-        old.seal()
+        try:
+            old.seal()
+        except BaseException:
+            new.discard()  # the roll did not happen; the next append tries again
+            raise
         self._segments.append(new)
         self._bases.append(new.base_offset)
         self._active = new

@@ -143,8 +143,18 @@ class Segment:
             stale.unlink(missing_ok=True)
         seg._fd = os.open(seg.log_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         seg._next_offset = base_offset
-        seg._open_writable(capacity_bytes)
+        try:
+            seg._open_writable(capacity_bytes)
+        except BaseException:
+            seg.discard()  # leave nothing behind that would block the next attempt
+            raise
         return seg
+
+    def discard(self) -> None:
+        """Close and remove the files of a segment that never held data."""
+        self.close()
+        for path in (self.log_path, self.index_path, self.time_index_path):
+            path.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, directory: Path, base_offset: int, *, index_interval_bytes: int) -> Segment:

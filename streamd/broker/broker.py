@@ -157,8 +157,17 @@ class Broker:
             self._lock_fd = None
 
     def _open_topic(self, meta: TopicMeta, directory: Path) -> Topic:
+        parts: list[Partition] = []
+        try:
+            self._open_partitions(meta, directory, parts)
+        except BaseException:
+            for part in parts:  # no half-open topic: release what was opened
+                part.log.close()
+            raise
+        return Topic(meta, directory, parts)
+
+    def _open_partitions(self, meta: TopicMeta, directory: Path, parts: list[Partition]) -> None:
         s = meta.settings
-        parts = []
         for p in range(meta.partition_count):
             plog = PartitionLog.open(
                 directory / str(p),
@@ -171,7 +180,6 @@ class Broker:
             parts.append(
                 Partition(meta.name, p, plog, executor=self.executor, fsync_always=s.fsync_policy == "always")
             )
-        return Topic(meta, directory, parts)
 
     def _check_serving(self) -> None:
         if self.state != "serving":
@@ -220,7 +228,14 @@ class Broker:
         final = self.data_dir / name
         os.rename(staging, final)
         _fsync_dir(self.data_dir)
-        topic = self._open_topic(meta, final)
+        try:
+            topic = self._open_topic(meta, final)
+        except BaseException:
+            # Take the directory out of the way so the name can be created again.
+            graveyard = self.data_dir / DELETED_DIR
+            graveyard.mkdir(exist_ok=True)
+            os.rename(final, graveyard / f"{name}.{uuid.uuid4().hex}")
+            raise
         self.topics[name] = topic
         log.info("created topic %s with %d partitions %s", name, partition_count, settings)
         return topic

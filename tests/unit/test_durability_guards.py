@@ -113,3 +113,57 @@ def test_fsync_always_readers_see_only_fsynced_records(tmp_path):
             await broker.close()
 
     asyncio.run(scenario())
+
+
+def test_a_failed_roll_leaves_the_partition_writable(tmp_path, monkeypatch):
+    from segments import segment as segment_module
+
+    plog = _open(tmp_path / "p")
+    plog.append(b"x" * 3000, record_count=1, append_time_ms=1)
+    real = segment_module.Segment._open_writable
+    calls = []
+
+    def failing(self, capacity):
+        if not calls:
+            calls.append(capacity)
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        return real(self, capacity)
+
+    monkeypatch.setattr(segment_module.Segment, "_open_writable", failing)
+    with pytest.raises(OSError):
+        plog.append(b"y" * 3000, record_count=1, append_time_ms=2)  # needs a roll
+    info = plog.append(b"y" * 3000, record_count=1, append_time_ms=2)  # retried roll works
+    assert info.base_offset == 1 and plog.log_end_offset == 2
+    plog.close()
+
+
+def test_a_topic_that_fails_to_open_leaves_its_name_free(tmp_path, monkeypatch):
+    from streamd.broker import broker as broker_module
+
+    settings = TopicSettings(
+        retention_ms=-1, retention_bytes=-1, segment_bytes=1 << 20, segment_ms=10**9,
+        max_record_bytes=1 << 20, fsync_policy="never", fsync_interval_ms=1000, compression="producer",
+    )
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(2) as executor:
+            broker = Broker(tmp_path / "data", defaults=settings, clock=FakeClock(), executor=executor)
+            broker.open()
+            broker.state = "serving"
+            real_open, calls = broker_module.PartitionLog.open, []
+
+            def flaky_open(directory, **kw):
+                calls.append(directory)
+                if len(calls) == 2:  # the second partition fails
+                    raise OSError(errno.EMFILE, "Too many open files")
+                return real_open(directory, **kw)
+
+            monkeypatch.setattr(broker_module.PartitionLog, "open", flaky_open)
+            with pytest.raises(OSError):
+                broker.create_topic("t", 3, {})
+            monkeypatch.undo()
+            assert "t" not in broker.topics and not (tmp_path / "data" / "t").exists()
+            assert len(broker.create_topic("t", 3, {}).partitions) == 3
+            await broker.close()
+
+    asyncio.run(scenario())
