@@ -89,6 +89,24 @@ class Driver:
         raise Unsupported
 
 
+def require(client_module: str, pip_spec: str, binary: str) -> tuple[str, str]:
+    """The path and version of a peer's server binary, installing it if need be, after
+    checking its Python client imports; :class:`Skip` when either is missing."""
+    import importlib
+
+    from bench import install
+
+    try:
+        importlib.import_module(client_module)
+    except ImportError as e:
+        raise Skip(f"{client_module} not installed ({e}); pip install '{pip_spec}'") from e
+    try:
+        path = install.ensure(binary)
+    except install.InstallError as e:
+        raise Skip(f"{binary} unavailable: {e}") from e
+    return path, install.version(path)
+
+
 # --------------------------------------------------------------------------- timing helpers
 
 

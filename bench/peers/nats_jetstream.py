@@ -14,15 +14,14 @@ import itertools
 import json
 import os
 
-from bench import install
 from bench.harness import (
     Driver,
     Pacer,
     ServerProcess,
-    Skip,
     latency_summary,
     now,
     payload,
+    require,
     stamp,
     stamp_age_ns,
     start_server,
@@ -46,15 +45,7 @@ class NatsJetStream(Driver):
     # ------------------------------------------------------------------ lifecycle
 
     def setup(self) -> None:
-        try:
-            import nats  # noqa: F401
-        except ImportError as e:
-            raise Skip(f"nats-py not installed ({e}); pip install 'nats-py>=2.7'") from e
-        try:
-            binary = install.ensure("nats-server")
-        except install.InstallError as e:
-            raise Skip(f"nats-server unavailable: {e}") from e
-        self._version = install.version(binary)
+        binary, self._version = require("nats", "nats-py>=2.7", "nats-server")
         store = os.path.join(self.workdir, "store")
         os.makedirs(store, exist_ok=True)
 

@@ -11,15 +11,14 @@ import os
 import threading
 import time
 
-from bench import install
 from bench.harness import (
     Driver,
     Pacer,
     ServerProcess,
-    Skip,
     latency_summary,
     now,
     payload,
+    require,
     stamp,
     stamp_age_ns,
     start_server,
@@ -43,15 +42,7 @@ class RedisStreams(Driver):
     # ------------------------------------------------------------------ lifecycle
 
     def setup(self) -> None:
-        try:
-            import redis  # noqa: F401
-        except ImportError as e:
-            raise Skip(f"redis-py not installed ({e}); pip install 'redis>=5'") from e
-        try:
-            binary = install.ensure("redis-server")
-        except install.InstallError as e:
-            raise Skip(f"redis-server unavailable: {e}") from e
-        self._version = install.version(binary)
+        binary, self._version = require("redis", "redis>=5", "redis-server")
         os.makedirs(self.workdir, exist_ok=True)
 
         def argv(port: int) -> list[str]:

@@ -129,6 +129,8 @@ class AsyncProducer:
         timestamp_ms: int = 0,
     ) -> RecordMetadata:
         """Send one record now (no linger) and wait for its acknowledgement."""
+        if self._closed:
+            raise RuntimeError("producer is closed")
         if partition is None:
             partition = await self._choose_partition(topic, key)
         acc = self._acc.get((topic, partition))

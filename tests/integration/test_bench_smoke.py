@@ -1,0 +1,29 @@
+"""The benchmark's streamd driver still runs end to end (numbers are not judged)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ..conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_streamd_driver_runs_and_prints_json():
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "streamd",
+         "--only", "consume", "--only", "produce/100B/b100", "--only", "produce_acked", "--only", "latency"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    doc = json.loads(result.stdout)
+    streamd = doc["systems"]["streamd"]
+    assert streamd["status"] == "ok", streamd
+    workloads = streamd["workloads"]
+    for key in ("consume", "produce/100B/b100", "produce_acked"):
+        assert workloads[key]["median"]["records_per_s"] > 0, key
+    assert workloads["latency"]["median"]["received"] == workloads["latency"]["median"]["sent"]
