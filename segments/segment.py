@@ -327,6 +327,17 @@ class Segment:
         """Byte position of the frame containing ``offset`` (``size`` if past the end)."""
         self._ensure_indexes()
         assert self._offset_index is not None
+        try:
+            return self._scan_from_index(offset)
+        except CorruptBatch as exc:
+            # A damaged index entry (cheap checks at load time do not read every one)
+            # points between frames; the index is a cache, so rebuild it and retry. If
+            # the log itself is damaged, the rebuild raises CorruptBatch (DATA_LOSS).
+            self.rebuild_indexes(f"lookup of offset {offset} hit {exc}")
+            return self._scan_from_index(offset)
+
+    def _scan_from_index(self, offset: int) -> int:
+        assert self._offset_index is not None
         _, position = self._offset_index.lookup(offset)
         for header in self._headers(position):
             if header.next_offset > offset:
@@ -419,6 +430,12 @@ class Segment:
         if reason is None:
             self._last_entry_position = self._offset_index.last_position()
             return
+        self.rebuild_indexes(reason)
+
+    def rebuild_indexes(self, reason: str) -> None:
+        """Recompute both indexes from the log (they are caches of it). Raises
+        CorruptBatch if the log itself does not parse."""
+        assert self._offset_index is not None and self._time_index is not None
         log.warning("rebuilding indexes of %s: %s", self.log_path, reason)
         self._ensure_map()
         headers = list(self._headers(0))
