@@ -73,6 +73,7 @@ class AsyncProducer:
         self.compression = compression
         self._slots = asyncio.Semaphore(max_in_flight)
         self._write_lock = asyncio.Lock()
+        self._order = asyncio.Lock()
         self._acc: dict[tuple[str, int], _Accumulator] = {}
         self._partition_counts: dict[str, asyncio.Future[int]] = {}
         self._sticky: dict[str, int] = {}
@@ -103,15 +104,19 @@ class AsyncProducer:
         """Queue one record; the returned future resolves once it is acknowledged."""
         if self._closed:
             raise RuntimeError("producer is closed")
-        if partition is None:
-            partition = await self._choose_partition(topic, key)
-        acc = self._acc.get((topic, partition))
-        if acc is None:
-            acc = self._acc[(topic, partition)] = _Accumulator(topic, partition)
-        add_record(acc.record_set, value, key, headers, timestamp_ms)
-        future = asyncio.get_running_loop().create_future()
-        acc.futures.append(future)
-        acc.size += len(value) + (len(key) if key else 0) + _RECORD_OVERHEAD
+        # Records enter their batches in call order. The first sends to a topic wait
+        # for its partition count; a later send must not overtake them when it starts
+        # just after the lookup ends, hence the FIFO lock (free when uncontended).
+        async with self._order:
+            if partition is None:
+                partition = await self._choose_partition(topic, key)
+            acc = self._acc.get((topic, partition))
+            if acc is None:
+                acc = self._acc[(topic, partition)] = _Accumulator(topic, partition)
+            add_record(acc.record_set, value, key, headers, timestamp_ms)
+            future = asyncio.get_running_loop().create_future()
+            acc.futures.append(future)
+            acc.size += len(value) + (len(key) if key else 0) + _RECORD_OVERHEAD
         if acc.size >= self.batch_max_bytes:
             await self._ship(acc)
         elif acc.timer is None:
@@ -131,15 +136,16 @@ class AsyncProducer:
         """Send one record now (no linger) and wait for its acknowledgement."""
         if self._closed:
             raise RuntimeError("producer is closed")
-        if partition is None:
-            partition = await self._choose_partition(topic, key)
-        acc = self._acc.get((topic, partition))
-        if acc is not None and acc.futures:
-            await self._ship(acc)  # records sent earlier go first
         record_set = pb.RecordSet()
         add_record(record_set, value, key, headers, timestamp_ms)
         future = asyncio.get_running_loop().create_future()
-        await self._submit(topic, partition, encode_batch(record_set, self.compression), (topic, [future], False))
+        async with self._order:
+            if partition is None:
+                partition = await self._choose_partition(topic, key)
+            acc = self._acc.get((topic, partition))
+            if acc is not None and acc.futures:
+                await self._ship(acc)  # records sent earlier go first
+            await self._submit(topic, partition, encode_batch(record_set, self.compression), (topic, [future], False))
         return await future
 
     async def send_batch(

@@ -19,11 +19,18 @@ def admin(server):
 
 
 def test_producer_batches_by_linger_and_resolves_a_future_per_record(server, admin):
+    # Several rounds: the first sends to a topic wait for its partition count, and a
+    # send starting just as that lookup ends must not overtake them (a race).
+    for round_ in range(15):
+        admin.create_topic(f"r{round_}", 1)
+        with Producer(server.address, linger_ms=50) as producer:
+            futures = [producer.send(f"r{round_}", b"v%d" % i) for i in range(200)]
+            offsets = [f.result(10).offset for f in futures]
+        assert offsets == list(range(200)), round_
     admin.create_topic("t", 1)
     with Producer(server.address, linger_ms=50) as producer:
         futures = [producer.send("t", b"v%d" % i) for i in range(200)]
-        offsets = [f.result(10).offset for f in futures]
-    assert offsets == list(range(200))
+        assert [f.result(10).offset for f in futures] == list(range(200))
     batches = 0
     with Consumer(server.address) as consumer:
         _, reply = consumer.fetch("t", 0, 0, max_records=1000)
