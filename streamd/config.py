@@ -43,6 +43,13 @@ class BrokerConfig:
     #: (a crash rescans at most this much of each partition's recent data).
     retention_check_ms: int = 30_000
     checkpoint_interval_ms: int = 5_000
+    #: Consumer groups: defaults for members that do not choose, limits, and how long
+    #: the offsets of a group without members are kept after its last commit.
+    group_session_timeout_ms: int = 10_000
+    group_rebalance_timeout_ms: int = 30_000
+    group_retention_ms: int = 7 * DAY_MS
+    max_groups: int = 10_000
+    max_group_members: int = 1_000
     #: Threads for fsync and other blocking storage work.
     io_threads: int = 4
     #: Seconds in-flight RPCs get to finish on SIGTERM/SIGINT.
@@ -55,7 +62,9 @@ class BrokerConfig:
         if self.compression not in ("producer", "lz4"):
             raise ValueError(f"compression must be producer or lz4, not {self.compression!r}")
         for name in ("default_partitions", "segment_bytes", "max_record_bytes", "index_interval_bytes",
-                     "max_request_bytes", "max_topics", "max_partitions_per_topic", "io_threads"):
+                     "max_request_bytes", "max_topics", "max_partitions_per_topic", "io_threads",
+                     "group_session_timeout_ms", "group_rebalance_timeout_ms", "group_retention_ms",
+                     "max_groups", "max_group_members"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
 

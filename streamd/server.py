@@ -8,6 +8,7 @@ within the grace period, flush and close every log cleanly.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -17,11 +18,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from consumer_groups.coordinator import Coordinator
+from consumer_groups.offsets import OffsetStore
 from streamd._malloc import tune_malloc
 from streamd.broker.broker import Broker
 from streamd.broker.topic import TopicSettings
 from streamd.clock import Clock, SystemClock
 from streamd.config import BrokerConfig
+from streamd.service.group_service import GroupService, expire_groups
 from streamd.service.handlers import generic_handler
 from streamd.service.log_service import REQUEST_VIEWS, LogService
 from streamd.service.topic_service import TopicService
@@ -29,20 +33,14 @@ from streamd.v1 import streamd_pb2 as pb
 
 log = logging.getLogger("streamd.server")
 
-SERVICES = [pb.DESCRIPTOR.services_by_name["TopicService"], pb.DESCRIPTOR.services_by_name["LogService"]]
+SERVICES = [pb.DESCRIPTOR.services_by_name[name] for name in ("TopicService", "LogService", "GroupService")]
+GROUPS_DIR = "@groups"
+GROUP_TICK_MS = 100
 
 
 def topic_defaults(config: BrokerConfig) -> TopicSettings:
-    return TopicSettings(
-        retention_ms=config.retention_ms,
-        retention_bytes=config.retention_bytes,
-        segment_bytes=config.segment_bytes,
-        segment_ms=config.segment_ms,
-        max_record_bytes=config.max_record_bytes,
-        fsync_policy=config.fsync_policy,
-        fsync_interval_ms=config.fsync_interval_ms,
-        compression=config.compression,
-    )
+    """The broker-wide topic defaults: the config fields TopicSettings shares."""
+    return TopicSettings(**{f.name: getattr(config, f.name) for f in dataclasses.fields(TopicSettings)})
 
 
 class Server:
@@ -58,15 +56,34 @@ class Server:
             max_topics=config.max_topics,
             max_partitions_per_topic=config.max_partitions_per_topic,
         )
+        self.clock = self.broker.clock
+        self.store: OffsetStore | None = None
+        self.coordinator = Coordinator(
+            clock=self.clock,
+            partition_count=self._partition_count,
+            max_groups=config.max_groups,
+            max_members=config.max_group_members,
+            default_session_timeout_ms=config.group_session_timeout_ms,
+            default_rebalance_timeout_ms=config.group_rebalance_timeout_ms,
+        )
         self.health = HealthServicer()
         self.grpc: grpc.aio.Server | None = None
         self.port: int | None = None
         self._stopped = asyncio.Event()
 
+    def _partition_count(self, topic: str) -> int:
+        t = self.broker.topics.get(topic)
+        return len(t.partitions) if t is not None else 0
+
     async def start(self) -> int:
         """Open storage, start listening; returns the bound port."""
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.executor, self.broker.open)
+        self.store = await loop.run_in_executor(
+            self.executor,
+            lambda: OffsetStore(self.config.data_dir / GROUPS_DIR, clock=self.clock, executor=self.executor),
+        )
+        groups = GroupService(self.broker, self.coordinator, self.store)
         limit = self.config.max_request_bytes
         self.grpc = grpc.aio.server(
             options=[
@@ -77,8 +94,9 @@ class Server:
         )
         self.grpc.add_generic_rpc_handlers(
             [
-                generic_handler(SERVICES[0], TopicService(self.broker)),
+                generic_handler(SERVICES[0], TopicService(self.broker, groups)),
                 generic_handler(SERVICES[1], LogService(self.broker), REQUEST_VIEWS),
+                generic_handler(SERVICES[2], groups),
             ]
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -88,9 +106,22 @@ class Server:
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.listen}")
         await self.grpc.start()
-        self.broker.start_background()
-        self.broker.add_periodic(self.config.checkpoint_interval_ms, self.broker.checkpoint_all)
-        self.broker.add_periodic(self.config.retention_check_ms, self.broker.apply_retention)
+        self.broker.start_background(
+            checkpoint_interval_ms=self.config.checkpoint_interval_ms,
+            retention_check_ms=self.config.retention_check_ms,
+        )
+        started_ms = self.clock.now_ms()
+
+        async def tick() -> None:
+            self.coordinator.tick()
+
+        async def expire() -> None:
+            await expire_groups(
+                self.coordinator, self.store, retention_ms=self.config.group_retention_ms, started_ms=started_ms
+            )
+
+        self.broker.run_every("group-timeouts", GROUP_TICK_MS, tick)
+        self.broker.run_every("group-expiry", self.config.retention_check_ms, expire)
         for name in [""] + [s.full_name for s in SERVICES]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         host = self.config.listen.rsplit(":", 1)[0]
@@ -103,13 +134,13 @@ class Server:
             return
         self._stopped.set()
         await self.health.enter_graceful_shutdown()
-        self.broker.state = "stopping"
         # Wake parked subscribers and long polls so they end with UNAVAILABLE.
-        for part in self.broker.all_partitions():
-            part.close()
+        self.broker.stop_accepting()
         if self.grpc is not None:
             await self.grpc.stop(self.config.shutdown_grace_s)
         await self.broker.close()
+        if self.store is not None:
+            await self.store.close()
         self.executor.shutdown(wait=True)
         log.info("streamd stopped cleanly")
 

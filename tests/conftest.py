@@ -24,12 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 class RunningServer:
     """A Server on its own event-loop thread, listening on 127.0.0.1:<free port>."""
 
-    def __init__(self, data_dir: Path, **overrides) -> None:
+    def __init__(self, data_dir: Path, *, clock=None, **overrides) -> None:
         self.config = BrokerConfig(data_dir=data_dir, listen="127.0.0.1:0", **overrides)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server = Server(self.config)
+        self.server = Server(self.config, clock=clock)
         port = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(30)
         self.address = f"127.0.0.1:{port}"
 

@@ -128,25 +128,29 @@ class Broker:
             self.topics[meta.name] = self._open_topic(meta, entry)
         log.info("loaded %d topics from %s", len(self.topics), self.data_dir)
 
-    def start_background(self) -> None:
-        """Start retention, interval fsync and recovery-point checkpoints."""
+    def start_background(self, *, checkpoint_interval_ms: int, retention_check_ms: int) -> None:
+        """Serve, and start interval fsync, recovery-point checkpoints and retention."""
         self.state = "serving"
-        self._tasks = [
-            asyncio.create_task(self._every(50, self._flush_interval_topics), name="fsync-interval"),
-        ]
+        self.run_every("fsync-interval", 50, self._flush_interval_topics)
+        self.run_every("checkpoint", checkpoint_interval_ms, self.checkpoint_all)
+        self.run_every("retention", retention_check_ms, self.apply_retention)
 
-    def add_periodic(self, interval_ms: int, job) -> None:
-        self._tasks.append(asyncio.create_task(self._every(interval_ms, job)))
+    def run_every(self, name: str, interval_ms: int, job) -> None:
+        """Run ``await job()`` every ``interval_ms`` until ``close``; failures are logged."""
+        self._tasks.append(asyncio.create_task(self._every(interval_ms, job), name=name))
+
+    def stop_accepting(self) -> None:
+        """Refuse new work with UNAVAILABLE and wake parked readers so they end."""
+        self.state = "stopping"
+        for part in self.all_partitions():
+            part.close()
 
     async def close(self) -> None:
         """Flush everything, close every log cleanly, release the directory."""
-        self.state = "stopping"
+        self.stop_accepting()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for topic in self.topics.values():
-            for part in topic.partitions:
-                part.close()
         loop = asyncio.get_running_loop()
         for topic in list(self.topics.values()):
             for part in topic.partitions:
@@ -181,7 +185,7 @@ class Broker:
                 Partition(meta.name, p, plog, executor=self.executor, fsync_always=s.fsync_policy == "always")
             )
 
-    def _check_serving(self) -> None:
+    def check_serving(self) -> None:
         if self.state != "serving":
             raise BrokerUnavailable(self.state)
 
@@ -206,7 +210,7 @@ class Broker:
         return topic.partitions[partition]
 
     def create_topic(self, name: str, partition_count: int, overrides: dict[str, object]) -> Topic:
-        self._check_serving()
+        self.check_serving()
         check_topic_name(name)
         if partition_count == 0:
             partition_count = 1
@@ -241,7 +245,7 @@ class Broker:
         return topic
 
     async def delete_topic(self, name: str) -> None:
-        self._check_serving()
+        self.check_serving()
         topic = self.topic(name)
         del self.topics[name]
         for part in topic.partitions:
@@ -280,7 +284,7 @@ class Broker:
         policy promises. Every check happens before anything is appended, so a
         refused request appends nothing. Pipelined producers append in arrival order
         and await durability concurrently, which lets group commit share fsyncs."""
-        self._check_serving()
+        self.check_serving()
         topic = self.topic(name)
         s = topic.meta.settings
         plan: list[tuple[Partition, list[tuple[bytes, int]]]] = []
@@ -359,7 +363,7 @@ class Broker:
     async def fetch(
         self, name: str, partition: int, offset: int, *, max_records: int, max_bytes: int, max_wait_ms: int
     ) -> ReadOut:
-        self._check_serving()
+        self.check_serving()
         part = self.partition(name, partition)
         if offset >= part.high_watermark and max_wait_ms > 0:
             await part.wait_for_data(offset, min(max_wait_ms, MAX_WAIT_MS) / 1000)
@@ -377,7 +381,7 @@ class Broker:
         self, name: str, partition: int, offset: int, *, max_records: int, max_bytes: int
     ) -> AsyncIterator[ReadOut]:
         """Stored frames from ``offset`` on, then new ones as they are appended."""
-        self._check_serving()
+        self.check_serving()
         part = self.partition(name, partition)
         plog = part.log
         if not plog.log_start_offset <= offset <= plog.log_end_offset:
@@ -412,7 +416,7 @@ class Broker:
             if s.fsync_policy != "interval":
                 continue
             for part in topic.partitions:
-                if now - getattr(part, "last_flush_ms", 0) >= s.fsync_interval_ms:
+                if now - part.last_flush_ms >= s.fsync_interval_ms:
                     part.last_flush_ms = now
                     await self._each(part, "fsync", part.flush())
 

@@ -32,6 +32,8 @@ class Partition:
         self._flush_task: asyncio.Future[int] | None = None
         self._data: asyncio.Future[None] | None = None
         self.closed = False
+        #: When the interval-fsync job last flushed this partition (broker clock).
+        self.last_flush_ms = 0
 
     # -- writing -------------------------------------------------------------
     def append(self, bodies: list[tuple[bytes, int]], *, now_ms: int) -> tuple[int, int, int]:

@@ -1,4 +1,4 @@
-"""``streamd`` subcommands: serve, topics, produce, consume, offsets.
+"""``streamd`` subcommands: serve, topics, produce, consume, offsets, groups, replay, inspect.
 
 Exit codes: 0 success, 1 error (one line on stderr), 2 usage error (argparse).
 The server address comes from ``--server``, else ``STREAMD_SERVER``, else
@@ -19,6 +19,9 @@ from streamd.client import Admin, Consumer, Producer, StreamdError
 from streamd.client.admin import COMPRESSION, FSYNC
 from streamd.config import BrokerConfig
 
+from . import groups as groups_cmd
+from . import inspect as inspect_cmd
+from . import replay as replay_cmd
 from .format import format_record, record_json, table
 
 
@@ -279,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--at", help="also the first offset at/after this time (epoch ms or ISO-8601)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_offsets)
+    groups_cmd.add_parser(sub)
+    inspect_cmd.add_parser(sub)
+    replay_cmd.add_parser(sub)
     return parser
 
 

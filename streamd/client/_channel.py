@@ -39,6 +39,7 @@ class SyncClient:
         self._channel = channel or sync_channel(server)
         self._topics = rpc.TopicServiceStub(self._channel)
         self._log = rpc.LogServiceStub(self._channel)
+        self._groups = rpc.GroupServiceStub(self._channel)
 
     def __enter__(self):
         return self

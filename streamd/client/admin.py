@@ -58,3 +58,47 @@ class Admin(SyncClient):
             spec = pb.OFFSET_SPEC_LATEST if latest else pb.OFFSET_SPEC_EARLIEST
             request = pb.ListOffsetsRequest(topic=topic, position=spec)
         return list(self._call(self._log.ListOffsets, request).offsets)
+
+    # -- consumer groups ----------------------------------------------------------
+    def list_groups(self) -> list[pb.GroupListing]:
+        return list(self._call(self._groups.ListGroups, pb.ListGroupsRequest()).groups)
+
+    def describe_group(self, group: str) -> pb.GroupDescription:
+        return self._call(self._groups.DescribeGroup, pb.DescribeGroupRequest(group=group)).group
+
+    def delete_group(self, group: str) -> None:
+        self._call(self._groups.DeleteGroup, pb.DeleteGroupRequest(group=group))
+
+    def fetch_offsets(self, group: str, partitions: dict[str, list[int]] | None = None) -> list[pb.CommittedOffset]:
+        request = pb.FetchOffsetsRequest(group=group, partitions=_topic_partitions(partitions or {}))
+        return list(self._call(self._groups.FetchOffsets, request).offsets)
+
+    def commit_offsets(self, group: str, offsets: dict[tuple[str, int], int], *, metadata: str = "") -> None:
+        """Commit for a group with no live members (tools, standalone consumers)."""
+        commits = [pb.OffsetCommit(topic=t, partition=p, offset=o, metadata=metadata) for (t, p), o in offsets.items()]
+        self._call(self._groups.CommitOffsets, pb.CommitOffsetsRequest(group=group, offsets=commits))
+
+    def reset_offsets(
+        self,
+        group: str,
+        *,
+        partitions: dict[str, list[int]] | None = None,
+        execute: bool = False,
+        **target: int | bool,
+    ) -> pb.ResetOffsetsResponse:
+        """Plan (or with ``execute``, apply) an offset reset. ``partitions`` maps topic
+        to partitions ([] = all); None means every topic of the group. ``target`` is
+        one of position=pb.OFFSET_SPEC_*, offset=, shift_by=, timestamp_ms=,
+        duration_ms=, undo=True."""
+        request = pb.ResetOffsetsRequest(
+            group=group,
+            partitions=_topic_partitions(partitions or {}),
+            all_topics=partitions is None,
+            execute=execute,
+            **target,
+        )
+        return self._call(self._groups.ResetOffsets, request)
+
+
+def _topic_partitions(partitions: dict[str, list[int]]) -> list[pb.TopicPartitions]:
+    return [pb.TopicPartitions(topic=t, partitions=ps) for t, ps in partitions.items()]

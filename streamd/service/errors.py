@@ -18,6 +18,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 import segments
+from consumer_groups import errors as group_errors
 from streamd.broker import errors as broker_errors
 from streamd.v1 import streamd_pb2 as pb
 
@@ -40,6 +41,14 @@ STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     segments.LogFailed: grpc.StatusCode.UNAVAILABLE,
     segments.InvalidBatch: grpc.StatusCode.INVALID_ARGUMENT,
     segments.BatchTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    group_errors.InvalidGroupRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    group_errors.GroupNotFound: grpc.StatusCode.NOT_FOUND,
+    group_errors.GroupNotEmpty: grpc.StatusCode.FAILED_PRECONDITION,
+    group_errors.UnknownMember: grpc.StatusCode.ABORTED,
+    group_errors.MemberFenced: grpc.StatusCode.ABORTED,
+    group_errors.StaleGeneration: grpc.StatusCode.ABORTED,
+    group_errors.NothingToUndo: grpc.StatusCode.FAILED_PRECONDITION,
+    group_errors.GroupLimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -69,7 +78,7 @@ def _disk_full(exc: BaseException) -> bool:
 def reason_and_metadata(exc: BaseException) -> tuple[str, dict[str, str]]:
     if _disk_full(exc):
         return "DISK_FULL", {}
-    if isinstance(exc, broker_errors.BrokerError):
+    if isinstance(exc, (broker_errors.BrokerError, group_errors.GroupError)):
         return exc.reason, exc.metadata()
     if isinstance(exc, segments.OffsetOutOfRange):
         return "OFFSET_OUT_OF_RANGE", {

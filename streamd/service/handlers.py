@@ -69,26 +69,6 @@ def _server_stream(impl, parse):
     return handler
 
 
-def _bidi_stream(impl, parse):
-    if not inspect.isasyncgenfunction(impl):
-        return _bidi_stream_writer(impl, parse)
-
-    async def handler(request_iterator, context: grpc.aio.ServicerContext):
-        async def parsed():
-            async for raw in request_iterator:
-                yield parse(raw)
-
-        try:
-            async for response in impl(parsed(), context):
-                yield response
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await _abort(context, exc)
-
-    return handler
-
-
 def _bidi_stream_writer(impl, parse):
     """For a coroutine ``impl(read, context)`` that answers with ``context.write``;
     ``read()`` returns the next parsed request, or None at the end of the stream."""
@@ -125,7 +105,7 @@ def generic_handler(
         parse = _parser(message_cls)
         if method.client_streaming and method.server_streaming:
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                _bidi_stream(impl, parse), response_serializer=_serialize
+                _bidi_stream_writer(impl, parse), response_serializer=_serialize
             )
         elif method.server_streaming:
             assert inspect.isasyncgenfunction(impl), method.name

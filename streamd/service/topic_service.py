@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from streamd.broker.broker import Broker, Topic
+from streamd.service.group_service import GroupService
 from streamd.v1 import streamd_pb2 as pb
 
 from .convert import overrides_from_pb, topic_to_pb
@@ -13,17 +14,22 @@ def describe(topic: Topic) -> pb.TopicDescription:
 
 
 class TopicService:
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, groups: GroupService | None = None) -> None:
         self.broker = broker
+        self.groups = groups
 
     async def CreateTopic(self, request: pb.CreateTopicRequest, context) -> pb.CreateTopicResponse:
         topic = self.broker.create_topic(
             request.topic, request.partition_count, overrides_from_pb(request.config)
         )
+        if self.groups is not None:
+            self.groups.topic_created(topic.meta.name)
         return pb.CreateTopicResponse(topic=describe(topic))
 
     async def DeleteTopic(self, request: pb.DeleteTopicRequest, context) -> pb.DeleteTopicResponse:
         await self.broker.delete_topic(request.topic)
+        if self.groups is not None:
+            await self.groups.topic_deleted(request.topic)
         return pb.DeleteTopicResponse()
 
     async def ListTopics(self, request: pb.ListTopicsRequest, context) -> pb.ListTopicsResponse:

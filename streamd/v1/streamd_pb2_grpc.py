@@ -471,3 +471,334 @@ class LogService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class GroupServiceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.JoinGroup = channel.stream_stream(
+                '/streamd.v1.GroupService/JoinGroup',
+                request_serializer=streamd_dot_v1_dot_streamd__pb2.JoinGroupRequest.SerializeToString,
+                response_deserializer=streamd_dot_v1_dot_streamd__pb2.JoinGroupResponse.FromString,
+                _registered_method=True)
+        self.CommitOffsets = channel.unary_unary(
+                '/streamd.v1.GroupService/CommitOffsets',
+                request_serializer=streamd_dot_v1_dot_streamd__pb2.CommitOffsetsRequest.SerializeToString,
+                response_deserializer=streamd_dot_v1_dot_streamd__pb2.CommitOffsetsResponse.FromString,
+                _registered_method=True)
+        self.FetchOffsets = channel.unary_unary(
+                '/streamd.v1.GroupService/FetchOffsets',
+                request_serializer=streamd_dot_v1_dot_streamd__pb2.FetchOffsetsRequest.SerializeToString,
+                response_deserializer=streamd_dot_v1_dot_streamd__pb2.FetchOffsetsResponse.FromString,
+                _registered_method=True)
+        self.DescribeGroup = channel.unary_unary(
+                '/streamd.v1.GroupService/DescribeGroup',
+                request_serializer=streamd_dot_v1_dot_streamd__pb2.DescribeGroupRequest.SerializeToString,
+                response_deserializer=streamd_dot_v1_dot_streamd__pb2.DescribeGroupResponse.FromString,
+                _registered_method=True)
+        self.ListGroups = channel.unary_unary(
+                '/streamd.v1.GroupService/ListGroups',
+                request_serializer=streamd_dot_v1_dot_streamd__pb2.ListGroupsRequest.SerializeToString,
+                response_deserializer=streamd_dot_v1_dot_streamd__pb2.ListGroupsResponse.FromString,
+                _registered_method=True)
+        self.DeleteGroup = channel.unary_unary(
+                '/streamd.v1.GroupService/DeleteGroup',
+                request_serializer=streamd_dot_v1_dot_streamd__pb2.DeleteGroupRequest.SerializeToString,
+                response_deserializer=streamd_dot_v1_dot_streamd__pb2.DeleteGroupResponse.FromString,
+                _registered_method=True)
+        self.ResetOffsets = channel.unary_unary(
+                '/streamd.v1.GroupService/ResetOffsets',
+                request_serializer=streamd_dot_v1_dot_streamd__pb2.ResetOffsetsRequest.SerializeToString,
+                response_deserializer=streamd_dot_v1_dot_streamd__pb2.ResetOffsetsResponse.FromString,
+                _registered_method=True)
+
+
+class GroupServiceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def JoinGroup(self, request_iterator, context):
+        """Membership: see the section comment above.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitOffsets(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchOffsets(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeGroup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListGroups(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteGroup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetOffsets(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_GroupServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'JoinGroup': grpc.stream_stream_rpc_method_handler(
+                    servicer.JoinGroup,
+                    request_deserializer=streamd_dot_v1_dot_streamd__pb2.JoinGroupRequest.FromString,
+                    response_serializer=streamd_dot_v1_dot_streamd__pb2.JoinGroupResponse.SerializeToString,
+            ),
+            'CommitOffsets': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitOffsets,
+                    request_deserializer=streamd_dot_v1_dot_streamd__pb2.CommitOffsetsRequest.FromString,
+                    response_serializer=streamd_dot_v1_dot_streamd__pb2.CommitOffsetsResponse.SerializeToString,
+            ),
+            'FetchOffsets': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchOffsets,
+                    request_deserializer=streamd_dot_v1_dot_streamd__pb2.FetchOffsetsRequest.FromString,
+                    response_serializer=streamd_dot_v1_dot_streamd__pb2.FetchOffsetsResponse.SerializeToString,
+            ),
+            'DescribeGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeGroup,
+                    request_deserializer=streamd_dot_v1_dot_streamd__pb2.DescribeGroupRequest.FromString,
+                    response_serializer=streamd_dot_v1_dot_streamd__pb2.DescribeGroupResponse.SerializeToString,
+            ),
+            'ListGroups': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGroups,
+                    request_deserializer=streamd_dot_v1_dot_streamd__pb2.ListGroupsRequest.FromString,
+                    response_serializer=streamd_dot_v1_dot_streamd__pb2.ListGroupsResponse.SerializeToString,
+            ),
+            'DeleteGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteGroup,
+                    request_deserializer=streamd_dot_v1_dot_streamd__pb2.DeleteGroupRequest.FromString,
+                    response_serializer=streamd_dot_v1_dot_streamd__pb2.DeleteGroupResponse.SerializeToString,
+            ),
+            'ResetOffsets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetOffsets,
+                    request_deserializer=streamd_dot_v1_dot_streamd__pb2.ResetOffsetsRequest.FromString,
+                    response_serializer=streamd_dot_v1_dot_streamd__pb2.ResetOffsetsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'streamd.v1.GroupService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('streamd.v1.GroupService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class GroupService:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def JoinGroup(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/streamd.v1.GroupService/JoinGroup',
+            streamd_dot_v1_dot_streamd__pb2.JoinGroupRequest.SerializeToString,
+            streamd_dot_v1_dot_streamd__pb2.JoinGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitOffsets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streamd.v1.GroupService/CommitOffsets',
+            streamd_dot_v1_dot_streamd__pb2.CommitOffsetsRequest.SerializeToString,
+            streamd_dot_v1_dot_streamd__pb2.CommitOffsetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchOffsets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streamd.v1.GroupService/FetchOffsets',
+            streamd_dot_v1_dot_streamd__pb2.FetchOffsetsRequest.SerializeToString,
+            streamd_dot_v1_dot_streamd__pb2.FetchOffsetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streamd.v1.GroupService/DescribeGroup',
+            streamd_dot_v1_dot_streamd__pb2.DescribeGroupRequest.SerializeToString,
+            streamd_dot_v1_dot_streamd__pb2.DescribeGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGroups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streamd.v1.GroupService/ListGroups',
+            streamd_dot_v1_dot_streamd__pb2.ListGroupsRequest.SerializeToString,
+            streamd_dot_v1_dot_streamd__pb2.ListGroupsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streamd.v1.GroupService/DeleteGroup',
+            streamd_dot_v1_dot_streamd__pb2.DeleteGroupRequest.SerializeToString,
+            streamd_dot_v1_dot_streamd__pb2.DeleteGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetOffsets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streamd.v1.GroupService/ResetOffsets',
+            streamd_dot_v1_dot_streamd__pb2.ResetOffsetsRequest.SerializeToString,
+            streamd_dot_v1_dot_streamd__pb2.ResetOffsetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

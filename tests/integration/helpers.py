@@ -16,6 +16,7 @@ class Stubs:
         self.channel = grpc.insecure_channel(address)
         self.topics = rpc.TopicServiceStub(self.channel)
         self.log = rpc.LogServiceStub(self.channel)
+        self.groups = rpc.GroupServiceStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()

@@ -8,6 +8,7 @@ import grpc
 
 import segments
 import segments.errors
+from consumer_groups import errors as group_errors
 from streamd.broker import errors as broker_errors
 from streamd.service.errors import rich_status, status_code_for, to_status
 
@@ -29,6 +30,19 @@ def test_every_storage_error_maps_to_a_specific_code():
     for cls in _public_errors(segments.errors, segments.errors.StorageError):
         code = status_code_for(cls.__new__(cls))
         assert code not in (None, grpc.StatusCode.UNKNOWN), cls
+
+
+def test_every_group_error_maps_to_a_specific_code():
+    for cls in _public_errors(group_errors, group_errors.GroupError):
+        code = status_code_for(cls.__new__(cls))
+        assert code not in (None, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), cls
+
+
+def test_stale_generation_is_aborted_with_its_reason():
+    exc = group_errors.StaleGeneration("g", "m-1", 3, "t", 0, "why")
+    code, reason, _, metadata = to_status(exc)
+    assert code == grpc.StatusCode.ABORTED and reason == "STALE_GENERATION"
+    assert metadata["generation"] == "3" and metadata["partition"] == "0"
 
 
 def test_offset_out_of_range_carries_the_valid_range():

@@ -1,0 +1,105 @@
+"""Typed errors of the consumer-group layer.
+
+Each carries structured fields and a stable ``reason``; ``streamd.service.errors``
+maps every class to a gRPC status code.
+
+    GroupError
+    ├── InvalidGroupRequest   a field out of its domain            INVALID_ARGUMENT
+    ├── GroupNotFound         no members and no committed offsets  NOT_FOUND
+    ├── GroupNotEmpty         the operation needs a group with no members
+    │                                                              FAILED_PRECONDITION
+    ├── UnknownMember         member id not in the group (left, removed, fenced)
+    │                                                              ABORTED
+    ├── MemberFenced          the member was removed (session or rebalance timeout,
+    │                         or replaced by a static member)     ABORTED
+    ├── StaleGeneration       commit for a partition the member does not own in
+    │                         the generation it names              ABORTED
+    ├── NothingToUndo         no earlier reset to undo             FAILED_PRECONDITION
+    └── GroupLimitExceeded    too many groups or members           RESOURCE_EXHAUSTED
+"""
+
+from __future__ import annotations
+
+
+class GroupError(Exception):
+    reason = "GROUP_ERROR"
+
+    def __init__(self, message: str, **fields: object) -> None:
+        super().__init__(message)
+        self.fields = {k: v for k, v in fields.items() if v is not None}
+
+    def metadata(self) -> dict[str, str]:
+        return {k: str(v) for k, v in self.fields.items()}
+
+
+class InvalidGroupRequest(GroupError):
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, message: str, *, reason: str | None = None) -> None:
+        super().__init__(f"{field}: {message}", field=field)
+        if reason is not None:
+            self.reason = reason
+
+
+class GroupNotFound(GroupError):
+    reason = "GROUP_NOT_FOUND"
+
+    def __init__(self, group: str) -> None:
+        super().__init__(f"group {group!r} does not exist", group=group)
+
+
+class GroupNotEmpty(GroupError):
+    reason = "GROUP_NOT_EMPTY"
+
+    def __init__(self, group: str, members: int, what: str) -> None:
+        super().__init__(f"group {group!r} has {members} live member(s); {what}", group=group, members=members)
+
+
+class UnknownMember(GroupError):
+    reason = "UNKNOWN_MEMBER"
+
+    def __init__(self, group: str, member_id: str) -> None:
+        super().__init__(
+            f"member {member_id!r} is not in group {group!r} (it left, timed out or was fenced); join again",
+            group=group,
+            member_id=member_id,
+        )
+
+
+class MemberFenced(GroupError):
+    reason = "MEMBER_FENCED"
+
+    def __init__(self, group: str, member_id: str, why: str) -> None:
+        super().__init__(
+            f"member {member_id!r} was removed from group {group!r}: {why}; join again",
+            group=group,
+            member_id=member_id,
+        )
+
+
+class StaleGeneration(GroupError):
+    reason = "STALE_GENERATION"
+
+    def __init__(self, group: str, member_id: str, generation: int, topic: str, partition: int, why: str) -> None:
+        super().__init__(
+            f"commit refused for {topic}/{partition} in group {group!r}: {why}",
+            group=group,
+            member_id=member_id,
+            generation=generation,
+            topic=topic,
+            partition=partition,
+        )
+
+
+class NothingToUndo(GroupError):
+    reason = "NOTHING_TO_UNDO"
+
+    def __init__(self, group: str) -> None:
+        super().__init__(f"group {group!r} has no executed reset to undo", group=group)
+
+
+class GroupLimitExceeded(GroupError):
+    reason = "LIMIT_EXCEEDED"
+
+    def __init__(self, what: str, limit: int) -> None:
+        super().__init__(f"too many {what} (limit {limit})", limit=limit)

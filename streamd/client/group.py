@@ -1,0 +1,410 @@
+"""GroupConsumer: read a topic's partitions as one member of a consumer group.
+
+The broker assigns partitions (see the GroupService comment in the proto). This class
+keeps the membership stream open on a background thread (it sends heartbeats and
+queues each assignment it receives); the reading thread applies assignments between
+fetches, so records, commits and callbacks all happen on the caller's thread:
+
+- revoked partitions: their processed offsets are committed (at-least-once), the
+  ``on_revoke`` callback runs, then the member acknowledges the generation so the
+  broker can hand the partitions on;
+- new partitions: reading starts at the group's committed offset, or at ``start``
+  ("earliest"/"latest") when nothing is committed (or the commit is older than the
+  log start), then ``on_assign`` runs;
+- an operator reset (``offsets_reset``): every partition restarts from the
+  committed offsets.
+
+Delivery: ``"at-least-once"`` (default) counts a record as processed once the caller
+asks for the next one, and commits processed offsets every ``auto_commit_interval_ms``,
+on revocation and on close (so the record in hand when the loop was left is read
+again by the next owner); ``commit()`` with no argument also commits the record in
+hand. ``"at-most-once"`` commits each fetched batch before its
+records are handed out. With ``auto_commit_interval_ms=None`` call ``commit()``.
+
+A commit that the broker refuses as stale (the partition moved, or an operator reset
+fenced the generation) is dropped: the partition's new owner, or the reset, decides
+where reading continues.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+import grpc
+
+from streamd.v1 import streamd_pb2 as pb
+
+from ._channel import SyncClient
+from .errors import StreamdError
+from .records import ConsumerRecord, iter_batch
+
+log = logging.getLogger("streamd.client.group")
+
+TopicPartition = tuple[str, int]
+Callback = Callable[[set[TopicPartition]], None]
+#: Errors after which joining again can work (server restart, member fenced).
+RETRIABLE = {"UNAVAILABLE", "ABORTED", "CANCELLED", "DEADLINE_EXCEEDED", "INTERNAL", "UNKNOWN"}
+DEFAULT_HEARTBEAT_S = 1.0
+IDLE_SLEEP_S = 0.02
+
+
+class _StreamEnded:
+    def __init__(self, error: StreamdError | None) -> None:
+        self.error = error
+
+
+class _Membership:
+    """One JoinGroup stream: a sender generator fed from a queue, and a receiving
+    thread that queues every message (or the end of the stream) for the reader."""
+
+    def __init__(self, stub, join: pb.MemberJoin, events: queue.Queue, wake: threading.Event) -> None:
+        self.events, self.wake = events, wake
+        self.outbox: queue.Queue = queue.Queue()
+        self.heartbeat_s = DEFAULT_HEARTBEAT_S
+        self.applied_generation = 0
+        self.outbox.put(pb.JoinGroupRequest(join=join))
+        self.call = stub.JoinGroup(self._requests())
+        self.thread = threading.Thread(target=self._receive, name="streamd-group", daemon=True)
+        self.thread.start()
+
+    def _requests(self) -> Iterator[pb.JoinGroupRequest]:
+        while True:
+            try:
+                item = self.outbox.get(timeout=self.heartbeat_s)
+            except queue.Empty:
+                item = self.heartbeat()
+            if item is None:
+                return
+            yield item
+
+    def heartbeat(self) -> pb.JoinGroupRequest:
+        return pb.JoinGroupRequest(heartbeat=pb.Heartbeat(generation=self.applied_generation))
+
+    def _receive(self) -> None:
+        error = None
+        try:
+            for message in self.call:
+                if message.assignment.heartbeat_interval_ms:
+                    self.heartbeat_s = message.assignment.heartbeat_interval_ms / 1000
+                self.events.put(message.assignment)
+                self.wake.set()
+        except grpc.RpcError as err:
+            error = StreamdError.from_rpc_error(err)
+        self.events.put(_StreamEnded(error))
+        self.wake.set()
+
+    def ack(self, generation: int) -> None:
+        self.applied_generation = generation
+        self.outbox.put(self.heartbeat())
+
+    def end(self, *, leave: bool, timeout_s: float = 5.0) -> None:
+        if leave:
+            self.outbox.put(pb.JoinGroupRequest(leave=pb.LeaveGroup()))
+        self.outbox.put(None)
+        self.thread.join(timeout_s)
+        if self.thread.is_alive():
+            self.call.cancel()
+            self.thread.join(timeout_s)
+
+
+class GroupConsumer(SyncClient):
+    def __init__(
+        self,
+        group: str,
+        topics: Iterable[str] | str,
+        server: str | None = None,
+        *,
+        channel: grpc.Channel | None = None,
+        instance_id: str = "",
+        client_id: str = "",
+        session_timeout_ms: int = 0,
+        rebalance_timeout_ms: int = 0,
+        auto_commit_interval_ms: int | None = 1000,
+        delivery: str = "at-least-once",
+        start: str = "earliest",
+        on_assign: Callback | None = None,
+        on_revoke: Callback | None = None,
+        max_wait_ms: int = 200,
+        max_bytes: int = 0,
+    ) -> None:
+        if delivery not in ("at-least-once", "at-most-once"):
+            raise ValueError("delivery must be 'at-least-once' or 'at-most-once'")
+        if start not in ("earliest", "latest"):
+            raise ValueError("start must be 'earliest' or 'latest'")
+        super().__init__(server, channel=channel)
+        self.group = group
+        self.topics = [topics] if isinstance(topics, str) else list(topics)
+        self._join_request = pb.MemberJoin(
+            group=group, topics=self.topics, instance_id=instance_id, client_id=client_id,
+            session_timeout_ms=session_timeout_ms, rebalance_timeout_ms=rebalance_timeout_ms,
+        )
+        self.static = bool(instance_id)
+        self.delivery, self.start = delivery, start
+        self.auto_commit_s = None if auto_commit_interval_ms is None else auto_commit_interval_ms / 1000
+        self.on_assign, self.on_revoke = on_assign, on_revoke
+        self.max_wait_ms, self.max_bytes = max_wait_ms, max_bytes
+        self.member_id, self.generation = "", 0
+        #: Partitions owned now; next offset to fetch; next offset after the last
+        #: processed record; last committed offset.
+        self.assigned: set[TopicPartition] = set()
+        self.positions: dict[TopicPartition, int] = {}
+        self.processed: dict[TopicPartition, int] = {}
+        self.committed: dict[TopicPartition, int] = {}
+        self._events: queue.Queue = queue.Queue()
+        self._wake = threading.Event()
+        self._inflight: dict[TopicPartition, grpc.Future] = {}
+        self._last: ConsumerRecord | None = None
+        self._last_commit = time.monotonic()
+        self._closed = False
+        self._rejoin_at = 0.0
+        self._backoff_s = 0.1
+        self._membership: _Membership | None = _Membership(self._groups, self._join_request, self._events, self._wake)
+
+    # -- public ---------------------------------------------------------------------
+    def records(self, *, idle_timeout_s: float | None = None) -> Iterator[ConsumerRecord]:
+        """Records of the assigned partitions, as they arrive; stops after
+        ``idle_timeout_s`` without records (None: never) or when closed."""
+        idle_since = time.monotonic()
+        while not self._closed:
+            got = 0
+            for tp, reply in self._fetch_round():
+                start = self.positions[tp]
+                self.positions[tp] = reply.next_offset
+                if self.delivery == "at-most-once":
+                    self._commit({tp: reply.next_offset})
+                    self.processed[tp] = reply.next_offset
+                for batch in reply.batches:
+                    for record in iter_batch(batch, tp[0], tp[1], start):
+                        got += 1
+                        self._last = record
+                        yield record
+                        self.processed[tp] = record.offset + 1
+                    if self._events.qsize():
+                        break  # apply the assignment before reading on
+            if got:
+                idle_since = time.monotonic()
+            elif idle_timeout_s is not None and time.monotonic() - idle_since > idle_timeout_s:
+                return
+            self._maybe_autocommit()
+
+    def wait_for_assignment(self, timeout_s: float = 10.0) -> set[TopicPartition]:
+        """Apply assignments until one arrives (or ``timeout_s`` passes); the assignment."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not self.member_id:
+            self._wake.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+            self._apply_events()
+        return set(self.assigned)
+
+    def poll_assignment(self) -> set[TopicPartition]:
+        """Apply any assignment received so far; the current assignment."""
+        self._apply_events()
+        return set(self.assigned)
+
+    def commit(self, offsets: dict[TopicPartition, int] | None = None) -> None:
+        """Commit ``offsets``; by default everything handed out so far, including the
+        last record (the caller says it is done with it)."""
+        if offsets is None:
+            last = self._last
+            if last is not None and (last.topic, last.partition) in self.assigned:
+                tp = (last.topic, last.partition)
+                self.processed[tp] = max(self.processed.get(tp, 0), last.offset + 1)
+            self._commit(self._uncommitted())
+        else:
+            self._commit(offsets, raise_stale=True)
+
+    def close(self, *, leave: bool | None = None) -> None:
+        """Commit processed offsets (at-least-once with auto-commit) and leave. A static
+        member, by default, does not leave: it keeps its partitions for its session
+        timeout, so a restart with the same instance id is not a rebalance."""
+        if self._closed:
+            return
+        self._closed = True
+        self._cancel_inflight(set(self._inflight))
+        try:
+            if self.auto_commit_s is not None and self.delivery == "at-least-once" and self.member_id:
+                self._commit(self._uncommitted())
+        finally:
+            if self._membership is not None:
+                self._membership.end(leave=(not self.static) if leave is None else leave)
+            super().close()
+
+    # -- fetching -------------------------------------------------------------------------
+    def _fetch_round(self) -> Iterator[tuple[TopicPartition, pb.FetchResponse]]:
+        """One reply per assigned partition (pipelined: the next fetch of a partition is
+        sent before its reply is handed out)."""
+        self._apply_events()
+        if not self._inflight:
+            self._wake.wait(IDLE_SLEEP_S * 5)
+            self._wake.clear()
+            return
+        wait = self.max_wait_ms if len(self._inflight) == 1 else 0
+        any_data = False
+        for tp in list(self._inflight):
+            future = self._inflight.get(tp)
+            if future is None:
+                continue
+            try:
+                reply = future.result()
+            except grpc.RpcError as err:
+                self._inflight.pop(tp, None)
+                self._fetch_failed(tp, StreamdError.from_rpc_error(err))
+                continue
+            if tp not in self._inflight:  # revoked while we waited
+                continue
+            if reply.batches:
+                any_data = True
+                self._inflight[tp] = self._fetch(tp, reply.next_offset, wait)
+                yield tp, reply
+            else:
+                self._inflight[tp] = self._fetch(tp, self.positions[tp], wait)
+            self._apply_events()
+        if not any_data and wait == 0:
+            self._wake.wait(IDLE_SLEEP_S)
+            self._wake.clear()
+
+    def _fetch(self, tp: TopicPartition, offset: int, max_wait_ms: int) -> grpc.Future:
+        request = pb.FetchRequest(
+            topic=tp[0], partition=tp[1], offset=offset, max_wait_ms=max_wait_ms, max_bytes=self.max_bytes
+        )
+        return self._log.Fetch.future(request)
+
+    def _fetch_failed(self, tp: TopicPartition, error: StreamdError) -> None:
+        if error.code == "OUT_OF_RANGE" and tp in self.assigned:
+            # Retention passed our position (or the offset was never valid): restart
+            # from the log start, as Kafka's auto.offset.reset=earliest does.
+            start = int(error.metadata.get("log_start_offset", "0"))
+            log.warning("%s/%d: offset %d out of range; continuing at %d", *tp, self.positions[tp], start)
+            self.positions[tp] = start
+            self._inflight[tp] = self._fetch(tp, start, 0)
+        elif tp in self.assigned and error.code in RETRIABLE | {"NOT_FOUND"}:
+            self._inflight[tp] = self._fetch(tp, self.positions[tp], 0)
+            time.sleep(IDLE_SLEEP_S)
+        elif tp in self.assigned:
+            raise error
+
+    def _cancel_inflight(self, tps: set[TopicPartition]) -> None:
+        for tp in tps:
+            future = self._inflight.pop(tp, None)
+            if future is not None:
+                future.cancel()
+
+    # -- assignments ----------------------------------------------------------------------
+    def _apply_events(self) -> None:
+        if self._membership is None and not self._closed and time.monotonic() >= self._rejoin_at:
+            self._membership = _Membership(self._groups, self._join_request, self._events, self._wake)
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(event, _StreamEnded):
+                self._stream_ended(event.error)
+            else:
+                self._apply(event)
+
+    def _apply(self, a: pb.Assignment) -> None:
+        new = {(tp.topic, p) for tp in a.partitions for p in tp.partitions}
+        revoked = self.assigned - new
+        added = new - self.assigned
+        if revoked:
+            self._revoke(revoked)
+        self.member_id, self.generation = a.member_id, a.generation
+        self._backoff_s = 0.1
+        if a.offsets_reset:
+            self._cancel_inflight(new)
+            added = new
+        self.assigned = new
+        if added:
+            self._start(added)
+            if self.on_assign is not None:
+                self.on_assign(set(added))
+        if self._membership is not None:
+            self._membership.ack(a.generation)
+
+    def _revoke(self, revoked: set[TopicPartition]) -> None:
+        if self.delivery == "at-least-once" and self.auto_commit_s is not None:
+            self._commit({tp: o for tp, o in self._uncommitted().items() if tp in revoked})
+        self._cancel_inflight(revoked)
+        for tp in revoked:
+            self.positions.pop(tp, None)
+            self.processed.pop(tp, None)
+            self.committed.pop(tp, None)
+        self.assigned -= revoked
+        if self.on_revoke is not None:
+            self.on_revoke(set(revoked))
+
+    def _start(self, tps: set[TopicPartition]) -> None:
+        """Position new partitions at their committed offsets (or ``start``)."""
+        by_topic: dict[str, list[int]] = {}
+        for t, p in tps:
+            by_topic.setdefault(t, []).append(p)
+        request = pb.FetchOffsetsRequest(
+            group=self.group, partitions=[pb.TopicPartitions(topic=t, partitions=ps) for t, ps in by_topic.items()]
+        )
+        committed = {(o.topic, o.partition): o.offset for o in self._call(self._groups.FetchOffsets, request).offsets}
+        spec = pb.OFFSET_SPEC_LATEST if self.start == "latest" else pb.OFFSET_SPEC_EARLIEST
+        for t, ps in by_topic.items():
+            reply = self._call(self._log.ListOffsets, pb.ListOffsetsRequest(topic=t, partitions=ps, position=spec))
+            for o in reply.offsets:
+                tp = (t, o.partition)
+                c = committed.get(tp, -1)
+                position = c if o.log_start_offset <= c <= o.log_end_offset else o.offset
+                self.positions[tp] = self.processed[tp] = position
+                if c >= 0:
+                    self.committed[tp] = c
+                self._inflight[tp] = self._fetch(tp, position, 0)
+
+    def _stream_ended(self, error: StreamdError | None) -> None:
+        self._membership = None
+        lost = set(self.assigned)
+        if lost:  # no commit: we may no longer own them
+            self._cancel_inflight(lost)
+            for tp in lost:
+                self.positions.pop(tp, None)
+                self.processed.pop(tp, None)
+            self.assigned = set()
+            if self.on_revoke is not None:
+                self.on_revoke(lost)
+        self.member_id, self.generation = "", 0
+        if self._closed:
+            return
+        if error is not None and error.code not in RETRIABLE:
+            raise error
+        log.info("group %s: membership ended (%s); joining again", self.group, error)
+        self._rejoin_at = time.monotonic() + self._backoff_s
+        self._backoff_s = min(self._backoff_s * 2, 2.0)
+
+    # -- commits ------------------------------------------------------------------------------
+    def _uncommitted(self) -> dict[TopicPartition, int]:
+        return {
+            tp: o for tp, o in self.processed.items() if tp in self.assigned and self.committed.get(tp) != o
+        }
+
+    def _maybe_autocommit(self) -> None:
+        if self.auto_commit_s is None or self.delivery != "at-least-once":
+            return
+        if time.monotonic() - self._last_commit >= self.auto_commit_s:
+            self._commit(self._uncommitted())
+
+    def _commit(self, offsets: dict[TopicPartition, int], *, raise_stale: bool = False) -> None:
+        self._last_commit = time.monotonic()
+        if not offsets or not self.member_id:
+            return
+        request = pb.CommitOffsetsRequest(
+            group=self.group,
+            member_id=self.member_id,
+            generation=self.generation,
+            offsets=[pb.OffsetCommit(topic=t, partition=p, offset=o) for (t, p), o in offsets.items()],
+        )
+        try:
+            self._call(self._groups.CommitOffsets, request)
+        except StreamdError as err:
+            if err.code != "ABORTED" or raise_stale:
+                raise
+            log.info("group %s: commit refused (%s); the new assignment decides", self.group, err.reason)
+            return
+        self.committed.update(offsets)
