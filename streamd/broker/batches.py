@@ -76,13 +76,18 @@ def check_batch(
         if largest > max_record_bytes:
             raise RecordTooLarge("record", largest, max_record_bytes)
     if compress and compression in _PLAIN:
-        batch.compression = pb.COMPRESSION_LZ4
-        batch.records = lz4.frame.compress(payload)
-        raw = batch.SerializeToString()
+        raw = _lz4_body(payload)
     return raw, count
 
 
-def batch_from_records(records: list[bytes]) -> bytes:
-    """A body holding already-serialized ``Record`` messages (broker-side routing)."""
+def batch_from_records(records: list[bytes], *, compress: bool = False) -> tuple[bytes, int]:
+    """``(body, record_count)`` for already-checked serialized ``Record`` messages
+    (broker-side routing): no second parse."""
     payload = RawRecordSet(records=records).SerializeToString()
-    return pb.RecordBatch(compression=pb.COMPRESSION_NONE, records=payload).SerializeToString()
+    if compress:
+        return _lz4_body(payload), len(records)
+    return pb.RecordBatch(compression=pb.COMPRESSION_NONE, records=payload).SerializeToString(), len(records)
+
+
+def _lz4_body(payload: bytes) -> bytes:
+    return pb.RecordBatch(compression=pb.COMPRESSION_LZ4, records=lz4.frame.compress(payload)).SerializeToString()

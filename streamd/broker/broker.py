@@ -204,10 +204,7 @@ class Broker:
         return topic
 
     def partition(self, name: str, partition: int) -> Partition:
-        topic = self.topic(name)
-        if not 0 <= partition < len(topic.partitions):
-            raise PartitionNotFound(name, partition, len(topic.partitions))
-        return topic.partitions[partition]
+        return _partition_in(self.topic(name), partition)
 
     def create_topic(self, name: str, partition_count: int, overrides: dict[str, object]) -> Topic:
         self.check_serving()
@@ -289,7 +286,7 @@ class Broker:
         s = topic.meta.settings
         plan: list[tuple[Partition, list[tuple[bytes, int]]]] = []
         for index, raws in partition_batches:
-            part = self.partition(name, index)
+            part = _partition_in(topic, index)
             bodies = [
                 check_batch(
                     raw,
@@ -333,16 +330,10 @@ class Broker:
                 p = topic.next_round_robin % n
                 topic.next_round_robin += 1
             groups.setdefault(p, []).append(raw)
-        out = []
-        for p, raws in sorted(groups.items()):
-            body, count = check_batch(
-                batch_from_records(raws),
-                max_batch_bytes=max(s.max_batch_bytes, sum(map(len, raws)) + 64),
-                max_record_bytes=s.max_record_bytes,
-                compress=s.compression == "lz4",
-            )
-            out.append((topic.partitions[p], [(body, count)]))
-        return out
+        compress = s.compression == "lz4"
+        return [
+            (topic.partitions[p], [batch_from_records(raws, compress=compress)]) for p, raws in sorted(groups.items())
+        ]
 
     # -- read ----------------------------------------------------------------
     def read(self, name: str, partition: int, offset: int, *, max_records: int, max_bytes: int) -> ReadOut:
@@ -466,6 +457,12 @@ class Broker:
             if not part.closed:
                 log.exception("%s of %s/%d failed", what, part.topic, part.index)
             return None
+
+
+def _partition_in(topic: Topic, partition: int) -> Partition:
+    if not 0 <= partition < len(topic.partitions):
+        raise PartitionNotFound(topic.meta.name, partition, len(topic.partitions))
+    return topic.partitions[partition]
 
 
 def _cut_at(data: bytes, end_offset: int) -> tuple[bytes, int]:

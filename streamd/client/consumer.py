@@ -39,6 +39,23 @@ def _start_fields(offset: int | None, timestamp_ms: int | None, position: str | 
     return {"position": spec}
 
 
+def fetch_future(
+    stub: rpc.LogServiceStub,
+    key: tuple[str, int],
+    offset: int,
+    *,
+    max_wait_ms: int = 0,
+    max_bytes: int = 0,
+    max_records: int = 0,
+) -> grpc.Future:
+    """A Fetch of partition ``key`` from ``offset`` on the wire (blocking stub)."""
+    request = pb.FetchRequest(
+        topic=key[0], partition=key[1], offset=offset, max_wait_ms=max_wait_ms, max_bytes=max_bytes,
+        max_records=max_records,
+    )
+    return stub.Fetch.future(request)
+
+
 class Consumer(SyncClient):
     def __init__(self, server: str | None = None, *, channel: grpc.Channel | None = None) -> None:
         super().__init__(server, channel=channel)
@@ -97,17 +114,10 @@ class Consumer(SyncClient):
         max_wait_ms: int = 0,
     ) -> tuple[list[ConsumerRecord], pb.FetchResponse]:
         """One Fetch: the records at or after ``offset`` and the raw response."""
-        reply = self._call(
-            self._log.Fetch,
-            pb.FetchRequest(
-                topic=topic,
-                partition=partition,
-                offset=offset,
-                max_records=max_records,
-                max_bytes=max_bytes,
-                max_wait_ms=max_wait_ms,
-            ),
+        future = fetch_future(
+            self._log, (topic, partition), offset, max_wait_ms=max_wait_ms, max_bytes=max_bytes, max_records=max_records
         )
+        reply = self._result(future)
         return decode_batches(reply.batches, topic, partition, offset), reply
 
     def poll(self, *, max_records: int = 0, max_wait_ms: int = DEFAULT_MAX_WAIT_MS) -> list[ConsumerRecord]:
@@ -173,10 +183,7 @@ class Consumer(SyncClient):
                 future.cancel()
 
     def _fetch_future(self, key: tuple[str, int], offset: int, max_wait_ms: int, max_bytes: int = 0):
-        request = pb.FetchRequest(
-            topic=key[0], partition=key[1], offset=offset, max_wait_ms=max_wait_ms, max_bytes=max_bytes
-        )
-        return self._log.Fetch.future(request)
+        return fetch_future(self._log, key, offset, max_wait_ms=max_wait_ms, max_bytes=max_bytes)
 
     @staticmethod
     def _result(future) -> pb.FetchResponse:

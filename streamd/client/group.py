@@ -39,6 +39,7 @@ import grpc
 from streamd.v1 import streamd_pb2 as pb
 
 from ._channel import SyncClient
+from .consumer import fetch_future
 from .errors import StreamdError
 from .records import ConsumerRecord, iter_batch
 
@@ -267,10 +268,7 @@ class GroupConsumer(SyncClient):
             self._wake.clear()
 
     def _fetch(self, tp: TopicPartition, offset: int, max_wait_ms: int) -> grpc.Future:
-        request = pb.FetchRequest(
-            topic=tp[0], partition=tp[1], offset=offset, max_wait_ms=max_wait_ms, max_bytes=self.max_bytes
-        )
-        return self._log.Fetch.future(request)
+        return fetch_future(self._log, tp, offset, max_wait_ms=max_wait_ms, max_bytes=self.max_bytes)
 
     def _fetch_failed(self, tp: TopicPartition, error: StreamdError) -> None:
         if error.code == "OUT_OF_RANGE" and tp in self.assigned:

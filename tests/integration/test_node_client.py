@@ -14,7 +14,7 @@ NODE_DIR = ROOT / "tests" / "node"
 
 
 @pytest.mark.skipif(shutil.which("node") is None and not os.environ.get("CI"), reason="node is not installed")
-def test_node_client_creates_produces_fetches_and_subscribes(server):
+def test_node_client_produces_fetches_subscribes_and_joins_a_group(server):
     if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, timeout=300)
     result = subprocess.run(
