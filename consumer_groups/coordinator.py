@@ -52,6 +52,12 @@ DEFAULT_REBALANCE_TIMEOUT_MS = 30_000
 MIN_TIMEOUT_MS = 200
 MAX_TIMEOUT_MS = 30 * 60_000
 MAX_TOPICS_PER_MEMBER = 1_000
+#: ``Member.removed`` values that are not failures of the member.
+LEFT = "left the group"
+STREAM_CLOSED = "stream closed"
+#: The member was replaced by a new one with its instance id (do not rejoin).
+REPLACED = "replaced by a new member with the same instance id"
+SHUTDOWN = "the broker is stopping"
 
 
 def check_group_name(name: str) -> None:
@@ -195,7 +201,7 @@ class Coordinator:
             member.revoke_generation, member.revoke_deadline_ms = previous.revoke_generation, previous.revoke_deadline_ms
             member.owned_since = previous.owned_since
             previous.assigned, previous.revoking, previous.owned_since = set(), set(), {}
-            self._drop(g, previous, "replaced by a new member with the same instance id")
+            self._drop(g, previous, REPLACED)
             g.target = {tp: (member.member_id if o == previous.member_id else o) for tp, o in g.target.items()}
             if previous.topics == topics:
                 member.changed.set()
@@ -219,14 +225,14 @@ class Coordinator:
 
     def leave(self, member: Member) -> None:
         if not member.removed:
-            self._remove(member, "left the group")
+            self._remove(member, LEFT)
 
     def disconnected(self, member: Member) -> None:
         """The member's stream ended without a LeaveGroup."""
         if member.removed:
             return
         if not member.instance_id:
-            self._remove(member, "stream closed")
+            self._remove(member, STREAM_CLOSED)
             return
         # A static member keeps its partitions for its session timeout; nothing of its
         # can be in progress without a stream, so revocations need no acknowledgement.
@@ -245,6 +251,14 @@ class Coordinator:
                     self._remove(m, "session timeout")
                 elif m.revoking and now > m.revoke_deadline_ms:
                     self._remove(m, "revocation not acknowledged within the rebalance timeout")
+
+    def shutdown(self) -> None:
+        """End every member's stream (the broker is stopping); nothing is rebalanced."""
+        for g in self.groups.values():
+            for m in g.members.values():
+                m.removed = SHUTDOWN
+                m.changed.set()
+        self.groups.clear()
 
     def topics_changed(self, topic: str) -> None:
         """A topic was created or deleted: rebalance the groups that read it."""

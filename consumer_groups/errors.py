@@ -12,6 +12,8 @@ maps every class to a gRPC status code.
     │                                                              ABORTED
     ├── MemberFenced          the member was removed (session or rebalance timeout,
     │                         or replaced by a static member)     ABORTED
+    ├── InstanceFenced        a newer member took over the static instance id:
+    │                         this one must not rejoin            ABORTED
     ├── StaleGeneration       commit for a partition the member does not own in
     │                         the generation it names              ABORTED
     ├── NothingToUndo         no earlier reset to undo             FAILED_PRECONDITION
@@ -74,6 +76,19 @@ class MemberFenced(GroupError):
             f"member {member_id!r} was removed from group {group!r}: {why}; join again",
             group=group,
             member_id=member_id,
+        )
+
+
+class InstanceFenced(GroupError):
+    reason = "INSTANCE_FENCED"
+
+    def __init__(self, group: str, member_id: str, instance_id: str) -> None:
+        super().__init__(
+            f"member {member_id!r} of group {group!r} was replaced by a newer member with instance id "
+            f"{instance_id!r}; two processes must not share an instance id",
+            group=group,
+            member_id=member_id,
+            instance_id=instance_id,
         )
 
 

@@ -136,6 +136,7 @@ class Server:
         await self.health.enter_graceful_shutdown()
         # Wake parked subscribers and long polls so they end with UNAVAILABLE.
         self.broker.stop_accepting()
+        self.coordinator.shutdown()
         if self.grpc is not None:
             await self.grpc.stop(self.config.shutdown_grace_s)
         await self.broker.close()

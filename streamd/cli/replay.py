@@ -589,8 +589,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
             _copy(consumer, args, ranges, wanted, sink, state)
         except KeyboardInterrupt:
             if sink is None:
-                raise
-            _report_stop(args, ranges, sink, state, "interrupted")
+                print("streamd: replay interrupted before copying anything", file=sys.stderr)
+            else:
+                _report_stop(args, ranges, sink, state, "interrupted")
             return 130
         except BrokenPipeError:
             raise

@@ -370,7 +370,7 @@ class GroupConsumer(SyncClient):
         self.member_id, self.generation = "", 0
         if self._closed:
             return
-        if error is not None and error.code not in RETRIABLE:
+        if error is not None and (error.code not in RETRIABLE or error.reason == "INSTANCE_FENCED"):
             raise error
         log.info("group %s: membership ended (%s); joining again", self.group, error)
         self._rejoin_at = time.monotonic() + self._backoff_s

@@ -46,6 +46,7 @@ STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     group_errors.GroupNotEmpty: grpc.StatusCode.FAILED_PRECONDITION,
     group_errors.UnknownMember: grpc.StatusCode.ABORTED,
     group_errors.MemberFenced: grpc.StatusCode.ABORTED,
+    group_errors.InstanceFenced: grpc.StatusCode.ABORTED,
     group_errors.StaleGeneration: grpc.StatusCode.ABORTED,
     group_errors.NothingToUndo: grpc.StatusCode.FAILED_PRECONDITION,
     group_errors.GroupLimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -11,13 +11,21 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from consumer_groups import coordinator as coord
 from consumer_groups.coordinator import Coordinator, Member, check_group_name
-from consumer_groups.errors import GroupNotEmpty, GroupNotFound, InvalidGroupRequest, MemberFenced, NothingToUndo
+from consumer_groups.errors import (
+    GroupNotEmpty,
+    GroupNotFound,
+    InstanceFenced,
+    InvalidGroupRequest,
+    MemberFenced,
+    NothingToUndo,
+)
 from consumer_groups.offsets import OffsetStore
 from segments import OffsetOutOfRange
 from segments.batch import iter_headers
 from streamd.broker.broker import Broker
-from streamd.broker.errors import InvalidArgument
+from streamd.broker.errors import BrokerUnavailable, InvalidArgument
 from streamd.v1 import streamd_pb2 as pb
 
 log = logging.getLogger("streamd.groups")
@@ -25,8 +33,6 @@ log = logging.getLogger("streamd.groups")
 MAX_METADATA_BYTES = 4096
 MAX_COMMIT_PARTITIONS = 10_000
 STATES = {"empty": pb.GROUP_STATE_EMPTY, "stable": pb.GROUP_STATE_STABLE, "rebalancing": pb.GROUP_STATE_REBALANCING}
-#: Ends of a member's stream that are not errors.
-CLEAN_ENDS = ("left the group", "stream closed")
 
 TopicPartition = tuple[str, int]
 
@@ -90,8 +96,12 @@ class GroupService:
             await asyncio.wait([changed, reader], return_when=asyncio.FIRST_COMPLETED)
             changed.cancel()
             if member.removed is not None:
-                if member.removed in CLEAN_ENDS:
+                if member.removed in (coord.LEFT, coord.STREAM_CLOSED):
                     return
+                if member.removed == coord.SHUTDOWN:
+                    raise BrokerUnavailable("stopping")
+                if member.removed == coord.REPLACED:
+                    raise InstanceFenced(member.group, member.member_id, member.instance_id)
                 raise MemberFenced(member.group, member.member_id, member.removed)
             if reader.done():
                 reader.result()  # a bad message ends the stream with its error
@@ -193,9 +203,13 @@ class GroupService:
         lag = max(0, end - position)
         lag_ms = 0
         if lag:
-            out = self.broker.read(topic, p, position, max_records=1, max_bytes=1)
-            first = next(iter_headers(out.data), None)
-            lag_ms = max(0, now - first.append_time_ms) if first is not None else 0
+            try:
+                out = self.broker.read(topic, p, position, max_records=1, max_bytes=1)
+            except Exception as exc:  # lag in records is still worth showing
+                log.warning("lag time of %s/%d: %s", topic, p, exc)
+            else:
+                first = next(iter_headers(out.data), None)
+                lag_ms = max(0, now - first.append_time_ms) if first is not None else 0
         return pb.PartitionLag(
             topic=topic, partition=p, committed_offset=committed.offset if committed is not None else -1,
             log_start_offset=start, log_end_offset=end, lag=lag, lag_ms=lag_ms, member_id=owner,

@@ -301,3 +301,31 @@ def test_cli_lists_describes_resets_and_deletes_groups(server, capsys):
     assert main(base + ["delete", "g"]) == 0
     assert main(base + ["describe", "g"]) == 1
     assert "GROUP_NOT_FOUND" in capsys.readouterr().err
+
+
+def test_a_second_process_with_the_same_instance_id_fences_the_first(stubs):
+    stubs.create("t", 2)
+    old = RawMember(stubs, "g", ["t"], instance_id="worker-1")
+    first = old.next()
+    new = RawMember(stubs, "g", ["t"], instance_id="worker-1")
+    taken = new.next()
+    assert parts(taken) == parts(first) and taken.generation == first.generation
+    with pytest.raises(grpc.RpcError) as err:
+        old.next()
+    assert error_info(err.value)[:2] == (grpc.StatusCode.ABORTED, "INSTANCE_FENCED")
+    new.leave()
+
+
+def test_member_streams_end_with_unavailable_when_the_broker_stops(make_server):
+    server = make_server(shutdown_grace_s=60)
+    stubs = Stubs(server.address)
+    try:
+        stubs.create("t", 1)
+        member = RawMember(stubs, "g", ["t"])
+        member.next()
+        server.stop()
+        with pytest.raises(grpc.RpcError) as err:
+            member.next()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        stubs.close()
