@@ -22,16 +22,11 @@ maps every class to a gRPC status code.
 
 from __future__ import annotations
 
+from streamd.errors import StructuredError
 
-class GroupError(Exception):
+
+class GroupError(StructuredError):
     reason = "GROUP_ERROR"
-
-    def __init__(self, message: str, **fields: object) -> None:
-        super().__init__(message)
-        self.fields = {k: v for k, v in fields.items() if v is not None}
-
-    def metadata(self) -> dict[str, str]:
-        return {k: str(v) for k, v in self.fields.items()}
 
 
 class InvalidGroupRequest(GroupError):

@@ -18,17 +18,11 @@ class to a gRPC status code; nothing else decides codes.
 
 from __future__ import annotations
 
+from streamd.errors import StructuredError
 
-class BrokerError(Exception):
+
+class BrokerError(StructuredError):
     reason = "BROKER_ERROR"
-
-    def __init__(self, message: str, **fields: object) -> None:
-        super().__init__(message)
-        self.fields = {k: v for k, v in fields.items() if v is not None}
-
-    def metadata(self) -> dict[str, str]:
-        """The structured fields as ErrorInfo metadata (string values)."""
-        return {k: str(v) for k, v in self.fields.items()}
 
 
 class TopicNotFound(BrokerError):

@@ -20,6 +20,7 @@ from grpc_status import rpc_status
 import segments
 from consumer_groups import errors as group_errors
 from streamd.broker import errors as broker_errors
+from streamd.errors import StructuredError
 from streamd.v1 import streamd_pb2 as pb
 
 log = logging.getLogger("streamd.service")
@@ -79,7 +80,7 @@ def _disk_full(exc: BaseException) -> bool:
 def reason_and_metadata(exc: BaseException) -> tuple[str, dict[str, str]]:
     if _disk_full(exc):
         return "DISK_FULL", {}
-    if isinstance(exc, (broker_errors.BrokerError, group_errors.GroupError)):
+    if isinstance(exc, StructuredError):
         return exc.reason, exc.metadata()
     if isinstance(exc, segments.OffsetOutOfRange):
         return "OFFSET_OUT_OF_RANGE", {
