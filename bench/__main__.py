@@ -1,5 +1,7 @@
 """python -m bench [--quick] [--only NAME ...] [--repeat N] [--out FILE]
 
+``--only groups`` runs only the consumer-group section (bench/groups.py).
+
 Prints one JSON document on stdout (progress goes to stderr).
 """
 
@@ -24,6 +26,8 @@ SYSTEMS = {
     "redis_streams": "bench.peers.redis_streams",
     "nats_jetstream": "bench.peers.nats_jetstream",
 }
+# streamd-only sections that ``--only`` can also name; they run with streamd otherwise.
+SECTIONS = ("groups",)
 
 
 def _factory(module_name: str, workdir: str):
@@ -40,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small N, repeat 1: a smoke test (< 1 min)")
     p.add_argument("--only", action="append", metavar="NAME", default=[],
-                   help=f"run only this system ({', '.join(SYSTEMS)}) or workload "
+                   help=f"run only this system ({', '.join(SYSTEMS)}), section ({', '.join(SECTIONS)}) or workload "
                         "(produce, produce/100B, consume, latency, produce_acked, ...); repeatable")
     p.add_argument("--repeat", type=int, default=None, metavar="N",
                    help="runs per workload, median reported (default 5, 1 with --quick)")
@@ -64,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         harness.pin({cpus[0]}, set(cpus[1:]))
     only = {o for item in args.only for o in item.split(",") if o}
+    only_sections = only & set(SECTIONS)
+    only -= only_sections
     only_systems = {o for o in only if o in SYSTEMS}
     only_workloads = only - only_systems
     if only_workloads:
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     systems: dict[str, Any] = {}
     for name, module in SYSTEMS.items():
-        if only_systems and name not in only_systems:
+        if (only_systems and name not in only_systems) or (only_sections and not only):
             continue
         if importlib.util.find_spec(module) is None:
             systems[name] = {"status": "omitted",
@@ -98,6 +104,17 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:
                 streamd_only = {"status": "error", "reason": repr(e)}
 
+    groups: dict[str, Any] = {}
+    if "groups" in only_sections or (not only_sections and not only_workloads and "streamd" in systems):
+        from bench import groups as groups_bench
+
+        harness.log("streamd: consumer groups (throughput, reassignment latency)")
+        with tempfile.TemporaryDirectory(prefix="bench-streamd-groups-") as workdir:
+            try:
+                groups = groups_bench.run(workdir, args.quick, repeat=args.repeat)
+            except Exception as e:
+                groups = {"status": "error", "reason": repr(e)}
+
     doc = {
         "benchmark": "streamd vs Redis Streams vs NATS JetStream",
         "meta": {
@@ -115,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "systems": systems,
         "ratios": harness.ratios(systems),
         "streamd_only": streamd_only,
+        "streamd_groups": groups,
     }
     text = json.dumps(doc, indent=2)
     print(text)

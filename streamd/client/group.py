@@ -180,12 +180,12 @@ class GroupConsumer(SyncClient):
                     self.processed[tp] = reply.next_offset
                 for batch in reply.batches:
                     for record in iter_batch(batch, tp[0], tp[1], start):
-                        got += 1
-                        self._last = record
+                        self._last = record  # the record in hand (cheap: no dict work per record)
                         yield record
-                        self.processed[tp] = record.offset + 1
-                    if self._events.qsize():
-                        break  # apply the assignment before reading on
+                    # The caller asked for the record after the batch: it processed all of it.
+                    self.processed[tp] = batch.base_offset + batch.record_count
+                    self._last = None
+                got += len(reply.batches)
             if got:
                 idle_since = time.monotonic()
             elif idle_timeout_s is not None and time.monotonic() - idle_since > idle_timeout_s:
@@ -209,13 +209,21 @@ class GroupConsumer(SyncClient):
         """Commit ``offsets``; by default everything handed out so far, including the
         last record (the caller says it is done with it)."""
         if offsets is None:
-            last = self._last
-            if last is not None and (last.topic, last.partition) in self.assigned:
-                tp = (last.topic, last.partition)
-                self.processed[tp] = max(self.processed.get(tp, 0), last.offset + 1)
+            self._fold_in_hand(done=True)
             self._commit(self._uncommitted())
         else:
             self._commit(offsets, raise_stale=True)
+            for tp, offset in offsets.items():
+                if tp in self.assigned:
+                    self.processed[tp] = max(self.processed.get(tp, 0), offset)
+
+    def _fold_in_hand(self, *, done: bool) -> None:
+        """Count the records before the one in hand (and, if ``done``, that one too)
+        as processed: the loop was left, or ``commit()`` called, inside a batch."""
+        last = self._last
+        if last is not None and (last.topic, last.partition) in self.assigned:
+            tp = (last.topic, last.partition)
+            self.processed[tp] = max(self.processed.get(tp, 0), last.offset + done)
 
     def close(self, *, leave: bool | None = None) -> None:
         """Commit processed offsets (at-least-once with auto-commit) and leave. A static
@@ -227,6 +235,7 @@ class GroupConsumer(SyncClient):
         self._cancel_inflight(set(self._inflight))
         try:
             if self.auto_commit_s is not None and self.delivery == "at-least-once" and self.member_id:
+                self._fold_in_hand(done=False)
                 self._commit(self._uncommitted())
         finally:
             if self._membership is not None:
@@ -378,9 +387,8 @@ class GroupConsumer(SyncClient):
 
     # -- commits ------------------------------------------------------------------------------
     def _uncommitted(self) -> dict[TopicPartition, int]:
-        return {
-            tp: o for tp, o in self.processed.items() if tp in self.assigned and self.committed.get(tp) != o
-        }
+        # Only forward: an explicit commit may already be ahead of what the loop counted.
+        return {tp: o for tp, o in self.processed.items() if tp in self.assigned and o > self.committed.get(tp, -1)}
 
     def _maybe_autocommit(self) -> None:
         if self.auto_commit_s is None or self.delivery != "at-least-once":

@@ -27,3 +27,18 @@ def test_bench_streamd_driver_runs_and_prints_json():
     for key in ("consume", "produce/100B/b100", "produce_acked"):
         assert workloads[key]["median"]["records_per_s"] > 0, key
     assert workloads["latency"]["median"]["received"] == workloads["latency"]["median"]["sent"]
+
+
+def test_bench_groups_quick_reads_every_record_once_and_times_reassignment():
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "groups"],
+        cwd=ROOT, capture_output=True, text=True, timeout=100,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    groups = json.loads(result.stdout)["streamd_groups"]
+    assert groups["status"] == "ok", groups
+    for key in ("group_records_per_s", "single_records_per_s", "single_group_member_records_per_s"):
+        assert groups[key] > 0, key
+    assert groups["correctness"]["all_records_read_once"], groups["correctness"]
+    for key in ("clean_leave_reassign_ms", "kill_reassign_ms"):
+        assert groups[key]["timeouts"] == 0 and len(groups[key]["runs"]) == 1, groups[key]

@@ -329,3 +329,23 @@ def test_member_streams_end_with_unavailable_when_the_broker_stops(make_server):
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         stubs.close()
+
+
+def test_close_commits_what_was_processed_and_never_moves_a_commit_back(server):
+    with Admin(server.address) as admin, Producer(server.address) as p:
+        admin.create_topic("t", 1)
+        p.send_batch("t", 0, [str(i).encode() for i in range(10)])  # one batch
+        c = GroupConsumer("g", "t", server.address)
+        try:
+            got = _consume(c, 4)  # leave the loop holding offset 3, inside the batch
+        finally:
+            c.close()
+        assert got[-1].offset == 3
+        assert [o.offset for o in admin.fetch_offsets("g")] == [3]  # offset 3 is read again
+        c = GroupConsumer("g", "t", server.address)
+        try:
+            assert _consume(c, 1)[0].offset == 3
+            c.commit({("t", 0): 10})  # explicit, ahead of what the loop has counted
+        finally:
+            c.close()
+        assert [o.offset for o in admin.fetch_offsets("g")] == [10]

@@ -1,0 +1,661 @@
+"""Consumer groups under load, against one ``streamd serve`` process (streamd only).
+
+1. **Throughput**: a pre-filled topic (``partitions`` x ``records_per_partition`` records
+   of ``record_bytes``) read from offset 0 by
+   - ``single``: one ``Consumer`` in this process, ``assign`` + ``records(exit_at_end=True)``
+     over all partitions (the reading method of the core ``consume`` workload);
+   - ``single_group_member``: one ``GroupConsumer`` alone in a fresh group, own process;
+   - ``group``: ``members`` GroupConsumers of a fresh group, one process each (2 cores:
+     processes, not threads, are what users run), auto-commit every 1 s.
+   All run the same per-record body (:func:`read_records`: touch the value, check the
+   offset against the partition's high-water mark, counting duplicates and gaps).
+   Members join and the group settles *before* the clock: DescribeGroup says STABLE with
+   ``members`` members, every member reports the group's generation, every partition is
+   owned. **Clock**: from the start signal (``time.time()`` in the parent just before
+   sending it) to the last member's last record (``time.time()`` there; one machine).
+   A member stops once it has read the log end of the partitions it owns.
+   **Warm start**: a GroupConsumer sends a partition's first Fetch when it gets the
+   partition, so at the start signal each first reply (<= 4 MB, the broker's default)
+   is already in. ``single`` starts the same way (iterator primed, 0.3 s for the
+   replies); ``single_cold`` is that reader timed from before ``records()``, as the core
+   ``consume`` workload times it.
+   Correctness per group run: consumed == produced, duplicates, missing, and the lag
+   left after every member ``commit()``s the offsets it read and ``close()``s.
+
+2. **Reassignment latency**: ``reassign_members`` members, a producer process writing
+   ``produce_batch`` records to every partition each ``produce_interval_ms``.
+   ``clean_leave``: a member takes ``time.time()`` just before calling ``close()``
+   (commit, LeaveGroup); latency = from then until the others have consumed a record of
+   *every* partition it owned (each member reports the wall-clock time of its first
+   record of each newly assigned partition). ``kill``: the same from just before a
+   SIGKILL of a member process (the broker sees its JoinGroup stream break). A
+   replacement joins and the group settles before the next round. Rounds also report
+   ``assign_ms`` (until the last moved partition was assigned) and ``close_ms``.
+
+``python -m bench --only groups`` (part of ``make bench``), or ``python -m bench.groups
+[--quick] [--records-per-partition N] [--profile DIR] ...``. Every wait is bounded; every
+process started here is stopped in a ``finally`` and exits on its own when its pipe
+to this process closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as wait_connections
+
+from bench.harness import log, median_of, payload, start_server
+from bench.streamd_driver import ROOT, serve_argv
+
+TARGET_MIN_RATIO = 0.80
+TARGET_REASSIGN_MS = 1000
+WARM_UP_S = 0.3          # for the first Fetch replies to arrive before a clock starts
+SETTLE_S = 0.5           # after the group is stable, before a member leaves or dies
+STABLE_TIMEOUT_S = 30.0
+REASSIGN_TIMEOUT_S = 15.0  # longer than the broker's default 10 s session timeout
+CHECK_S = 0.02           # how often a consuming member looks at its pipe
+
+
+@dataclass(frozen=True)
+class Params:
+    partitions: int = 8
+    records_per_partition: int = 500_000  # 4M records: ~2 s per read at ~2M records/s
+    record_bytes: int = 100
+    members: int = 4
+    repeat: int = 3
+    reassign_members: int = 4
+    reassign_repeat: int = 5
+    auto_commit_interval_ms: int = 1000
+    produce_interval_ms: int = 20
+    produce_batch: int = 5
+    read_timeout_s: float = 60.0
+    profile_dir: str = ""  # when set, every throughput member writes a cProfile file here
+
+    @classmethod
+    def for_run(cls, quick: bool, **overrides) -> "Params":
+        base = cls(records_per_partition=2_000, repeat=1, reassign_members=2, reassign_repeat=1,
+                   read_timeout_s=20.0) if quick else cls()
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Tally:
+    """What one reader saw: per-partition high-water marks (next expected offset, all
+    readers start at 0), counts, and the wall-clock time of its last record."""
+
+    hw: list[int]
+    records: int = 0
+    bytes: int = 0
+    duplicates: int = 0
+    gaps: int = 0
+    last_time: float = 0.0
+
+
+def read_records(records, tally: Tally, target: int, deadline: float) -> None:
+    """The per-record body every reader runs, until ``target`` records or ``deadline``."""
+    hw = tally.hw
+    got = nbytes = dups = gaps = 0
+    if target > 0:
+        for r in records:
+            p, o = r.partition, r.offset
+            if o == hw[p]:
+                hw[p] = o + 1
+            elif o < hw[p]:
+                dups += 1
+            else:
+                gaps += o - hw[p]
+                hw[p] = o + 1
+            nbytes += len(r.value)
+            got += 1
+            if got >= target or (got % 10_000 == 0 and time.time() > deadline):
+                break
+    tally.last_time = time.time()
+    tally.records += got
+    tally.bytes += nbytes
+    tally.duplicates += dups
+    tally.gaps += gaps
+
+
+# --------------------------------------------------------------------------- member processes
+
+
+class _Reporter:
+    """Tells the parent about every assignment change (member id, generation, partitions)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn, self.last = conn, None
+
+    def report(self, gc) -> None:
+        state = (gc.member_id, gc.generation, tuple(sorted(p for _, p in gc.assigned)))
+        if state != self.last:
+            self.conn.send(("assignment", *state))
+            self.last = state
+
+
+def _await_command(conn: Connection, gc, reporter: _Reporter, deadline: float) -> str:
+    """Keep applying assignments (acknowledging revocations) until the parent says something."""
+    while time.time() < deadline:
+        gc.poll_assignment()
+        reporter.report(gc)
+        if conn.poll(CHECK_S):
+            return conn.recv()[0]
+    raise TimeoutError("no command from the benchmark")
+
+
+def _throughput_member(conn: Connection, index: int, address: str, group: str, topic: str,
+                       ends: list[int], params: Params, deadline: float) -> None:
+    from streamd.client.group import GroupConsumer
+
+    gc = None
+    try:
+        gc = GroupConsumer(group, topic, address, client_id=f"bench-{index}",
+                           auto_commit_interval_ms=params.auto_commit_interval_ms)
+        reporter = _Reporter(conn)
+        gc.wait_for_assignment(STABLE_TIMEOUT_S)
+        if _await_command(conn, gc, reporter, deadline) != "start":
+            return
+        owned = sorted(p for _, p in gc.poll_assignment())
+        tally = Tally([0] * len(ends))
+        target = sum(ends[p] for p in owned)
+        read_deadline = min(deadline, time.time() + params.read_timeout_s)
+        records = gc.records(idle_timeout_s=5.0)
+        if params.profile_dir:
+            _profiled(params.profile_dir, f"{group}-member-{index}", records, tally, target, read_deadline)
+        else:
+            read_records(records, tally, target, read_deadline)
+        records.close()
+        conn.send(("done", {**asdict(tally), "partitions": owned, "target": target}))
+        if _await_command(conn, gc, reporter, deadline) == "commit":
+            gc.commit({(topic, p): tally.hw[p] for p in owned if tally.hw[p]})
+            conn.send(("committed",))
+            _await_command(conn, gc, reporter, deadline)
+    except (EOFError, BrokenPipeError):
+        pass  # the benchmark went away
+    except Exception as e:
+        conn.send(("error", repr(e)))
+    finally:
+        if gc is not None:
+            gc.close()
+
+
+def _profiled(directory: str, name: str, records, tally: Tally, target: int, deadline: float) -> None:
+    import cProfile
+
+    profile = cProfile.Profile()
+    profile.runcall(read_records, records, tally, target, deadline)
+    profile.dump_stats(os.path.join(directory, f"{name}.prof"))
+
+
+def _live_member(conn: Connection, index: int, address: str, group: str, topic: str,
+                 params: Params, deadline: float) -> None:
+    """Consume until told to leave or stop; report the first record of every partition
+    as it is assigned (time of the record, time of the assignment)."""
+    from streamd.client.group import GroupConsumer
+
+    fresh: dict[int, float] = {}
+
+    def on_assign(tps) -> None:
+        now = time.time()
+        fresh.update({p: now for _, p in tps})
+
+    def on_revoke(tps) -> None:
+        for _, p in tps:
+            fresh.pop(p, None)
+
+    gc = None
+    try:
+        gc = GroupConsumer(group, topic, address, client_id=f"bench-live-{index}", on_assign=on_assign,
+                           on_revoke=on_revoke, auto_commit_interval_ms=params.auto_commit_interval_ms)
+        reporter = _Reporter(conn)
+        command, check_at = None, 0.0
+        while command is None and time.time() < deadline:
+            for record in gc.records(idle_timeout_s=CHECK_S):
+                if fresh and record.partition in fresh:
+                    conn.send(("first", record.partition, time.time(), fresh.pop(record.partition)))
+                if time.time() >= check_at:
+                    check_at = time.time() + CHECK_S
+                    reporter.report(gc)
+                    if conn.poll():
+                        command = conn.recv()[0]
+                        break
+            reporter.report(gc)
+            if command is None and conn.poll():
+                command = conn.recv()[0]
+        if command == "leave":
+            t_call = time.time()
+            gc.close()
+            conn.send(("left", t_call, time.time()))
+    except (EOFError, BrokenPipeError):
+        pass
+    except Exception as e:
+        conn.send(("error", repr(e)))
+    finally:
+        if gc is not None:
+            gc.close()
+
+
+def _producer(conn: Connection, address: str, topic: str, params: Params, deadline: float) -> None:
+    """Write ``produce_batch`` records to every partition each ``produce_interval_ms``
+    (deadline schedule) until told to stop."""
+    from streamd.client import AsyncProducer
+
+    async def run() -> None:
+        values = [payload(params.record_bytes)] * params.produce_batch
+        interval = params.produce_interval_ms / 1000
+        async with AsyncProducer(address) as producer:
+            pending: list[asyncio.Future] = []
+            due = time.monotonic()
+            while time.time() < deadline and not conn.poll():
+                for p in range(params.partitions):
+                    pending.append(await producer.send_batch(topic, p, values))
+                for f in [f for f in pending if f.done()]:
+                    f.result()  # raise a failed send here
+                pending = [f for f in pending if not f.done()]
+                due += interval
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+            await asyncio.gather(*pending)
+
+    try:
+        asyncio.run(run())
+    except (EOFError, BrokenPipeError):
+        pass
+
+
+# --------------------------------------------------------------------------- the parent's view
+
+
+@dataclass
+class _Proc:
+    proc: multiprocessing.Process
+    conn: Connection
+    member_id: str = ""
+    generation: int = 0
+    partitions: tuple[int, ...] = ()
+    alive: bool = True
+
+
+@dataclass
+class _Fleet:
+    """Member processes (spawned, one pipe each) and what they last reported."""
+
+    ctx: multiprocessing.context.BaseContext
+    procs: dict[int, _Proc] = field(default_factory=dict)
+    spawned: int = 0
+
+    def spawn(self, target, *args) -> int:
+        index = self.spawned
+        parent, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=target, args=(child, index, *args), daemon=True,
+                                name=f"bench-groups-{index}")
+        proc.start()
+        child.close()
+        self.procs[index] = _Proc(proc, parent)
+        self.spawned += 1
+        return index
+
+    def live(self) -> dict[int, _Proc]:
+        return {i: p for i, p in self.procs.items() if p.alive}
+
+    def pump(self, timeout: float) -> list[tuple[int, tuple]]:
+        """Messages that arrived within ``timeout``; assignment reports are applied."""
+        by_conn = {p.conn: i for i, p in self.live().items()}
+        if not by_conn:
+            time.sleep(timeout)
+            return []
+        out = []
+        for conn in wait_connections(list(by_conn), timeout):
+            i = by_conn[conn]
+            try:
+                while conn.poll():
+                    msg = conn.recv()
+                    if msg[0] == "error":
+                        raise RuntimeError(f"member {i}: {msg[1]}")
+                    if msg[0] == "assignment":
+                        self.procs[i].member_id, self.procs[i].generation, self.procs[i].partitions = msg[1:]
+                    else:
+                        out.append((i, msg))
+            except EOFError:
+                self.procs[i].alive = False
+        return out
+
+    def send(self, message: tuple, indexes=None) -> None:
+        for i in self.live() if indexes is None else indexes:
+            self.procs[i].conn.send(message)
+
+    def collect(self, kind: str, count: int, timeout: float) -> dict[int, tuple]:
+        got: dict[int, tuple] = {}
+        deadline = time.time() + timeout
+        while len(got) < count and time.time() < deadline:
+            got.update({i: msg for i, msg in self.pump(0.05) if msg[0] == kind})
+        if len(got) < count:
+            raise TimeoutError(f"{len(got)}/{count} members answered {kind!r} within {timeout:.0f} s")
+        return got
+
+    def wait_stable(self, admin, group: str, members: int, partitions: int, timeout: float) -> None:
+        """Until the broker says STABLE with ``members`` members and every live member
+        reports the group's generation and together they own every partition."""
+        from streamd.client import StreamdError
+        from streamd.v1 import streamd_pb2 as pb
+
+        deadline, state = time.time() + timeout, "no group yet"
+        while time.time() < deadline:
+            self.pump(0.05)
+            try:
+                d = admin.describe_group(group)
+            except StreamdError:
+                continue
+            live = self.live().values()
+            owned = sorted(p for m in live for p in m.partitions)
+            state = f"state {pb.GroupState.Name(d.state)}, {len(d.members)} members, owned {owned}"
+            if (d.state == pb.GROUP_STATE_STABLE and len(d.members) == members == len(live)
+                    and all(m.generation == d.generation for m in live) and owned == list(range(partitions))):
+                return
+        raise TimeoutError(f"group {group} not stable within {timeout:.0f} s: {state}")
+
+    def settle(self, seconds: float) -> None:
+        end = time.time() + seconds
+        while time.time() < end:
+            self.pump(min(0.05, max(0.0, end - time.time())))
+
+    def stop(self) -> None:
+        for p in self.live().values():
+            try:
+                p.conn.send(("stop",))
+            except OSError:
+                pass
+        for p in self.procs.values():
+            p.proc.join(5)
+            if p.proc.is_alive():
+                p.proc.kill()
+                p.proc.join(5)
+            p.conn.close()
+
+
+# --------------------------------------------------------------------------- throughput
+
+
+def _fill(address: str, topic: str, params: Params) -> float:
+    """Pre-fill every partition (batches of 1000, pipelined, partitions round-robin)."""
+    from streamd.client import AsyncProducer
+
+    value = payload(params.record_bytes)
+
+    async def run() -> float:
+        t0 = time.perf_counter()
+        async with AsyncProducer(address) as producer:
+            futures = []
+            for start in range(0, params.records_per_partition, 1000):
+                size = min(1000, params.records_per_partition - start)
+                for p in range(params.partitions):
+                    futures.append(await producer.send_batch(topic, p, [value] * size))
+            await asyncio.gather(*futures)
+        return time.perf_counter() - t0
+
+    return asyncio.run(run())
+
+
+def _single(address: str, topic: str, total: int, params: Params, *, warm: bool) -> dict:
+    from streamd.client import Consumer
+
+    tally = Tally([0] * params.partitions)
+    with Consumer(address) as consumer:
+        consumer.assign(topic)
+        records = consumer.records(exit_at_end=True)
+        if warm:  # every partition's first Fetch answered before the clock starts
+            read_records(records, tally, 1, time.time() + params.read_timeout_s)
+            time.sleep(WARM_UP_S)
+        t0 = time.time()
+        read_records(records, tally, total - tally.records, t0 + params.read_timeout_s)
+        records.close()
+    return _result(tally.records, tally.last_time - t0, params, duplicates=tally.duplicates, gaps=tally.gaps)
+
+
+def _result(records: int, seconds: float, params: Params, **extra) -> dict:
+    seconds = max(seconds, 1e-9)
+    return {"records": records, "seconds": round(seconds, 4), "records_per_s": round(records / seconds, 1),
+            "mb_per_s": round(records * params.record_bytes / seconds / 1e6, 3), **extra}
+
+
+def _group_run(ctx, admin, address: str, topic: str, ends: list[int], members: int, group: str,
+               params: Params) -> dict:
+    """``members`` GroupConsumer processes read the topic once; see the module docstring."""
+    fleet = _Fleet(ctx)
+    deadline = time.time() + STABLE_TIMEOUT_S + 2 * params.read_timeout_s
+    try:
+        for _ in range(members):
+            fleet.spawn(_throughput_member, address, group, topic, ends, params, deadline)
+        fleet.wait_stable(admin, group, members, params.partitions, STABLE_TIMEOUT_S)
+        fleet.settle(WARM_UP_S)
+        t0 = time.time()
+        fleet.send(("start",))
+        done = {i: msg[1] for i, msg in fleet.collect("done", members, params.read_timeout_s + 10).items()}
+        fleet.send(("commit",))
+        fleet.collect("committed", members, 10)
+        fleet.send(("close",))
+        for p in fleet.procs.values():
+            p.proc.join(10)
+        lag = sum(p.lag for p in admin.describe_group(group).partitions)
+    finally:
+        fleet.stop()
+    return _group_result(done, t0, ends, params, lag)
+
+
+def _group_result(done: dict[int, dict], t0: float, ends: list[int], params: Params, lag: int) -> dict:
+    consumed = sum(d["records"] for d in done.values())
+    produced = sum(ends)
+    covered = sum(max(d["hw"][p] for d in done.values()) for p in range(len(ends)))
+    shared = sum(1 for p in range(len(ends)) if sum(1 for d in done.values() if d["hw"][p]) > 1)
+    within = sum(d["duplicates"] for d in done.values())
+    return _result(
+        consumed, max(d["last_time"] for d in done.values()) - t0, params,
+        records_produced=produced,
+        duplicates=within + max(0, consumed - within - covered),
+        missing=produced - covered + sum(d["gaps"] for d in done.values()),
+        partitions_read_by_several_members=shared,
+        committed_lag_after_close=lag,
+        largest_member_share=max(d["target"] for d in done.values()),
+    )
+
+
+def throughput(ctx, admin, address: str, params: Params) -> dict:
+    topic = "groups-throughput"
+    admin.create_topic(topic, params.partitions, fsync="interval")
+    seconds = _fill(address, topic, params)
+    ends = [p.log_end_offset for p in admin.describe_topic(topic).partitions]
+    total = sum(ends)
+    if total != params.partitions * params.records_per_partition:
+        raise RuntimeError(f"filled {total} records, expected {params.partitions * params.records_per_partition}")
+    log(f"groups: filled {total:,} records in {seconds:.1f} s")
+    runs: dict[str, list[dict]] = {"single": [], "single_cold": [], "single_group_member": [], "group": []}
+    for r in range(params.repeat):  # interleaved, so drift hits every reader alike
+        runs["single"].append(_single(address, topic, total, params, warm=True))
+        runs["single_cold"].append(_single(address, topic, total, params, warm=False))
+        runs["single_group_member"].append(_group_run(ctx, admin, address, topic, ends, 1, f"single-{r}", params))
+        runs["group"].append(_group_run(ctx, admin, address, topic, ends, params.members, f"group-{r}", params))
+        log("groups: run {}/{}: {}".format(r + 1, params.repeat, " ".join(
+            f"{k}={v[-1]['records_per_s']:,.0f}/s" for k, v in runs.items())))
+    admin.delete_topic(topic)
+    return runs
+
+
+# --------------------------------------------------------------------------- reassignment
+
+
+def _reassign_once(fleet: _Fleet, victim: int, how: str, timeout: float) -> dict:
+    """Make ``victim`` leave (or SIGKILL it); ms until its partitions were read by others."""
+    moved = set(fleet.procs[victim].partitions)
+    t0 = t_closed = None
+    if how == "leave":
+        fleet.send(("leave",), [victim])
+    else:
+        t0 = time.time()
+        fleet.procs[victim].proc.kill()
+    seen: list[tuple[int, float, float]] = []
+    first: dict[int, tuple[float, float]] = {}
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (t0 is not None and moved <= first.keys()):
+        for i, msg in fleet.pump(0.02):
+            if msg[0] == "left" and i == victim:
+                t0, t_closed = msg[1], msg[2]
+            elif msg[0] == "first" and msg[1] in moved:
+                seen.append(msg[1:])
+        if t0 is not None:
+            for p, t_record, t_assigned in seen:
+                if t_record >= t0:
+                    first.setdefault(p, (t_record, t_assigned))
+    fleet.procs[victim].proc.join(5)
+    fleet.procs[victim].alive = False
+    out = {"partitions_moved": len(moved), "reassign_ms": None, "assign_ms": None}
+    if t_closed is not None:
+        out["close_ms"] = round((t_closed - t0) * 1000, 2)
+    if t0 is not None and moved <= first.keys():
+        out["reassign_ms"] = round((max(t for t, _ in first.values()) - t0) * 1000, 2)
+        out["assign_ms"] = round((max(a for _, a in first.values()) - t0) * 1000, 2)
+    return out
+
+
+def reassignment(ctx, admin, address: str, params: Params) -> dict[str, list[dict]]:
+    topic, group, n = "groups-live", "live", params.reassign_members
+    admin.create_topic(topic, params.partitions, fsync="interval")
+    rounds = [how for how in ("leave", "kill") for _ in range(params.reassign_repeat)]
+    deadline = time.time() + len(rounds) * (STABLE_TIMEOUT_S + REASSIGN_TIMEOUT_S) + 60
+    fleet = _Fleet(ctx)
+    to_producer, producer_end = ctx.Pipe()
+    producer = ctx.Process(target=_producer, args=(producer_end, address, topic, params, deadline),
+                           daemon=True, name="bench-groups-producer")
+    out: dict[str, list[dict]] = {"leave": [], "kill": []}
+    try:
+        producer.start()
+        producer_end.close()
+        for _ in range(n):
+            fleet.spawn(_live_member, address, group, topic, params, deadline)
+        for k, how in enumerate(rounds):
+            if not producer.is_alive():
+                raise RuntimeError(f"the producer process exited ({producer.exitcode})")
+            fleet.wait_stable(admin, group, n, params.partitions, STABLE_TIMEOUT_S)
+            fleet.settle(SETTLE_S)
+            live = sorted(fleet.live())
+            result = _reassign_once(fleet, live[k % len(live)], how, REASSIGN_TIMEOUT_S)
+            out[how].append(result)
+            log(f"groups: {how} round {len(out[how])}: {result}")
+            if k + 1 < len(rounds):
+                fleet.spawn(_live_member, address, group, topic, params, deadline)
+    finally:
+        fleet.stop()
+        try:
+            to_producer.send(("stop",))
+        except OSError:
+            pass
+        producer.join(10)
+        if producer.is_alive():
+            producer.kill()
+            producer.join(5)
+        to_producer.close()
+    admin.delete_topic(topic)
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _latency_summary(rounds: list[dict]) -> dict:
+    def median(key: str) -> float | None:
+        values = [r[key] for r in rounds if r.get(key) is not None]
+        return round(statistics.median(values), 2) if values else None
+
+    ms = [r["reassign_ms"] for r in rounds if r["reassign_ms"] is not None]
+    out = {"median": median("reassign_ms"), "max": max(ms, default=None), "runs": ms,
+           "timeouts": len(rounds) - len(ms), "assign_ms_median": median("assign_ms")}
+    if any("close_ms" in r for r in rounds):
+        out["close_ms_median"] = median("close_ms")
+    return out
+
+
+def summarize(runs: dict[str, list[dict]], rounds: dict[str, list[dict]], params: Params) -> dict:
+    med = {k: median_of(v) for k, v in runs.items()}
+    group, single = med["group"]["records_per_s"], med["single"]["records_per_s"]
+    member = med["single_group_member"]["records_per_s"]
+    checks = runs["group"] + runs["single_group_member"]
+    return {
+        "status": "ok",
+        "group_records_per_s": group,
+        "single_records_per_s": single,
+        "single_cold_records_per_s": med["single_cold"]["records_per_s"],
+        "single_group_member_records_per_s": member,
+        "ratio_group_vs_single": round(group / single, 3),
+        "ratio_group_vs_single_group_member": round(group / member, 3),
+        "clean_leave_reassign_ms": _latency_summary(rounds["leave"]),
+        "kill_reassign_ms": _latency_summary(rounds["kill"]),
+        "correctness": {
+            "records_produced": checks[0]["records_produced"],
+            "all_records_read_once": all(c["records"] == c["records_produced"] and not c["duplicates"]
+                                         and not c["missing"] for c in checks),
+            "duplicates_max": max(c["duplicates"] for c in checks),
+            "missing_max": max(c["missing"] for c in checks),
+            "committed_lag_after_close_max": max(c["committed_lag_after_close"] for c in checks),
+        },
+        "targets": {"ratio_group_vs_single_min": TARGET_MIN_RATIO, "reassign_ms_max": TARGET_REASSIGN_MS},
+        "params": {k: v for k, v in asdict(params).items() if k != "profile_dir"},
+        "throughput_runs": {k: [{"records_per_s": s["records_per_s"], "seconds": s["seconds"]} for s in v]
+                            for k, v in runs.items()},
+        "reassign_rounds": rounds,
+    }
+
+
+def run(workdir: str, quick: bool, *, repeat: int | None = None, **overrides) -> dict:
+    """The whole section: one broker, throughput then reassignment; a JSON-able dict."""
+    from streamd.client import Admin
+
+    if overrides.get("reassign_repeat") is None:
+        overrides["reassign_repeat"] = repeat
+    params = Params.for_run(quick, repeat=repeat, **overrides)
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding gRPC channels
+    server = start_server("streamd", serve_argv(os.path.join(workdir, "data")),
+                          os.path.join(workdir, "streamd.log"), cwd=ROOT)
+    address = f"127.0.0.1:{server.port}"
+    try:
+        with Admin(address) as admin:
+            runs = throughput(ctx, admin, address, params)
+            rounds = reassignment(ctx, admin, address, params)
+    finally:
+        server.stop()
+    return summarize(runs, rounds, params)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.groups", description="consumer-group benchmark (JSON on stdout)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one repetition (smoke test)")
+    p.add_argument("--records-per-partition", type=int)
+    p.add_argument("--partitions", type=int)
+    p.add_argument("--members", type=int)
+    p.add_argument("--repeat", type=int, help="throughput runs (median reported)")
+    p.add_argument("--reassign-repeat", type=int, help="leave and kill rounds each")
+    p.add_argument("--profile", metavar="DIR", help="cProfile every group member's read loop into DIR")
+    p.add_argument("--out", metavar="FILE", help="also write the JSON to FILE")
+    a = p.parse_args(argv)
+    overrides = dict(records_per_partition=a.records_per_partition, partitions=a.partitions, members=a.members,
+                     reassign_repeat=a.reassign_repeat, profile_dir=a.profile and os.path.abspath(a.profile))
+    with tempfile.TemporaryDirectory(prefix="bench-streamd-groups-") as workdir:
+        doc = run(workdir, a.quick, repeat=a.repeat, **overrides)
+    text = json.dumps(doc, indent=2)
+    print(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
