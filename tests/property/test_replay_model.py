@@ -7,17 +7,14 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamd.cli.replay import (
+from streamd.cli.replay import Progress, ReplayState, TokenBucket, resume_command
+from streamd.cli.replay_select import (
     Offset,
     PerPartition,
-    Progress,
-    ReplayState,
     Time,
-    TokenBucket,
     parse_position,
     requested_offsets,
     resolve_ranges,
-    resume_command,
     select,
 )
 from streamd.client.records import ConsumerRecord
