@@ -260,7 +260,8 @@ def test_static_member_rejoins_without_a_rebalance(server):
     a = GroupConsumer("g", "t", server.address, instance_id="a", session_timeout_ms=5000)
     b = GroupConsumer("g", "t", server.address, instance_id="b", session_timeout_ms=5000)
     try:
-        assert wait_until(lambda: len(a.poll_assignment()) == 2 and len(b.poll_assignment()) == 2)
+        # Poll both each time: a revocation is applied (and acknowledged) only by polling.
+        assert wait_until(lambda: [len(a.poll_assignment()), len(b.poll_assignment())] == [2, 2])
         mine, generation = set(a.assigned), a.generation
         a.close()  # static: keeps its partitions for the session timeout
         with Admin(server.address) as admin:
