@@ -350,3 +350,35 @@ def test_close_commits_what_was_processed_and_never_moves_a_commit_back(server):
         finally:
             c.close()
         assert [o.offset for o in admin.fetch_offsets("g")] == [10]
+
+
+def test_at_most_once_commits_a_fetched_batch_before_handing_out_its_records(server):
+    with Admin(server.address) as admin, Producer(server.address) as p:
+        admin.create_topic("t", 1)
+        p.send_batch("t", 0, [str(i).encode() for i in range(10)])
+        c = GroupConsumer("g", "t", server.address, delivery="at-most-once")
+        try:
+            first = _consume(c, 1)[0]
+            assert first.offset == 0
+            # committed before the record was processed: a crash now skips the batch
+            assert [o.offset for o in admin.fetch_offsets("g")] == [10]
+        finally:
+            c.close()
+
+
+def test_auto_commit_advances_the_committed_offset_while_reading(server):
+    with Admin(server.address) as admin, Producer(server.address) as p:
+        admin.create_topic("t", 1)
+        p.send_batch("t", 0, [b"a", b"b", b"c"])
+        c = GroupConsumer("g", "t", server.address, auto_commit_interval_ms=1)
+        try:
+            got = []
+            for record in c.records(idle_timeout_s=5):
+                got.append(record)
+                if len(got) == 3:
+                    p.send_batch("t", 0, [b"d"])  # asking for the next record processes "c"
+                elif len(got) == 4:
+                    break
+            assert wait_until(lambda: [o.offset for o in admin.fetch_offsets("g")] == [3], timeout=5)
+        finally:
+            c.close()
