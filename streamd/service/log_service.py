@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import secrets
 
 from streamd.broker.broker import Broker, ProduceResult, ReadOut
 from streamd.broker.errors import InvalidArgument
@@ -85,6 +86,10 @@ class LogService:
         results, durable = self._append(request)
         await durable
         return _fill_results(pb.ProduceResponse(), results)
+
+    async def InitProducer(self, request: pb.InitProducerRequest, context) -> pb.InitProducerResponse:
+        # Random 63-bit ids: unique without any state to persist or coordinate.
+        return pb.InitProducerResponse(producer_id=secrets.randbelow((1 << 63) - 1) + 1)
 
     async def ProduceStream(self, read, context) -> None:
         """Append each request as it arrives; answer in request order once durable.

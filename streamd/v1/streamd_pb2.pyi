@@ -32,6 +32,21 @@ class GroupState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     GROUP_STATE_EMPTY: _ClassVar[GroupState]
     GROUP_STATE_STABLE: _ClassVar[GroupState]
     GROUP_STATE_REBALANCING: _ClassVar[GroupState]
+
+class Jitter(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JITTER_UNSPECIFIED: _ClassVar[Jitter]
+    JITTER_NONE: _ClassVar[Jitter]
+    JITTER_FULL: _ClassVar[Jitter]
+    JITTER_EQUAL: _ClassVar[Jitter]
+
+class SettleAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SETTLE_ACTION_UNSPECIFIED: _ClassVar[SettleAction]
+    SETTLE_ACTION_ACK: _ClassVar[SettleAction]
+    SETTLE_ACTION_NACK: _ClassVar[SettleAction]
+    SETTLE_ACTION_EXTEND: _ClassVar[SettleAction]
+    SETTLE_ACTION_REJECT: _ClassVar[SettleAction]
 COMPRESSION_UNSPECIFIED: Compression
 COMPRESSION_NONE: Compression
 COMPRESSION_LZ4: Compression
@@ -46,6 +61,15 @@ GROUP_STATE_UNSPECIFIED: GroupState
 GROUP_STATE_EMPTY: GroupState
 GROUP_STATE_STABLE: GroupState
 GROUP_STATE_REBALANCING: GroupState
+JITTER_UNSPECIFIED: Jitter
+JITTER_NONE: Jitter
+JITTER_FULL: Jitter
+JITTER_EQUAL: Jitter
+SETTLE_ACTION_UNSPECIFIED: SettleAction
+SETTLE_ACTION_ACK: SettleAction
+SETTLE_ACTION_NACK: SettleAction
+SETTLE_ACTION_EXTEND: SettleAction
+SETTLE_ACTION_REJECT: SettleAction
 
 class RecordHeader(_message.Message):
     __slots__ = ("key", "value")
@@ -56,16 +80,22 @@ class RecordHeader(_message.Message):
     def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
 
 class Record(_message.Message):
-    __slots__ = ("timestamp_ms", "key", "value", "headers")
+    __slots__ = ("timestamp_ms", "key", "value", "headers", "deliver_at_ms", "delay_ms", "idempotency_key")
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     HEADERS_FIELD_NUMBER: _ClassVar[int]
+    DELIVER_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     timestamp_ms: int
     key: bytes
     value: bytes
     headers: _containers.RepeatedCompositeFieldContainer[RecordHeader]
-    def __init__(self, timestamp_ms: _Optional[int] = ..., key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., headers: _Optional[_Iterable[_Union[RecordHeader, _Mapping]]] = ...) -> None: ...
+    deliver_at_ms: int
+    delay_ms: int
+    idempotency_key: str
+    def __init__(self, timestamp_ms: _Optional[int] = ..., key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., headers: _Optional[_Iterable[_Union[RecordHeader, _Mapping]]] = ..., deliver_at_ms: _Optional[int] = ..., delay_ms: _Optional[int] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class RecordSet(_message.Message):
     __slots__ = ("records",)
@@ -74,23 +104,27 @@ class RecordSet(_message.Message):
     def __init__(self, records: _Optional[_Iterable[_Union[Record, _Mapping]]] = ...) -> None: ...
 
 class RecordBatch(_message.Message):
-    __slots__ = ("crc32", "base_offset", "append_time_ms", "record_count", "compression", "records")
+    __slots__ = ("crc32", "base_offset", "append_time_ms", "record_count", "compression", "records", "producer_id", "base_sequence")
     CRC32_FIELD_NUMBER: _ClassVar[int]
     BASE_OFFSET_FIELD_NUMBER: _ClassVar[int]
     APPEND_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     RECORD_COUNT_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
+    PRODUCER_ID_FIELD_NUMBER: _ClassVar[int]
+    BASE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     crc32: int
     base_offset: int
     append_time_ms: int
     record_count: int
     compression: Compression
     records: bytes
-    def __init__(self, crc32: _Optional[int] = ..., base_offset: _Optional[int] = ..., append_time_ms: _Optional[int] = ..., record_count: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., records: _Optional[bytes] = ...) -> None: ...
+    producer_id: int
+    base_sequence: int
+    def __init__(self, crc32: _Optional[int] = ..., base_offset: _Optional[int] = ..., append_time_ms: _Optional[int] = ..., record_count: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., records: _Optional[bytes] = ..., producer_id: _Optional[int] = ..., base_sequence: _Optional[int] = ...) -> None: ...
 
 class TopicConfig(_message.Message):
-    __slots__ = ("retention_ms", "retention_bytes", "segment_bytes", "segment_ms", "max_record_bytes", "fsync_policy", "fsync_interval_ms", "compression")
+    __slots__ = ("retention_ms", "retention_bytes", "segment_bytes", "segment_ms", "max_record_bytes", "fsync_policy", "fsync_interval_ms", "compression", "dedup_window_ms")
     RETENTION_MS_FIELD_NUMBER: _ClassVar[int]
     RETENTION_BYTES_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +133,7 @@ class TopicConfig(_message.Message):
     FSYNC_POLICY_FIELD_NUMBER: _ClassVar[int]
     FSYNC_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    DEDUP_WINDOW_MS_FIELD_NUMBER: _ClassVar[int]
     retention_ms: int
     retention_bytes: int
     segment_bytes: int
@@ -107,7 +142,8 @@ class TopicConfig(_message.Message):
     fsync_policy: FsyncPolicy
     fsync_interval_ms: int
     compression: Compression
-    def __init__(self, retention_ms: _Optional[int] = ..., retention_bytes: _Optional[int] = ..., segment_bytes: _Optional[int] = ..., segment_ms: _Optional[int] = ..., max_record_bytes: _Optional[int] = ..., fsync_policy: _Optional[_Union[FsyncPolicy, str]] = ..., fsync_interval_ms: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ...) -> None: ...
+    dedup_window_ms: int
+    def __init__(self, retention_ms: _Optional[int] = ..., retention_bytes: _Optional[int] = ..., segment_bytes: _Optional[int] = ..., segment_ms: _Optional[int] = ..., max_record_bytes: _Optional[int] = ..., fsync_policy: _Optional[_Union[FsyncPolicy, str]] = ..., fsync_interval_ms: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., dedup_window_ms: _Optional[int] = ...) -> None: ...
 
 class PartitionDescription(_message.Message):
     __slots__ = ("partition", "log_start_offset", "log_end_offset", "segment_count", "size_bytes", "oldest_timestamp_ms", "newest_timestamp_ms")
@@ -208,18 +244,30 @@ class ProduceRequest(_message.Message):
     def __init__(self, topic: _Optional[str] = ..., partitions: _Optional[_Iterable[_Union[PartitionBatches, _Mapping]]] = ..., records: _Optional[_Iterable[_Union[Record, _Mapping]]] = ...) -> None: ...
 
 class PartitionProduceResult(_message.Message):
-    __slots__ = ("partition", "base_offset", "record_count", "append_time_ms", "durable")
+    __slots__ = ("partition", "base_offset", "record_count", "append_time_ms", "durable", "deduplicated", "duplicate")
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     BASE_OFFSET_FIELD_NUMBER: _ClassVar[int]
     RECORD_COUNT_FIELD_NUMBER: _ClassVar[int]
     APPEND_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     DURABLE_FIELD_NUMBER: _ClassVar[int]
+    DEDUPLICATED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     partition: int
     base_offset: int
     record_count: int
     append_time_ms: int
     durable: bool
-    def __init__(self, partition: _Optional[int] = ..., base_offset: _Optional[int] = ..., record_count: _Optional[int] = ..., append_time_ms: _Optional[int] = ..., durable: _Optional[bool] = ...) -> None: ...
+    deduplicated: _containers.RepeatedCompositeFieldContainer[DeduplicatedRecord]
+    duplicate: bool
+    def __init__(self, partition: _Optional[int] = ..., base_offset: _Optional[int] = ..., record_count: _Optional[int] = ..., append_time_ms: _Optional[int] = ..., durable: _Optional[bool] = ..., deduplicated: _Optional[_Iterable[_Union[DeduplicatedRecord, _Mapping]]] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class DeduplicatedRecord(_message.Message):
+    __slots__ = ("index", "offset")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    offset: int
+    def __init__(self, index: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class ProduceResponse(_message.Message):
     __slots__ = ("results",)
@@ -351,6 +399,16 @@ class SubscribeResponse(_message.Message):
     log_end_offset: int
     next_offset: int
     def __init__(self, batches: _Optional[_Iterable[_Union[RecordBatch, _Mapping]]] = ..., log_start_offset: _Optional[int] = ..., log_end_offset: _Optional[int] = ..., next_offset: _Optional[int] = ...) -> None: ...
+
+class InitProducerRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class InitProducerResponse(_message.Message):
+    __slots__ = ("producer_id",)
+    PRODUCER_ID_FIELD_NUMBER: _ClassVar[int]
+    producer_id: int
+    def __init__(self, producer_id: _Optional[int] = ...) -> None: ...
 
 class TopicPartitions(_message.Message):
     __slots__ = ("topic", "partitions")
@@ -627,3 +685,333 @@ class ResetOffsetsResponse(_message.Message):
     executed: bool
     generation: int
     def __init__(self, plan: _Optional[_Iterable[_Union[OffsetResetPlan, _Mapping]]] = ..., executed: _Optional[bool] = ..., generation: _Optional[int] = ...) -> None: ...
+
+class RetryPolicy(_message.Message):
+    __slots__ = ("initial_delay_ms", "multiplier", "max_delay_ms", "jitter")
+    INITIAL_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    MAX_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    JITTER_FIELD_NUMBER: _ClassVar[int]
+    initial_delay_ms: int
+    multiplier: float
+    max_delay_ms: int
+    jitter: Jitter
+    def __init__(self, initial_delay_ms: _Optional[int] = ..., multiplier: _Optional[float] = ..., max_delay_ms: _Optional[int] = ..., jitter: _Optional[_Union[Jitter, str]] = ...) -> None: ...
+
+class QueueGroupConfig(_message.Message):
+    __slots__ = ("lease_ms", "max_deliveries", "dead_letter_topic", "retry", "ordered_by_key", "at_most_once", "max_in_flight", "start")
+    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_DELIVERIES_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LETTER_TOPIC_FIELD_NUMBER: _ClassVar[int]
+    RETRY_FIELD_NUMBER: _ClassVar[int]
+    ORDERED_BY_KEY_FIELD_NUMBER: _ClassVar[int]
+    AT_MOST_ONCE_FIELD_NUMBER: _ClassVar[int]
+    MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    lease_ms: int
+    max_deliveries: int
+    dead_letter_topic: str
+    retry: RetryPolicy
+    ordered_by_key: bool
+    at_most_once: bool
+    max_in_flight: int
+    start: OffsetSpec
+    def __init__(self, lease_ms: _Optional[int] = ..., max_deliveries: _Optional[int] = ..., dead_letter_topic: _Optional[str] = ..., retry: _Optional[_Union[RetryPolicy, _Mapping]] = ..., ordered_by_key: _Optional[bool] = ..., at_most_once: _Optional[bool] = ..., max_in_flight: _Optional[int] = ..., start: _Optional[_Union[OffsetSpec, str]] = ...) -> None: ...
+
+class CreateQueueGroupRequest(_message.Message):
+    __slots__ = ("group", "topic", "config")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    topic: str
+    config: QueueGroupConfig
+    def __init__(self, group: _Optional[str] = ..., topic: _Optional[str] = ..., config: _Optional[_Union[QueueGroupConfig, _Mapping]] = ...) -> None: ...
+
+class CreateQueueGroupResponse(_message.Message):
+    __slots__ = ("group",)
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    group: QueueGroupDescription
+    def __init__(self, group: _Optional[_Union[QueueGroupDescription, _Mapping]] = ...) -> None: ...
+
+class LeasedRecord(_message.Message):
+    __slots__ = ("partition", "offset", "record", "append_time_ms", "lease_id", "delivery_count", "lease_expires_ms")
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    APPEND_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_COUNT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRES_MS_FIELD_NUMBER: _ClassVar[int]
+    partition: int
+    offset: int
+    record: Record
+    append_time_ms: int
+    lease_id: int
+    delivery_count: int
+    lease_expires_ms: int
+    def __init__(self, partition: _Optional[int] = ..., offset: _Optional[int] = ..., record: _Optional[_Union[Record, _Mapping]] = ..., append_time_ms: _Optional[int] = ..., lease_id: _Optional[int] = ..., delivery_count: _Optional[int] = ..., lease_expires_ms: _Optional[int] = ...) -> None: ...
+
+class ReceiveRequest(_message.Message):
+    __slots__ = ("group", "topic", "max_records", "max_wait_ms", "lease_ms", "worker_id")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    MAX_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    topic: str
+    max_records: int
+    max_wait_ms: int
+    lease_ms: int
+    worker_id: str
+    def __init__(self, group: _Optional[str] = ..., topic: _Optional[str] = ..., max_records: _Optional[int] = ..., max_wait_ms: _Optional[int] = ..., lease_ms: _Optional[int] = ..., worker_id: _Optional[str] = ...) -> None: ...
+
+class ReceiveResponse(_message.Message):
+    __slots__ = ("records",)
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[LeasedRecord]
+    def __init__(self, records: _Optional[_Iterable[_Union[LeasedRecord, _Mapping]]] = ...) -> None: ...
+
+class ReceiveStreamResponse(_message.Message):
+    __slots__ = ("records",)
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[LeasedRecord]
+    def __init__(self, records: _Optional[_Iterable[_Union[LeasedRecord, _Mapping]]] = ...) -> None: ...
+
+class ReceiveStreamRequest(_message.Message):
+    __slots__ = ("open", "credit")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_FIELD_NUMBER: _ClassVar[int]
+    open: ReceiveRequest
+    credit: int
+    def __init__(self, open: _Optional[_Union[ReceiveRequest, _Mapping]] = ..., credit: _Optional[int] = ...) -> None: ...
+
+class LeaseRef(_message.Message):
+    __slots__ = ("partition", "offset", "lease_id")
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    partition: int
+    offset: int
+    lease_id: int
+    def __init__(self, partition: _Optional[int] = ..., offset: _Optional[int] = ..., lease_id: _Optional[int] = ...) -> None: ...
+
+class AckRequest(_message.Message):
+    __slots__ = ("group", "topic", "lease")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    topic: str
+    lease: LeaseRef
+    def __init__(self, group: _Optional[str] = ..., topic: _Optional[str] = ..., lease: _Optional[_Union[LeaseRef, _Mapping]] = ...) -> None: ...
+
+class AckResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NackRequest(_message.Message):
+    __slots__ = ("group", "topic", "lease", "delay_ms", "reason")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    topic: str
+    lease: LeaseRef
+    delay_ms: int
+    reason: str
+    def __init__(self, group: _Optional[str] = ..., topic: _Optional[str] = ..., lease: _Optional[_Union[LeaseRef, _Mapping]] = ..., delay_ms: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class NackResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ExtendRequest(_message.Message):
+    __slots__ = ("group", "topic", "lease", "lease_ms")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    topic: str
+    lease: LeaseRef
+    lease_ms: int
+    def __init__(self, group: _Optional[str] = ..., topic: _Optional[str] = ..., lease: _Optional[_Union[LeaseRef, _Mapping]] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+
+class ExtendResponse(_message.Message):
+    __slots__ = ("lease_expires_ms",)
+    LEASE_EXPIRES_MS_FIELD_NUMBER: _ClassVar[int]
+    lease_expires_ms: int
+    def __init__(self, lease_expires_ms: _Optional[int] = ...) -> None: ...
+
+class RejectRequest(_message.Message):
+    __slots__ = ("group", "topic", "lease", "reason")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    topic: str
+    lease: LeaseRef
+    reason: str
+    def __init__(self, group: _Optional[str] = ..., topic: _Optional[str] = ..., lease: _Optional[_Union[LeaseRef, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RejectResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Settlement(_message.Message):
+    __slots__ = ("lease", "action", "delay_ms", "reason")
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    lease: LeaseRef
+    action: SettleAction
+    delay_ms: int
+    reason: str
+    def __init__(self, lease: _Optional[_Union[LeaseRef, _Mapping]] = ..., action: _Optional[_Union[SettleAction, str]] = ..., delay_ms: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SettleRequest(_message.Message):
+    __slots__ = ("group", "topic", "settlements")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    SETTLEMENTS_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    topic: str
+    settlements: _containers.RepeatedCompositeFieldContainer[Settlement]
+    def __init__(self, group: _Optional[str] = ..., topic: _Optional[str] = ..., settlements: _Optional[_Iterable[_Union[Settlement, _Mapping]]] = ...) -> None: ...
+
+class SettleResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[SettleResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[SettleResult, _Mapping]]] = ...) -> None: ...
+
+class SettleResult(_message.Message):
+    __slots__ = ("error", "lease_expires_ms")
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRES_MS_FIELD_NUMBER: _ClassVar[int]
+    error: StreamError
+    lease_expires_ms: int
+    def __init__(self, error: _Optional[_Union[StreamError, _Mapping]] = ..., lease_expires_ms: _Optional[int] = ...) -> None: ...
+
+class QueuePartitionStats(_message.Message):
+    __slots__ = ("partition", "start_offset", "backlog", "in_flight", "waiting", "acked", "redelivered", "dead_lettered", "oldest_unacked_ms", "lost_to_retention", "log_end_offset")
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    START_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BACKLOG_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    ACKED_FIELD_NUMBER: _ClassVar[int]
+    REDELIVERED_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LETTERED_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_UNACKED_MS_FIELD_NUMBER: _ClassVar[int]
+    LOST_TO_RETENTION_FIELD_NUMBER: _ClassVar[int]
+    LOG_END_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    partition: int
+    start_offset: int
+    backlog: int
+    in_flight: int
+    waiting: int
+    acked: int
+    redelivered: int
+    dead_lettered: int
+    oldest_unacked_ms: int
+    lost_to_retention: int
+    log_end_offset: int
+    def __init__(self, partition: _Optional[int] = ..., start_offset: _Optional[int] = ..., backlog: _Optional[int] = ..., in_flight: _Optional[int] = ..., waiting: _Optional[int] = ..., acked: _Optional[int] = ..., redelivered: _Optional[int] = ..., dead_lettered: _Optional[int] = ..., oldest_unacked_ms: _Optional[int] = ..., lost_to_retention: _Optional[int] = ..., log_end_offset: _Optional[int] = ...) -> None: ...
+
+class QueueGroupDescription(_message.Message):
+    __slots__ = ("group", "topic", "config", "partitions", "created_ms")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_MS_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    topic: str
+    config: QueueGroupConfig
+    partitions: _containers.RepeatedCompositeFieldContainer[QueuePartitionStats]
+    created_ms: int
+    def __init__(self, group: _Optional[str] = ..., topic: _Optional[str] = ..., config: _Optional[_Union[QueueGroupConfig, _Mapping]] = ..., partitions: _Optional[_Iterable[_Union[QueuePartitionStats, _Mapping]]] = ..., created_ms: _Optional[int] = ...) -> None: ...
+
+class DescribeQueueGroupRequest(_message.Message):
+    __slots__ = ("group", "topic")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    topic: str
+    def __init__(self, group: _Optional[str] = ..., topic: _Optional[str] = ...) -> None: ...
+
+class DescribeQueueGroupResponse(_message.Message):
+    __slots__ = ("group",)
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    group: QueueGroupDescription
+    def __init__(self, group: _Optional[_Union[QueueGroupDescription, _Mapping]] = ...) -> None: ...
+
+class ListQueueGroupsRequest(_message.Message):
+    __slots__ = ("topic",)
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    topic: str
+    def __init__(self, topic: _Optional[str] = ...) -> None: ...
+
+class ListQueueGroupsResponse(_message.Message):
+    __slots__ = ("groups",)
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    groups: _containers.RepeatedCompositeFieldContainer[QueueGroupDescription]
+    def __init__(self, groups: _Optional[_Iterable[_Union[QueueGroupDescription, _Mapping]]] = ...) -> None: ...
+
+class DeleteQueueGroupRequest(_message.Message):
+    __slots__ = ("group", "topic")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    topic: str
+    def __init__(self, group: _Optional[str] = ..., topic: _Optional[str] = ...) -> None: ...
+
+class DeleteQueueGroupResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SeekQueueGroupRequest(_message.Message):
+    __slots__ = ("group", "topic", "partitions", "position", "offset", "timestamp_ms", "execute")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    EXECUTE_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    topic: str
+    partitions: _containers.RepeatedScalarFieldContainer[int]
+    position: OffsetSpec
+    offset: int
+    timestamp_ms: int
+    execute: bool
+    def __init__(self, group: _Optional[str] = ..., topic: _Optional[str] = ..., partitions: _Optional[_Iterable[int]] = ..., position: _Optional[_Union[OffsetSpec, str]] = ..., offset: _Optional[int] = ..., timestamp_ms: _Optional[int] = ..., execute: _Optional[bool] = ...) -> None: ...
+
+class QueueSeekPlan(_message.Message):
+    __slots__ = ("partition", "old_offset", "new_offset", "clamped")
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    OLD_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NEW_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CLAMPED_FIELD_NUMBER: _ClassVar[int]
+    partition: int
+    old_offset: int
+    new_offset: int
+    clamped: bool
+    def __init__(self, partition: _Optional[int] = ..., old_offset: _Optional[int] = ..., new_offset: _Optional[int] = ..., clamped: _Optional[bool] = ...) -> None: ...
+
+class SeekQueueGroupResponse(_message.Message):
+    __slots__ = ("plan", "executed")
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    EXECUTED_FIELD_NUMBER: _ClassVar[int]
+    plan: _containers.RepeatedCompositeFieldContainer[QueueSeekPlan]
+    executed: bool
+    def __init__(self, plan: _Optional[_Iterable[_Union[QueueSeekPlan, _Mapping]]] = ..., executed: _Optional[bool] = ...) -> None: ...

@@ -240,6 +240,11 @@ class LogServiceStub:
                 request_serializer=streamd_dot_v1_dot_streamd__pb2.ProduceRequest.SerializeToString,
                 response_deserializer=streamd_dot_v1_dot_streamd__pb2.ProduceResponse.FromString,
                 _registered_method=True)
+        self.InitProducer = channel.unary_unary(
+                '/streamd.v1.LogService/InitProducer',
+                request_serializer=streamd_dot_v1_dot_streamd__pb2.InitProducerRequest.SerializeToString,
+                response_deserializer=streamd_dot_v1_dot_streamd__pb2.InitProducerResponse.FromString,
+                _registered_method=True)
         self.ProduceStream = channel.stream_stream(
                 '/streamd.v1.LogService/ProduceStream',
                 request_serializer=streamd_dot_v1_dot_streamd__pb2.ProduceStreamRequest.SerializeToString,
@@ -267,6 +272,13 @@ class LogServiceServicer:
 
     def Produce(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InitProducer(self, request, context):
+        """An id for an idempotent producer.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -305,6 +317,11 @@ def add_LogServiceServicer_to_server(servicer, server):
                     servicer.Produce,
                     request_deserializer=streamd_dot_v1_dot_streamd__pb2.ProduceRequest.FromString,
                     response_serializer=streamd_dot_v1_dot_streamd__pb2.ProduceResponse.SerializeToString,
+            ),
+            'InitProducer': grpc.unary_unary_rpc_method_handler(
+                    servicer.InitProducer,
+                    request_deserializer=streamd_dot_v1_dot_streamd__pb2.InitProducerRequest.FromString,
+                    response_serializer=streamd_dot_v1_dot_streamd__pb2.InitProducerResponse.SerializeToString,
             ),
             'ProduceStream': grpc.stream_stream_rpc_method_handler(
                     servicer.ProduceStream,
@@ -354,6 +371,33 @@ class LogService:
             '/streamd.v1.LogService/Produce',
             streamd_dot_v1_dot_streamd__pb2.ProduceRequest.SerializeToString,
             streamd_dot_v1_dot_streamd__pb2.ProduceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InitProducer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streamd.v1.LogService/InitProducer',
+            streamd_dot_v1_dot_streamd__pb2.InitProducerRequest.SerializeToString,
+            streamd_dot_v1_dot_streamd__pb2.InitProducerResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -793,6 +837,553 @@ class GroupService:
             '/streamd.v1.GroupService/ResetOffsets',
             streamd_dot_v1_dot_streamd__pb2.ResetOffsetsRequest.SerializeToString,
             streamd_dot_v1_dot_streamd__pb2.ResetOffsetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class QueueServiceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateQueueGroup = channel.unary_unary(
+                '/streamd.v1.QueueService/CreateQueueGroup',
+                request_serializer=streamd_dot_v1_dot_streamd__pb2.CreateQueueGroupRequest.SerializeToString,
+                response_deserializer=streamd_dot_v1_dot_streamd__pb2.CreateQueueGroupResponse.FromString,
+                _registered_method=True)
+        self.DeleteQueueGroup = channel.unary_unary(
+                '/streamd.v1.QueueService/DeleteQueueGroup',
+                request_serializer=streamd_dot_v1_dot_streamd__pb2.DeleteQueueGroupRequest.SerializeToString,
+                response_deserializer=streamd_dot_v1_dot_streamd__pb2.DeleteQueueGroupResponse.FromString,
+                _registered_method=True)
+        self.DescribeQueueGroup = channel.unary_unary(
+                '/streamd.v1.QueueService/DescribeQueueGroup',
+                request_serializer=streamd_dot_v1_dot_streamd__pb2.DescribeQueueGroupRequest.SerializeToString,
+                response_deserializer=streamd_dot_v1_dot_streamd__pb2.DescribeQueueGroupResponse.FromString,
+                _registered_method=True)
+        self.ListQueueGroups = channel.unary_unary(
+                '/streamd.v1.QueueService/ListQueueGroups',
+                request_serializer=streamd_dot_v1_dot_streamd__pb2.ListQueueGroupsRequest.SerializeToString,
+                response_deserializer=streamd_dot_v1_dot_streamd__pb2.ListQueueGroupsResponse.FromString,
+                _registered_method=True)
+        self.Receive = channel.unary_unary(
+                '/streamd.v1.QueueService/Receive',
+                request_serializer=streamd_dot_v1_dot_streamd__pb2.ReceiveRequest.SerializeToString,
+                response_deserializer=streamd_dot_v1_dot_streamd__pb2.ReceiveResponse.FromString,
+                _registered_method=True)
+        self.ReceiveStream = channel.stream_stream(
+                '/streamd.v1.QueueService/ReceiveStream',
+                request_serializer=streamd_dot_v1_dot_streamd__pb2.ReceiveStreamRequest.SerializeToString,
+                response_deserializer=streamd_dot_v1_dot_streamd__pb2.ReceiveStreamResponse.FromString,
+                _registered_method=True)
+        self.Ack = channel.unary_unary(
+                '/streamd.v1.QueueService/Ack',
+                request_serializer=streamd_dot_v1_dot_streamd__pb2.AckRequest.SerializeToString,
+                response_deserializer=streamd_dot_v1_dot_streamd__pb2.AckResponse.FromString,
+                _registered_method=True)
+        self.Nack = channel.unary_unary(
+                '/streamd.v1.QueueService/Nack',
+                request_serializer=streamd_dot_v1_dot_streamd__pb2.NackRequest.SerializeToString,
+                response_deserializer=streamd_dot_v1_dot_streamd__pb2.NackResponse.FromString,
+                _registered_method=True)
+        self.Extend = channel.unary_unary(
+                '/streamd.v1.QueueService/Extend',
+                request_serializer=streamd_dot_v1_dot_streamd__pb2.ExtendRequest.SerializeToString,
+                response_deserializer=streamd_dot_v1_dot_streamd__pb2.ExtendResponse.FromString,
+                _registered_method=True)
+        self.Reject = channel.unary_unary(
+                '/streamd.v1.QueueService/Reject',
+                request_serializer=streamd_dot_v1_dot_streamd__pb2.RejectRequest.SerializeToString,
+                response_deserializer=streamd_dot_v1_dot_streamd__pb2.RejectResponse.FromString,
+                _registered_method=True)
+        self.Settle = channel.unary_unary(
+                '/streamd.v1.QueueService/Settle',
+                request_serializer=streamd_dot_v1_dot_streamd__pb2.SettleRequest.SerializeToString,
+                response_deserializer=streamd_dot_v1_dot_streamd__pb2.SettleResponse.FromString,
+                _registered_method=True)
+        self.SeekQueueGroup = channel.unary_unary(
+                '/streamd.v1.QueueService/SeekQueueGroup',
+                request_serializer=streamd_dot_v1_dot_streamd__pb2.SeekQueueGroupRequest.SerializeToString,
+                response_deserializer=streamd_dot_v1_dot_streamd__pb2.SeekQueueGroupResponse.FromString,
+                _registered_method=True)
+
+
+class QueueServiceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def CreateQueueGroup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteQueueGroup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeQueueGroup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListQueueGroups(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Receive(self, request, context):
+        """Lease up to max_records available records (long-poll when none).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReceiveStream(self, request_iterator, context):
+        """Leased records pushed as credit allows.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Ack(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Nack(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Extend(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reject(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Settle(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SeekQueueGroup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_QueueServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateQueueGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateQueueGroup,
+                    request_deserializer=streamd_dot_v1_dot_streamd__pb2.CreateQueueGroupRequest.FromString,
+                    response_serializer=streamd_dot_v1_dot_streamd__pb2.CreateQueueGroupResponse.SerializeToString,
+            ),
+            'DeleteQueueGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteQueueGroup,
+                    request_deserializer=streamd_dot_v1_dot_streamd__pb2.DeleteQueueGroupRequest.FromString,
+                    response_serializer=streamd_dot_v1_dot_streamd__pb2.DeleteQueueGroupResponse.SerializeToString,
+            ),
+            'DescribeQueueGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeQueueGroup,
+                    request_deserializer=streamd_dot_v1_dot_streamd__pb2.DescribeQueueGroupRequest.FromString,
+                    response_serializer=streamd_dot_v1_dot_streamd__pb2.DescribeQueueGroupResponse.SerializeToString,
+            ),
+            'ListQueueGroups': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListQueueGroups,
+                    request_deserializer=streamd_dot_v1_dot_streamd__pb2.ListQueueGroupsRequest.FromString,
+                    response_serializer=streamd_dot_v1_dot_streamd__pb2.ListQueueGroupsResponse.SerializeToString,
+            ),
+            'Receive': grpc.unary_unary_rpc_method_handler(
+                    servicer.Receive,
+                    request_deserializer=streamd_dot_v1_dot_streamd__pb2.ReceiveRequest.FromString,
+                    response_serializer=streamd_dot_v1_dot_streamd__pb2.ReceiveResponse.SerializeToString,
+            ),
+            'ReceiveStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ReceiveStream,
+                    request_deserializer=streamd_dot_v1_dot_streamd__pb2.ReceiveStreamRequest.FromString,
+                    response_serializer=streamd_dot_v1_dot_streamd__pb2.ReceiveStreamResponse.SerializeToString,
+            ),
+            'Ack': grpc.unary_unary_rpc_method_handler(
+                    servicer.Ack,
+                    request_deserializer=streamd_dot_v1_dot_streamd__pb2.AckRequest.FromString,
+                    response_serializer=streamd_dot_v1_dot_streamd__pb2.AckResponse.SerializeToString,
+            ),
+            'Nack': grpc.unary_unary_rpc_method_handler(
+                    servicer.Nack,
+                    request_deserializer=streamd_dot_v1_dot_streamd__pb2.NackRequest.FromString,
+                    response_serializer=streamd_dot_v1_dot_streamd__pb2.NackResponse.SerializeToString,
+            ),
+            'Extend': grpc.unary_unary_rpc_method_handler(
+                    servicer.Extend,
+                    request_deserializer=streamd_dot_v1_dot_streamd__pb2.ExtendRequest.FromString,
+                    response_serializer=streamd_dot_v1_dot_streamd__pb2.ExtendResponse.SerializeToString,
+            ),
+            'Reject': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reject,
+                    request_deserializer=streamd_dot_v1_dot_streamd__pb2.RejectRequest.FromString,
+                    response_serializer=streamd_dot_v1_dot_streamd__pb2.RejectResponse.SerializeToString,
+            ),
+            'Settle': grpc.unary_unary_rpc_method_handler(
+                    servicer.Settle,
+                    request_deserializer=streamd_dot_v1_dot_streamd__pb2.SettleRequest.FromString,
+                    response_serializer=streamd_dot_v1_dot_streamd__pb2.SettleResponse.SerializeToString,
+            ),
+            'SeekQueueGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.SeekQueueGroup,
+                    request_deserializer=streamd_dot_v1_dot_streamd__pb2.SeekQueueGroupRequest.FromString,
+                    response_serializer=streamd_dot_v1_dot_streamd__pb2.SeekQueueGroupResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'streamd.v1.QueueService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('streamd.v1.QueueService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class QueueService:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def CreateQueueGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streamd.v1.QueueService/CreateQueueGroup',
+            streamd_dot_v1_dot_streamd__pb2.CreateQueueGroupRequest.SerializeToString,
+            streamd_dot_v1_dot_streamd__pb2.CreateQueueGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteQueueGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streamd.v1.QueueService/DeleteQueueGroup',
+            streamd_dot_v1_dot_streamd__pb2.DeleteQueueGroupRequest.SerializeToString,
+            streamd_dot_v1_dot_streamd__pb2.DeleteQueueGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeQueueGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streamd.v1.QueueService/DescribeQueueGroup',
+            streamd_dot_v1_dot_streamd__pb2.DescribeQueueGroupRequest.SerializeToString,
+            streamd_dot_v1_dot_streamd__pb2.DescribeQueueGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListQueueGroups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streamd.v1.QueueService/ListQueueGroups',
+            streamd_dot_v1_dot_streamd__pb2.ListQueueGroupsRequest.SerializeToString,
+            streamd_dot_v1_dot_streamd__pb2.ListQueueGroupsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Receive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streamd.v1.QueueService/Receive',
+            streamd_dot_v1_dot_streamd__pb2.ReceiveRequest.SerializeToString,
+            streamd_dot_v1_dot_streamd__pb2.ReceiveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReceiveStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/streamd.v1.QueueService/ReceiveStream',
+            streamd_dot_v1_dot_streamd__pb2.ReceiveStreamRequest.SerializeToString,
+            streamd_dot_v1_dot_streamd__pb2.ReceiveStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Ack(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streamd.v1.QueueService/Ack',
+            streamd_dot_v1_dot_streamd__pb2.AckRequest.SerializeToString,
+            streamd_dot_v1_dot_streamd__pb2.AckResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Nack(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streamd.v1.QueueService/Nack',
+            streamd_dot_v1_dot_streamd__pb2.NackRequest.SerializeToString,
+            streamd_dot_v1_dot_streamd__pb2.NackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Extend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streamd.v1.QueueService/Extend',
+            streamd_dot_v1_dot_streamd__pb2.ExtendRequest.SerializeToString,
+            streamd_dot_v1_dot_streamd__pb2.ExtendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streamd.v1.QueueService/Reject',
+            streamd_dot_v1_dot_streamd__pb2.RejectRequest.SerializeToString,
+            streamd_dot_v1_dot_streamd__pb2.RejectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Settle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streamd.v1.QueueService/Settle',
+            streamd_dot_v1_dot_streamd__pb2.SettleRequest.SerializeToString,
+            streamd_dot_v1_dot_streamd__pb2.SettleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SeekQueueGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streamd.v1.QueueService/SeekQueueGroup',
+            streamd_dot_v1_dot_streamd__pb2.SeekQueueGroupRequest.SerializeToString,
+            streamd_dot_v1_dot_streamd__pb2.SeekQueueGroupResponse.FromString,
             options,
             channel_credentials,
             insecure,
