@@ -1,37 +1,20 @@
 """OffsetStore: the committed offsets of stream consumer groups, crash-safe.
 
-Owns ``DIR/offsets.journal``, an append-only journal of frames::
+Owns ``DIR/offsets.journal``, a ``consumer_groups.journal.Journal`` whose operations are::
 
-    frame   = header payload
-    header  = struct "<II": payload length (> 0), zlib.crc32(payload)
-    payload = compact UTF-8 JSON of one operation:
-      {"op":"commit","g":G,"o":[[topic,partition,offset,metadata,commit_time_ms],...]}
-      {"op":"delete_group","g":G}              offsets and undo record of G
-      {"op":"delete_topic","t":T}              every group's offsets and undo entries for T
-      {"op":"delete_partitions","g":G,"p":[[topic,partition],...]}   offsets only
-      {"op":"undo","g":G,"o":[[topic,partition,offset],...]}         replaces G's record
+    {"op":"commit","g":G,"o":[[topic,partition,offset,metadata,commit_time_ms],...]}
+    {"op":"delete_group","g":G}              offsets and undo record of G
+    {"op":"delete_topic","t":T}              every group's offsets and undo entries for T
+    {"op":"delete_partitions","g":G,"p":[[topic,partition],...]}   offsets only
+    {"op":"undo","g":G,"o":[[topic,partition,offset],...]}         replaces G's record
 
-State is the result of replaying the frames in order.
-
-Invariants:
-
-- Durable before acknowledged: a write call returns only after its frame is fsynced.
-  Memory changes only then, in operation order, so readers never see what a crash
-  could take back.
-- Group commit: calls made while a write+fsync runs queue up and the next flush covers
-  all of them with one ``os.write`` and one ``os.fsync``.
-- Single writer: all file I/O after open (write, fsync, compaction) runs in one flusher
-  job at a time in the executor, never on the event loop; so the file needs no lock.
-- Bounded: after a flush, when the journal exceeds ``compact_bytes`` and twice the size
-  of a snapshot of the live state, it is replaced (``write_atomic``) by that snapshot:
-  one commit frame per group plus one undo frame per undo record.
-- Recovery on open replays frames up to the first one that is torn, fails its CRC or
-  does not decode, truncates the file there (fsynced) and logs what it cut.
-- A failed write or fsync fails every caller of that batch with the ``OSError`` and
-  leaves memory unchanged. The file's state is then unknown (Linux may drop the dirty
-  pages), so the store refuses further writes with ``OffsetStoreFailed``; reopening
-  recovers. A failed call's frame may still reappear after a restart: not acknowledged
-  does not mean not applied.
+State is the result of replaying the operations in order. A write call returns only
+once its operation is fsynced, and memory changes only then, in operation order, so
+readers never see what a crash could take back. A failed write fails its callers,
+leaves memory unchanged, and the store refuses further writes (``OffsetStoreFailed``);
+reopening recovers. A failed call's operation may still reappear after a restart: not
+acknowledged does not mean not applied. Snapshots for compaction are one commit
+operation per group plus one undo operation per undo record.
 
 Not thread-safe: construct it before serving (open does blocking I/O) and call every
 method from one event loop thread. Reads are plain in-memory lookups.
@@ -39,34 +22,23 @@ method from one event loop thread. Reads are plain in-memory lookups.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
-import errno
-import json
-import logging
-import os
-import struct
-import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from segments.checkpoint import TEMP_SUFFIX, fsync_directory, write_atomic
+from .journal import DEFAULT_COMPACT_BYTES, Journal, JournalFailed
 
 if TYPE_CHECKING:
     from streamd.clock import Clock
 
-log = logging.getLogger("streamd.offsets")
-
 JOURNAL_NAME = "offsets.journal"
-DEFAULT_COMPACT_BYTES = 4 << 20
-FRAME_HEADER = struct.Struct("<II")
 
 TopicPartition = tuple[str, int]
 
 
-class OffsetStoreFailed(OSError):
+class OffsetStoreFailed(JournalFailed):
     """An earlier write failed or the store is closed; the journal takes no more writes."""
 
 
@@ -89,21 +61,16 @@ class OffsetStore:
         executor: concurrent.futures.Executor | None = None,
         compact_bytes: int = DEFAULT_COMPACT_BYTES,
     ) -> None:
-        self._path = Path(directory) / JOURNAL_NAME
         self._clock = clock
-        self._executor = executor
-        self._compact_bytes = compact_bytes
-        # Recheck for compaction only past this size; it grows with the live state so
-        # that a large state is not re-encoded after every flush.
-        self._compact_threshold = compact_bytes
         self._offsets: dict[str, dict[TopicPartition, CommittedOffset]] = {}
         self._undo: dict[str, dict[TopicPartition, int]] = {}
-        self._pending: list[tuple[bytes, dict, asyncio.Future]] = []
-        self._flusher: asyncio.Future[None] | None = None
-        self._failed: BaseException | None = None
-        self._closed = False
-        self._fd = self._open(Path(directory))
-        self._size = self._recover()
+        self._journal = Journal(
+            Path(directory) / JOURNAL_NAME,
+            apply=self._apply,
+            snapshot=self._snapshot,
+            executor=executor,
+            compact_bytes=compact_bytes,
+        )
 
     # -- reading -------------------------------------------------------------
     def get(self, group: str, topic: str, partition: int) -> CommittedOffset | None:
@@ -124,7 +91,7 @@ class OffsetStore:
 
     @property
     def journal_bytes(self) -> int:
-        return self._size
+        return self._journal.size
 
     # -- writing -------------------------------------------------------------
     async def commit(self, group: str, offsets: Mapping[TopicPartition, tuple[int, str]]) -> None:
@@ -158,91 +125,26 @@ class OffsetStore:
 
     async def close(self) -> None:
         """Refuse new writes, wait for queued ones, close the file. Idempotent."""
-        self._closed = True
-        while self._flusher is not None:
-            await asyncio.shield(self._flusher)
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        await self._journal.close()
 
     async def _submit(self, op: dict) -> Any:
-        if (refusal := self._refusal()) is not None:
-            raise refusal
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append((_frame(op), op, future))
-        if self._flusher is None:
-            self._flusher = asyncio.ensure_future(self._flush_pending())
-        return await future
-
-    def _refusal(self) -> OffsetStoreFailed | None:
-        if self._failed is not None:
-            return OffsetStoreFailed(errno.EIO, f"offset journal {self._path} failed earlier: {self._failed!r}")
-        if self._closed:
-            return OffsetStoreFailed(errno.EBADF, f"offset store {self._path} is closed")
-        return None
-
-    # -- the flusher (one at a time) ----------------------------------------
-    async def _flush_pending(self) -> None:
-        loop = asyncio.get_running_loop()
-        batch: list[tuple[bytes, dict, asyncio.Future]] = []
         try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                data = b"".join(frame for frame, _, _ in batch)
-                await loop.run_in_executor(self._executor, _append, self._fd, data)
-                self._size += len(data)
-                for _, op, future in batch:
-                    _settle(future, result=self._apply(op))
-                batch = []
-                if self._size > self._compact_threshold:
-                    await self._compact(loop)
-        except BaseException as exc:
-            # A failed compaction fails the store too: the rename may have happened, and
-            # appending to the old file would then lose data.
-            self._failed = exc
-            log.error("offset journal %s failed, refusing further writes: %r", self._path, exc)
-            error = exc if isinstance(exc, Exception) else OffsetStoreFailed(errno.EIO, repr(exc))
-            for _, _, future in batch:
-                _settle(future, exc=error)
-            if not isinstance(exc, Exception):
-                # Cancelled (the loop is going away) while the job may still run: leak the
-                # fd rather than let close() free its number for reuse under that job.
-                self._fd = -1
-                raise
-        finally:
-            self._flusher = None
-            if self._failed is not None:  # calls queued behind the failure
-                batch, self._pending = self._pending, []
-                for _, _, future in batch:
-                    _settle(future, exc=self._refusal())
+            future = self._journal.write(op, then=self._apply)
+        except JournalFailed as exc:
+            raise OffsetStoreFailed(exc.errno, exc.strerror) from None
+        try:
+            return await future
+        except JournalFailed as exc:
+            raise OffsetStoreFailed(exc.errno, exc.strerror) from None
 
-    async def _compact(self, loop: asyncio.AbstractEventLoop) -> None:
-        fd, snapshot_bytes = await loop.run_in_executor(self._executor, self._rewrite)
-        if fd is not None:
-            log.info("compacted %s from %d to %d bytes", self._path, self._size, snapshot_bytes)
-            self._fd, self._size = fd, snapshot_bytes
-        self._compact_threshold = max(self._compact_bytes, 2 * snapshot_bytes)
-
-    def _rewrite(self) -> tuple[int | None, int]:
-        """Executor job: (new fd, size) if the journal was replaced by a snapshot, else
-        (None, snapshot size). Safe to read the state here: only the flusher changes it,
-        and it is waiting for this job."""
-        snapshot = self._snapshot()
-        if self._size <= 2 * len(snapshot):
-            return None, len(snapshot)
-        write_atomic(self._path, snapshot)
-        fd = _open_journal(self._path)
-        os.close(self._fd)
-        return fd, len(snapshot)
-
-    def _snapshot(self) -> bytes:
+    def _snapshot(self) -> list[dict]:
         ops: list[dict] = []
         for group, offsets in self._offsets.items():
             entries = [[t, p, c.offset, c.metadata, c.commit_time_ms] for (t, p), c in offsets.items()]
             ops.append({"op": "commit", "g": group, "o": entries})
         for group, undo in self._undo.items():
             ops.append({"op": "undo", "g": group, "o": [[t, p, o] for (t, p), o in undo.items()]})
-        return b"".join(_frame(op) for op in ops)
+        return ops
 
     # -- applying operations (live and in recovery) --------------------------
     def _apply(self, op: dict) -> Any:
@@ -290,84 +192,6 @@ class OffsetStore:
                     if not entries and table is self._offsets:
                         del table[group]  # groups() lists only groups with offsets
         return sorted(affected)
-
-    # -- open and recovery ---------------------------------------------------
-    def _open(self, directory: Path) -> int:
-        if not directory.exists():
-            directory.mkdir(parents=True)
-            fsync_directory(directory.parent)
-        for leftover in directory.glob(f".{JOURNAL_NAME}.*{TEMP_SUFFIX}"):
-            leftover.unlink(missing_ok=True)  # an unfinished compaction: the journal is intact
-        created = not self._path.exists()
-        fd = _open_journal(self._path)
-        if created:
-            fsync_directory(directory)  # else a power loss could drop the file and what it holds
-        return fd
-
-    def _recover(self) -> int:
-        data = self._path.read_bytes()
-        position = 0
-        while (frame := _read_frame(data, position)) is not None:
-            op, end = frame
-            try:
-                self._apply(op)
-            except (KeyError, TypeError, ValueError):
-                break
-            position = end
-        if position < len(data):
-            log.warning("offset journal %s: truncated at position %d, cutting %d bytes of torn or corrupt data",
-                        self._path, position, len(data) - position)
-            os.ftruncate(self._fd, position)
-            os.fsync(self._fd)
-        return position
-
-
-# -- frames ------------------------------------------------------------------
-def _frame(op: dict) -> bytes:
-    payload = json.dumps(op, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    return FRAME_HEADER.pack(len(payload), zlib.crc32(payload)) + payload
-
-
-def _read_frame(data: bytes, position: int) -> tuple[dict, int] | None:
-    """The operation at ``position`` and where it ends; None if torn or corrupt."""
-    if len(data) - position < FRAME_HEADER.size:
-        return None
-    length, crc = FRAME_HEADER.unpack_from(data, position)
-    start = position + FRAME_HEADER.size
-    # length 0 is refused: a zero-filled tail (a crash on some file systems) would
-    # otherwise pass as empty frames, since crc32(b"") == 0.
-    if length == 0 or start + length > len(data):
-        return None
-    payload = data[start:start + length]
-    if zlib.crc32(payload) != crc:
-        return None
-    try:
-        op = json.loads(payload.decode("utf-8"))
-    except ValueError:
-        return None
-    return (op, start + length) if isinstance(op, dict) else None
-
-
-def _open_journal(path: Path) -> int:
-    # O_APPEND: writes land at the end even right after a recovery truncation.
-    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-
-
-def _append(fd: int, data: bytes) -> None:
-    """Executor job: one write (looping only on a short write) and one fsync."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-    os.fsync(fd)
-
-
-def _settle(future: asyncio.Future, *, result: Any = None, exc: BaseException | None = None) -> None:
-    if future.done():  # the caller was cancelled; the operation itself still happened
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)
 
 
 # -- validation (defence in depth: the broker checks names first) -----------

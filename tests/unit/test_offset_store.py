@@ -206,7 +206,7 @@ def test_undo_record_survives_reopen_is_replaced_and_removed_with_group(tmp_path
 
 
 def test_compaction_keeps_journal_bounded(tmp_path, caplog):
-    caplog.set_level("INFO", logger="streamd.offsets")
+    caplog.set_level("INFO", logger="streamd.journal")
     compact_bytes = 64 << 10
     store = reopen(tmp_path, compact_bytes=compact_bytes)
     keys = [(f"topic-{k % 7}", k) for k in range(100)]
