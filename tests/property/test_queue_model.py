@@ -1,0 +1,153 @@
+"""PartitionQueue against a model, driven by a fake clock: no record is leased twice
+at once, delivery counts stay within the limit, dead-lettering happens exactly at the
+limit, backoff delays stay within the policy's bounds, acked records never come back,
+ordered keys have one record in flight."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from consumer_groups.queue import BLOCKED, DEAD_LETTERING, LEASED, LeaseExpired, PartitionQueue, QueueConfig
+from consumer_groups.retry import RetryPolicy
+
+MAX_DELIVERIES = 3
+POLICY = RetryPolicy(initial_delay_ms=100, multiplier=2.0, max_delay_ms=1000, jitter="equal")
+
+
+class QueueMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = QueueConfig(
+            max_deliveries=MAX_DELIVERIES, retry=POLICY, ordered_by_key=True, max_in_flight=20, lease_ms=1000
+        )
+        self.q = PartitionQueue(0, 0, self.config, rng=random.Random(1))
+        self.now = 1_000_000
+        self.log: list[tuple[bytes | None, int]] = []  # (key, deliver_at)
+        self.held: dict[int, tuple[int, int]] = {}  # offset -> (lease_id, expires)
+        self.stale: list[tuple[int, int]] = []
+        self.acked: set[int] = set()
+        self.rejected: set[int] = set()
+        self.dead: set[int] = set()
+
+    @rule(key=st.sampled_from([None, b"a", b"b"]), delay=st.sampled_from([0, 0, 500]))
+    def produce(self, key, delay):
+        self.log.append((key, self.now + delay if delay else 0))
+
+    @rule()
+    def admit(self):
+        while self.q.scan_offset < len(self.log) and self.q.room() > 0:
+            key, at = self.log[self.q.scan_offset]
+            self.q.admit(self.q.scan_offset, key=key, deliver_at_ms=at, append_time_ms=self.now)
+
+    @rule(n=st.integers(1, 5), lease_ms=st.sampled_from([200, 1000]))
+    def lease(self, n, lease_ms):
+        for e in self.q.lease(n, self.now, lease_ms):
+            assert e.offset not in self.acked, "an acked record came back"
+            old = self.held.get(e.offset)
+            assert old is None or old[1] <= self.now, "leased twice at once"
+            if old is not None:
+                self.stale.append((e.offset, old[0]))
+            assert 1 <= e.deliveries <= MAX_DELIVERIES
+            self.held[e.offset] = (e.lease_id, self.now + lease_ms)
+
+    def _pick(self, i):
+        live = sorted(o for o, (_, exp) in self.held.items() if exp > self.now)
+        return live[i % len(live)] if live else None
+
+    @rule(i=st.integers(0, 50))
+    def ack(self, i):
+        offset = self._pick(i)
+        if offset is None:
+            return
+        self.q.ack(offset, self.held.pop(offset)[0], self.now)
+        self.acked.add(offset)
+
+    @rule(i=st.integers(0, 50), override=st.sampled_from([None, 0, 300]))
+    def nack(self, i, override):
+        offset = self._pick(i)
+        if offset is None:
+            return
+        lease_id, _ = self.held.pop(offset)
+        e = self.q.nack(offset, lease_id, self.now, delay_ms=override)
+        if e.state == DEAD_LETTERING:
+            assert e.deliveries == MAX_DELIVERIES, "dead-lettered before the limit"
+        else:
+            assert e.deliveries < MAX_DELIVERIES
+            low, high = (override, override) if override is not None else POLICY.bounds_ms(e.deliveries)
+            assert low <= e.visible_at - self.now <= high, "backoff outside the policy's bounds"
+        self.stale.append((offset, lease_id))
+
+    @rule(i=st.integers(0, 50))
+    def reject(self, i):
+        offset = self._pick(i)
+        if offset is None:
+            return
+        e = self.q.reject(offset, self.held.pop(offset)[0], self.now, reason="poison")
+        assert e.state == DEAD_LETTERING
+        self.rejected.add(offset)
+
+    @rule(i=st.integers(0, 50))
+    def extend(self, i):
+        offset = self._pick(i)
+        if offset is None:
+            return
+        lease_id, _ = self.held[offset]
+        self.held[offset] = (lease_id, self.q.extend(offset, lease_id, self.now, 1000))
+
+    @precondition(lambda self: self.stale)
+    @rule(i=st.integers(0, 50))
+    def stale_ack_changes_nothing(self, i):
+        offset, lease_id = self.stale[i % len(self.stale)]
+        before = self.q.counts()
+        try:
+            self.q.ack(offset, lease_id, self.now)
+        except LeaseExpired:
+            assert self.q.counts() == before
+        else:
+            raise AssertionError("a stale lease was accepted")
+
+    @rule()
+    def drain_dead_letters(self):
+        while self.q.to_dead_letter:
+            offset = self.q.to_dead_letter.popleft()
+            e = self.q.entries[offset]
+            assert offset in self.rejected or e.deliveries == MAX_DELIVERIES
+            self.q.dead_lettered(offset)
+            self.dead.add(offset)
+
+    @rule(ms=st.sampled_from([50, 200, 600, 1500]))
+    def tick(self, ms):
+        self.now += ms
+        for e in self.q.expire(self.now):
+            self.held.pop(e.offset, None)
+
+    @invariant()
+    def window_is_consistent(self):
+        q = self.q
+        assert q.scan_offset - q.start_offset <= self.config.max_in_flight
+        for offset in range(q.start_offset, q.scan_offset):
+            assert (offset in q.entries) != (offset in q.settled), offset
+        assert all(o < q.start_offset or o in q.settled or o in q.entries for o in self.acked | self.dead)
+        assert not (set(q.entries) & self.acked)
+
+    @invariant()
+    def ordered_keys_have_one_record_out(self):
+        active: dict[bytes, int] = {}
+        for e in self.q.entries.values():
+            if e.key is not None and e.state != BLOCKED:
+                assert e.key not in active, f"key {e.key} has {active[e.key]} and {e.offset} out"
+                active[e.key] = e.offset
+
+    @invariant()
+    def leases_match_the_model(self):
+        for e in self.q.entries.values():
+            if e.state == LEASED and e.visible_at > self.now:
+                assert self.held.get(e.offset, (None,))[0] == e.lease_id
+
+
+TestQueueMachine = QueueMachine.TestCase
+TestQueueMachine.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
