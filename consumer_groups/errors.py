@@ -17,7 +17,11 @@ maps every class to a gRPC status code.
     ├── StaleGeneration       commit for a partition the member does not own in
     │                         the generation it names              ABORTED
     ├── NothingToUndo         no earlier reset to undo             FAILED_PRECONDITION
-    └── GroupLimitExceeded    too many groups or members           RESOURCE_EXHAUSTED
+    ├── GroupLimitExceeded    too many groups or members           RESOURCE_EXHAUSTED
+    ├── QueueGroupNotFound    no such queue group on the topic     NOT_FOUND
+    ├── QueueGroupExists                                           ALREADY_EXISTS
+    └── LeaseExpired          the lease is expired, settled or another worker's
+                                                                   FAILED_PRECONDITION
 """
 
 from __future__ import annotations
@@ -113,3 +117,25 @@ class GroupLimitExceeded(GroupError):
 
     def __init__(self, what: str, limit: int) -> None:
         super().__init__(f"too many {what} (limit {limit})", limit=limit)
+
+
+class QueueGroupNotFound(GroupError):
+    reason = "QUEUE_GROUP_NOT_FOUND"
+
+    def __init__(self, group: str, topic: str) -> None:
+        super().__init__(f"queue group {group!r} on topic {topic!r} does not exist", group=group, topic=topic)
+
+
+class QueueGroupExists(GroupError):
+    reason = "QUEUE_GROUP_EXISTS"
+
+    def __init__(self, group: str, topic: str) -> None:
+        super().__init__(f"queue group {group!r} on topic {topic!r} already exists", group=group, topic=topic)
+
+
+class LeaseExpired(GroupError):
+    reason = "LEASE_EXPIRED"
+
+    def __init__(self, partition: int, offset: int, why: str) -> None:
+        super().__init__(f"lease on partition {partition} offset {offset}: {why}", partition=partition, offset=offset)
+        self.partition, self.offset = partition, offset

@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from .errors import LeaseExpired
 from .retry import RetryPolicy
 
 AVAILABLE, LEASED, WAITING, BLOCKED, DEAD_LETTERING = range(5)
@@ -42,14 +43,6 @@ STATE_NAMES = ("available", "leased", "waiting", "blocked", "dead-lettering")
 MIN_LEASE_MS = 100
 MAX_LEASE_MS = 12 * 3600 * 1000
 MAX_REASON_CHARS = 1024
-
-
-class LeaseExpired(Exception):
-    """The lease is not (or no longer) the record's current lease."""
-
-    def __init__(self, partition: int, offset: int, why: str) -> None:
-        super().__init__(f"lease on partition {partition} offset {offset}: {why}")
-        self.partition, self.offset = partition, offset
 
 
 @dataclass(frozen=True)
@@ -177,8 +170,8 @@ class PartitionQueue:
 
     # -- leasing ---------------------------------------------------------------
     def lease(self, n: int, now: int, lease_ms: int) -> list[Entry]:
-        """Lease up to ``n`` available records (lowest offsets first)."""
-        self.expire(now)
+        """Lease up to ``n`` available records (lowest offsets first). Call ``expire``
+        first: expired leases and due retries are the owner's to persist."""
         out: list[Entry] = []
         while self._ready and len(out) < n:
             offset = heapq.heappop(self._ready)
@@ -201,8 +194,7 @@ class PartitionQueue:
             out.append(e)
         return out
 
-    def has_available(self, now: int) -> bool:
-        self.expire(now)
+    def has_available(self) -> bool:
         while self._ready:
             e = self.entries.get(self._ready[0])
             if e is not None and e.state == AVAILABLE:

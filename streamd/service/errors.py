@@ -51,6 +51,9 @@ STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     group_errors.StaleGeneration: grpc.StatusCode.ABORTED,
     group_errors.NothingToUndo: grpc.StatusCode.FAILED_PRECONDITION,
     group_errors.GroupLimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    group_errors.QueueGroupNotFound: grpc.StatusCode.NOT_FOUND,
+    group_errors.QueueGroupExists: grpc.StatusCode.ALREADY_EXISTS,
+    group_errors.LeaseExpired: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 

@@ -11,7 +11,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from consumer_groups.queue import BLOCKED, DEAD_LETTERING, LEASED, LeaseExpired, PartitionQueue, QueueConfig
+from consumer_groups.errors import LeaseExpired
+from consumer_groups.queue import BLOCKED, DEAD_LETTERING, LEASED, PartitionQueue, QueueConfig
 from consumer_groups.retry import RetryPolicy
 
 MAX_DELIVERIES = 3
@@ -45,6 +46,8 @@ class QueueMachine(RuleBasedStateMachine):
 
     @rule(n=st.integers(1, 5), lease_ms=st.sampled_from([200, 1000]))
     def lease(self, n, lease_ms):
+        for e in self.q.expire(self.now):
+            self.held.pop(e.offset, None)
         for e in self.q.lease(n, self.now, lease_ms):
             assert e.offset not in self.acked, "an acked record came back"
             old = self.held.get(e.offset)

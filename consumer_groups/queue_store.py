@@ -1,0 +1,249 @@
+"""QueueStore: every queue group's state, crash-safe, in ``DIR/queues.journal``.
+
+The live state is the ``PartitionQueue`` objects in memory; the journal (a
+``consumer_groups.journal.Journal``) records their changes as operations that set
+absolute values, so replaying one twice (a snapshot plus operations written while it
+was taken) gives the same state::
+
+    {"op":"create","g":G,"t":T,"cfg":{...},"start":[[p,offset],..],"ms":created_ms}
+    {"op":"delete","g":G,"t":T}
+    {"op":"dlv","g":G,"t":T,"p":P,"o":[[offset,deliveries,first_ms,last_ms],..]}   lazy
+    {"op":"rty","g":G,"t":T,"p":P,"o":[[offset,deliveries,visible_at,reason],..]}  nack: durable, expiry: lazy
+    {"op":"dlq","g":G,"t":T,"p":P,"o":[[offset,deliveries,reason,first_ms,last_ms],..]}  durable
+    {"op":"set","g":G,"t":T,"p":P,"k":"a"|"d","o":[offset,..]}   settled (acked / dead-lettered): durable
+    {"op":"seek","g":G,"t":T,"p":P,"start":offset}                                  durable
+    {"op":"skip","g":G,"t":T,"p":P,"start":offset,"lost":n}                        lazy
+    {"op":"part","g":G,"t":T,"p":P,"start":S,"settled":[[a,b],..],"known":[[o,d,vis,reason,first,last,dead],..],
+     "stats":[acked,redelivered,dead_lettered,lost]}                                 snapshot
+
+Durability: settling (acks, dead-letter decisions, nacks, seeks) is fsynced before it
+is acknowledged; deliveries and lease expiries are written at once but fsynced with
+the next durable operation, so they survive a process crash, not always a power
+loss (a delivery count may then be one lower). Leases themselves are not stored: a
+lease in flight at a crash is void after it, and its record is delivered again.
+
+After a restart each partition starts with its window empty at ``start_offset``;
+records are admitted from the log again and pick up what ``remembered`` holds for
+them (delivery counts, retry times, reasons, pending dead letters).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import random
+from dataclasses import asdict
+from pathlib import Path
+
+from .journal import DEFAULT_COMPACT_BYTES, Journal
+from .queue import DEAD_LETTERING, WAITING, Entry, PartitionQueue, QueueConfig, expand_ranges, settled_ranges
+from .retry import RetryPolicy
+
+JOURNAL_NAME = "queues.journal"
+
+GroupKey = tuple[str, str]  # (group, topic)
+
+
+class QueueGroup:
+    def __init__(self, name: str, topic: str, config: QueueConfig, created_ms: int) -> None:
+        self.name, self.topic, self.config, self.created_ms = name, topic, config, created_ms
+        self.partitions: dict[int, PartitionQueue] = {}
+
+    @property
+    def dead_letter_topic(self) -> str:
+        return self.config.dead_letter_topic or f"{self.topic}.dlq"
+
+
+def config_to_dict(config: QueueConfig) -> dict:
+    return asdict(config)
+
+
+def config_from_dict(raw: dict) -> QueueConfig:
+    raw = dict(raw)
+    raw["retry"] = RetryPolicy(**raw.get("retry", {}))
+    return QueueConfig(**raw)
+
+
+class QueueStore:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        executor: concurrent.futures.Executor | None = None,
+        rng: random.Random | None = None,
+        compact_bytes: int = DEFAULT_COMPACT_BYTES,
+    ) -> None:
+        self.rng = rng or random.Random()
+        self.groups: dict[GroupKey, QueueGroup] = {}
+        self._journal = Journal(
+            Path(directory) / JOURNAL_NAME,
+            apply=self._replay,
+            snapshot=self._snapshot,
+            executor=executor,
+            compact_bytes=compact_bytes,
+        )
+
+    # -- writes (the callers changed memory already) -----------------------------------
+    async def create(self, group: QueueGroup) -> None:
+        self.groups[(group.name, group.topic)] = group
+        await self._journal.write(self._create_op(group))
+
+    async def delete(self, group: QueueGroup) -> None:
+        self.groups.pop((group.name, group.topic), None)
+        await self._journal.write({"op": "delete", "g": group.name, "t": group.topic})
+
+    def delivered(self, group: QueueGroup, partition: int, entries: list[Entry]) -> None:
+        o = [[e.offset, e.deliveries, e.first_delivery_ms, e.last_delivery_ms] for e in entries]
+        self._journal.write(self._op("dlv", group, partition, o=o), durable=False)
+
+    def retried(self, group: QueueGroup, partition: int, entries: list[Entry], *, durable: bool):
+        """Entries now WAITING for a redelivery (or dead-lettering: use ``dead``)."""
+        o = [[e.offset, e.deliveries, e.visible_at, e.reason] for e in entries]
+        return self._journal.write(self._op("rty", group, partition, o=o), durable=durable)
+
+    def dead(self, group: QueueGroup, partition: int, entries: list[Entry]):
+        o = [[e.offset, e.deliveries, e.reason, e.first_delivery_ms, e.last_delivery_ms] for e in entries]
+        return self._journal.write(self._op("dlq", group, partition, o=o))
+
+    def settled(self, group: QueueGroup, partition: int, offsets: list[int], *, kind: str = "a"):
+        return self._journal.write(self._op("set", group, partition, k=kind, o=offsets))
+
+    def sought(self, group: QueueGroup, partition: int, start: int):
+        return self._journal.write(self._op("seek", group, partition, start=start))
+
+    def skipped(self, group: QueueGroup, partition: int, start: int, lost: int) -> None:
+        self._journal.write(self._op("skip", group, partition, start=start, lost=lost), durable=False)
+
+    async def close(self) -> None:
+        await self._journal.close()
+
+    @staticmethod
+    def _op(kind: str, group: QueueGroup, partition: int, **fields) -> dict:
+        return {"op": kind, "g": group.name, "t": group.topic, "p": partition, **fields}
+
+    @staticmethod
+    def _create_op(group: QueueGroup) -> dict:
+        return {
+            "op": "create", "g": group.name, "t": group.topic, "cfg": config_to_dict(group.config),
+            "start": [[p, q.start_offset] for p, q in group.partitions.items()], "ms": group.created_ms,
+        }
+
+    # -- snapshot ------------------------------------------------------------------
+    def _snapshot(self) -> list[dict]:
+        ops: list[dict] = []
+        for group in self.groups.values():
+            ops.append(self._create_op(group))
+            for p, q in group.partitions.items():
+                known = [list(v) + [o] for o, v in q.remembered.items()]
+                known = [[o, d, vis, reason, first, last, dead] for d, vis, reason, first, last, dead, o in known]
+                for e in q.entries.values():
+                    if e.deliveries or e.state in (WAITING, DEAD_LETTERING):
+                        vis = e.visible_at if e.state == WAITING else 0
+                        known.append([e.offset, e.deliveries, vis, e.reason, e.first_delivery_ms,
+                                      e.last_delivery_ms, e.state == DEAD_LETTERING])
+                s = q.stats
+                ops.append(self._op(
+                    "part", group, p, start=q.start_offset, settled=settled_ranges(q.settled), known=known,
+                    stats=[s.acked, s.redelivered, s.dead_lettered, s.lost_to_retention],
+                ))
+        return ops
+
+    # -- replay (recovery) ------------------------------------------------------------
+    def _replay(self, op: dict) -> None:
+        kind = op["op"]
+        if kind == "create":
+            group = QueueGroup(op["g"], op["t"], config_from_dict(op["cfg"]), int(op["ms"]))
+            for p, start in op["start"]:
+                group.partitions[int(p)] = PartitionQueue(int(p), int(start), group.config, rng=self.rng)
+            self.groups[(group.name, group.topic)] = group
+            return
+        if kind == "delete":
+            self.groups.pop((op["g"], op["t"]), None)
+            return
+        q = self.groups[(op["g"], op["t"])].partitions[int(op["p"])]
+        handler = _REPLAY.get(kind)
+        if handler is None:
+            raise ValueError(f"unknown operation {kind!r}")
+        handler(q, op)
+
+
+def _remember(q: PartitionQueue, offset: int, **changes) -> None:
+    if offset < q.start_offset or offset in q.settled:
+        return
+    d, vis, reason, first, last, dead = q.remembered.get(offset, (0, 0, "", 0, 0, False))
+    values = {"d": d, "vis": vis, "reason": reason, "first": first, "last": last, "dead": dead, **changes}
+    q.remembered[offset] = (values["d"], values["vis"], values["reason"], values["first"], values["last"],
+                            values["dead"])
+
+
+def _replay_dlv(q: PartitionQueue, op: dict) -> None:
+    for offset, d, first, last in op["o"]:
+        _remember(q, int(offset), d=int(d), first=int(first), last=int(last))
+        if d > 1:
+            q.stats.redelivered += 1
+
+
+def _replay_rty(q: PartitionQueue, op: dict) -> None:
+    for offset, d, vis, reason in op["o"]:
+        _remember(q, int(offset), d=int(d), vis=int(vis), reason=str(reason))
+
+
+def _replay_dlq(q: PartitionQueue, op: dict) -> None:
+    for offset, d, reason, first, last in op["o"]:
+        _remember(q, int(offset), d=int(d), reason=str(reason), first=int(first), last=int(last), dead=True)
+
+
+def _replay_set(q: PartitionQueue, op: dict) -> None:
+    for offset in op["o"]:
+        offset = int(offset)
+        q.remembered.pop(offset, None)
+        if offset >= q.start_offset:
+            q.settled.add(offset)
+        if op["k"] == "a":
+            q.stats.acked += 1
+        else:
+            q.stats.dead_lettered += 1
+    _advance(q)
+
+
+def _replay_seek(q: PartitionQueue, op: dict) -> None:
+    q.seek(int(op["start"]))
+
+
+def _replay_skip(q: PartitionQueue, op: dict) -> None:
+    start = int(op["start"])
+    q.stats.lost_to_retention += int(op["lost"])
+    _move(q, start)
+
+
+def _replay_part(q: PartitionQueue, op: dict) -> None:
+    q.seek(int(op["start"]))
+    q.settled = {o for o in expand_ranges(op["settled"]) if o >= q.start_offset}
+    for o, d, vis, reason, first, last, dead in op["known"]:
+        _remember(q, int(o), d=int(d), vis=int(vis), reason=str(reason), first=int(first), last=int(last),
+                  dead=bool(dead))
+    acked, redelivered, dead_lettered, lost = op["stats"]
+    q.stats.acked, q.stats.redelivered = int(acked), int(redelivered)
+    q.stats.dead_lettered, q.stats.lost_to_retention = int(dead_lettered), int(lost)
+    _advance(q)
+
+
+def _advance(q: PartitionQueue) -> None:
+    start = q.start_offset
+    while start in q.settled:
+        q.settled.discard(start)
+        start += 1
+    _move(q, start)
+
+
+def _move(q: PartitionQueue, start: int) -> None:
+    start = max(start, q.start_offset)
+    q.start_offset = q.scan_offset = start
+    q.settled = {o for o in q.settled if o >= start}
+    for o in [o for o in q.remembered if o < start]:
+        del q.remembered[o]
+
+
+_REPLAY = {
+    "dlv": _replay_dlv, "rty": _replay_rty, "dlq": _replay_dlq, "set": _replay_set,
+    "seek": _replay_seek, "skip": _replay_skip, "part": _replay_part,
+}

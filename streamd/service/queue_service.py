@@ -1,0 +1,252 @@
+"""streamd.v1.QueueService: queue groups over gRPC (see ``streamd.broker.queues``)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from consumer_groups.queue import PartitionQueue, QueueConfig
+from consumer_groups.queue_store import QueueGroup
+from consumer_groups.retry import RetryPolicy
+from streamd.broker.errors import InvalidArgument
+from streamd.broker.queues import QueueEngine
+from streamd.v1 import streamd_pb2 as pb
+
+from .errors import stream_error
+
+JITTER = {pb.JITTER_UNSPECIFIED: "full", pb.JITTER_NONE: "none", pb.JITTER_FULL: "full", pb.JITTER_EQUAL: "equal"}
+JITTER_PB = {"none": pb.JITTER_NONE, "full": pb.JITTER_FULL, "equal": pb.JITTER_EQUAL}
+ACTIONS = {pb.SETTLE_ACTION_ACK: "ack", pb.SETTLE_ACTION_NACK: "nack", pb.SETTLE_ACTION_EXTEND: "extend",
+           pb.SETTLE_ACTION_REJECT: "reject"}
+MAX_SETTLEMENTS = 10_000
+MAX_REASON_BYTES = 1024
+
+
+def config_from_pb(c: pb.QueueGroupConfig) -> QueueConfig:
+    r = c.retry
+    defaults = RetryPolicy()
+    try:
+        retry = RetryPolicy(
+            initial_delay_ms=r.initial_delay_ms if r.HasField("initial_delay_ms") else defaults.initial_delay_ms,
+            multiplier=r.multiplier if r.HasField("multiplier") else defaults.multiplier,
+            max_delay_ms=r.max_delay_ms if r.HasField("max_delay_ms") else defaults.max_delay_ms,
+            jitter=JITTER[r.jitter] if r.jitter in JITTER else "bad",
+        )
+        base = QueueConfig()
+        return QueueConfig(
+            lease_ms=c.lease_ms if c.HasField("lease_ms") else base.lease_ms,
+            max_deliveries=c.max_deliveries if c.HasField("max_deliveries") else base.max_deliveries,
+            dead_letter_topic=c.dead_letter_topic if c.HasField("dead_letter_topic") else "",
+            retry=retry,
+            ordered_by_key=c.ordered_by_key,
+            at_most_once=c.at_most_once,
+            max_in_flight=c.max_in_flight if c.HasField("max_in_flight") else base.max_in_flight,
+            start="latest" if c.start == pb.OFFSET_SPEC_LATEST else "earliest",
+        )
+    except ValueError as exc:
+        raise InvalidArgument("config", str(exc)) from None
+
+
+def config_to_pb(c: QueueConfig, topic: str) -> pb.QueueGroupConfig:
+    return pb.QueueGroupConfig(
+        lease_ms=c.lease_ms, max_deliveries=c.max_deliveries, dead_letter_topic=c.dead_letter_topic or f"{topic}.dlq",
+        retry=pb.RetryPolicy(initial_delay_ms=c.retry.initial_delay_ms, multiplier=c.retry.multiplier,
+                             max_delay_ms=c.retry.max_delay_ms, jitter=JITTER_PB[c.retry.jitter]),
+        ordered_by_key=c.ordered_by_key, at_most_once=c.at_most_once, max_in_flight=c.max_in_flight,
+        start=pb.OFFSET_SPEC_LATEST if c.start == "latest" else pb.OFFSET_SPEC_EARLIEST,
+    )
+
+
+class QueueService:
+    def __init__(self, engine: QueueEngine) -> None:
+        self.engine = engine
+        self.broker = engine.broker
+
+    # -- groups ------------------------------------------------------------------
+    async def CreateQueueGroup(self, request: pb.CreateQueueGroupRequest, context) -> pb.CreateQueueGroupResponse:
+        config = config_from_pb(request.config)
+        if config.dead_letter_topic:
+            from streamd.broker.topic import check_topic_name
+
+            check_topic_name(config.dead_letter_topic)
+        g = await self.engine.create(request.group, request.topic, config)
+        return pb.CreateQueueGroupResponse(group=self._describe(g))
+
+    async def DeleteQueueGroup(self, request: pb.DeleteQueueGroupRequest, context) -> pb.DeleteQueueGroupResponse:
+        await self.engine.delete(request.group, request.topic)
+        return pb.DeleteQueueGroupResponse()
+
+    async def DescribeQueueGroup(self, request, context) -> pb.DescribeQueueGroupResponse:
+        return pb.DescribeQueueGroupResponse(group=self._describe(self.engine.group(request.group, request.topic)))
+
+    async def ListQueueGroups(self, request: pb.ListQueueGroupsRequest, context) -> pb.ListQueueGroupsResponse:
+        groups = sorted(self.engine.store.groups.values(), key=lambda g: (g.topic, g.name))
+        return pb.ListQueueGroupsResponse(
+            groups=[self._describe(g) for g in groups if not request.topic or g.topic == request.topic]
+        )
+
+    def _describe(self, g: QueueGroup) -> pb.QueueGroupDescription:
+        d = pb.QueueGroupDescription(
+            group=g.name, topic=g.topic, config=config_to_pb(g.config, g.topic), created_ms=g.created_ms
+        )
+        now = self.broker.clock.now_ms()
+        topic = self.broker.topics.get(g.topic)
+        for p, q in sorted(g.partitions.items()):
+            end = topic.partitions[p].high_watermark if topic is not None and p < len(topic.partitions) else 0
+            d.partitions.append(_stats(q, end, now))
+        return d
+
+    # -- receive -------------------------------------------------------------------
+    async def Receive(self, request: pb.ReceiveRequest, context) -> pb.ReceiveResponse:
+        leased = await self._receive(request, request.max_records)
+        response = pb.ReceiveResponse()
+        _fill(response, leased)
+        return response
+
+    async def ReceiveStream(self, read, context) -> None:
+        """The first message opens the stream with an initial credit; later messages
+        add credit. Records are pushed while credit lasts."""
+        first = await read()
+        if first is None:
+            return
+        if first.WhichOneof("kind") != "open":
+            raise InvalidArgument("open", "the first message of a ReceiveStream must be `open`")
+        request = first.open
+        self.engine.group(request.group, request.topic)
+        credit = request.max_records or 100
+        more = asyncio.Event()
+
+        async def credits() -> None:
+            nonlocal credit
+            while (message := await read()) is not None:
+                if message.WhichOneof("kind") != "credit" or message.credit <= 0:
+                    raise InvalidArgument("credit", "later messages carry a positive credit")
+                credit += message.credit
+                more.set()
+
+        reader = asyncio.create_task(credits())
+        try:
+            while not reader.done():
+                if credit <= 0:
+                    more.clear()
+                    waiter = asyncio.ensure_future(more.wait())
+                    await asyncio.wait([waiter, reader], return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                    continue
+                wait = pb.ReceiveRequest()
+                wait.CopyFrom(request)
+                wait.max_wait_ms = 1000
+                leased = await self._receive(wait, min(credit, 10_000))
+                if leased:
+                    credit -= len(leased)
+                    response = pb.ReceiveStreamResponse()
+                    _fill(response, leased)
+                    await context.write(response)
+            reader.result()
+        finally:
+            reader.cancel()
+
+    async def _receive(self, request: pb.ReceiveRequest, max_records: int):
+        return await self.engine.receive(
+            request.group, request.topic, max_records=max_records, max_wait_ms=request.max_wait_ms,
+            lease_ms=request.lease_ms if request.HasField("lease_ms") else None,
+        )
+
+    # -- settling ------------------------------------------------------------------
+    async def _one(self, request, action: str, delay_ms=None, reason: str = ""):
+        lease = request.lease
+        [result] = await self.engine.settle(
+            request.group, request.topic, [(action, lease.partition, lease.offset, lease.lease_id, delay_ms, reason)]
+        )
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def Ack(self, request: pb.AckRequest, context) -> pb.AckResponse:
+        await self._one(request, "ack")
+        return pb.AckResponse()
+
+    async def Nack(self, request: pb.NackRequest, context) -> pb.NackResponse:
+        await self._one(request, "nack", request.delay_ms if request.HasField("delay_ms") else None,
+                        _reason(request.reason))
+        return pb.NackResponse()
+
+    async def Extend(self, request: pb.ExtendRequest, context) -> pb.ExtendResponse:
+        return pb.ExtendResponse(lease_expires_ms=await self._one(request, "extend", request.lease_ms))
+
+    async def Reject(self, request: pb.RejectRequest, context) -> pb.RejectResponse:
+        await self._one(request, "reject", None, _reason(request.reason))
+        return pb.RejectResponse()
+
+    async def Settle(self, request: pb.SettleRequest, context) -> pb.SettleResponse:
+        if len(request.settlements) > MAX_SETTLEMENTS:
+            raise InvalidArgument("settlements", f"at most {MAX_SETTLEMENTS} per call")
+        batch = []
+        for s in request.settlements:
+            action = ACTIONS.get(s.action)
+            if action is None:
+                raise InvalidArgument("action", "each settlement needs an action")
+            delay = s.delay_ms if s.HasField("delay_ms") else None
+            batch.append((action, s.lease.partition, s.lease.offset, s.lease.lease_id, delay, _reason(s.reason)))
+        results = await self.engine.settle(request.group, request.topic, batch)
+        response = pb.SettleResponse()
+        for result in results:
+            r = response.results.add()
+            if isinstance(result, BaseException):
+                r.error.CopyFrom(stream_error(result))
+            elif result is not None:
+                r.lease_expires_ms = result
+        return response
+
+    # -- seek ------------------------------------------------------------------------
+    async def SeekQueueGroup(self, request: pb.SeekQueueGroupRequest, context) -> pb.SeekQueueGroupResponse:
+        g = self.engine.group(request.group, request.topic)
+        target = request.WhichOneof("target")
+        if target is None:
+            raise InvalidArgument("target", "say where to move the start offset")
+        partitions = list(request.partitions) or sorted(g.partitions)
+        response = pb.SeekQueueGroupResponse()
+        targets: dict[int, int] = {}
+        for p in partitions:
+            part = self.broker.partition(g.topic, p)
+            start, end = part.log.log_start_offset, part.high_watermark
+            if target == "offset":
+                wanted = request.offset
+            elif target == "timestamp_ms":
+                wanted = self.broker.offset_for(g.topic, p, timestamp_ms=request.timestamp_ms)
+            elif request.position == pb.OFFSET_SPEC_LATEST:
+                wanted = end
+            else:
+                wanted = start
+            new = min(max(wanted, start), end)
+            response.plan.add(partition=p, old_offset=g.partitions[p].start_offset, new_offset=new,
+                              clamped=new != wanted)
+            targets[p] = new
+        if request.execute:
+            await self.engine.seek(request.group, request.topic, targets)
+            response.executed = True
+        return response
+
+
+def _reason(text: str) -> str:
+    if len(text.encode()) > MAX_REASON_BYTES:
+        raise InvalidArgument("reason", f"at most {MAX_REASON_BYTES} bytes")
+    return text
+
+
+def _fill(response, leased) -> None:
+    add = response.records.add
+    for p, e, record, append_time in leased:
+        add(partition=p, offset=e.offset, record=record, append_time_ms=append_time, lease_id=e.lease_id,
+            delivery_count=e.deliveries, lease_expires_ms=e.visible_at if e.lease_id else 0)
+
+
+def _stats(q: PartitionQueue, end: int, now: int) -> pb.QueuePartitionStats:
+    counts = q.counts()
+    oldest = q.oldest_unsettled()
+    return pb.QueuePartitionStats(
+        partition=q.partition, start_offset=q.start_offset, backlog=max(0, end - q.scan_offset) + counts["available"],
+        in_flight=counts["leased"], waiting=counts["waiting"] + counts["blocked"] + counts["dead-lettering"],
+        acked=q.stats.acked, redelivered=q.stats.redelivered, dead_lettered=q.stats.dead_lettered,
+        oldest_unacked_ms=max(0, now - oldest.append_time_ms) if oldest is not None else 0,
+        lost_to_retention=q.stats.lost_to_retention, log_end_offset=end,
+    )
