@@ -52,6 +52,7 @@ DEFAULT_REBALANCE_TIMEOUT_MS = 30_000
 MIN_TIMEOUT_MS = 200
 MAX_TIMEOUT_MS = 30 * 60_000
 MAX_TOPICS_PER_MEMBER = 1_000
+MAX_INSTANCE_ID_CHARS = 249
 #: ``Member.removed`` values that are not failures of the member.
 LEFT = "left the group"
 STREAM_CLOSED = "stream closed"
@@ -150,6 +151,8 @@ class Coordinator:
         self.groups: dict[str, ConsumerGroup] = {}
         #: When each group lost its last member (for the retention of its offsets).
         self.empty_since_ms: dict[str, int] = {}
+        #: Groups whose offsets an operator is resetting (member commits refused).
+        self.resetting: set[str] = set()
         self._ids = itertools.count(1)
 
     # -- membership -----------------------------------------------------------
@@ -166,6 +169,8 @@ class Coordinator:
     ) -> Member:
         check_group_name(group)
         topics = frozenset(topics)
+        if len(instance_id) > MAX_INSTANCE_ID_CHARS:
+            raise InvalidGroupRequest("instance_id", f"at most {MAX_INSTANCE_ID_CHARS} characters")
         if not topics:
             raise InvalidGroupRequest("topics", "a member must subscribe to at least one topic")
         if len(topics) > MAX_TOPICS_PER_MEMBER:
@@ -217,7 +222,8 @@ class Coordinator:
         if member.removed:
             raise UnknownMember(member.group, member.member_id)
         member.last_seen_ms = self.clock.now_ms()
-        if member.revoking and generation >= member.revoke_generation:
+        current = self.groups[member.group].generation
+        if member.revoking and member.revoke_generation <= generation <= current:
             for tp in member.revoking:
                 member.owned_since.pop(tp, None)
             member.revoking.clear()
@@ -278,6 +284,9 @@ class Coordinator:
         m = g.members.get(member_id) if g is not None else None
         if m is None:
             raise UnknownMember(group, member_id)
+        if group in self.resetting:
+            tp = next(iter(tps), ("", -1))
+            raise StaleGeneration(group, member_id, generation, *tp, "an operator is resetting the group's offsets")
         for tp in tps:
             since = m.owned_since.get(tp)
             if since is None:
@@ -291,24 +300,35 @@ class Coordinator:
                 raise StaleGeneration(group, member_id, generation, *tp, f"the group is at generation {g.generation}")
 
     def fence(self, group: str) -> int:
-        """For an operator reset: from now on commits naming the current generation
-        are stale. Returns the new generation (0 for a group without members). Call
-        ``notify_reset`` once the new offsets are durable, so members reread them."""
+        """For an operator reset: until ``notify_reset``, every member commit to the
+        group is refused as stale (whatever generation it names, so a rebalance during
+        the reset cannot let an old position through). Returns the generation the
+        reset fenced (0 for a group without members)."""
+        self.resetting.add(group)
         g = self.groups.get(group)
         if g is None or not g.members:
             return 0
+        self._fence(g)
+        log.info("group %s: offsets being reset, generation fenced at %d", group, g.generation)
+        return g.generation
+
+    def notify_reset(self, group: str) -> None:
+        """The reset is over (done or abandoned): fence once more, so no commit from
+        before it can land, and tell every member to reread its committed offsets."""
+        self.resetting.discard(group)
+        g = self.groups.get(group)
+        if g is None or not g.members:
+            return
+        self._fence(g)
+        for m in g.members.values():
+            m.offsets_reset = True
+            m.changed.set()
+
+    def _fence(self, g: ConsumerGroup) -> None:
         g.generation += 1
         for m in g.members.values():
             for tp in m.owned_since:
                 m.owned_since[tp] = g.generation
-        log.info("group %s: offsets reset, generation fenced at %d", group, g.generation)
-        return g.generation
-
-    def notify_reset(self, group: str) -> None:
-        g = self.groups.get(group)
-        for m in g.members.values() if g is not None else ():
-            m.offsets_reset = True
-            m.changed.set()
 
     def live_members(self, group: str) -> int:
         g = self.groups.get(group)

@@ -82,6 +82,13 @@ class OffsetStore:
     def groups(self) -> list[str]:
         return sorted(self._offsets)
 
+    def undo_groups(self) -> list[str]:
+        return sorted(self._undo)
+
+    def topics(self) -> set[str]:
+        """Topics any group has an offset or undo entry for."""
+        return {t for table in (self._offsets, self._undo) for entries in table.values() for t, _ in entries}
+
     def last_commit_ms(self, group: str) -> int:
         return max((c.commit_time_ms for c in self._offsets.get(group, {}).values()), default=0)
 

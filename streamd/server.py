@@ -84,6 +84,7 @@ class Server:
             lambda: OffsetStore(self.config.data_dir / GROUPS_DIR, clock=self.clock, executor=self.executor),
         )
         groups = GroupService(self.broker, self.coordinator, self.store)
+        await groups.purge_missing_topics()
         limit = self.config.max_request_bytes
         self.grpc = grpc.aio.server(
             options=[

@@ -28,6 +28,7 @@ where reading continues.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -50,7 +51,7 @@ Callback = Callable[[set[TopicPartition]], None]
 #: Errors after which joining again can work (server restart, member fenced).
 RETRIABLE = {"UNAVAILABLE", "ABORTED", "CANCELLED", "DEADLINE_EXCEEDED", "INTERNAL", "UNKNOWN"}
 DEFAULT_HEARTBEAT_S = 1.0
-IDLE_SLEEP_S = 0.02
+IDLE_WAIT_S = 0.02
 
 
 class _StreamEnded:
@@ -62,10 +63,12 @@ class _Membership:
     """One JoinGroup stream: a sender generator fed from a queue, and a receiving
     thread that queues every message (or the end of the stream) for the reader."""
 
-    def __init__(self, stub, join: pb.MemberJoin, events: queue.Queue, wake: threading.Event) -> None:
+    def __init__(
+        self, stub, join: pb.MemberJoin, events: queue.Queue, wake: threading.Event, *, heartbeat_s: float
+    ) -> None:
         self.events, self.wake = events, wake
         self.outbox: queue.Queue = queue.Queue()
-        self.heartbeat_s = DEFAULT_HEARTBEAT_S
+        self.heartbeat_s = heartbeat_s
         self.applied_generation = 0
         self.outbox.put(pb.JoinGroupRequest(join=join))
         self.call = stub.JoinGroup(self._requests())
@@ -89,8 +92,10 @@ class _Membership:
         error = None
         try:
             for message in self.call:
-                if message.assignment.heartbeat_interval_ms:
-                    self.heartbeat_s = message.assignment.heartbeat_interval_ms / 1000
+                interval = message.assignment.heartbeat_interval_ms / 1000
+                if interval and interval != self.heartbeat_s:
+                    self.heartbeat_s = interval
+                    self.outbox.put(self.heartbeat())  # wakes the sender to use it
                 self.events.put(message.assignment)
                 self.wake.set()
         except grpc.RpcError as err:
@@ -160,43 +165,82 @@ class GroupConsumer(SyncClient):
         self._inflight: dict[TopicPartition, grpc.Future] = {}
         self._last: ConsumerRecord | None = None
         self._last_commit = time.monotonic()
+        #: Bumped per partition when it is (re)positioned or revoked, so a reply being
+        #: handed out notices that its partition changed under it.
+        self._epochs: dict[TopicPartition, int] = {}
+        self._epoch_counter = itertools.count(1)
+        self._unapplied: pb.Assignment | None = None
+        self._reader: int | None = None
         self._closed = False
+        self._close_requested = False
+        self._closed_event = threading.Event()
+        self._leave: bool | None = None
         self._rejoin_at = 0.0
         self._backoff_s = 0.1
-        self._membership: _Membership | None = _Membership(self._groups, self._join_request, self._events, self._wake)
+        self._session_timeout_ms = session_timeout_ms
+        self._membership: _Membership | None = self._join()
+
+    def _join(self) -> _Membership:
+        first = self._session_timeout_ms / 3000 if self._session_timeout_ms else DEFAULT_HEARTBEAT_S
+        return _Membership(self._groups, self._join_request, self._events, self._wake, heartbeat_s=first)
 
     # -- public ---------------------------------------------------------------------
     def records(self, *, idle_timeout_s: float | None = None) -> Iterator[ConsumerRecord]:
         """Records of the assigned partitions, as they arrive; stops after
-        ``idle_timeout_s`` without records (None: never) or when closed."""
+        ``idle_timeout_s`` without records (None: never) or when closed. Leaving the
+        loop inside a reply is safe: reading resumes at the record in hand."""
         idle_since = time.monotonic()
-        while not self._closed:
-            got = 0
-            for tp, reply in self._fetch_round():
-                start = self.positions[tp]
-                self.positions[tp] = reply.next_offset
-                if self.delivery == "at-most-once":
-                    self._commit({tp: reply.next_offset})
-                    self.processed[tp] = reply.next_offset
-                for batch in reply.batches:
-                    for record in iter_batch(batch, tp[0], tp[1], start):
-                        self._last = record  # the record in hand (cheap: no dict work per record)
-                        yield record
-                    # The caller asked for the record after the batch: it processed all of it.
-                    self.processed[tp] = batch.base_offset + batch.record_count
-                    self._last = None
-                got += len(reply.batches)
-            if got:
-                idle_since = time.monotonic()
-            elif idle_timeout_s is not None and time.monotonic() - idle_since > idle_timeout_s:
-                return
-            self._maybe_autocommit()
+        self._reader = threading.get_ident()
+        try:
+            while not self._closed and not self._close_requested:
+                got = 0
+                for tp, reply in self._fetch_round():
+                    got += len(reply.batches)
+                    yield from self._hand_out(tp, reply)
+                    if self._close_requested:
+                        break
+                if got:
+                    idle_since = time.monotonic()
+                elif idle_timeout_s is not None and time.monotonic() - idle_since > idle_timeout_s:
+                    return
+                self._maybe_autocommit()
+        finally:
+            self._reader = None
+            if self._close_requested and not self._closed:
+                self._finish_close()
+
+    def _hand_out(self, tp: TopicPartition, reply: pb.FetchResponse) -> Iterator[ConsumerRecord]:
+        epoch = self._epochs.get(tp)
+        start = self.positions[tp]
+        self.positions[tp] = reply.next_offset
+        if self.delivery == "at-most-once":
+            self._commit({tp: reply.next_offset})
+            self.processed[tp] = reply.next_offset
+        finished = False
+        try:
+            for batch in reply.batches:
+                for record in iter_batch(batch, tp[0], tp[1], start):
+                    self._last = record  # the record in hand (cheap: no dict work per record)
+                    yield record
+                self._last = None
+                if self._epochs.get(tp) != epoch:
+                    break  # revoked or reset while we handed the batch out: stop here
+                # The caller asked for the record after the batch: it processed all of it.
+                self.processed[tp] = batch.base_offset + batch.record_count
+            finished = True
+        finally:
+            if not finished and self._epochs.get(tp) == epoch:
+                # Left inside the reply: the rest of it (from the record in hand) is
+                # fetched again, so nothing is skipped.
+                last = self._last
+                self._refetch(tp, last.offset if last is not None else start)
 
     def wait_for_assignment(self, timeout_s: float = 10.0) -> set[TopicPartition]:
         """Apply assignments until one arrives (or ``timeout_s`` passes); the assignment."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and not self.member_id:
             self._wake.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+            self._wake.clear()
             self._apply_events()
         return set(self.assigned)
 
@@ -210,9 +254,15 @@ class GroupConsumer(SyncClient):
         last record (the caller says it is done with it)."""
         if offsets is None:
             self._fold_in_hand(done=True)
-            self._commit(self._uncommitted())
+            last = self._last
+            if last is not None and self.positions.get((last.topic, last.partition)) == last.offset:
+                # The loop was left holding this record (reading would resume at it),
+                # and the caller now says it is done: resume after it.
+                self._refetch((last.topic, last.partition), last.offset + 1)
+                self._last = None
+            self._commit(self._uncommitted(), explicit=True)
         else:
-            self._commit(offsets, raise_stale=True)
+            self._commit(offsets, explicit=True)
             for tp, offset in offsets.items():
                 if tp in self.assigned:
                     self.processed[tp] = max(self.processed.get(tp, 0), offset)
@@ -225,10 +275,27 @@ class GroupConsumer(SyncClient):
             tp = (last.topic, last.partition)
             self.processed[tp] = max(self.processed.get(tp, 0), last.offset + done)
 
-    def close(self, *, leave: bool | None = None) -> None:
+    def close(self, *, leave: bool | None = None, timeout_s: float = 30.0) -> None:
         """Commit processed offsets (at-least-once with auto-commit) and leave. A static
         member, by default, does not leave: it keeps its partitions for its session
-        timeout, so a restart with the same instance id is not a rebalance."""
+        timeout, so a restart with the same instance id is not a rebalance.
+
+        Safe to call from another thread (a signal handler, a stop hook): the reading
+        thread then closes at its next batch boundary, and this call waits for it."""
+        if self._closed:
+            return
+        self._leave = leave
+        reader = self._reader
+        if reader is not None and reader != threading.get_ident():
+            self._close_requested = True
+            self._wake.set()
+            if self._closed_event.wait(timeout_s):
+                return
+            log.warning("group %s: the reading thread did not stop within %.0f s; closing anyway",
+                        self.group, timeout_s)
+        self._finish_close()
+
+    def _finish_close(self) -> None:
         if self._closed:
             return
         self._closed = True
@@ -239,58 +306,71 @@ class GroupConsumer(SyncClient):
                 self._commit(self._uncommitted())
         finally:
             if self._membership is not None:
+                leave = self._leave
                 self._membership.end(leave=(not self.static) if leave is None else leave)
             super().close()
+            self._closed_event.set()
 
     # -- fetching -------------------------------------------------------------------------
     def _fetch_round(self) -> Iterator[tuple[TopicPartition, pb.FetchResponse]]:
-        """One reply per assigned partition (pipelined: the next fetch of a partition is
-        sent before its reply is handed out)."""
+        """The replies that have arrived, in partition order; waits (for a reply, an
+        assignment or a close) when none has. Every fetch long-polls, so an idle
+        member costs the broker one Fetch per partition per ``max_wait_ms``."""
         self._apply_events()
-        if not self._inflight:
-            self._wake.wait(IDLE_SLEEP_S * 5)
+        ready = sorted(tp for tp, f in self._inflight.items() if f.done())
+        if not ready:
+            self._wake.wait(IDLE_WAIT_S if self._inflight else IDLE_WAIT_S * 5)
             self._wake.clear()
             return
-        wait = self.max_wait_ms if len(self._inflight) == 1 else 0
-        any_data = False
-        for tp in list(self._inflight):
+        for tp in ready:
             future = self._inflight.get(tp)
-            if future is None:
-                continue
+            if future is None or not future.done():
+                continue  # revoked or refetched meanwhile
             try:
                 reply = future.result()
-            except grpc.RpcError as err:
+            except (grpc.RpcError, grpc.FutureCancelledError) as err:
+                if self._closed or self._close_requested:
+                    return
                 self._inflight.pop(tp, None)
-                self._fetch_failed(tp, StreamdError.from_rpc_error(err))
-                continue
-            if tp not in self._inflight:  # revoked while we waited
+                if isinstance(err, grpc.RpcError):
+                    self._fetch_failed(tp, StreamdError.from_rpc_error(err))
                 continue
             if reply.batches:
-                any_data = True
-                self._inflight[tp] = self._fetch(tp, reply.next_offset, wait)
+                self._inflight[tp] = self._fetch(tp, reply.next_offset)
                 yield tp, reply
             else:
-                self._inflight[tp] = self._fetch(tp, self.positions[tp], wait)
+                self._inflight[tp] = self._fetch(tp, self.positions[tp])
             self._apply_events()
-        if not any_data and wait == 0:
-            self._wake.wait(IDLE_SLEEP_S)
-            self._wake.clear()
 
-    def _fetch(self, tp: TopicPartition, offset: int, max_wait_ms: int) -> grpc.Future:
-        return fetch_future(self._log, tp, offset, max_wait_ms=max_wait_ms, max_bytes=self.max_bytes)
+    def _fetch(self, tp: TopicPartition, offset: int, *, max_wait_ms: int | None = None) -> grpc.Future:
+        future = fetch_future(
+            self._log, tp, offset, max_wait_ms=self.max_wait_ms if max_wait_ms is None else max_wait_ms,
+            max_bytes=self.max_bytes,
+        )
+        future.add_done_callback(lambda _: self._wake.set())
+        return future
+
+    def _refetch(self, tp: TopicPartition, offset: int) -> None:
+        self._cancel_inflight({tp})
+        self.positions[tp] = offset
+        if not self._closed:
+            self._inflight[tp] = self._fetch(tp, offset, max_wait_ms=0)
 
     def _fetch_failed(self, tp: TopicPartition, error: StreamdError) -> None:
-        if error.code == "OUT_OF_RANGE" and tp in self.assigned:
+        if tp not in self.assigned:
+            return
+        if error.code == "OUT_OF_RANGE":
             # Retention passed our position (or the offset was never valid): restart
             # from the log start, as Kafka's auto.offset.reset=earliest does.
             start = int(error.metadata.get("log_start_offset", "0"))
             log.warning("%s/%d: offset %d out of range; continuing at %d", *tp, self.positions[tp], start)
-            self.positions[tp] = start
-            self._inflight[tp] = self._fetch(tp, start, 0)
-        elif tp in self.assigned and error.code in RETRIABLE | {"NOT_FOUND"}:
-            self._inflight[tp] = self._fetch(tp, self.positions[tp], 0)
-            time.sleep(IDLE_SLEEP_S)
-        elif tp in self.assigned:
+            self._refetch(tp, start)
+            return
+        # Keep the partition alive either way (retried after a pause), so a caller that
+        # catches a non-retriable error can go on reading the others.
+        time.sleep(IDLE_WAIT_S)
+        self._refetch(tp, self.positions[tp])
+        if error.code not in RETRIABLE | {"NOT_FOUND"}:
             raise error
 
     def _cancel_inflight(self, tps: set[TopicPartition]) -> None:
@@ -302,50 +382,70 @@ class GroupConsumer(SyncClient):
     # -- assignments ----------------------------------------------------------------------
     def _apply_events(self) -> None:
         if self._membership is None and not self._closed and time.monotonic() >= self._rejoin_at:
-            self._membership = _Membership(self._groups, self._join_request, self._events, self._wake)
+            self._membership = self._join()
         while True:
-            try:
-                event = self._events.get_nowait()
-            except queue.Empty:
-                return
+            if self._unapplied is not None:
+                event, self._unapplied = self._unapplied, None
+            else:
+                try:
+                    event = self._events.get_nowait()
+                except queue.Empty:
+                    return
             if isinstance(event, _StreamEnded):
                 self._stream_ended(event.error)
             else:
-                self._apply(event)
+                try:
+                    self._apply(event)
+                except StreamdError:
+                    self._unapplied = event  # positioning failed: apply it again next time
+                    raise
 
     def _apply(self, a: pb.Assignment) -> None:
         new = {(tp.topic, p) for tp in a.partitions for p in tp.partitions}
+        newly = new - self.assigned
+        added = new if a.offsets_reset else newly
+        if added:
+            positions = self._positions(added)  # may raise: nothing has changed yet
         revoked = self.assigned - new
-        added = new - self.assigned
         if revoked:
             self._revoke(revoked)
         self.member_id, self.generation = a.member_id, a.generation
         self._backoff_s = 0.1
-        if a.offsets_reset:
-            self._cancel_inflight(new)
-            added = new
         self.assigned = new
         if added:
-            self._start(added)
-            if self.on_assign is not None:
-                self.on_assign(set(added))
+            self._cancel_inflight(added)
+            for tp, (position, committed) in positions.items():
+                self._epochs[tp] = next(self._epoch_counter)
+                self.positions[tp] = self.processed[tp] = position
+                if committed >= 0:
+                    self.committed[tp] = committed
+                else:
+                    self.committed.pop(tp, None)
+                self._inflight[tp] = self._fetch(tp, position, max_wait_ms=0)
+            if newly and self.on_assign is not None:
+                self.on_assign(set(newly))
         if self._membership is not None:
             self._membership.ack(a.generation)
 
     def _revoke(self, revoked: set[TopicPartition]) -> None:
         if self.delivery == "at-least-once" and self.auto_commit_s is not None:
             self._commit({tp: o for tp, o in self._uncommitted().items() if tp in revoked})
-        self._cancel_inflight(revoked)
-        for tp in revoked:
-            self.positions.pop(tp, None)
-            self.processed.pop(tp, None)
-            self.committed.pop(tp, None)
-        self.assigned -= revoked
+        self._forget(revoked)
         if self.on_revoke is not None:
             self.on_revoke(set(revoked))
 
-    def _start(self, tps: set[TopicPartition]) -> None:
-        """Position new partitions at their committed offsets (or ``start``)."""
+    def _forget(self, tps: set[TopicPartition]) -> None:
+        self._cancel_inflight(tps)
+        for tp in tps:
+            self.positions.pop(tp, None)
+            self.processed.pop(tp, None)
+            self.committed.pop(tp, None)
+            self._epochs.pop(tp, None)
+        self.assigned -= tps
+
+    def _positions(self, tps: set[TopicPartition]) -> dict[TopicPartition, tuple[int, int]]:
+        """(position, committed offset or -1) for new partitions: the committed offset
+        when valid, else ``start``."""
         by_topic: dict[str, list[int]] = {}
         for t, p in tps:
             by_topic.setdefault(t, []).append(p)
@@ -354,26 +454,19 @@ class GroupConsumer(SyncClient):
         )
         committed = {(o.topic, o.partition): o.offset for o in self._call(self._groups.FetchOffsets, request).offsets}
         spec = pb.OFFSET_SPEC_LATEST if self.start == "latest" else pb.OFFSET_SPEC_EARLIEST
+        out = {}
         for t, ps in by_topic.items():
             reply = self._call(self._log.ListOffsets, pb.ListOffsetsRequest(topic=t, partitions=ps, position=spec))
             for o in reply.offsets:
-                tp = (t, o.partition)
-                c = committed.get(tp, -1)
-                position = c if o.log_start_offset <= c <= o.log_end_offset else o.offset
-                self.positions[tp] = self.processed[tp] = position
-                if c >= 0:
-                    self.committed[tp] = c
-                self._inflight[tp] = self._fetch(tp, position, 0)
+                c = committed.get((t, o.partition), -1)
+                out[(t, o.partition)] = (c if o.log_start_offset <= c <= o.log_end_offset else o.offset, c)
+        return out
 
     def _stream_ended(self, error: StreamdError | None) -> None:
         self._membership = None
         lost = set(self.assigned)
         if lost:  # no commit: we may no longer own them
-            self._cancel_inflight(lost)
-            for tp in lost:
-                self.positions.pop(tp, None)
-                self.processed.pop(tp, None)
-            self.assigned = set()
+            self._forget(lost)
             if self.on_revoke is not None:
                 self.on_revoke(lost)
         self.member_id, self.generation = "", 0
@@ -396,7 +489,9 @@ class GroupConsumer(SyncClient):
         if time.monotonic() - self._last_commit >= self.auto_commit_s:
             self._commit(self._uncommitted())
 
-    def _commit(self, offsets: dict[TopicPartition, int], *, raise_stale: bool = False) -> None:
+    def _commit(self, offsets: dict[TopicPartition, int], *, explicit: bool = False) -> None:
+        """Commit; a refusal or a transient failure of an automatic commit (interval,
+        revocation, close) is logged and dropped: it costs duplicates, never records."""
         self._last_commit = time.monotonic()
         if not offsets or not self.member_id:
             return
@@ -409,8 +504,8 @@ class GroupConsumer(SyncClient):
         try:
             self._call(self._groups.CommitOffsets, request)
         except StreamdError as err:
-            if err.code != "ABORTED" or raise_stale:
+            if explicit or err.code not in RETRIABLE:
                 raise
-            log.info("group %s: commit refused (%s); the new assignment decides", self.group, err.reason)
+            log.info("group %s: commit not taken (%s %s); going on", self.group, err.code, err.reason)
             return
         self.committed.update(offsets)

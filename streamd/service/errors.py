@@ -19,6 +19,7 @@ from grpc_status import rpc_status
 
 import segments
 from consumer_groups import errors as group_errors
+from consumer_groups.journal import JournalFailed
 from streamd.broker import errors as broker_errors
 from streamd.errors import StructuredError
 from streamd.v1 import streamd_pb2 as pb
@@ -35,6 +36,7 @@ STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     broker_errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     broker_errors.RecordTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     broker_errors.LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    broker_errors.OutOfOrderSequence: grpc.StatusCode.FAILED_PRECONDITION,
     broker_errors.BrokerUnavailable: grpc.StatusCode.UNAVAILABLE,
     segments.OffsetOutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     segments.CorruptBatch: grpc.StatusCode.DATA_LOSS,
@@ -51,6 +53,7 @@ STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     group_errors.StaleGeneration: grpc.StatusCode.ABORTED,
     group_errors.NothingToUndo: grpc.StatusCode.FAILED_PRECONDITION,
     group_errors.GroupLimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    JournalFailed: grpc.StatusCode.UNAVAILABLE,
     group_errors.QueueGroupNotFound: grpc.StatusCode.NOT_FOUND,
     group_errors.QueueGroupExists: grpc.StatusCode.ALREADY_EXISTS,
     group_errors.LeaseExpired: grpc.StatusCode.FAILED_PRECONDITION,
@@ -93,7 +96,7 @@ def reason_and_metadata(exc: BaseException) -> tuple[str, dict[str, str]]:
         }
     if isinstance(exc, segments.CorruptBatch):
         return "CORRUPT_BATCH", {"position": str(getattr(exc, "position", ""))}
-    if isinstance(exc, segments.LogFailed):
+    if isinstance(exc, (segments.LogFailed, JournalFailed)):
         return "STORAGE_FAILED", {}
     if isinstance(exc, segments.LogClosed):
         return "PARTITION_CLOSED", {}

@@ -62,13 +62,14 @@ class GroupService:
         self.broker = broker
         self.coordinator = coordinator
         self.store = store
+        self._pending_commits: dict[str, set[asyncio.Future]] = {}
 
     # -- membership -----------------------------------------------------------
     async def JoinGroup(self, read, context) -> None:
-        self.broker.check_serving()
         first = await read()
         if first is None:
             return
+        self.broker.check_serving()
         if first.WhichOneof("kind") != "join":
             raise InvalidArgument("join", "the first message of a JoinGroup stream must be a MemberJoin")
         j = first.join
@@ -133,9 +134,9 @@ class GroupService:
             part = self.broker.partition(o.topic, o.partition)
             if o.offset < 0:
                 raise InvalidArgument("offset", f"must not be negative, not {o.offset}", reason="NEGATIVE_OFFSET")
-            if o.offset > part.log.log_end_offset:
+            if o.offset > part.high_watermark:
                 raise OffsetOutOfRange(
-                    o.offset, part.log.log_start_offset, part.log.log_end_offset, name=f"{o.topic}/{o.partition}"
+                    o.offset, part.log.log_start_offset, part.high_watermark, name=f"{o.topic}/{o.partition}"
                 )
             if len(o.metadata.encode()) > MAX_METADATA_BYTES:
                 raise InvalidGroupRequest("metadata", f"at most {MAX_METADATA_BYTES} bytes")
@@ -143,12 +144,31 @@ class GroupService:
         self.coordinator.check_commit(request.group, request.member_id, request.generation, entries)
         # No await between the check and the store taking the commit: an offset reset
         # (which fences the generation) is ordered either wholly before or after it.
-        await self.store.commit(request.group, entries)
+        commit = asyncio.ensure_future(self.store.commit(request.group, entries))
+        pending = self._pending_commits.setdefault(request.group, set())
+        pending.add(commit)
+        commit.add_done_callback(lambda f: self._commit_done(request.group, f))
+        await commit
         return pb.CommitOffsetsResponse()
+
+    def _commit_done(self, group: str, commit: asyncio.Future) -> None:
+        pending = self._pending_commits.get(group)
+        if pending is not None:
+            pending.discard(commit)
+            if not pending:
+                del self._pending_commits[group]
+
+    async def _committed(self, group: str):
+        """The group's offsets once every commit accepted so far is durable (a read
+        barrier: a new owner never reads an offset its old owner is still writing)."""
+        pending = list(self._pending_commits.get(group, ()))
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        return self.store.offsets(group)
 
     async def FetchOffsets(self, request: pb.FetchOffsetsRequest, context) -> pb.FetchOffsetsResponse:
         check_group_name(request.group)
-        committed = self.store.offsets(request.group)
+        committed = await self._committed(request.group)
         if request.partitions:
             wanted = [(tp.topic, p) for tp in request.partitions for p in tp.partitions]
         else:
@@ -230,6 +250,7 @@ class GroupService:
         return response
 
     async def DeleteGroup(self, request: pb.DeleteGroupRequest, context) -> pb.DeleteGroupResponse:
+        self.broker.check_serving()
         check_group_name(request.group)
         members = self.coordinator.live_members(request.group)
         if members:
@@ -247,28 +268,35 @@ class GroupService:
         response = pb.ResetOffsetsResponse(plan=plan)
         if not request.execute or not plan:
             return response
-        group = request.group
-        # Fence first: from here on a member's commit for the old generation is refused,
-        # so nothing in flight can overwrite the new offsets.
-        response.generation = self.coordinator.fence(group)
-        response.executed = True
-        if request.WhichOneof("target") != "undo":
-            await self.store.save_undo(group, {(e.topic, e.partition): e.old_offset for e in plan})
-        forget = {(e.topic, e.partition) for e in plan if e.new_offset < 0}  # undo to "nothing committed"
-        metadata = self.store.offsets(group)
-        await self.store.commit(
-            group,
-            {
-                (e.topic, e.partition): (e.new_offset, getattr(metadata.get((e.topic, e.partition)), "metadata", ""))
-                for e in plan
-                if e.new_offset >= 0
-            },
-        )
-        if forget:
-            await self.store.delete_partitions(group, forget)
-        self.coordinator.notify_reset(group)
-        log.info("group %s: reset %d partition offset(s)", group, len(plan))
+        # Shielded: a client that gives up (deadline, Ctrl-C) must not leave the group
+        # fenced and its members untold.
+        await asyncio.shield(asyncio.ensure_future(self._apply_reset(request, plan, response)))
         return response
+
+    async def _apply_reset(self, request, plan, response: pb.ResetOffsetsResponse) -> None:
+        group = request.group
+        # Fence first: from here until notify_reset every member commit is refused, so
+        # nothing in flight can overwrite the new offsets.
+        response.generation = self.coordinator.fence(group)
+        try:
+            if request.WhichOneof("target") != "undo":
+                await self.store.save_undo(group, {(e.topic, e.partition): e.old_offset for e in plan})
+            forget = {(e.topic, e.partition) for e in plan if e.new_offset < 0}  # undo to "nothing committed"
+            metadata = self.store.offsets(group)
+            await self.store.commit(
+                group,
+                {
+                    (e.topic, e.partition): (e.new_offset, getattr(metadata.get((e.topic, e.partition)), "metadata", ""))
+                    for e in plan
+                    if e.new_offset >= 0
+                },
+            )
+            if forget:
+                await self.store.delete_partitions(group, forget)
+            response.executed = True
+            log.info("group %s: reset %d partition offset(s)", group, len(plan))
+        finally:
+            self.coordinator.notify_reset(group)
 
     def _reset_partitions(self, request: pb.ResetOffsetsRequest) -> list[TopicPartition]:
         if request.all_topics:
@@ -311,7 +339,8 @@ class GroupService:
                 wanted = undo[(topic, p)]
             else:
                 wanted = self._target(request, topic, p, old, start, end, now)
-            new = wanted if wanted < 0 else min(max(wanted, start), end)
+            # -1 ("nothing committed") only comes back through undo; any other target clamps.
+            new = wanted if target == "undo" and wanted < 0 else min(max(wanted, start), end)
             plan.append(
                 pb.OffsetResetPlan(
                     topic=topic, partition=p, old_offset=old, new_offset=new, requested_offset=wanted,
@@ -329,6 +358,8 @@ class GroupService:
                 return start
             raise InvalidGroupRequest("position", "must be EARLIEST or LATEST")
         if target == "offset":
+            if request.offset < 0:
+                raise InvalidArgument("offset", f"must not be negative, not {request.offset}", reason="NEGATIVE_OFFSET")
             return request.offset
         if target == "shift_by":
             return (old if old >= 0 else start) + request.shift_by
@@ -339,19 +370,30 @@ class GroupService:
         return self.broker.offset_for(topic, p, timestamp_ms=now - request.duration_ms)
 
     # -- housekeeping ---------------------------------------------------------------
-    async def topic_deleted(self, topic: str) -> None:
-        self.coordinator.topics_changed(topic)
+    async def forget_topic(self, topic: str) -> None:
+        """Before a topic is deleted: its offsets go first, so a failure leaves the
+        topic (and a retry possible), never a re-created topic inheriting old offsets."""
         await self.store.delete_topic(topic)
+
+    def topic_deleted(self, topic: str) -> None:
+        self.coordinator.topics_changed(topic)
+
+    async def purge_missing_topics(self) -> None:
+        """At start-up: offsets of topics deleted while a crash kept the journal from
+        hearing of it."""
+        for topic in sorted(self.store.topics() - set(self.broker.topics)):
+            log.info("deleting committed offsets of topic %s, which no longer exists", topic)
+            await self.store.delete_topic(topic)
 
     def topic_created(self, topic: str) -> None:
         self.coordinator.topics_changed(topic)
 
 
 async def expire_groups(coordinator: Coordinator, store: OffsetStore, *, retention_ms: int, started_ms: int) -> None:
-    """Forget the offsets of groups that have had no members for ``retention_ms``
-    since their last commit (or since they emptied, or since start-up)."""
+    """Forget the offsets (and undo record) of groups that have had no members for
+    ``retention_ms`` since their last commit (or since they emptied, or since start-up)."""
     now = coordinator.clock.now_ms()
-    for group in store.groups():
+    for group in sorted(set(store.groups()) | set(store.undo_groups())):
         if coordinator.live_members(group):
             continue
         last = max(store.last_commit_ms(group), coordinator.empty_since_ms.get(group, started_ms))
@@ -359,4 +401,6 @@ async def expire_groups(coordinator: Coordinator, store: OffsetStore, *, retenti
             log.info("group %s: no members for %d ms; deleting its offsets", group, now - last)
             await store.delete_group(group)
             coordinator.empty_since_ms.pop(group, None)
-
+    for group in list(coordinator.empty_since_ms):  # emptied without ever committing
+        if not coordinator.live_members(group) and not store.offsets(group) and store.undo_offsets(group) is None:
+            del coordinator.empty_since_ms[group]

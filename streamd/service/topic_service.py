@@ -27,9 +27,13 @@ class TopicService:
         return pb.CreateTopicResponse(topic=describe(topic))
 
     async def DeleteTopic(self, request: pb.DeleteTopicRequest, context) -> pb.DeleteTopicResponse:
+        self.broker.check_serving()
+        self.broker.topic(request.topic)
+        if self.groups is not None:
+            await self.groups.forget_topic(request.topic)
         await self.broker.delete_topic(request.topic)
         if self.groups is not None:
-            await self.groups.topic_deleted(request.topic)
+            self.groups.topic_deleted(request.topic)
         return pb.DeleteTopicResponse()
 
     async def ListTopics(self, request: pb.ListTopicsRequest, context) -> pb.ListTopicsResponse:

@@ -3,8 +3,10 @@ any language does), commit checks, lag, deletes, resets on live groups, static m
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
+import time
 
 import grpc
 import pytest
@@ -380,5 +382,178 @@ def test_auto_commit_advances_the_committed_offset_while_reading(server):
                 elif len(got) == 4:
                     break
             assert wait_until(lambda: [o.offset for o in admin.fetch_offsets("g")] == [3], timeout=5)
+        finally:
+            c.close()
+
+
+def test_a_reset_the_client_gives_up_on_still_finishes_and_tells_the_members(server, stubs, monkeypatch):
+    stubs.create("t", 1)
+    stubs.produce_values("t", 0, [b"x"] * 10)
+    member = RawMember(stubs, "g", ["t"])
+    first = member.next()
+    commit(stubs, "g", first.member_id, first.generation, {("t", 0): 8})
+    store = server.server.store
+    real = store.save_undo
+
+    async def slow_save_undo(*args, **kwargs):
+        await asyncio.sleep(0.5)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "save_undo", slow_save_undo)
+    request = pb.ResetOffsetsRequest(group="g", all_topics=True, position=pb.OFFSET_SPEC_EARLIEST, execute=True)
+    with pytest.raises(grpc.RpcError) as err:
+        stubs.groups.ResetOffsets(request, timeout=0.1)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    told = member.next()
+    assert told.offsets_reset and told.generation > first.generation
+    assert [o.offset for o in stubs.groups.FetchOffsets(pb.FetchOffsetsRequest(group="g")).offsets] == [0]
+    commit(stubs, "g", told.member_id, told.generation, {("t", 0): 3})  # the new generation commits again
+    member.close()
+
+
+def test_reset_targets_clamp_and_negative_offsets_are_refused(stubs):
+    stubs.create("t", 1)
+    stubs.produce_values("t", 0, [b"x"] * 30)
+    commit(stubs, "g", "", 0, {("t", 0): 30})
+    plan = stubs.groups.ResetOffsets(pb.ResetOffsetsRequest(group="g", all_topics=True, shift_by=-50, execute=True))
+    assert (plan.plan[0].new_offset, plan.plan[0].clamped) == (0, True)
+    assert [o.offset for o in stubs.groups.FetchOffsets(pb.FetchOffsetsRequest(group="g")).offsets] == [0]
+    with pytest.raises(grpc.RpcError) as err:
+        stubs.groups.ResetOffsets(pb.ResetOffsetsRequest(group="g", all_topics=True, offset=-7))
+    assert error_info(err.value)[:2] == (grpc.StatusCode.INVALID_ARGUMENT, "NEGATIVE_OFFSET")
+
+
+def test_leaving_the_loop_inside_a_reply_skips_nothing(server):
+    import itertools
+
+    with Admin(server.address) as admin, Producer(server.address) as p:
+        admin.create_topic("t", 1)
+        for b in range(3):
+            p.send_batch("t", 0, [str(b * 10 + i).encode() for i in range(10)])
+        p.flush()
+        c = GroupConsumer("g", "t", server.address, auto_commit_interval_ms=None)
+        try:
+            first = [r.offset for r in itertools.islice(c.records(idle_timeout_s=5), 5)]
+            rest = [r.offset for r in itertools.islice(c.records(idle_timeout_s=5), 26)]
+            assert first + rest[1:] == list(range(30)) and rest[0] == 4  # the record in hand comes again
+        finally:
+            c.close()
+
+
+def test_a_failed_offset_store_answers_unavailable_and_keeps_the_topic(server, stubs):
+    stubs.create("t", 1)
+    stubs.produce_values("t", 0, [b"x"])
+    server.server.store._journal._failed = OSError(5, "injected")
+    with pytest.raises(grpc.RpcError) as err:
+        commit(stubs, "g", "", 0, {("t", 0): 1})
+    assert error_info(err.value)[:2] == (grpc.StatusCode.UNAVAILABLE, "STORAGE_FAILED")
+    with pytest.raises(grpc.RpcError) as err:
+        stubs.topics.DeleteTopic(pb.DeleteTopicRequest(topic="t"))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert [t.name for t in stubs.topics.ListTopics(pb.ListTopicsRequest()).topics] == ["t"]
+    assert stubs.produce_values("t", 0, [b"y"]).base_offset == 1  # the rest keeps serving
+
+
+def test_offsets_of_a_topic_deleted_behind_the_journal_are_purged_at_start(make_server, tmp_path):
+    first = make_server()
+    with Admin(first.address) as admin:
+        admin.create_topic("t", 1)
+        admin.create_topic("u", 1)
+        with Producer(first.address) as p:
+            p.send("t", b"a", partition=0)
+            p.send("u", b"a", partition=0)
+        admin.commit_offsets("g", {("t", 0): 1, ("u", 0): 1})
+    first.stop()
+    import shutil
+
+    shutil.rmtree(tmp_path / "data" / "t")  # as if a crash hit between the delete and the journal
+    second = make_server()
+    with Admin(second.address) as admin:
+        assert [(o.topic, o.offset) for o in admin.fetch_offsets("g")] == [("u", 1)]
+
+
+def test_fetch_offsets_waits_for_commits_still_being_written(server, stubs, monkeypatch):
+    import consumer_groups.journal as journal
+
+    stubs.create("t", 1)
+    stubs.produce_values("t", 0, [b"x"] * 100)
+    real_append = journal._append
+
+    def slow_append(*args):
+        time.sleep(0.4)
+        real_append(*args)
+
+    monkeypatch.setattr(journal, "_append", slow_append)
+    writer = threading.Thread(target=commit, args=(stubs, "g", "", 0, {("t", 0): 80}))
+    writer.start()
+    time.sleep(0.1)  # the commit is accepted, its fsync still running
+    offsets = stubs.groups.FetchOffsets(pb.FetchOffsetsRequest(group="g")).offsets
+    writer.join(10)
+    assert [o.offset for o in offsets] == [80]
+
+
+def test_close_from_another_thread_ends_the_reading_loop_cleanly(server):
+    with Admin(server.address) as admin, Producer(server.address) as p:
+        admin.create_topic("t", 2)
+        for i in range(10):
+            p.send("t", b"v", partition=i % 2)
+        p.flush()
+        c = GroupConsumer("g", "t", server.address)
+        seen, errors = [], []
+
+        def read() -> None:
+            try:
+                for record in c.records():
+                    seen.append(record.offset)
+            except Exception as exc:  # the test fails on any
+                errors.append(exc)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert wait_until(lambda: len(seen) == 10)
+        c.close()
+        reader.join(10)
+        assert not reader.is_alive() and not errors
+        assert sorted(o.offset for o in admin.fetch_offsets("g")) == [5, 5]
+
+
+def test_a_transient_commit_failure_does_not_stop_reading(server):
+    from streamd.client.errors import StreamdError
+
+    with Admin(server.address) as admin, Producer(server.address) as p:
+        admin.create_topic("t", 1)
+        p.send_batch("t", 0, [b"a", b"b", b"c"])
+        c = GroupConsumer("g", "t", server.address, auto_commit_interval_ms=1)
+        real_call, failures = c._call, []
+
+        def flaky(method, request):
+            if isinstance(request, pb.CommitOffsetsRequest) and not failures:
+                failures.append(request)
+                raise StreamdError("UNAVAILABLE", "BROKER_UNAVAILABLE", "injected")
+            return real_call(method, request)
+
+        c._call = flaky
+        try:
+            got = []
+            for record in c.records(idle_timeout_s=5):
+                got.append(record.offset)
+                if len(got) == 3:
+                    p.send_batch("t", 0, [b"d"])  # read after the failed automatic commit
+                elif len(got) == 4:
+                    break
+            assert got == [0, 1, 2, 3] and failures
+        finally:
+            c.close()
+
+
+def test_a_short_session_timeout_survives_a_slow_start(server):
+    with Admin(server.address) as admin:
+        admin.create_topic("t", 1)
+        c = GroupConsumer("g", "t", server.address, session_timeout_ms=500)
+        try:
+            member = c.wait_for_assignment() and c.member_id
+            time.sleep(1.5)  # the reading thread is busy elsewhere; heartbeats go on
+            assert c.poll_assignment() == {("t", 0)} and c.member_id == member
+            assert [m.member_id for m in admin.describe_group("g").members] == [member]
         finally:
             c.close()

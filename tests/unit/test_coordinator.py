@@ -156,19 +156,25 @@ def test_commit_checks_ownership_and_generation():
     c.check_commit("other", "", 0, [("a", 0)])  # no members: tools may commit
 
 
-def test_fence_makes_every_earlier_generation_stale():
+def test_a_reset_refuses_member_commits_until_it_is_over_then_fences_again():
     c, _ = make()
     m = c.join("g", ["a"])
     g1 = c.groups["g"].generation
     g2 = c.fence("g")
     assert g2 == g1 + 1 and not m.offsets_reset
-    with pytest.raises(StaleGeneration):
-        c.check_commit("g", m.member_id, g1, [("a", 0)])
-    c.check_commit("g", m.member_id, g2, [("a", 0)])
+    c.join("g", ["a"])  # a rebalance during the reset moves the generation on ...
+    latest = c.groups["g"].generation
+    with pytest.raises(StaleGeneration):  # ... but nothing is accepted until it ends
+        c.check_commit("g", m.member_id, latest, [("a", 0)])
     m.changed.clear()
     c.notify_reset("g")
     assert m.offsets_reset and m.changed.is_set()
+    with pytest.raises(StaleGeneration):  # positions from before the reset stay refused
+        c.check_commit("g", m.member_id, latest, [("a", 0)])
+    c.check_commit("g", m.member_id, c.groups["g"].generation, [("a", 0)])
     assert c.fence("nobody") == 0
+    c.notify_reset("nobody")
+    assert not c.resetting
 
 
 def test_deleted_topic_partitions_are_dropped_and_new_ones_assigned():
