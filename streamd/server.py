@@ -20,21 +20,27 @@ from grpc_reflection.v1alpha import reflection
 
 from consumer_groups.coordinator import Coordinator
 from consumer_groups.offsets import OffsetStore
+from consumer_groups.queue_store import QueueStore
 from streamd._malloc import tune_malloc
 from streamd.broker.broker import Broker
+from streamd.broker.queues import TICK_MS, QueueEngine
 from streamd.broker.topic import TopicSettings
 from streamd.clock import Clock, SystemClock
 from streamd.config import BrokerConfig
 from streamd.service.group_service import GroupService, expire_groups
 from streamd.service.handlers import generic_handler
 from streamd.service.log_service import REQUEST_VIEWS, LogService
+from streamd.service.queue_service import QueueService
 from streamd.service.topic_service import TopicService
 from streamd.v1 import streamd_pb2 as pb
 
 log = logging.getLogger("streamd.server")
 
-SERVICES = [pb.DESCRIPTOR.services_by_name[name] for name in ("TopicService", "LogService", "GroupService")]
+SERVICES = [
+    pb.DESCRIPTOR.services_by_name[name] for name in ("TopicService", "LogService", "GroupService", "QueueService")
+]
 GROUPS_DIR = "@groups"
+QUEUES_DIR = "@queues"
 GROUP_TICK_MS = 100
 
 
@@ -58,6 +64,7 @@ class Server:
         )
         self.clock = self.broker.clock
         self.store: OffsetStore | None = None
+        self.queues: QueueEngine | None = None
         self.coordinator = Coordinator(
             clock=self.clock,
             partition_count=self._partition_count,
@@ -85,6 +92,11 @@ class Server:
         )
         groups = GroupService(self.broker, self.coordinator, self.store)
         await groups.purge_missing_topics()
+        queue_store = await loop.run_in_executor(
+            self.executor, lambda: QueueStore(self.config.data_dir / QUEUES_DIR, executor=self.executor)
+        )
+        self.queues = QueueEngine(self.broker, queue_store)
+        await self.queues.purge_missing_topics()
         limit = self.config.max_request_bytes
         self.grpc = grpc.aio.server(
             options=[
@@ -95,9 +107,10 @@ class Server:
         )
         self.grpc.add_generic_rpc_handlers(
             [
-                generic_handler(SERVICES[0], TopicService(self.broker, groups)),
+                generic_handler(SERVICES[0], TopicService(self.broker, groups, self.queues)),
                 generic_handler(SERVICES[1], LogService(self.broker), REQUEST_VIEWS),
                 generic_handler(SERVICES[2], groups),
+                generic_handler(SERVICES[3], QueueService(self.queues)),
             ]
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -122,6 +135,7 @@ class Server:
             )
 
         self.broker.run_every("group-timeouts", GROUP_TICK_MS, tick)
+        self.broker.run_every("queue-timers", TICK_MS, self.queues.tick)
         self.broker.run_every("group-expiry", self.config.retention_check_ms, expire)
         for name in [""] + [s.full_name for s in SERVICES]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -140,6 +154,8 @@ class Server:
         self.coordinator.shutdown()
         if self.grpc is not None:
             await self.grpc.stop(self.config.shutdown_grace_s)
+        if self.queues is not None:
+            await self.queues.close()
         await self.broker.close()
         if self.store is not None:
             await self.store.close()

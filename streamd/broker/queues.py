@@ -117,10 +117,17 @@ class QueueEngine:
         await self.store.delete(g)
         self._wake(g)
 
-    def topic_deleted(self, topic: str) -> list[QueueGroup]:
-        """Forget the queue groups of a deleted topic (their journal entries go with
-        the next compaction); returns them so the caller can delete them durably."""
-        return [g for (_, t), g in self.store.groups.items() if t == topic]
+    async def forget_topic(self, topic: str) -> None:
+        """Before a topic is deleted: its queue groups go first (durably)."""
+        for g in [g for (_, t), g in self.store.groups.items() if t == topic]:
+            await self.delete(g.name, g.topic)
+
+    async def purge_missing_topics(self) -> None:
+        """At start-up: queue groups of topics deleted while a crash kept the journal
+        from hearing of it."""
+        for g in [g for (_, t), g in self.store.groups.items() if t not in self.broker.topics]:
+            log.info("deleting queue group %s of topic %s, which no longer exists", g.name, g.topic)
+            await self.delete(g.name, g.topic)
 
     # -- receive -----------------------------------------------------------------
     async def receive(
@@ -130,7 +137,10 @@ class QueueEngine:
         self.broker.check_serving()
         g = self.group(name, topic)
         n = _receive_count(max_records)
-        lease = check_lease_ms(lease_ms) if lease_ms is not None else g.config.lease_ms
+        try:
+            lease = check_lease_ms(lease_ms) if lease_ms is not None else g.config.lease_ms
+        except ValueError as exc:
+            raise InvalidArgument("lease_ms", str(exc)) from None
         if not 0 <= max_wait_ms:
             raise InvalidArgument("max_wait_ms", "must not be negative")
         loop = asyncio.get_running_loop()
@@ -154,8 +164,8 @@ class QueueEngine:
         for i in range(count):
             p = (first + i) % count
             q = g.partitions[p]
-            self._expire(g, q, now)
             self._fill(g, q)
+            self._expire(g, q, now)
             if len(out) >= n:
                 continue
             entries = q.lease(n - len(out), now, lease_ms)
@@ -192,6 +202,7 @@ class QueueEngine:
         finally:
             for w in waits:
                 w.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
 
     def _wake(self, g: QueueGroup) -> None:
         event = self._changed.get((g.name, g.topic))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from streamd.broker.broker import Broker, Topic
+from streamd.broker.queues import QueueEngine
 from streamd.service.group_service import GroupService
 from streamd.v1 import streamd_pb2 as pb
 
@@ -14,9 +15,10 @@ def describe(topic: Topic) -> pb.TopicDescription:
 
 
 class TopicService:
-    def __init__(self, broker: Broker, groups: GroupService | None = None) -> None:
+    def __init__(self, broker: Broker, groups: GroupService | None = None, queues: QueueEngine | None = None) -> None:
         self.broker = broker
         self.groups = groups
+        self.queues = queues
 
     async def CreateTopic(self, request: pb.CreateTopicRequest, context) -> pb.CreateTopicResponse:
         topic = self.broker.create_topic(
@@ -31,6 +33,8 @@ class TopicService:
         self.broker.topic(request.topic)
         if self.groups is not None:
             await self.groups.forget_topic(request.topic)
+        if self.queues is not None:
+            await self.queues.forget_topic(request.topic)
         await self.broker.delete_topic(request.topic)
         if self.groups is not None:
             self.groups.topic_deleted(request.topic)

@@ -17,6 +17,7 @@ class Stubs:
         self.topics = rpc.TopicServiceStub(self.channel)
         self.log = rpc.LogServiceStub(self.channel)
         self.groups = rpc.GroupServiceStub(self.channel)
+        self.queues = rpc.QueueServiceStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()

@@ -1,0 +1,348 @@
+"""Queue groups over gRPC, driven by a fake clock: leases, ack/nack/extend/reject,
+backoff, dead letters, delayed delivery, per-key ordering, at-most-once, seek,
+restart, and the errors a worker can get."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from streamd.client.records import encode_batch
+from streamd.testing import FakeClock
+from streamd.v1 import streamd_pb2 as pb
+
+from .helpers import Stubs, error_info
+
+
+@pytest.fixture
+def clocked(make_server):
+    clock = FakeClock()
+    server = make_server(clock=clock)
+    stubs = Stubs(server.address)
+    yield server, stubs, clock
+    stubs.close()
+
+
+def produce(stubs: Stubs, topic: str, records: list[dict], partition: int = 0) -> None:
+    rs = pb.RecordSet()
+    for r in records:
+        rs.records.add(**r)
+    stubs.log.Produce(pb.ProduceRequest(
+        topic=topic, partitions=[pb.PartitionBatches(partition=partition, batches=[encode_batch(rs)])]
+    ))
+
+
+def values(n: int, prefix: str = "v") -> list[dict]:
+    return [{"value": f"{prefix}{i}".encode()} for i in range(n)]
+
+
+def create(stubs: Stubs, group: str = "workers", topic: str = "jobs", **config) -> pb.QueueGroupDescription:
+    retry = config.pop("retry", {})
+    request = pb.CreateQueueGroupRequest(
+        group=group, topic=topic, config=pb.QueueGroupConfig(retry=pb.RetryPolicy(**retry), **config)
+    )
+    return stubs.queues.CreateQueueGroup(request).group
+
+
+def receive(stubs: Stubs, n: int = 100, group: str = "workers", topic: str = "jobs", **kw) -> list:
+    return list(stubs.queues.Receive(pb.ReceiveRequest(group=group, topic=topic, max_records=n, **kw)).records)
+
+
+def ref(r: pb.LeasedRecord) -> pb.LeaseRef:
+    return pb.LeaseRef(partition=r.partition, offset=r.offset, lease_id=r.lease_id)
+
+
+def ack(stubs: Stubs, r, group: str = "workers", topic: str = "jobs") -> None:
+    stubs.queues.Ack(pb.AckRequest(group=group, topic=topic, lease=ref(r)))
+
+
+def nack(stubs: Stubs, r, **kw) -> None:
+    stubs.queues.Nack(pb.NackRequest(group="workers", topic="jobs", lease=ref(r), **kw))
+
+
+def stats(stubs: Stubs, group: str = "workers", topic: str = "jobs") -> pb.QueuePartitionStats:
+    d = stubs.queues.DescribeQueueGroup(pb.DescribeQueueGroupRequest(group=group, topic=topic)).group
+    return d.partitions[0]
+
+
+def test_each_record_goes_to_one_worker_and_acks_settle_it(clocked):
+    _, stubs, _ = clocked
+    stubs.create("jobs", 1)
+    create(stubs)
+    produce(stubs, "jobs", values(10))
+    first, second = receive(stubs, 6), receive(stubs, 6)
+    assert [r.offset for r in first] == list(range(6)) and [r.offset for r in second] == list(range(6, 10))
+    assert {r.delivery_count for r in first + second} == {1} and len({r.lease_id for r in first}) == 6
+    assert first[0].record.value == b"v0" and first[0].lease_expires_ms > 0
+    assert receive(stubs, 10) == []  # everything is leased
+    for r in first + second:
+        ack(stubs, r)
+    s = stats(stubs)
+    assert (s.start_offset, s.acked, s.in_flight, s.backlog) == (10, 10, 0, 0)
+    with pytest.raises(grpc.RpcError) as err:  # a settled lease cannot be acked again
+        ack(stubs, first[0])
+    assert error_info(err.value)[:2] == (grpc.StatusCode.FAILED_PRECONDITION, "LEASE_EXPIRED")
+
+
+def test_an_expired_lease_is_redelivered_after_backoff_and_its_ack_refused(clocked):
+    _, stubs, clock = clocked
+    stubs.create("jobs", 1)
+    create(stubs, lease_ms=1000, retry={"initial_delay_ms": 500, "jitter": pb.JITTER_NONE})
+    produce(stubs, "jobs", values(1))
+    [r1] = receive(stubs)
+    clock.advance(1000)
+    with pytest.raises(grpc.RpcError) as err:
+        ack(stubs, r1)
+    assert error_info(err.value)[:2] == (grpc.StatusCode.FAILED_PRECONDITION, "LEASE_EXPIRED")
+    assert receive(stubs) == []  # expired at 1000, backoff 500 ms
+    clock.advance(499)
+    assert receive(stubs) == []
+    clock.advance(1)
+    [r2] = receive(stubs)
+    assert (r2.offset, r2.delivery_count) == (0, 2) and r2.lease_id != r1.lease_id
+    with pytest.raises(grpc.RpcError):
+        ack(stubs, r1)  # the old lease stays dead
+    ack(stubs, r2)
+    assert stats(stubs).redelivered == 1
+
+
+def test_nack_backs_off_exponentially_and_dead_letters_at_the_limit(clocked):
+    _, stubs, clock = clocked
+    stubs.create("jobs", 1)
+    create(stubs, max_deliveries=3, retry={"initial_delay_ms": 100, "multiplier": 2.0, "jitter": pb.JITTER_NONE})
+    produce(stubs, "jobs", values(1))
+    waits = []
+    [r] = receive(stubs)
+    for attempt in (1, 2):
+        assert r.delivery_count == attempt
+        nack(stubs, r, reason=f"failure {attempt}")
+        waited = 0
+        while not (got := receive(stubs, max_wait_ms=0)) and waited < 1000:
+            clock.advance(10)
+            waited += 10
+        waits.append(waited)
+        [r] = got
+    assert waits == [100, 200]  # 100 ms, then x2
+    nack(stubs, r, reason="failure 3")  # the third failure at max_deliveries=3: dead letter
+    for _ in range(100):
+        if stats(stubs).dead_lettered:
+            break
+        clock.advance(1)
+    assert stats(stubs).dead_lettered == 1 and receive(stubs, max_wait_ms=0) == []
+
+
+def test_max_deliveries_moves_the_record_to_the_dead_letter_topic(clocked):
+    _, stubs, clock = clocked
+    stubs.create("jobs", 2)
+    create(stubs, max_deliveries=2, retry={"initial_delay_ms": 0, "jitter": pb.JITTER_NONE})
+    produce(stubs, "jobs", [{"key": b"k", "value": b"poison", "headers": [pb.RecordHeader(key="h", value=b"1")]}], 1)
+    produce(stubs, "jobs", values(1, "ok"), 0)
+    seen = []
+    for _ in range(2):
+        for r in receive(stubs):
+            seen.append((r.partition, r.delivery_count))
+            if r.record.value == b"poison":
+                nack(stubs, r, reason="cannot parse")
+            else:
+                ack(stubs, r)
+    assert sorted(seen) == [(0, 1), (1, 1), (1, 2)]  # the good record was not held back
+    d = stubs.queues.DescribeQueueGroup(pb.DescribeQueueGroupRequest(group="workers", topic="jobs")).group
+    deadline = 200
+    while not d.partitions[1].dead_lettered and deadline:
+        clock.advance(1)
+        deadline -= 1
+        d = stubs.queues.DescribeQueueGroup(pb.DescribeQueueGroupRequest(group="workers", topic="jobs")).group
+    assert d.partitions[1].dead_lettered == 1 and d.partitions[1].start_offset == 1
+    letters = [b for p in range(2) for b in stubs.fetch("jobs.dlq", p, 0).batches]
+    rs = pb.RecordSet.FromString(letters[0].records)
+    letter = rs.records[0]
+    headers = {h.key: h.value for h in letter.headers}
+    assert letter.value == b"poison" and letter.key == b"k" and headers["h"] == b"1"
+    assert headers["streamd-dlq-topic"] == b"jobs" and headers["streamd-dlq-partition"] == b"1"
+    assert headers["streamd-dlq-offset"] == b"0" and headers["streamd-dlq-group"] == b"workers"
+    assert headers["streamd-dlq-deliveries"] == b"2" and headers["streamd-dlq-reason"] == b"cannot parse"
+    assert int(headers["streamd-dlq-first-delivery-ms"]) <= int(headers["streamd-dlq-last-delivery-ms"])
+    assert receive(stubs, max_wait_ms=0) == []
+
+
+def test_reject_dead_letters_at_once_and_extend_keeps_the_lease(clocked):
+    _, stubs, clock = clocked
+    stubs.create("jobs", 1)
+    create(stubs, lease_ms=1000)
+    produce(stubs, "jobs", values(2))
+    a, b = receive(stubs)
+    clock.advance(900)
+    expiry = stubs.queues.Extend(pb.ExtendRequest(group="workers", topic="jobs", lease=ref(a), lease_ms=5000))
+    assert expiry.lease_expires_ms == clock.now_ms() + 5000
+    stubs.queues.Reject(pb.RejectRequest(group="workers", topic="jobs", lease=ref(b), reason="poison"))
+    clock.advance(2000)
+    ack(stubs, a)  # still held thanks to the extension
+    assert receive(stubs, max_wait_ms=0) == []
+
+
+def test_delayed_records_wait_for_their_time_but_stream_readers_see_them_at_once(clocked):
+    _, stubs, clock = clocked
+    stubs.create("jobs", 1)
+    create(stubs)
+    produce(stubs, "jobs", [{"value": b"later", "delay_ms": 5000}, {"value": b"at", "deliver_at_ms": clock.now_ms() + 3000},
+                            {"value": b"now"}])
+    assert len(stubs.fetch("jobs", 0, 0).batches) == 1  # the log has all three
+    assert [r.record.value for r in receive(stubs)] == [b"now"]
+    clock.advance(3000)
+    assert [r.record.value for r in receive(stubs)] == [b"at"]
+    clock.advance(2000)
+    assert [r.record.value for r in receive(stubs)] == [b"later"]
+
+
+def test_ordered_by_key_holds_back_only_the_failing_key(clocked):
+    _, stubs, clock = clocked
+    stubs.create("jobs", 1)
+    create(stubs, ordered_by_key=True, retry={"initial_delay_ms": 1000, "jitter": pb.JITTER_NONE})
+    produce(stubs, "jobs", [{"key": b"a", "value": b"a1"}, {"key": b"a", "value": b"a2"}, {"key": b"b", "value": b"b1"},
+                            {"key": b"b", "value": b"b2"}])
+    got = receive(stubs)
+    assert [r.record.value for r in got] == [b"a1", b"b1"]  # one per key in flight
+    a1, b1 = got
+    nack(stubs, a1)  # a fails: a2 must wait behind it
+    ack(stubs, b1)
+    assert [r.record.value for r in receive(stubs, max_wait_ms=0)] == [b"b2"]
+    clock.advance(1000)
+    [again] = receive(stubs)
+    assert again.record.value == b"a1" and again.delivery_count == 2
+    ack(stubs, again)
+    assert [r.record.value for r in receive(stubs)] == [b"a2"]
+
+
+def test_at_most_once_counts_a_record_acked_when_handed_out(clocked):
+    _, stubs, clock = clocked
+    stubs.create("jobs", 1)
+    create(stubs, at_most_once=True, lease_ms=1000)
+    produce(stubs, "jobs", values(3))
+    assert len(receive(stubs)) == 3
+    clock.advance(10_000)
+    assert receive(stubs, max_wait_ms=0) == []
+    assert stats(stubs).acked == 3 and stats(stubs).start_offset == 3
+
+
+def test_settle_applies_each_settlement_and_reports_each_failure(clocked):
+    _, stubs, _ = clocked
+    stubs.create("jobs", 1)
+    create(stubs)
+    produce(stubs, "jobs", values(3))
+    a, b, c = receive(stubs)
+    stale = pb.LeaseRef(partition=0, offset=b.offset, lease_id=b.lease_id + 1)
+    reply = stubs.queues.Settle(pb.SettleRequest(group="workers", topic="jobs", settlements=[
+        pb.Settlement(lease=ref(a), action=pb.SETTLE_ACTION_ACK),
+        pb.Settlement(lease=stale, action=pb.SETTLE_ACTION_ACK),
+        pb.Settlement(lease=ref(c), action=pb.SETTLE_ACTION_NACK, delay_ms=0),
+    ]))
+    assert [r.HasField("error") for r in reply.results] == [False, True, False]
+    assert reply.results[1].error.reason == "LEASE_EXPIRED"
+    assert [r.offset for r in receive(stubs)] == [2]  # c came back; b is still leased
+
+
+def test_queue_state_survives_a_restart(make_server, tmp_path):
+    clock = FakeClock()
+    server = make_server(clock=clock)
+    stubs = Stubs(server.address)
+    stubs.create("jobs", 1)
+    create(stubs, retry={"initial_delay_ms": 0, "jitter": pb.JITTER_NONE})
+    produce(stubs, "jobs", values(5))
+    got = receive(stubs, 3)
+    ack(stubs, got[1])
+    nack(stubs, got[2])
+    stubs.close()
+    server.stop()
+    server = make_server(clock=clock)
+    stubs = Stubs(server.address)
+    try:
+        again = receive(stubs)
+        by_offset = {r.offset: r.delivery_count for r in again}
+        assert 1 not in by_offset  # acked stays acked
+        assert by_offset == {0: 2, 2: 2, 3: 1, 4: 1}  # the lease in flight and the nack both count
+        for r in again:
+            ack(stubs, r)
+        assert stats(stubs).start_offset == 5
+    finally:
+        stubs.close()
+
+
+def test_seek_plans_then_moves_the_start_offset(clocked):
+    _, stubs, _ = clocked
+    stubs.create("jobs", 1)
+    create(stubs)
+    produce(stubs, "jobs", values(10))
+    for r in receive(stubs):
+        ack(stubs, r)
+    plan = stubs.queues.SeekQueueGroup(pb.SeekQueueGroupRequest(group="workers", topic="jobs", offset=4))
+    assert not plan.executed and (plan.plan[0].old_offset, plan.plan[0].new_offset) == (10, 4)
+    assert receive(stubs, max_wait_ms=0) == []
+    stubs.queues.SeekQueueGroup(pb.SeekQueueGroupRequest(group="workers", topic="jobs", offset=4, execute=True))
+    assert [r.offset for r in receive(stubs)] == list(range(4, 10))
+    clamped = stubs.queues.SeekQueueGroup(pb.SeekQueueGroupRequest(group="workers", topic="jobs", offset=99))
+    assert clamped.plan[0].clamped and clamped.plan[0].new_offset == 10
+
+
+def test_receive_stream_pushes_as_credit_allows(clocked):
+    _, stubs, _ = clocked
+    stubs.create("jobs", 1)
+    create(stubs)
+    produce(stubs, "jobs", values(5))
+    requests = iter([pb.ReceiveStreamRequest(open=pb.ReceiveRequest(group="workers", topic="jobs", max_records=3))])
+    call = stubs.queues.ReceiveStream(requests)
+    first = next(call)
+    assert [r.offset for r in first.records] == [0, 1, 2]
+    call.cancel()
+
+
+def test_bad_queue_requests_get_clear_statuses(clocked):
+    _, stubs, _ = clocked
+    stubs.create("jobs", 1)
+    create(stubs)
+    cases = [
+        (lambda: create(stubs), grpc.StatusCode.ALREADY_EXISTS, "QUEUE_GROUP_EXISTS"),
+        (lambda: create(stubs, group="x", topic="nope"), grpc.StatusCode.NOT_FOUND, "TOPIC_NOT_FOUND"),
+        (lambda: create(stubs, group="y", lease_ms=1), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+        (lambda: create(stubs, group="z", retry={"multiplier": 0.5}), grpc.StatusCode.INVALID_ARGUMENT,
+         "INVALID_ARGUMENT"),
+        (lambda: create(stubs, group="../x"), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_GROUP_NAME"),
+        (lambda: receive(stubs, group="missing"), grpc.StatusCode.NOT_FOUND, "QUEUE_GROUP_NOT_FOUND"),
+        (lambda: receive(stubs, 100_000), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+        (lambda: receive(stubs, 1, lease_ms=5), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+        (lambda: stubs.queues.Ack(pb.AckRequest(group="workers", topic="jobs", lease=pb.LeaseRef(offset=99))),
+         grpc.StatusCode.FAILED_PRECONDITION, "LEASE_EXPIRED"),
+    ]
+    for call, code, reason in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert error_info(err.value)[:2] == (code, reason), reason
+    assert receive(stubs, max_wait_ms=0) == []  # still serving
+
+
+def test_deleting_the_topic_deletes_its_queue_groups(clocked):
+    _, stubs, _ = clocked
+    stubs.create("jobs", 1)
+    create(stubs)
+    stubs.topics.DeleteTopic(pb.DeleteTopicRequest(topic="jobs"))
+    assert not stubs.queues.ListQueueGroups(pb.ListQueueGroupsRequest()).groups
+
+
+def test_records_deleted_by_retention_before_delivery_are_counted(make_server):
+    server = make_server(retention_check_ms=50, segment_bytes=4096)
+    stubs = Stubs(server.address)
+    try:
+        stubs.create("jobs", 1, retention_bytes=4096, segment_bytes=4096)
+        create(stubs)
+        for i in range(40):
+            produce(stubs, "jobs", [{"value": b"x" * 200}])
+        import time
+
+        deadline = time.monotonic() + 10
+        while stubs.log.ListOffsets(pb.ListOffsetsRequest(topic="jobs")).offsets[0].log_start_offset == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        got = receive(stubs, 100)
+        s = stats(stubs)
+        assert s.lost_to_retention > 0 and got[0].offset == s.lost_to_retention
+    finally:
+        stubs.close()
