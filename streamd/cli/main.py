@@ -1,4 +1,4 @@
-"""``streamd`` subcommands: serve, topics, produce, consume, offsets, groups, replay, inspect.
+"""``streamd`` subcommands: serve, topics, produce, consume, offsets, groups, queue, replay, inspect.
 
 Exit codes: 0 success, 1 error (one line on stderr), 2 usage error (argparse).
 The server address comes from ``--server``, else ``STREAMD_SERVER``, else
@@ -21,6 +21,7 @@ from streamd.config import BrokerConfig
 
 from . import groups as groups_cmd
 from . import inspect as inspect_cmd
+from . import queue as queue_cmd
 from . import replay as replay_cmd
 from .format import format_record, record_json, table
 
@@ -284,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_offsets)
     groups_cmd.add_parser(sub)
     inspect_cmd.add_parser(sub)
+    queue_cmd.add_parser(sub)
     replay_cmd.add_parser(sub)
     return parser
 

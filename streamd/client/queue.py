@@ -1,0 +1,455 @@
+"""Queue receivers: competing workers on a queue group (see QueueService in the proto).
+
+    from streamd.client.queue import QueueReceiver
+
+    with QueueReceiver("mailers", "orders", create=True) as receiver:
+        receiver.process(send_email, workers=4)      # ack on return, nack on exception
+
+- ``receive()`` leases up to N records (``Message``); each is settled with
+  ``ack()``, ``nack(delay_ms=, reason=)``, ``extend(lease_ms)`` or ``reject(reason)``.
+  Acks are batched: they go out in one Settle call per ``ack_interval_ms`` (or per
+  ``ack_batch`` acks), and ``flush()`` / ``close()`` send what is pending; an ack
+  of an expired lease is then logged (the record will come again), as SQS does.
+- ``process(handler, workers=N)`` runs a pool of threads; each message's lease is
+  extended automatically while its handler runs (at two thirds of the lease), so a
+  slow handler does not lose its record to another worker.
+- ``AsyncQueueReceiver`` is the asyncio flavour, with ``process(handler,
+  concurrency=N)`` for coroutine handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+
+import grpc
+
+from streamd.v1 import streamd_pb2 as pb
+from streamd.v1 import streamd_pb2_grpc as rpc
+
+from ._channel import SyncClient, aio_channel
+from .errors import StreamdError
+
+log = logging.getLogger("streamd.client.queue")
+
+ACTIONS = {"ack": pb.SETTLE_ACTION_ACK, "nack": pb.SETTLE_ACTION_NACK, "extend": pb.SETTLE_ACTION_EXTEND,
+           "reject": pb.SETTLE_ACTION_REJECT}
+
+
+@dataclass(eq=False)
+class Message:
+    """A leased record. Settle it exactly once (extend as often as needed)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...]
+    timestamp_ms: int
+    delivery_count: int
+    lease_id: int
+    lease_expires_ms: int
+    _receiver: object = None
+
+    def ack(self) -> None:
+        self._receiver.ack(self)
+
+    def nack(self, *, delay_ms: int | None = None, reason: str = "") -> None:
+        self._receiver.nack(self, delay_ms=delay_ms, reason=reason)
+
+    def extend(self, lease_ms: int) -> int:
+        return self._receiver.extend(self, lease_ms)
+
+    def reject(self, reason: str = "") -> None:
+        self._receiver.reject(self, reason=reason)
+
+    @property
+    def lease(self) -> pb.LeaseRef:
+        return pb.LeaseRef(partition=self.partition, offset=self.offset, lease_id=self.lease_id)
+
+
+def _message(topic: str, r: pb.LeasedRecord, receiver) -> Message:
+    rec = r.record
+    return Message(
+        topic, r.partition, r.offset, rec.key if rec.HasField("key") else None, rec.value,
+        tuple((h.key, h.value) for h in rec.headers), rec.timestamp_ms or r.append_time_ms,
+        r.delivery_count, r.lease_id, r.lease_expires_ms, receiver,
+    )
+
+
+def queue_config(**kw) -> pb.QueueGroupConfig:
+    """``pb.QueueGroupConfig`` from keywords: lease_ms, max_deliveries, dead_letter_topic,
+    ordered_by_key, at_most_once, max_in_flight, start ("earliest"/"latest"),
+    initial_delay_ms, multiplier, max_delay_ms, jitter ("none"/"full"/"equal")."""
+    retry = {k: kw.pop(k) for k in ("initial_delay_ms", "multiplier", "max_delay_ms") if k in kw}
+    jitter = kw.pop("jitter", None)
+    if jitter is not None:
+        retry["jitter"] = {"none": pb.JITTER_NONE, "full": pb.JITTER_FULL, "equal": pb.JITTER_EQUAL}[jitter]
+    start = kw.pop("start", None)
+    if start is not None:
+        kw["start"] = pb.OFFSET_SPEC_LATEST if start == "latest" else pb.OFFSET_SPEC_EARLIEST
+    return pb.QueueGroupConfig(retry=pb.RetryPolicy(**retry), **kw)
+
+
+class QueueReceiver(SyncClient):
+    def __init__(
+        self,
+        group: str,
+        topic: str,
+        server: str | None = None,
+        *,
+        channel: grpc.Channel | None = None,
+        create: bool | dict = False,
+        max_records: int = 100,
+        max_wait_ms: int = 1000,
+        lease_ms: int | None = None,
+        ack_interval_ms: int = 5,
+        ack_batch: int = 1000,
+        worker_id: str = "",
+    ) -> None:
+        """``create``: create the queue group if it does not exist (a dict: with this
+        config, see ``queue_config``)."""
+        super().__init__(server, channel=channel)
+        self._queues = rpc.QueueServiceStub(self._channel)
+        self.group, self.topic = group, topic
+        self.max_records, self.max_wait_ms, self.lease_ms = max_records, max_wait_ms, lease_ms
+        self.worker_id = worker_id
+        self._ack_interval_s, self._ack_batch = ack_interval_ms / 1000, ack_batch
+        self._pending: list[pb.Settlement] = []
+        self._lock = threading.Lock()
+        self._flushed = threading.Condition(self._lock)
+        self._closed = False
+        self._flusher = threading.Thread(target=self._flush_loop, name="streamd-acks", daemon=True)
+        self._flusher.start()
+        if create:
+            self.create(**(create if isinstance(create, dict) else {}), exist_ok=True)
+
+    # -- groups ------------------------------------------------------------------
+    def create(self, *, exist_ok: bool = False, **config) -> pb.QueueGroupDescription | None:
+        request = pb.CreateQueueGroupRequest(group=self.group, topic=self.topic, config=queue_config(**config))
+        try:
+            return self._call(self._queues.CreateQueueGroup, request).group
+        except StreamdError as err:
+            if exist_ok and err.reason == "QUEUE_GROUP_EXISTS":
+                return None
+            raise
+
+    def describe(self) -> pb.QueueGroupDescription:
+        request = pb.DescribeQueueGroupRequest(group=self.group, topic=self.topic)
+        return self._call(self._queues.DescribeQueueGroup, request).group
+
+    # -- receiving ---------------------------------------------------------------
+    def receive(self, max_records: int | None = None, *, max_wait_ms: int | None = None) -> list[Message]:
+        request = pb.ReceiveRequest(
+            group=self.group, topic=self.topic, max_records=max_records or self.max_records,
+            max_wait_ms=self.max_wait_ms if max_wait_ms is None else max_wait_ms, worker_id=self.worker_id,
+            lease_ms=self.lease_ms,
+        )
+        reply = self._call(self._queues.Receive, request)
+        return [_message(self.topic, r, self) for r in reply.records]
+
+    def __iter__(self) -> Iterator[Message]:
+        while not self._closed:
+            yield from self.receive()
+
+    # -- settling --------------------------------------------------------------------
+    def ack(self, msg: Message) -> None:
+        """Queued; sent with the next batch (``flush()`` to wait for it)."""
+        self._queue(pb.Settlement(lease=msg.lease, action=pb.SETTLE_ACTION_ACK))
+
+    def nack(self, msg: Message, *, delay_ms: int | None = None, reason: str = "") -> None:
+        self._settle_now(msg, "nack", delay_ms, reason)
+
+    def extend(self, msg: Message, lease_ms: int) -> int:
+        [result] = self._settle_now(msg, "extend", lease_ms, "")
+        msg.lease_expires_ms = result.lease_expires_ms
+        return result.lease_expires_ms
+
+    def reject(self, msg: Message, *, reason: str = "") -> None:
+        self._settle_now(msg, "reject", None, reason)
+
+    def _settle_now(self, msg: Message, action: str, delay_ms: int | None, reason: str):
+        s = pb.Settlement(lease=msg.lease, action=ACTIONS[action], delay_ms=delay_ms, reason=reason)
+        results = self._send([s])
+        if results[0].HasField("error"):
+            e = results[0].error
+            raise StreamdError(grpc.StatusCode(_code(e.code)).name, e.reason, e.message, dict(e.metadata))
+        return results
+
+    def _send(self, settlements: list[pb.Settlement]) -> list[pb.SettleResult]:
+        request = pb.SettleRequest(group=self.group, topic=self.topic, settlements=settlements)
+        return list(self._call(self._queues.Settle, request).results)
+
+    def _queue(self, settlement: pb.Settlement) -> None:
+        with self._lock:
+            if self._closed:
+                raise StreamdError("CANCELLED", "CLOSED", "the receiver is closed")
+            self._pending.append(settlement)
+            if len(self._pending) >= self._ack_batch:
+                self._flushed.notify_all()
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Send the queued acks now and wait for the answer."""
+        with self._lock:
+            batch, self._pending = self._pending, []
+        self._deliver(batch)
+
+    def _flush_loop(self) -> None:
+        while True:
+            with self._lock:
+                self._flushed.wait(self._ack_interval_s)
+                if self._closed and not self._pending:
+                    return
+                batch, self._pending = self._pending, []
+            self._deliver(batch)
+
+    def _deliver(self, batch: list[pb.Settlement]) -> None:
+        if not batch:
+            return
+        try:
+            results = self._send(batch)
+        except StreamdError as err:  # the leases will expire and the records come again
+            log.warning("queue %s/%s: %d ack(s) not delivered: %s", self.group, self.topic, len(batch), err)
+            return
+        failed = [r.error.reason for r in results if r.HasField("error")]
+        if failed:
+            log.info("queue %s/%s: %d ack(s) refused (%s); those records will come again",
+                     self.group, self.topic, len(failed), failed[0])
+
+    # -- worker pool -------------------------------------------------------------------
+    def process(
+        self,
+        handler: Callable[[Message], object],
+        *,
+        workers: int = 4,
+        auto_extend: bool = True,
+        stop: threading.Event | None = None,
+        max_messages: int | None = None,
+    ) -> int:
+        """Run ``handler`` on every message with ``workers`` threads until ``stop`` is
+        set (or ``max_messages`` were handled). Return: ack; exception: nack with the
+        exception as the reason. Returns how many messages were handled."""
+        stop = stop or threading.Event()
+        counter = _Counter(max_messages, stop)
+        extender = _Extender(self) if auto_extend else None
+        threads = [
+            threading.Thread(target=self._work, args=(handler, stop, counter, extender), name=f"streamd-worker-{i}")
+            for i in range(workers)
+        ]
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.2)
+        finally:
+            stop.set()
+            if extender is not None:
+                extender.stop()
+            self.flush()
+        return counter.done
+
+    def _work(self, handler, stop: threading.Event, counter: _Counter, extender: _Extender | None) -> None:
+        while not stop.is_set():
+            try:
+                messages = self.receive(max_wait_ms=min(self.max_wait_ms, 500))
+            except StreamdError as err:
+                log.warning("queue %s/%s: receive failed: %s", self.group, self.topic, err)
+                stop.wait(0.5)
+                continue
+            for msg in messages:
+                if extender is not None:
+                    extender.watch(msg)
+                try:
+                    handler(msg)
+                except Exception as exc:
+                    self._safe(lambda m=msg, e=exc: self.nack(m, reason=f"{type(e).__name__}: {e}"[:1000]))
+                else:
+                    self.ack(msg)
+                finally:
+                    if extender is not None:
+                        extender.forget(msg)
+                counter.add()
+
+    def _safe(self, call: Callable[[], object]) -> None:
+        try:
+            call()
+        except StreamdError as err:
+            log.info("queue %s/%s: %s", self.group, self.topic, err)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._flushed.notify_all()
+        self._flusher.join(30)
+        super().close()
+
+
+class _Counter:
+    def __init__(self, limit: int | None, stop: threading.Event) -> None:
+        self.limit, self.stop, self.done = limit, stop, 0
+        self._lock = threading.Lock()
+
+    def add(self) -> None:
+        with self._lock:
+            self.done += 1
+            if self.limit is not None and self.done >= self.limit:
+                self.stop.set()
+
+
+class _Extender:
+    """Extends the leases of messages whose handlers are still running, at two thirds
+    of each lease."""
+
+    def __init__(self, receiver: QueueReceiver) -> None:
+        self.receiver = receiver
+        self._watched: dict[int, tuple[Message, int]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="streamd-extender", daemon=True)
+        self._thread.start()
+
+    def watch(self, msg: Message) -> None:
+        lease_ms = max(100, msg.lease_expires_ms - int(time.time() * 1000))
+        with self._lock:
+            self._watched[id(msg)] = (msg, lease_ms)
+
+    def forget(self, msg: Message) -> None:
+        with self._lock:
+            self._watched.pop(id(msg), None)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            now = int(time.time() * 1000)
+            with self._lock:
+                due = [(m, ms) for m, ms in self._watched.values() if m.lease_expires_ms - now < ms // 3]
+            for msg, lease_ms in due:
+                try:
+                    self.receiver.extend(msg, lease_ms)
+                except StreamdError as err:
+                    log.info("lease of %s/%d@%d not extended: %s", msg.topic, msg.partition, msg.offset, err)
+                    self.forget(msg)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def _code(number: int) -> tuple:
+    for code in grpc.StatusCode:
+        if code.value[0] == number:
+            return code.value
+    return grpc.StatusCode.UNKNOWN.value
+
+
+class AsyncQueueReceiver:
+    """asyncio flavour: receive, settle (acks batched per call of ``flush`` or per
+    ``process`` round), and ``process`` with a concurrency limit."""
+
+    def __init__(self, group: str, topic: str, server: str | None = None, *, channel=None,
+                 max_records: int = 100, max_wait_ms: int = 1000, lease_ms: int | None = None) -> None:
+        self._own_channel = channel is None
+        self._channel = channel or aio_channel(server)
+        self._queues = rpc.QueueServiceStub(self._channel)
+        self.group, self.topic = group, topic
+        self.max_records, self.max_wait_ms, self.lease_ms = max_records, max_wait_ms, lease_ms
+        self._pending: list[pb.Settlement] = []
+
+    async def __aenter__(self) -> AsyncQueueReceiver:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def create(self, *, exist_ok: bool = False, **config) -> None:
+        request = pb.CreateQueueGroupRequest(group=self.group, topic=self.topic, config=queue_config(**config))
+        try:
+            await self._queues.CreateQueueGroup(request)
+        except grpc.RpcError as err:
+            error = StreamdError.from_rpc_error(err)
+            if not (exist_ok and error.reason == "QUEUE_GROUP_EXISTS"):
+                raise error from None
+
+    async def receive(self, max_records: int | None = None, *, max_wait_ms: int | None = None) -> list[Message]:
+        request = pb.ReceiveRequest(
+            group=self.group, topic=self.topic, max_records=max_records or self.max_records,
+            max_wait_ms=self.max_wait_ms if max_wait_ms is None else max_wait_ms, lease_ms=self.lease_ms,
+        )
+        try:
+            reply = await self._queues.Receive(request)
+        except grpc.RpcError as err:
+            raise StreamdError.from_rpc_error(err) from None
+        return [_message(self.topic, r, self) for r in reply.records]
+
+    def ack(self, msg: Message) -> None:
+        self._pending.append(pb.Settlement(lease=msg.lease, action=pb.SETTLE_ACTION_ACK))
+
+    async def settle(self, msg: Message, action: str, *, delay_ms: int | None = None, reason: str = "") -> None:
+        s = pb.Settlement(lease=msg.lease, action=ACTIONS[action], delay_ms=delay_ms, reason=reason)
+        [result] = await self._send([s])
+        if result.HasField("error"):
+            e = result.error
+            raise StreamdError(grpc.StatusCode(_code(e.code)).name, e.reason, e.message, dict(e.metadata))
+
+    async def flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if batch:
+            await self._send(batch)
+
+    async def _send(self, settlements) -> list[pb.SettleResult]:
+        request = pb.SettleRequest(group=self.group, topic=self.topic, settlements=settlements)
+        try:
+            return list((await self._queues.Settle(request)).results)
+        except grpc.RpcError as err:
+            raise StreamdError.from_rpc_error(err) from None
+
+    async def process(
+        self, handler: Callable[[Message], Awaitable[object]], *, concurrency: int = 16,
+        stop: asyncio.Event | None = None, max_messages: int | None = None,
+    ) -> int:
+        """Handle messages with up to ``concurrency`` handlers at once: ack on return,
+        nack on exception. Returns how many were handled."""
+        stop = stop or asyncio.Event()
+        limit = asyncio.Semaphore(concurrency)
+        done = 0
+
+        async def run(msg: Message) -> None:
+            nonlocal done
+            try:
+                await handler(msg)
+            except Exception as exc:
+                try:
+                    await self.settle(msg, "nack", reason=f"{type(exc).__name__}: {exc}"[:1000])
+                except StreamdError as err:
+                    log.info("nack failed: %s", err)
+            else:
+                self.ack(msg)
+            finally:
+                limit.release()
+                done += 1
+                if max_messages is not None and done >= max_messages:
+                    stop.set()
+
+        tasks: set[asyncio.Task] = set()
+        while not stop.is_set():
+            for msg in await self.receive(min(self.max_records, concurrency), max_wait_ms=200):
+                await limit.acquire()
+                task = asyncio.create_task(run(msg))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            await self.flush()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.flush()
+        return done
+
+    async def close(self) -> None:
+        await self.flush()
+        if self._own_channel:
+            await self._channel.close()
