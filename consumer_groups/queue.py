@@ -142,6 +142,10 @@ class PartitionQueue:
         if saved is not None:
             e.deliveries, e.visible_at, e.reason, e.first_delivery_ms, e.last_delivery_ms, dead = saved
             deliver_at_ms = max(deliver_at_ms, e.visible_at)
+            if e.deliveries >= self.config.max_deliveries and not dead:
+                # Its last delivery was in flight at a restart (a lost lease counts as a
+                # failure): one more would exceed the limit.
+                dead, e.reason = True, e.reason or "lease lost in a broker restart"
         if e.key is not None:
             if e.key in self._active_key:
                 e.state = BLOCKED

@@ -13,6 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from consumer_groups.errors import LeaseExpired
 from consumer_groups.queue import BLOCKED, DEAD_LETTERING, LEASED, PartitionQueue, QueueConfig
+from consumer_groups.queue_store import QueueGroup, QueueStore
 from consumer_groups.retry import RetryPolicy
 
 MAX_DELIVERIES = 3
@@ -33,6 +34,7 @@ class QueueMachine(RuleBasedStateMachine):
         self.acked: set[int] = set()
         self.rejected: set[int] = set()
         self.dead: set[int] = set()
+        self.restarts = 0
 
     @rule(key=st.sampled_from([None, b"a", b"b"]), delay=st.sampled_from([0, 0, 500]))
     def produce(self, key, delay):
@@ -122,6 +124,30 @@ class QueueMachine(RuleBasedStateMachine):
             self.q.dead_lettered(offset)
             self.dead.add(offset)
 
+    @rule()
+    def restart(self):
+        """Snapshot the state as the journal's compaction does, replay it into a fresh
+        queue, and re-admit from the log: leases in flight are void, the rest stays."""
+        group = QueueGroup("g", "t", self.config, 0)
+        group.partitions[0] = self.q
+        ops = _Holder({("g", "t"): group})._snapshot()
+        fresh = _Holder({})
+        for op in ops:
+            fresh._replay(op)
+        before = {o: (e.deliveries, e.state) for o, e in self.q.entries.items()}
+        pending_dead = set(self.q.to_dead_letter) | {o for o, (_, st) in before.items() if st == DEAD_LETTERING}
+        self.q = fresh.groups[("g", "t")].partitions[0]
+        self.restarts += 1
+        self.q.rng = random.Random(1000 + self.restarts)  # lease ids must not repeat
+        for offset, (lease_id, _) in self.held.items():
+            self.stale.append((offset, lease_id))
+        self.held.clear()
+        self.admit()
+        for offset, (deliveries, _) in before.items():
+            if offset in self.q.entries:
+                assert self.q.entries[offset].deliveries == deliveries, "a delivery count changed"
+        assert set(self.q.to_dead_letter) >= {o for o in pending_dead if o in self.q.entries}
+
     @rule(ms=st.sampled_from([50, 200, 600, 1500]))
     def tick(self, ms):
         self.now += ms
@@ -150,6 +176,14 @@ class QueueMachine(RuleBasedStateMachine):
         for e in self.q.entries.values():
             if e.state == LEASED and e.visible_at > self.now:
                 assert self.held.get(e.offset, (None,))[0] == e.lease_id
+
+
+def _Holder(groups) -> QueueStore:
+    """A QueueStore without its journal: the state its snapshot and replay work on."""
+    store = QueueStore.__new__(QueueStore)
+    store.groups = groups
+    store.rng = random.Random(0)
+    return store
 
 
 TestQueueMachine = QueueMachine.TestCase
