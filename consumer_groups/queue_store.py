@@ -159,10 +159,13 @@ class QueueStore:
         if kind == "delete":
             self.groups.pop((op["g"], op["t"]), None)
             return
-        q = self.groups[(op["g"], op["t"])].partitions[int(op["p"])]
         handler = _REPLAY.get(kind)
         if handler is None:
             raise ValueError(f"unknown operation {kind!r}")
+        group = self.groups.get((op["g"], op["t"]))
+        q = group.partitions.get(int(op["p"])) if group is not None else None
+        if q is None:
+            return  # written for a group deleted just before (a dead letter finishing late)
         handler(q, op)
 
 

@@ -151,6 +151,7 @@ class QueueEngine:
             if out or remaining <= 0:
                 return out
             await self._wait(g, remaining)
+            self.broker.check_serving()
             if self.store.groups.get((name, topic)) is not g:
                 raise QueueGroupNotFound(name, topic)
 
@@ -315,8 +316,8 @@ class QueueEngine:
                 if due is not None and due <= now:
                     self._expire(g, q, now)
                     woke = True
+            self._start_dead_letters(g)  # new ones, and failed attempts to try again
             if woke:
-                self._start_dead_letters(g)
                 self._wake(g)
 
     def _expire(self, g: QueueGroup, q: PartitionQueue, now: int) -> None:

@@ -47,3 +47,24 @@ def test_compaction_snapshots_state_that_includes_the_flushed_writes(tmp_path):
     replayed: dict[str, int] = {}
     Journal(tmp_path / "j", apply=lambda op: replayed.update(op), snapshot=lambda: [])
     assert replayed == {"k": 199}
+
+
+def test_queue_journal_ignores_operations_of_a_group_deleted_before_them(tmp_path):
+    from consumer_groups.queue import PartitionQueue, QueueConfig
+    from consumer_groups.queue_store import QueueGroup, QueueStore
+
+    async def scenario() -> None:
+        store = QueueStore(tmp_path)
+        g = QueueGroup("g", "t", QueueConfig(), 0)
+        g.partitions[0] = PartitionQueue(0, 0, g.config)
+        await store.create(g)
+        await store.delete(g)
+        await store.settled(g, 0, [0], kind="d")  # a dead letter that finished after the delete
+        other = QueueGroup("h", "t", QueueConfig(), 0)
+        other.partitions[0] = PartitionQueue(0, 5, other.config)
+        await store.create(other)
+        await store.close()
+
+    asyncio.run(scenario())
+    reopened = QueueStore(tmp_path)
+    assert list(reopened.groups) == [("h", "t")]  # recovery went past the orphan operation
