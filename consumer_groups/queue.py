@@ -43,6 +43,7 @@ STATE_NAMES = ("available", "leased", "waiting", "blocked", "dead-lettering")
 MIN_LEASE_MS = 100
 MAX_LEASE_MS = 12 * 3600 * 1000
 MAX_REASON_CHARS = 1024
+SPAN_FACTOR = 20
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ class PartitionQueue:
         self.entries: dict[int, Entry] = {}
         self.settled: set[int] = set()
         self.stats = QueueStats()
+        self.blocked = 0  # entries in BLOCKED
         self._ready: list[int] = []  # heap of AVAILABLE offsets (lazy: recheck on pop)
         self._timers: list[tuple[int, int, int]] = []  # (time, offset, lease_id or 0)
         self._blocked: dict[bytes, deque[int]] = {}  # ordered_by_key: key -> waiting offsets
@@ -125,8 +127,15 @@ class PartitionQueue:
 
     # -- admission -------------------------------------------------------------
     def room(self) -> int:
-        """How many more records the window can admit."""
-        return self.config.max_in_flight - (self.scan_offset - self.start_offset)
+        """How many more records the window can admit: at most ``max_in_flight``
+        unsettled records, over a span of at most ``SPAN_FACTOR`` times that (settled
+        offsets above the start are kept one by one), so one slow record holds back
+        neither the others nor, for a long while, new ones."""
+        # BLOCKED records (ordered_by_key) wait behind their key, not in flight: a hot
+        # key must not fill the window for the other keys. The span bounds them.
+        unsettled = self.config.max_in_flight - (len(self.entries) - self.blocked)
+        span = self.config.max_in_flight * SPAN_FACTOR - (self.scan_offset - self.start_offset)
+        return min(unsettled, span)
 
     def admit(self, offset: int, *, key: bytes | None, deliver_at_ms: int, append_time_ms: int) -> None:
         """Take the record at ``scan_offset`` into the window."""
@@ -149,6 +158,7 @@ class PartitionQueue:
         if e.key is not None:
             if e.key in self._active_key:
                 e.state = BLOCKED
+                self.blocked += 1
                 e.visible_at = deliver_at_ms
                 self._blocked.setdefault(e.key, deque()).append(offset)
                 return
@@ -271,6 +281,7 @@ class PartitionQueue:
         self._blocked.clear()
         self._active_key.clear()
         self.to_dead_letter.clear()
+        self.blocked = 0
         self.start_offset = self.scan_offset = offset
 
     # -- views -----------------------------------------------------------------
@@ -326,6 +337,8 @@ class PartitionQueue:
     def _drop(self, offset: int) -> None:
         e = self.entries.pop(offset, None)
         if e is not None:
+            if e.state == BLOCKED:
+                self.blocked -= 1
             self._release_key(e)
         self.settled.discard(offset)
 
@@ -339,6 +352,7 @@ class PartitionQueue:
             if nxt is not None and nxt.state == BLOCKED:
                 if not waiting:
                     del self._blocked[e.key]
+                self.blocked -= 1
                 self._active_key[e.key] = nxt.offset
                 self._make_visible(nxt, nxt.visible_at)
                 return

@@ -39,6 +39,7 @@ from streamd.v1 import streamd_pb2 as pb
 
 from .broker import Broker
 from .errors import InvalidArgument, TopicAlreadyExists, TopicNotFound
+from .topic import check_topic_name
 
 log = logging.getLogger("streamd.queues")
 
@@ -48,6 +49,8 @@ DEFAULT_RECEIVE = 100
 CACHE_BYTES = 64 << 20
 READ_BYTES = 1 << 20
 MAX_WAIT_MS = 30_000
+DLQ_HEADROOM = 64 * 1024
+MAX_RECORD_LIMIT = 8 * 1024 * 1024
 DLQ_HEADERS = ("topic", "partition", "offset", "group", "deliveries", "reason", "first-delivery-ms",
                "last-delivery-ms")
 
@@ -87,6 +90,8 @@ class QueueEngine:
         self._changed: dict[tuple[str, str], asyncio.Event] = {}
         self._rotation: dict[tuple[str, str], int] = {}
         self._dead_letter_tasks: set[asyncio.Task] = set()
+        self._dead_letter_backoff: dict[tuple[str, str, int, int], float] = {}
+        self._closed = False
 
     # -- groups ------------------------------------------------------------------
     def group(self, name: str, topic: str) -> QueueGroup:
@@ -103,6 +108,9 @@ class QueueEngine:
         if (name, topic) in self.store.groups:
             raise QueueGroupExists(name, topic)
         g = QueueGroup(name, topic, config, self.broker.clock.now_ms())
+        check_topic_name(g.dead_letter_topic)
+        if g.dead_letter_topic == topic:
+            raise InvalidArgument("config.dead_letter_topic", "must not be the group's own topic")
         for p, part in enumerate(t.partitions):
             start = part.high_watermark if config.start == "latest" else part.log.log_start_offset
             g.partitions[p] = PartitionQueue(p, start, config, rng=self.rng)
@@ -116,6 +124,8 @@ class QueueEngine:
             self._caches.pop((name, topic, p), None)
         await self.store.delete(g)
         self._wake(g)
+        self._changed.pop((name, topic), None)
+        self._rotation.pop((name, topic), None)
 
     async def forget_topic(self, topic: str) -> None:
         """Before a topic is deleted: its queue groups go first (durably)."""
@@ -146,7 +156,9 @@ class QueueEngine:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(max_wait_ms, MAX_WAIT_MS) / 1000
         while True:
-            out = self._lease_round(g, n, lease)
+            out, writes = self._lease_round(g, n, lease)
+            if writes:
+                await asyncio.gather(*writes)
             remaining = deadline - loop.time()
             if out or remaining <= 0:
                 return out
@@ -155,34 +167,43 @@ class QueueEngine:
             if self.store.groups.get((name, topic)) is not g:
                 raise QueueGroupNotFound(name, topic)
 
-    def _lease_round(self, g: QueueGroup, n: int, lease_ms: int) -> list:
+    def _lease_round(self, g: QueueGroup, n: int, lease_ms: int) -> tuple[list, list]:
+        """Leased records, and the journal writes to await before handing them out."""
         now = self.broker.clock.now_ms()
         key = (g.name, g.topic)
         count = len(g.partitions)
         first = self._rotation.get(key, 0)
         self._rotation[key] = (first + 1) % max(count, 1)
         out: list = []
+        writes: list = []
         for i in range(count):
             p = (first + i) % count
             q = g.partitions[p]
-            self._fill(g, q)
-            self._expire(g, q, now)
-            if len(out) >= n:
-                continue
-            entries = q.lease(n - len(out), now, lease_ms)
-            if not entries:
-                continue
-            self.store.delivered(g, p, entries)
-            cache = self._cache(g, p)
-            for e in entries:
-                record = cache.take(e.offset) or self._read_one(g.topic, p, e.offset)
-                if g.config.at_most_once:
-                    cache.drop(e.offset)
-                out.append((p, e, *record))
-            if g.config.at_most_once:
-                self.store.settled(g, p, [e.offset for e in entries])
+            try:
+                self._fill(g, q)
+                self._expire(g, q, now)
+                if len(out) < n:
+                    self._lease_partition(g, q, n - len(out), lease_ms, now, out, writes)
+            except OffsetOutOfRange:
+                # Retention deleted records under us (it runs off the loop): count them
+                # as lost and go on with the other partitions.
+                self._skip_retained(g, q)
         self._start_dead_letters(g)
-        return out
+        return out, writes
+
+    def _lease_partition(self, g: QueueGroup, q: PartitionQueue, n: int, lease_ms: int, now: int, out, writes):
+        entries = q.lease(n, now, lease_ms)
+        if not entries:
+            return
+        self.store.delivered(g, q.partition, entries)
+        cache = self._cache(g, q.partition)
+        for e in entries:
+            record = cache.take(e.offset) or self._read_one(g.topic, q.partition, e.offset)
+            if g.config.at_most_once:
+                cache.drop(e.offset)
+            out.append((q.partition, e, *record))
+        if g.config.at_most_once:  # handed out = acked: durable before the answer goes
+            writes.append(self.store.settled(g, q.partition, [e.offset for e in entries]))
 
     async def _wait(self, g: QueueGroup, timeout_s: float) -> None:
         """Until new records, a due timer or a settlement may make records available."""
@@ -213,14 +234,7 @@ class QueueEngine:
     # -- admission -----------------------------------------------------------------
     def _fill(self, g: QueueGroup, q: PartitionQueue) -> None:
         part = self.broker.partition(g.topic, q.partition)
-        log_start = part.log.log_start_offset
-        if q.scan_offset < log_start or q.start_offset < log_start:
-            before = q.stats.lost_to_retention
-            q.skip_to(log_start)
-            self._cache(g, q.partition).clear()
-            self.store.skipped(g, q.partition, q.start_offset, q.stats.lost_to_retention - before)
-            log.warning("queue group %s: retention deleted %d undelivered record(s) of %s/%d",
-                        g.name, q.stats.lost_to_retention - before, g.topic, q.partition)
+        self._skip_retained(g, q)
         end = part.high_watermark
         cache = self._cache(g, q.partition)
         while q.room() > 0 and q.scan_offset < end:
@@ -240,6 +254,36 @@ class QueueEngine:
                             append_time_ms=append_time)
                     if offset in q.entries:
                         cache.put(offset, r, append_time)
+
+    def _skip_retained(self, g: QueueGroup, q: PartitionQueue) -> None:
+        """Records retention deleted before this group settled them: counted, logged."""
+        t = self.broker.topics.get(g.topic)
+        if t is None or q.partition >= len(t.partitions):
+            return
+        log_start = t.partitions[q.partition].log.log_start_offset
+        if q.scan_offset < log_start or q.start_offset < log_start:
+            before = q.stats.lost_to_retention
+            q.skip_to(log_start)
+            self._cache(g, q.partition).clear()
+            lost = q.stats.lost_to_retention - before
+            self.store.skipped(g, q.partition, q.start_offset, lost)
+            if lost:
+                log.warning("queue group %s: retention deleted %d undelivered record(s) of %s/%d",
+                            g.name, lost, g.topic, q.partition)
+
+    def oldest_append_ms(self, g: QueueGroup, q: PartitionQueue) -> int | None:
+        """Append time of the oldest unsettled record, from the window or, when the
+        window has not reached it yet (nobody received lately), from the log."""
+        oldest = q.oldest_unsettled()
+        if oldest is not None:
+            return oldest.append_time_ms
+        t = self.broker.topics.get(g.topic)
+        if t is None or q.partition >= len(t.partitions) or q.start_offset >= t.partitions[q.partition].high_watermark:
+            return None
+        try:
+            return self._read_one(g.topic, q.partition, max(q.start_offset, q.scan_offset))[1]
+        except Exception:  # a stat is not worth failing a describe
+            return None
 
     def _read_one(self, topic: str, partition: int, offset: int) -> tuple[pb.Record, int]:
         out = self.broker.read(topic, partition, offset, max_records=1, max_bytes=1)
@@ -308,10 +352,13 @@ class QueueEngine:
 
     # -- timers ------------------------------------------------------------------------
     async def tick(self) -> None:
+        if self._closed:
+            return
         now = self.broker.clock.now_ms()
         for g in list(self.store.groups.values()):
             woke = False
             for q in g.partitions.values():
+                self._skip_retained(g, q)  # so stats report losses even with nobody receiving
                 due = q.next_timer_ms()
                 if due is not None and due <= now:
                     self._expire(g, q, now)
@@ -332,6 +379,8 @@ class QueueEngine:
 
     # -- dead letters --------------------------------------------------------------------
     def _start_dead_letters(self, g: QueueGroup) -> None:
+        if self._closed:
+            return
         for p, q in g.partitions.items():
             while q.to_dead_letter:
                 offset = q.to_dead_letter.popleft()
@@ -341,14 +390,15 @@ class QueueEngine:
 
     async def _dead_letter(self, g: QueueGroup, q: PartitionQueue, offset: int) -> None:
         e = q.entries.get(offset)
-        if e is None or e.state != DEAD_LETTERING:
+        if e is None or e.state != DEAD_LETTERING or not self._live(g):
             return
+        key = (g.name, g.topic, q.partition, offset)
         try:
             record, _ = self._cache(g, q.partition).take(offset) or self._read_one(g.topic, q.partition, offset)
             letter = pb.Record()
             letter.CopyFrom(record)
-            letter.ClearField("deliver_at_ms")
-            letter.ClearField("delay_ms")
+            for field in ("deliver_at_ms", "delay_ms", "idempotency_key"):
+                letter.ClearField(field)
             values = (g.topic, q.partition, offset, g.name, e.deliveries, e.reason, e.first_delivery_ms,
                       e.last_delivery_ms)
             for name, value in zip(DLQ_HEADERS, values):
@@ -356,25 +406,35 @@ class QueueEngine:
             target = self._dead_letter_topic(g)
             _, durable = self.broker.append(target, [], [letter.SerializeToString()])
             await durable
-        except Exception:
-            log.exception("dead-lettering %s/%d offset %d for group %s failed; retrying later",
-                          g.topic, q.partition, offset, g.name)
-            await asyncio.sleep(1)
-            if q.entries.get(offset) is e:
+        except Exception as exc:
+            delay = min(60.0, self._dead_letter_backoff.get(key, 0.5) * 2)
+            self._dead_letter_backoff[key] = delay
+            log.error("dead-lettering %s/%d offset %d for group %s failed (%s); retrying in %.0f s",
+                      g.topic, q.partition, offset, g.name, exc, delay)
+            await asyncio.sleep(delay)
+            if q.entries.get(offset) is e and self._live(g):
                 q.to_dead_letter.append(offset)
             return
-        if q.entries.get(offset) is e:
+        self._dead_letter_backoff.pop(key, None)
+        if q.entries.get(offset) is e and self._live(g):
             q.dead_lettered(offset)
             self._cache(g, q.partition).drop(offset)
+            self._wake(g)  # a full window may have room again
             await self.store.settled(g, q.partition, [offset], kind="d")
+
+    def _live(self, g: QueueGroup) -> bool:
+        return self.store.groups.get((g.name, g.topic)) is g
 
     def _dead_letter_topic(self, g: QueueGroup) -> str:
         name = g.dead_letter_topic
         try:
             self.broker.topic(name)
         except TopicNotFound:
+            source = self.broker.topic(g.topic).meta.settings
+            # Room for the streamd-dlq-* headers on top of the largest source record.
+            overrides = {"max_record_bytes": min(source.max_record_bytes + DLQ_HEADROOM, MAX_RECORD_LIMIT)}
             try:
-                self.broker.create_topic(name, len(g.partitions), {})
+                self.broker.create_topic(name, len(g.partitions), overrides)
                 log.info("created dead-letter topic %s for queue group %s", name, g.name)
             except TopicAlreadyExists:
                 pass
@@ -392,6 +452,7 @@ class QueueEngine:
         await asyncio.gather(*writes)
 
     async def close(self) -> None:
+        self._closed = True
         for task in list(self._dead_letter_tasks):
             task.cancel()
         await asyncio.gather(*self._dead_letter_tasks, return_exceptions=True)

@@ -14,6 +14,8 @@ from streamd.v1 import streamd_pb2 as pb
 from .errors import stream_error
 
 JITTER = {pb.JITTER_UNSPECIFIED: "full", pb.JITTER_NONE: "none", pb.JITTER_FULL: "full", pb.JITTER_EQUAL: "equal"}
+_START = {pb.OFFSET_SPEC_UNSPECIFIED: "earliest", pb.OFFSET_SPEC_EARLIEST: "earliest",
+          pb.OFFSET_SPEC_LATEST: "latest"}
 JITTER_PB = {"none": pb.JITTER_NONE, "full": pb.JITTER_FULL, "equal": pb.JITTER_EQUAL}
 ACTIONS = {pb.SETTLE_ACTION_ACK: "ack", pb.SETTLE_ACTION_NACK: "nack", pb.SETTLE_ACTION_EXTEND: "extend",
            pb.SETTLE_ACTION_REJECT: "reject"}
@@ -40,9 +42,9 @@ def config_from_pb(c: pb.QueueGroupConfig) -> QueueConfig:
             ordered_by_key=c.ordered_by_key,
             at_most_once=c.at_most_once,
             max_in_flight=c.max_in_flight if c.HasField("max_in_flight") else base.max_in_flight,
-            start="latest" if c.start == pb.OFFSET_SPEC_LATEST else "earliest",
+            start=_START[c.start],
         )
-    except ValueError as exc:
+    except (ValueError, KeyError) as exc:
         raise InvalidArgument("config", str(exc)) from None
 
 
@@ -64,10 +66,6 @@ class QueueService:
     # -- groups ------------------------------------------------------------------
     async def CreateQueueGroup(self, request: pb.CreateQueueGroupRequest, context) -> pb.CreateQueueGroupResponse:
         config = config_from_pb(request.config)
-        if config.dead_letter_topic:
-            from streamd.broker.topic import check_topic_name
-
-            check_topic_name(config.dead_letter_topic)
         g = await self.engine.create(request.group, request.topic, config)
         return pb.CreateQueueGroupResponse(group=self._describe(g))
 
@@ -92,7 +90,7 @@ class QueueService:
         topic = self.broker.topics.get(g.topic)
         for p, q in sorted(g.partitions.items()):
             end = topic.partitions[p].high_watermark if topic is not None and p < len(topic.partitions) else 0
-            d.partitions.append(_stats(q, end, now))
+            d.partitions.append(_stats(q, end, now, self.engine.oldest_append_ms(g, q)))
         return d
 
     # -- receive -------------------------------------------------------------------
@@ -112,20 +110,26 @@ class QueueService:
             raise InvalidArgument("open", "the first message of a ReceiveStream must be `open`")
         request = first.open
         self.engine.group(request.group, request.topic)
+        if not 0 <= request.max_records <= 10_000:
+            raise InvalidArgument("max_records", "the initial credit must be 0 .. 10000")
         credit = request.max_records or 100
         more = asyncio.Event()
 
         async def credits() -> None:
             nonlocal credit
             while (message := await read()) is not None:
-                if message.WhichOneof("kind") != "credit" or message.credit <= 0:
-                    raise InvalidArgument("credit", "later messages carry a positive credit")
+                if message.WhichOneof("kind") != "credit" or not 0 < message.credit <= 10_000:
+                    raise InvalidArgument("credit", "later messages carry a credit of 1 .. 10000")
                 credit += message.credit
                 more.set()
 
+        # A client that half-closes its side stops granting credit; the stream ends
+        # once the credit it granted is used up.
         reader = asyncio.create_task(credits())
         try:
-            while not reader.done():
+            while credit > 0 or not reader.done():
+                if reader.done() and reader.exception() is not None:
+                    reader.result()
                 if credit <= 0:
                     more.clear()
                     waiter = asyncio.ensure_future(more.wait())
@@ -141,7 +145,6 @@ class QueueService:
                     response = pb.ReceiveStreamResponse()
                     _fill(response, leased)
                     await context.write(response)
-            reader.result()
         finally:
             reader.cancel()
 
@@ -240,13 +243,12 @@ def _fill(response, leased) -> None:
             delivery_count=e.deliveries, lease_expires_ms=e.visible_at if e.lease_id else 0)
 
 
-def _stats(q: PartitionQueue, end: int, now: int) -> pb.QueuePartitionStats:
+def _stats(q: PartitionQueue, end: int, now: int, oldest_ms: int | None) -> pb.QueuePartitionStats:
     counts = q.counts()
-    oldest = q.oldest_unsettled()
     return pb.QueuePartitionStats(
         partition=q.partition, start_offset=q.start_offset, backlog=max(0, end - q.scan_offset) + counts["available"],
         in_flight=counts["leased"], waiting=counts["waiting"] + counts["blocked"] + counts["dead-lettering"],
         acked=q.stats.acked, redelivered=q.stats.redelivered, dead_lettered=q.stats.dead_lettered,
-        oldest_unacked_ms=max(0, now - oldest.append_time_ms) if oldest is not None else 0,
+        oldest_unacked_ms=max(0, now - oldest_ms) if oldest_ms is not None else 0,
         lost_to_retention=q.stats.lost_to_retention, log_end_offset=end,
     )

@@ -157,7 +157,9 @@ class QueueMachine(RuleBasedStateMachine):
     @invariant()
     def window_is_consistent(self):
         q = self.q
-        assert q.scan_offset - q.start_offset <= self.config.max_in_flight
+        assert len(q.entries) - q.blocked <= self.config.max_in_flight
+        assert q.blocked == sum(e.state == BLOCKED for e in q.entries.values())
+        assert q.scan_offset - q.start_offset <= self.config.max_in_flight * 20
         for offset in range(q.start_offset, q.scan_offset):
             assert (offset in q.entries) != (offset in q.settled), offset
         assert all(o < q.start_offset or o in q.settled or o in q.entries for o in self.acked | self.dead)
