@@ -3,8 +3,9 @@
 ``redrive`` moves dead letters back: it reads the dead-letter topic through its own
 queue group (``streamd-redrive``), produces each matching record to the target topic
 (key, value, original timestamp and headers, without the ``streamd-dlq-*`` ones) and
-acks it once the target acknowledged, so each dead letter is moved once, also across
-interrupted runs. Records the filters leave out stay for later redrives.
+acks it once the target acknowledged, so a dead letter is moved once, also across
+interrupted runs (at least once: a crash between the copy and the ack copies it
+again). Records the filters leave out stay for later redrives.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .groups import format_age
 from .replay import TokenBucket
 
 REDRIVE_GROUP = "streamd-redrive"
+REDRIVE_LEASE_MS = 10 * 60_000
 DLQ_PREFIX = "streamd-dlq-"
 
 
@@ -135,58 +137,58 @@ def _restored(msg) -> pb.Record:
 
 
 def cmd_redrive(args: argparse.Namespace) -> int:
+    """Lease the dead letters through the redrive group; move the matching ones
+    (produce, then ack); keep the others leased until the end of the run (so the next
+    receive brings new ones), then hand them back."""
     headers = [_header(h) for h in args.header or []]
     bucket = TokenBucket(args.rate) if args.rate else None
+    # With a rate, take no more than a minute's worth at once: leases last 10 minutes.
+    batch_size = min(500, max(1, int(args.rate * 60))) if args.rate else 500
     progress = sys.stderr.isatty()
-    moved = skipped_total = 0
+    moved = left = 0
+    held: list = []
     started = time.monotonic()
-    with _receiver(args, REDRIVE_GROUP, args.from_, max_records=500, max_wait_ms=300) as r:
-        r.create(exist_ok=True, max_deliveries=1000, lease_ms=60_000, initial_delay_ms=0, jitter="none")
+    with _receiver(args, REDRIVE_GROUP, args.from_, max_records=batch_size, max_wait_ms=300) as r:
+        r.create(exist_ok=True, max_deliveries=1000, lease_ms=REDRIVE_LEASE_MS, initial_delay_ms=0, jitter="none")
         log_stub = rpc.LogServiceStub(r._channel)
         backlog = sum(p.backlog + p.waiting for p in r.describe().partitions)
-        seen: set[tuple[int, int]] = set()
         try:
-            while True:
-                batch = r.receive()
-                fresh = [m for m in batch if (m.partition, m.offset) not in seen]
-                if not fresh:
-                    for m in batch:
-                        r.nack(m, delay_ms=0, reason="left by a redrive filter")
-                    break
-                wanted = [m for m in fresh if _matches(m, args.key, headers, args.reason)]
-                for m in fresh:
-                    seen.add((m.partition, m.offset))
-                for m in batch:
-                    if m not in wanted:
-                        r.nack(m, delay_ms=0, reason="left by a redrive filter")
-                skipped_total += len(fresh) - len(wanted)
+            while batch := r.receive():
+                wanted = [m for m in batch if _matches(m, args.key, headers, args.reason)]
+                held += [m for m in batch if m not in wanted]
+                left += len(batch) - len(wanted)
+                if args.dry_run:
+                    held += wanted
+                    moved += len(wanted)
+                    continue
                 if bucket is not None:
                     for _ in wanted:
                         bucket.acquire()
-                if wanted and not args.dry_run:
-                    records = [_restored(m) for m in wanted]
-                    r._call(log_stub.Produce, pb.ProduceRequest(topic=args.to, records=records))
-                for m in wanted:
-                    if args.dry_run:
-                        r.nack(m, delay_ms=0, reason="dry run")
-                    else:
-                        r.ack(m)
-                r.flush()
-                moved += len(wanted)
+                if wanted:
+                    r._call(log_stub.Produce, pb.ProduceRequest(topic=args.to, records=[_restored(m) for m in wanted]))
+                    results = r._send([pb.Settlement(lease=m.lease, action=pb.SETTLE_ACTION_ACK) for m in wanted])
+                    refused = sum(res.HasField("error") for res in results)
+                    if refused:  # their leases ran out: they stay dead letters (already copied once)
+                        print(f"redrive: {refused} record(s) copied but not acknowledged in time; they may "
+                              "move again on the next run", file=sys.stderr)
+                    moved += len(wanted) - refused
                 if progress:
                     elapsed = max(time.monotonic() - started, 1e-6)
-                    eta = max(0, backlog - moved - skipped_total) / max(moved / elapsed, 1e-6)
+                    eta = max(0, backlog - moved - left) / max(moved / elapsed, 1e-6)
                     sys.stderr.write(f"\rredrive: {moved} moved, {moved / elapsed:.0f} rec/s, ETA {eta:.0f}s   ")
                     sys.stderr.flush()
         except KeyboardInterrupt:
-            r.flush()
             print(f"\nredrive: interrupted after {moved} record(s); run it again to go on (moved records "
                   "are not moved twice)", file=sys.stderr)
             return 130
+        finally:
+            for i in range(0, len(held), 1000):  # hand back what this run leaves behind
+                r._send([pb.Settlement(lease=m.lease, action=pb.SETTLE_ACTION_NACK, delay_ms=0,
+                                       reason="left by redrive") for m in held[i:i + 1000]])
     if progress:
         sys.stderr.write("\n")
     verb = "would move" if args.dry_run else "moved"
-    print(f"redrive: {verb} {moved} record(s) from {args.from_} to {args.to}; {skipped_total} left by the filters")
+    print(f"redrive: {verb} {moved} record(s) from {args.from_} to {args.to}; {left} left by the filters")
     return 0
 
 

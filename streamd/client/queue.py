@@ -55,6 +55,9 @@ class Message:
     lease_id: int
     lease_expires_ms: int
     _receiver: object = None
+    #: The lease's end by this process's monotonic clock (the broker's clock may differ).
+    deadline: float = 0.0
+    lease_s: float = 0.0
 
     def ack(self) -> None:
         self._receiver.ack(self)
@@ -73,12 +76,12 @@ class Message:
         return pb.LeaseRef(partition=self.partition, offset=self.offset, lease_id=self.lease_id)
 
 
-def _message(topic: str, r: pb.LeasedRecord, receiver) -> Message:
+def _message(topic: str, r: pb.LeasedRecord, receiver, lease_s: float, received: float) -> Message:
     rec = r.record
     return Message(
         topic, r.partition, r.offset, rec.key if rec.HasField("key") else None, rec.value,
         tuple((h.key, h.value) for h in rec.headers), rec.timestamp_ms or r.append_time_ms,
-        r.delivery_count, r.lease_id, r.lease_expires_ms, receiver,
+        r.delivery_count, r.lease_id, r.lease_expires_ms, receiver, received + lease_s, lease_s,
     )
 
 
@@ -124,10 +127,16 @@ class QueueReceiver(SyncClient):
         self._lock = threading.Lock()
         self._flushed = threading.Condition(self._lock)
         self._closed = False
+        self._send_lock = threading.Lock()
+        self._group_lease_s: float | None = None
         self._flusher = threading.Thread(target=self._flush_loop, name="streamd-acks", daemon=True)
         self._flusher.start()
         if create:
-            self.create(**(create if isinstance(create, dict) else {}), exist_ok=True)
+            try:
+                self.create(**(create if isinstance(create, dict) else {}), exist_ok=True)
+            except BaseException:
+                self.close()
+                raise
 
     # -- groups ------------------------------------------------------------------
     def create(self, *, exist_ok: bool = False, **config) -> pb.QueueGroupDescription | None:
@@ -150,8 +159,17 @@ class QueueReceiver(SyncClient):
             max_wait_ms=self.max_wait_ms if max_wait_ms is None else max_wait_ms, worker_id=self.worker_id,
             lease_ms=self.lease_ms,
         )
+        sent = time.monotonic()
         reply = self._call(self._queues.Receive, request)
-        return [_message(self.topic, r, self) for r in reply.records]
+        lease_s = self._lease_s()
+        return [_message(self.topic, r, self, lease_s, sent) for r in reply.records]
+
+    def _lease_s(self) -> float:
+        if self.lease_ms is not None:
+            return self.lease_ms / 1000
+        if self._group_lease_s is None:
+            self._group_lease_s = self.describe().config.lease_ms / 1000
+        return self._group_lease_s
 
     def __iter__(self) -> Iterator[Message]:
         while not self._closed:
@@ -159,15 +177,19 @@ class QueueReceiver(SyncClient):
 
     # -- settling --------------------------------------------------------------------
     def ack(self, msg: Message) -> None:
-        """Queued; sent with the next batch (``flush()`` to wait for it)."""
-        self._queue(pb.Settlement(lease=msg.lease, action=pb.SETTLE_ACTION_ACK))
+        """Queued; sent with the next batch (``flush()`` to wait for it). A no-op for
+        an at-most-once group's records (lease id 0: acked when handed out)."""
+        if msg.lease_id:
+            self._queue(pb.Settlement(lease=msg.lease, action=pb.SETTLE_ACTION_ACK))
 
     def nack(self, msg: Message, *, delay_ms: int | None = None, reason: str = "") -> None:
         self._settle_now(msg, "nack", delay_ms, reason)
 
     def extend(self, msg: Message, lease_ms: int) -> int:
+        sent = time.monotonic()
         [result] = self._settle_now(msg, "extend", lease_ms, "")
         msg.lease_expires_ms = result.lease_expires_ms
+        msg.deadline, msg.lease_s = sent + lease_ms / 1000, lease_ms / 1000
         return result.lease_expires_ms
 
     def reject(self, msg: Message, *, reason: str = "") -> None:
@@ -193,11 +215,14 @@ class QueueReceiver(SyncClient):
             if len(self._pending) >= self._ack_batch:
                 self._flushed.notify_all()
 
-    def flush(self, timeout_s: float = 30.0) -> None:
-        """Send the queued acks now and wait for the answer."""
+    def flush(self) -> None:
+        """Send the queued acks now and wait for the answer (and for a batch the
+        background thread is sending)."""
         with self._lock:
             batch, self._pending = self._pending, []
         self._deliver(batch)
+        with self._send_lock:
+            pass
 
     def _flush_loop(self) -> None:
         while True:
@@ -211,6 +236,10 @@ class QueueReceiver(SyncClient):
     def _deliver(self, batch: list[pb.Settlement]) -> None:
         if not batch:
             return
+        with self._send_lock:
+            self._deliver_now(batch)
+
+    def _deliver_now(self, batch: list[pb.Settlement]) -> None:
         try:
             results = self._send(batch)
         except StreamdError as err:  # the leases will expire and the records come again
@@ -262,9 +291,22 @@ class QueueReceiver(SyncClient):
                 log.warning("queue %s/%s: receive failed: %s", self.group, self.topic, err)
                 stop.wait(0.5)
                 continue
-            for msg in messages:
-                if extender is not None:
+            if extender is not None:
+                for msg in messages:  # the whole batch: those waiting their turn keep their lease
                     extender.watch(msg)
+            for i, msg in enumerate(messages):
+                if stop.is_set():  # hand the rest back at once rather than let them expire
+                    for rest in messages[i:]:
+                        self._safe(lambda m=rest: self.nack(m, delay_ms=0, reason="worker stopping"))
+                        if extender is not None:
+                            extender.forget(rest)
+                    break
+                if msg.lease_id and time.monotonic() >= msg.deadline:
+                    log.info("queue %s/%s: lease of %d/%d expired before its turn; skipped",
+                             self.group, self.topic, msg.partition, msg.offset)
+                    if extender is not None:
+                        extender.forget(msg)
+                    continue
                 try:
                     handler(msg)
                 except Exception as exc:
@@ -305,21 +347,21 @@ class _Counter:
 
 
 class _Extender:
-    """Extends the leases of messages whose handlers are still running, at two thirds
-    of each lease."""
+    """Extends the leases of received messages not yet settled, when a third of the
+    lease is left, by the lease's length (deadlines by this process's monotonic clock)."""
 
     def __init__(self, receiver: QueueReceiver) -> None:
         self.receiver = receiver
-        self._watched: dict[int, tuple[Message, int]] = {}
+        self._watched: dict[int, Message] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="streamd-extender", daemon=True)
         self._thread.start()
 
     def watch(self, msg: Message) -> None:
-        lease_ms = max(100, msg.lease_expires_ms - int(time.time() * 1000))
-        with self._lock:
-            self._watched[id(msg)] = (msg, lease_ms)
+        if msg.lease_id:
+            with self._lock:
+                self._watched[id(msg)] = msg
 
     def forget(self, msg: Message) -> None:
         with self._lock:
@@ -327,12 +369,12 @@ class _Extender:
 
     def _run(self) -> None:
         while not self._stop.wait(0.05):
-            now = int(time.time() * 1000)
+            now = time.monotonic()
             with self._lock:
-                due = [(m, ms) for m, ms in self._watched.values() if m.lease_expires_ms - now < ms // 3]
-            for msg, lease_ms in due:
+                due = [m for m in self._watched.values() if m.deadline - now < m.lease_s / 3]
+            for msg in due:
                 try:
-                    self.receiver.extend(msg, lease_ms)
+                    self.receiver.extend(msg, int(msg.lease_s * 1000))
                 except StreamdError as err:
                     log.info("lease of %s/%d@%d not extended: %s", msg.topic, msg.partition, msg.offset, err)
                     self.forget(msg)
@@ -361,6 +403,7 @@ class AsyncQueueReceiver:
         self.group, self.topic = group, topic
         self.max_records, self.max_wait_ms, self.lease_ms = max_records, max_wait_ms, lease_ms
         self._pending: list[pb.Settlement] = []
+        self._group_lease_s: float | None = None
 
     async def __aenter__(self) -> AsyncQueueReceiver:
         return self
@@ -382,14 +425,28 @@ class AsyncQueueReceiver:
             group=self.group, topic=self.topic, max_records=max_records or self.max_records,
             max_wait_ms=self.max_wait_ms if max_wait_ms is None else max_wait_ms, lease_ms=self.lease_ms,
         )
+        sent = time.monotonic()
         try:
             reply = await self._queues.Receive(request)
         except grpc.RpcError as err:
             raise StreamdError.from_rpc_error(err) from None
-        return [_message(self.topic, r, self) for r in reply.records]
+        lease_s = await self._lease_s()
+        return [_message(self.topic, r, self, lease_s, sent) for r in reply.records]
+
+    async def _lease_s(self) -> float:
+        if self.lease_ms is not None:
+            return self.lease_ms / 1000
+        if self._group_lease_s is None:
+            request = pb.DescribeQueueGroupRequest(group=self.group, topic=self.topic)
+            try:
+                self._group_lease_s = (await self._queues.DescribeQueueGroup(request)).group.config.lease_ms / 1000
+            except grpc.RpcError as err:
+                raise StreamdError.from_rpc_error(err) from None
+        return self._group_lease_s
 
     def ack(self, msg: Message) -> None:
-        self._pending.append(pb.Settlement(lease=msg.lease, action=pb.SETTLE_ACTION_ACK))
+        if msg.lease_id:
+            self._pending.append(pb.Settlement(lease=msg.lease, action=pb.SETTLE_ACTION_ACK))
 
     async def settle(self, msg: Message, action: str, *, delay_ms: int | None = None, reason: str = "") -> None:
         s = pb.Settlement(lease=msg.lease, action=ACTIONS[action], delay_ms=delay_ms, reason=reason)
@@ -400,8 +457,17 @@ class AsyncQueueReceiver:
 
     async def flush(self) -> None:
         batch, self._pending = self._pending, []
-        if batch:
-            await self._send(batch)
+        if not batch:
+            return
+        try:
+            results = await self._send(batch)
+        except StreamdError as err:  # the leases expire and the records come again
+            log.warning("queue %s/%s: %d ack(s) not delivered: %s", self.group, self.topic, len(batch), err)
+            return
+        refused = [r.error.reason for r in results if r.HasField("error")]
+        if refused:
+            log.info("queue %s/%s: %d ack(s) refused (%s); those records will come again",
+                     self.group, self.topic, len(refused), refused[0])
 
     async def _send(self, settlements) -> list[pb.SettleResult]:
         request = pb.SettleRequest(group=self.group, topic=self.topic, settlements=settlements)
@@ -438,15 +504,53 @@ class AsyncQueueReceiver:
                     stop.set()
 
         tasks: set[asyncio.Task] = set()
-        while not stop.is_set():
-            for msg in await self.receive(min(self.max_records, concurrency), max_wait_ms=200):
-                await limit.acquire()
-                task = asyncio.create_task(run(msg))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+        watched: dict[int, Message] = {}
+
+        async def extend_leases() -> None:
+            while True:
+                await asyncio.sleep(0.05)
+                now = time.monotonic()
+                for msg in [m for m in watched.values() if m.deadline - now < m.lease_s / 3]:
+                    try:
+                        sent = time.monotonic()
+                        await self.settle(msg, "extend", delay_ms=int(msg.lease_s * 1000))
+                        msg.deadline = sent + msg.lease_s
+                    except StreamdError as err:
+                        log.info("lease of %s/%d@%d not extended: %s", msg.topic, msg.partition, msg.offset, err)
+                        watched.pop(id(msg), None)
+
+        async def tracked(msg: Message) -> None:
+            try:
+                await run(msg)
+            finally:
+                watched.pop(id(msg), None)
+
+        extender = asyncio.create_task(extend_leases())
+        try:
+            while not stop.is_set():
+                try:
+                    messages = await self.receive(min(self.max_records, concurrency), max_wait_ms=200)
+                except StreamdError as err:
+                    log.warning("queue %s/%s: receive failed: %s", self.group, self.topic, err)
+                    await asyncio.sleep(0.5)
+                    continue
+                for msg in messages:
+                    if msg.lease_id:
+                        watched[id(msg)] = msg
+                for msg in messages:
+                    await limit.acquire()
+                    task = asyncio.create_task(tracked(msg))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                await self.flush()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            extender.cancel()
+            await asyncio.gather(extender, return_exceptions=True)
+            for task in list(tasks):
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self.flush()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await self.flush()
         return done
 
     async def close(self) -> None:

@@ -59,3 +59,23 @@ def test_queue_commands_and_redrive(server, capsys):
     assert "mailers" in capsys.readouterr().out
     assert main(base + ["queue", "delete", "mailers", "--topic", "orders"]) == 0
     assert main(base + ["queue", "stats", "mailers"]) == 1
+
+
+def test_redrive_goes_past_many_records_its_filters_leave(server, capsys):
+    from streamd.v1 import streamd_pb2 as pb
+
+    with Admin(server.address) as admin:
+        admin.create_topic("x", 1)
+        admin.create_topic("x.dlq", 1)
+    with Producer(server.address) as p:
+        p.send_batch("x.dlq", 0, pb.RecordSet(records=[pb.Record(key=b"a", value=b"%d" % i) for i in range(600)]))
+        p.send_batch("x.dlq", 0, pb.RecordSet(records=[pb.Record(key=b"b", value=b"%d" % i) for i in range(100)]))
+    base = ["--server", server.address, "queue", "redrive", "--from", "x.dlq", "--to", "x"]
+    assert main(base + ["--dry-run"]) == 0
+    assert "would move 700" in capsys.readouterr().out
+    assert main(base + ["--key", "b"]) == 0
+    assert "moved 100 record(s) from x.dlq to x; 600 left" in capsys.readouterr().out
+    assert main(base) == 0
+    assert "moved 600" in capsys.readouterr().out
+    with Admin(server.address) as admin:
+        assert [o.log_end_offset for o in admin.list_offsets("x")] == [700]

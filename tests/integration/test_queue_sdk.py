@@ -94,3 +94,36 @@ def test_async_receiver_processes_with_bounded_concurrency(server):
         return done
 
     assert asyncio.run(scenario()) == 30
+
+
+def test_a_batch_that_outlasts_its_lease_is_handled_once(server):
+    fill(server.address, "jobs", 6, partitions=1)
+    calls: Counter = Counter()
+
+    def handler(msg) -> None:
+        calls[msg.offset] += 1
+        time.sleep(0.4)  # 6 x 0.4 s in one worker, with 1 s leases
+
+    with QueueReceiver("batch", "jobs", server.address, create={"lease_ms": 1000}, max_records=6) as r:
+        assert r.process(handler, workers=1, max_messages=6) == 6
+        assert dict(calls) == {o: 1 for o in range(6)}
+        assert sum(p.acked for p in r.describe().partitions) == 6
+
+
+def test_async_process_extends_leases_of_slow_handlers(server):
+    fill(server.address, "jobs", 1, partitions=1)
+    calls: Counter = Counter()
+
+    async def scenario() -> None:
+        async def slow(msg) -> None:
+            calls[msg.offset] += 1
+            await asyncio.sleep(1.6)  # past the 1 s lease
+
+        async with AsyncQueueReceiver("aslow", "jobs", server.address) as r:
+            await r.create(exist_ok=True, lease_ms=1000)
+            assert await r.process(slow, concurrency=2, max_messages=1) == 1
+
+    asyncio.run(scenario())
+    assert dict(calls) == {0: 1}
+    with QueueReceiver("aslow", "jobs", server.address) as r:
+        assert sum(p.acked for p in r.describe().partitions) == 1
