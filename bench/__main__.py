@@ -1,6 +1,7 @@
 """python -m bench [--quick] [--only NAME ...] [--repeat N] [--out FILE]
 
-``--only groups`` runs only the consumer-group section (bench/groups.py).
+``--only groups`` runs only the consumer-group section (bench/groups.py), ``--only
+queues`` only the queue-group section (bench/queues.py).
 
 Prints one JSON document on stdout (progress goes to stderr).
 """
@@ -27,7 +28,7 @@ SYSTEMS = {
     "nats_jetstream": "bench.peers.nats_jetstream",
 }
 # streamd-only sections that ``--only`` can also name; they run with streamd otherwise.
-SECTIONS = ("groups",)
+SECTIONS = ("groups", "queues")
 
 
 def _factory(module_name: str, workdir: str):
@@ -115,6 +116,17 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:
                 groups = {"status": "error", "reason": repr(e)}
 
+    queues: dict[str, Any] = {}
+    if "queues" in only_sections or (not only_sections and not only_workloads and "streamd" in systems):
+        from bench import queues as queues_bench
+
+        harness.log("streamd: queue groups (receive + ack throughput vs peers, redelivery timing)")
+        with tempfile.TemporaryDirectory(prefix="bench-streamd-queues-") as workdir:
+            try:
+                queues = queues_bench.run(workdir, args.quick, repeat=args.repeat)
+            except Exception as e:
+                queues = {"status": "error", "reason": repr(e)}
+
     doc = {
         "benchmark": "streamd vs Redis Streams vs NATS JetStream",
         "meta": {
@@ -133,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": harness.ratios(systems),
         "streamd_only": streamd_only,
         "streamd_groups": groups,
+        "streamd_queues": queues,
     }
     text = json.dumps(doc, indent=2)
     print(text)

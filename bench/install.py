@@ -4,7 +4,9 @@
 Debian package with apt-get if it is missing (``apt-get update`` is run once
 per process first).  Any failure raises :class:`InstallError` with a readable
 reason; the harness turns that into ``{"status": "skipped", "reason": ...}``
-for the peer instead of crashing.
+for the peer instead of crashing. With ``STREAMD_BENCH_NO_INSTALL=1`` in the
+environment nothing is installed: a missing binary is reported at once (smoke tests
+use it to stay fast on a machine without the peers).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ PACKAGES = {
     "nats-server": "nats-server",
 }
 
+NO_INSTALL_ENV = "STREAMD_BENCH_NO_INSTALL"
 _SEARCH_DIRS = ("/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin", "/bin", "/sbin")
 _apt_updated = False
 
@@ -71,6 +74,8 @@ def ensure(binary: str) -> str:
     path = which(binary)
     if path:
         return path
+    if os.environ.get(NO_INSTALL_ENV):
+        raise InstallError(f"{binary} not installed and {NO_INSTALL_ENV} is set")
     package = PACKAGES.get(binary, binary)
     _apt_install(package)
     path = which(binary)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -42,3 +43,26 @@ def test_bench_groups_quick_reads_every_record_once_and_times_reassignment():
     assert groups["correctness"]["all_records_read_once"], groups["correctness"]
     for key in ("clean_leave_reassign_ms", "kill_reassign_ms"):
         assert groups[key]["timeouts"] == 0 and len(groups[key]["runs"]) == 1, groups[key]
+
+
+def test_bench_queues_quick_acks_every_record_once_and_times_redelivery():
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "queues"],
+        cwd=ROOT, capture_output=True, text=True, timeout=100,
+        env={**os.environ, "STREAMD_BENCH_NO_INSTALL": "1"},  # peers run only if already installed
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    queues = json.loads(result.stdout)["streamd_queues"]
+    assert queues["status"] == "ok", queues
+    for key in ("batched_records_per_s", "batched_pipelined_records_per_s", "per_record_acks_per_s",
+                "per_record_acks_pipelined_per_s"):
+        assert queues[key] > 0, key
+    correctness = queues["correctness"]
+    assert correctness["streamd_every_record_received_once_and_acked"], correctness
+    assert correctness["redelivery_unexpected"] == 0, correctness
+    for how in ("nack", "expiry"):
+        timing = queues["redelivery_error_ms"][how]
+        assert timing["redelivered"] == timing["records"] and timing["early"] == 0, timing
+    for peer in queues["peers"].values():  # a peer that cannot run here is skipped, never wrong
+        assert peer["status"] in ("ok", "skipped"), peer
+        assert peer["status"] == "skipped" or peer["correct"], peer
