@@ -115,6 +115,9 @@ class PartitionQueue:
         self.settled: set[int] = set()
         self.stats = QueueStats()
         self.blocked = 0  # entries in BLOCKED
+        # Lease ids: a random 62-bit start per queue object, then counted up, so ids are
+        # unique in a run and a lease from before a restart cannot match one after it.
+        self._next_lease_id = self.rng.getrandbits(62) + 1
         self._ready: list[int] = []  # heap of AVAILABLE offsets (lazy: recheck on pop)
         self._timers: list[tuple[int, int, int]] = []  # (time, offset, lease_id or 0)
         self._blocked: dict[bytes, deque[int]] = {}  # ordered_by_key: key -> waiting offsets
@@ -133,9 +136,13 @@ class PartitionQueue:
         neither the others nor, for a long while, new ones."""
         # BLOCKED records (ordered_by_key) wait behind their key, not in flight: a hot
         # key must not fill the window for the other keys. The span bounds them.
+        return min(*self.rooms())
+
+    def rooms(self) -> tuple[int, int]:
+        """(room for unsettled records, room in the span): ``room()`` is the smaller."""
         unsettled = self.config.max_in_flight - (len(self.entries) - self.blocked)
         span = self.config.max_in_flight * SPAN_FACTOR - (self.scan_offset - self.start_offset)
-        return min(unsettled, span)
+        return unsettled, span
 
     def admit(self, offset: int, *, key: bytes | None, deliver_at_ms: int, append_time_ms: int) -> None:
         """Take the record at ``scan_offset`` into the window."""
@@ -197,7 +204,8 @@ class PartitionQueue:
                 self.stats.redelivered += 1
             e.first_delivery_ms = e.first_delivery_ms or now
             e.last_delivery_ms = now
-            e.lease_id = self.rng.getrandbits(63) + 1
+            e.lease_id = self._next_lease_id
+            self._next_lease_id += 1
             if self.config.at_most_once:
                 self._settle(e)
                 self.stats.acked += 1

@@ -7,7 +7,7 @@ was taken) gives the same state::
 
     {"op":"create","g":G,"t":T,"cfg":{...},"start":[[p,offset],..],"ms":created_ms}
     {"op":"delete","g":G,"t":T}
-    {"op":"dlv","g":G,"t":T,"p":P,"o":[[offset,deliveries,first_ms,last_ms],..]}   lazy
+    {"op":"dlv","g":G,"t":T,"p":P,"r":[[first_offset,last_offset,deliveries,first_ms,last_ms],..]}  lazy
     {"op":"rty","g":G,"t":T,"p":P,"o":[[offset,deliveries,visible_at,reason],..]}  nack: durable, expiry: lazy
     {"op":"dlq","g":G,"t":T,"p":P,"o":[[offset,deliveries,reason,first_ms,last_ms],..]}  durable
     {"op":"set","g":G,"t":T,"p":P,"k":"a"|"d","o":[offset,..]}   settled (acked / dead-lettered): durable
@@ -92,8 +92,17 @@ class QueueStore:
         await self._journal.write({"op": "delete", "g": group.name, "t": group.topic})
 
     def delivered(self, group: QueueGroup, partition: int, entries: list[Entry]) -> None:
-        o = [[e.offset, e.deliveries, e.first_delivery_ms, e.last_delivery_ms] for e in entries]
-        self._journal.write(self._op("dlv", group, partition, o=o), durable=False)
+        """Deliveries, as runs of consecutive offsets with the same count and times
+        (a receive of new records is one run: one small entry, not one per record)."""
+        runs: list[list[int]] = []
+        for e in entries:
+            last = runs[-1] if runs else None
+            if (last is not None and last[1] == e.offset - 1 and last[2] == e.deliveries
+                    and last[3] == e.first_delivery_ms and last[4] == e.last_delivery_ms):
+                last[1] = e.offset
+            else:
+                runs.append([e.offset, e.offset, e.deliveries, e.first_delivery_ms, e.last_delivery_ms])
+        self._journal.write(self._op("dlv", group, partition, r=runs), durable=False)
 
     def retried(self, group: QueueGroup, partition: int, entries: list[Entry], *, durable: bool):
         """Entries now WAITING for a redelivery (or dead-lettering: use ``dead``)."""
@@ -179,10 +188,13 @@ def _remember(q: PartitionQueue, offset: int, **changes) -> None:
 
 
 def _replay_dlv(q: PartitionQueue, op: dict) -> None:
-    for offset, d, first, last in op["o"]:
-        _remember(q, int(offset), d=int(d), first=int(first), last=int(last))
+    for lo, hi, d, first, last in op["r"]:
+        if hi < lo or hi - lo > 1_000_000:
+            raise ValueError(f"bad delivery run {lo}..{hi}")
+        for offset in range(max(int(lo), q.start_offset), int(hi) + 1):
+            _remember(q, offset, d=int(d), first=int(first), last=int(last))
         if d > 1:
-            q.stats.redelivered += 1
+            q.stats.redelivered += hi - lo + 1
 
 
 def _replay_rty(q: PartitionQueue, op: dict) -> None:

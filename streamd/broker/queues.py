@@ -56,25 +56,25 @@ DLQ_HEADERS = ("topic", "partition", "offset", "group", "deliveries", "reason", 
 
 
 class _Cache:
-    """Decoded records of one partition's window: offset -> (Record, append_time_ms)."""
+    """Decoded records of one partition's window: offset -> (Record, append_time_ms, size)."""
 
     def __init__(self) -> None:
-        self.records: dict[int, tuple[pb.Record, int]] = {}
+        self.records: dict[int, tuple[pb.Record, int, int]] = {}
         self.bytes = 0
 
-    def put(self, offset: int, record: pb.Record, append_time_ms: int) -> None:
-        size = record.ByteSize()
+    def put(self, offset: int, record: pb.Record, append_time_ms: int, size: int) -> None:
         if self.bytes + size <= CACHE_BYTES:
-            self.records[offset] = (record, append_time_ms)
+            self.records[offset] = (record, append_time_ms, size)
             self.bytes += size
 
     def take(self, offset: int) -> tuple[pb.Record, int] | None:
-        return self.records.get(offset)
+        item = self.records.get(offset)
+        return item[:2] if item is not None else None
 
     def drop(self, offset: int) -> None:
         item = self.records.pop(offset, None)
         if item is not None:
-            self.bytes -= item[0].ByteSize()
+            self.bytes -= item[2]
 
     def clear(self) -> None:
         self.records.clear()
@@ -237,23 +237,36 @@ class QueueEngine:
         self._skip_retained(g, q)
         end = part.high_watermark
         cache = self._cache(g, q.partition)
-        while q.room() > 0 and q.scan_offset < end:
-            out = self.broker.read(g.topic, q.partition, q.scan_offset, max_records=q.room(), max_bytes=READ_BYTES)
+        unsettled, span = q.rooms()  # counted down here rather than recomputed per record
+        room = min(unsettled, span)
+        while room > 0 and q.scan_offset < end:
+            out = self.broker.read(g.topic, q.partition, q.scan_offset, max_records=room, max_bytes=READ_BYTES)
             if not out.data:
                 return
+            admit, put = q.admit, cache.put
             for batch in pb.FetchResponse.FromString(out.data).batches:
                 base, append_time = batch.base_offset, batch.append_time_ms
+                # One size estimate per batch (a ByteSize call per record cost ~8% here).
+                size = len(batch.records) // max(1, batch.record_count) + 16
                 for i, r in enumerate(batch_records(batch).records):
                     offset = base + i
                     if offset < q.scan_offset:
                         continue
-                    if offset >= end or q.room() <= 0:
+                    if offset >= end or unsettled <= 0 or span <= 0:
                         return
-                    at = max(r.deliver_at_ms, append_time + r.delay_ms if r.delay_ms else 0)
-                    q.admit(offset, key=r.key if r.HasField("key") else None, deliver_at_ms=at,
-                            append_time_ms=append_time)
-                    if offset in q.entries:
-                        cache.put(offset, r, append_time)
+                    delay = r.delay_ms
+                    at = r.deliver_at_ms
+                    if delay:
+                        at = max(at, append_time + delay)
+                    blocked = q.blocked
+                    admit(offset, key=r.key if r.HasField("key") else None, deliver_at_ms=at,
+                          append_time_ms=append_time)
+                    span -= 1
+                    if q.blocked == blocked:  # a blocked record waits behind its key, not in flight
+                        unsettled -= 1
+                    put(offset, r, append_time, size)
+            unsettled, span = q.rooms()
+            room = min(unsettled, span)
 
     def _skip_retained(self, g: QueueGroup, q: PartitionQueue) -> None:
         """Records retention deleted before this group settled them: counted, logged."""

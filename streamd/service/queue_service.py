@@ -188,8 +188,11 @@ class QueueService:
             action = ACTIONS.get(s.action)
             if action is None:
                 raise InvalidArgument("action", "each settlement needs an action")
-            delay = s.delay_ms if s.HasField("delay_ms") else None
-            batch.append((action, s.lease.partition, s.lease.offset, s.lease.lease_id, delay, _reason(s.reason)))
+            lease = s.lease
+            delay = s.delay_ms if action != "ack" and s.HasField("delay_ms") else None
+            reason = s.reason
+            batch.append((action, lease.partition, lease.offset, lease.lease_id, delay,
+                          _reason(reason) if reason else ""))
         results = await self.engine.settle(request.group, request.topic, batch)
         response = pb.SettleResponse()
         for result in results:

@@ -138,7 +138,8 @@ class QueueMachine(RuleBasedStateMachine):
         pending_dead = set(self.q.to_dead_letter) | {o for o, (_, st) in before.items() if st == DEAD_LETTERING}
         self.q = fresh.groups[("g", "t")].partitions[0]
         self.restarts += 1
-        self.q.rng = random.Random(1000 + self.restarts)  # lease ids must not repeat
+        self.q.rng = random.Random(1000 + self.restarts)  # a new process: new lease ids
+        self.q._next_lease_id = self.q.rng.getrandbits(62) + 1
         for offset, (lease_id, _) in self.held.items():
             self.stale.append((offset, lease_id))
         self.held.clear()
