@@ -100,6 +100,11 @@ class Journal:
             self._flusher = asyncio.ensure_future(self._flush_pending())
         return future
 
+    def check(self) -> None:
+        """Raise ``JournalFailed`` if the journal takes no more writes."""
+        if (refusal := self._refusal()) is not None:
+            raise refusal
+
     async def close(self) -> None:
         """Refuse new writes, wait for queued ones, close the file. Idempotent."""
         self._closed = True

@@ -122,6 +122,11 @@ class QueueStore:
     def skipped(self, group: QueueGroup, partition: int, start: int, lost: int) -> None:
         self._journal.write(self._op("skip", group, partition, start=start, lost=lost), durable=False)
 
+    def check(self) -> None:
+        """Raise ``JournalFailed`` once the journal failed: state changes would no
+        longer be durable, so the queue groups stop changing until a restart."""
+        self._journal.check()
+
     async def close(self) -> None:
         await self._journal.close()
 

@@ -95,6 +95,7 @@ class QueueEngine:
 
     # -- groups ------------------------------------------------------------------
     def group(self, name: str, topic: str) -> QueueGroup:
+        self.store.check()  # a failed journal: UNAVAILABLE/STORAGE_FAILED, not silent drift
         check_group_name(name)
         g = self.store.groups.get((name, topic))
         if g is None:

@@ -404,3 +404,15 @@ def test_a_half_closed_receive_stream_uses_up_its_credit(clocked):
     second = next(call)
     assert [r.offset for r in first.records] + [r.offset for r in second.records] == [0, 1, 2, 3]
     assert list(call) == []  # credit used up: the stream ends
+
+
+def test_a_failed_queue_journal_stops_changes_with_unavailable(clocked):
+    server, stubs, _ = clocked
+    stubs.create("jobs", 1)
+    create(stubs)
+    produce(stubs, "jobs", values(1))
+    server.server.queues.store._journal._failed = OSError(5, "injected")
+    with pytest.raises(grpc.RpcError) as err:
+        receive(stubs)
+    assert error_info(err.value)[:2] == (grpc.StatusCode.UNAVAILABLE, "STORAGE_FAILED")
+    assert stubs.fetch("jobs", 0, 0).batches  # the log keeps serving
