@@ -33,6 +33,8 @@ class BrokerConfig:
     fsync_policy: str = "always"  # always | interval | never
     fsync_interval_ms: int = 1000
     compression: str = "producer"  # producer (keep as sent) | lz4
+    #: Idempotency keys are deduplicated per partition within this window; 0: off.
+    dedup_window_ms: int = 0
     #: Sparse index: one entry per this many log bytes.
     index_interval_bytes: int = 4096
     #: Largest gRPC request accepted (bigger ones get RESOURCE_EXHAUSTED from gRPC).

@@ -32,7 +32,10 @@ from streamd.clock import Clock
 from streamd.partitioner import key_partition
 from streamd.v1 import streamd_pb2 as pb
 
-from .batches import batch_from_records, check_batch
+from . import producer_state
+from .append_plan import PartitionPlan, ProduceResult, RequestState, plan_partition
+from .batches import CheckedBatch, batch_from_records, checked_batch
+from .dedup import DedupWindow
 from .errors import (
     BrokerUnavailable,
     InvalidArgument,
@@ -65,13 +68,7 @@ class Topic:
     next_round_robin: int = 0
 
 
-@dataclass(frozen=True)
-class ProduceResult:
-    partition: int
-    base_offset: int
-    record_count: int
-    append_time_ms: int
-    durable: bool
+__all__ = ["Broker", "DataDirLocked", "ProduceResult", "ReadOut", "Topic"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +104,7 @@ class Broker:
         self.state = "starting"
         self._lock_fd: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping: asyncio.Future[None] | None = None
 
     # -- lifecycle -----------------------------------------------------------
     def open(self) -> None:
@@ -142,8 +140,19 @@ class Broker:
     def stop_accepting(self) -> None:
         """Refuse new work with UNAVAILABLE and wake parked readers so they end."""
         self.state = "stopping"
+        if self._stopping is not None and not self._stopping.done():
+            self._stopping.set_result(None)
         for part in self.all_partitions():
             part.close()
+
+    def stopping(self) -> "asyncio.Future[None]":
+        """A future resolved when the broker stops accepting work (long-lived streams
+        end then, instead of holding a graceful stop up until its deadline)."""
+        if self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_future()
+            if self.state == "stopping":
+                self._stopping.set_result(None)
+        return self._stopping
 
     async def close(self) -> None:
         """Flush everything, close every log cleanly, release the directory."""
@@ -154,6 +163,10 @@ class Broker:
         loop = asyncio.get_running_loop()
         for topic in list(self.topics.values()):
             for part in topic.partitions:
+                try:
+                    await part.write_snapshot(self.clock.now_ms())
+                except Exception:  # e.g. a failed log: the next start rebuilds from the log
+                    log.exception("producer snapshot of %s/%d failed", part.topic, part.index)
                 await loop.run_in_executor(self.executor, part.log.close)
         self.topics.clear()
         if self._lock_fd is not None:
@@ -173,16 +186,29 @@ class Broker:
     def _open_partitions(self, meta: TopicMeta, directory: Path, parts: list[Partition]) -> None:
         s = meta.settings
         for p in range(meta.partition_count):
+            now = self.clock.now_ms()
             plog = PartitionLog.open(
                 directory / str(p),
                 segment_bytes=s.segment_bytes,
                 segment_ms=s.segment_ms,
                 index_interval_bytes=self.index_interval_bytes,
-                now_ms=self.clock.now_ms(),
+                now_ms=now,
                 name=f"{meta.name}/{p}",
             )
+            try:
+                producers, covers = producer_state.load(plog, now_ms=now)
+                dedup = None
+                if s.dedup_window_ms > 0:
+                    dedup = DedupWindow(s.dedup_window_ms)
+                    dedup.rebuild(plog, now)
+            except BaseException:
+                plog.close()
+                raise
             parts.append(
-                Partition(meta.name, p, plog, executor=self.executor, fsync_always=s.fsync_policy == "always")
+                Partition(
+                    meta.name, p, plog, executor=self.executor, fsync_always=s.fsync_policy == "always",
+                    producers=producers, snapshot_covers=covers, dedup=dedup,
+                )
             )
 
     def check_serving(self) -> None:
@@ -284,39 +310,51 @@ class Broker:
         self.check_serving()
         topic = self.topic(name)
         s = topic.meta.settings
-        plan: list[tuple[Partition, list[tuple[bytes, int]]]] = []
+        now = self.clock.now_ms()
+        request = RequestState()
+        compress = s.compression == "lz4"
+        plans: list[PartitionPlan] = []
         for index, raws in partition_batches:
             part = _partition_in(topic, index)
-            bodies = [
-                check_batch(
+            with_keys = part.dedup is not None
+            batches = [
+                checked_batch(
                     raw,
                     max_batch_bytes=s.max_batch_bytes,
                     max_record_bytes=s.max_record_bytes,
-                    compress=s.compression == "lz4",
+                    compress=compress,
+                    with_keys=with_keys,
                 )
                 for raw in raws
             ]
-            if bodies:
-                plan.append((part, bodies))
+            if batches:
+                plans.append(plan_partition(part, batches, request, topic=name, now_ms=now))
         if records:
-            plan.extend(self._route(topic, records))
-        now = self.clock.now_ms()
-        appended = [(part, *part.append(bodies, now_ms=now)) for part, bodies in plan]
+            for part, batches in self._route(topic, records):
+                plans.append(plan_partition(part, batches, request, topic=name, now_ms=now))
+        appended = []
+        for plan in plans:
+            base, count, append_time = plan.part.append(plan.batches, now_ms=now)
+            plan.base_offset = base
+            appended.append((plan, base, count, append_time))
         durable = s.fsync_policy == "always"
-        results = [ProduceResult(p.index, base, count, t, durable) for p, base, count, t in appended]
-        if durable:
-            waiter = asyncio.ensure_future(
-                _gather(*(part.sync_to(base + count) for part, base, count, _ in appended))
-            )
+        results = [plan.result(base, count, t, durable) for plan, base, count, t in appended]
+        waits = [
+            plan.part.sync_to(plan.durable_offset(base, count)) for plan, base, count, _ in appended if durable
+        ] + [plan.part.write_snapshot(now) for plan, *_ in appended if plan.needs_snapshot]
+        if waits:
+            waiter = asyncio.ensure_future(_gather(*waits))
         else:
             waiter = asyncio.get_running_loop().create_future()
             waiter.set_result(None)
         return results, waiter
 
-    def _route(self, topic: Topic, records: list[bytes]) -> list[tuple[Partition, list[tuple[bytes, int]]]]:
+    def _route(self, topic: Topic, records: list[bytes]) -> list[tuple[Partition, list[CheckedBatch]]]:
         s = topic.meta.settings
         n = len(topic.partitions)
         groups: dict[int, list[bytes]] = {}
+        keys: dict[int, list[str]] = {}
+        with_keys = s.dedup_window_ms > 0
         for i, raw in enumerate(records):
             try:
                 record = pb.Record.FromString(raw)
@@ -330,9 +368,12 @@ class Broker:
                 p = topic.next_round_robin % n
                 topic.next_round_robin += 1
             groups.setdefault(p, []).append(raw)
+            if with_keys:
+                keys.setdefault(p, []).append(record.idempotency_key)
         compress = s.compression == "lz4"
         return [
-            (topic.partitions[p], [batch_from_records(raws, compress=compress)]) for p, raws in sorted(groups.items())
+            (topic.partitions[p], [batch_from_records(raws, compress=compress, keys=keys.get(p))])
+            for p, raws in sorted(groups.items())
         ]
 
     # -- read ----------------------------------------------------------------
@@ -419,6 +460,7 @@ class Broker:
         async def one(part: Partition) -> None:
             await part.flush()
             await loop.run_in_executor(self.executor, part.log.checkpoint)
+            await part.write_snapshot(self.clock.now_ms())
 
         for part in self.all_partitions():
             await self._each(part, "checkpoint", one(part))

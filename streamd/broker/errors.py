@@ -13,6 +13,8 @@ class to a gRPC status code; nothing else decides codes.
     │   └── InvalidBatch         a produced batch is not a valid RecordBatch
     ├── RecordTooLarge           a record or batch over the topic's limit
     ├── LimitExceeded            too many topics, partitions, ...
+    ├── OutOfOrderSequence       an idempotent producer's batch is not the next one
+    │   └── UnknownProducer      ... and the partition does not know the producer
     └── BrokerUnavailable        starting or stopping
 """
 
@@ -92,6 +94,40 @@ class LimitExceeded(BrokerError):
     def __init__(self, what: str, limit: int) -> None:
         super().__init__(f"{what} would exceed the limit of {limit}", limit=limit, what=what)
         self.limit = limit
+
+
+class OutOfOrderSequence(BrokerError):
+    """A batch of an idempotent producer is neither the next one expected from it in
+    this partition nor a retry of one of the batches the partition remembers (a gap,
+    or a sequence from the past that is no longer remembered). Nothing was appended."""
+
+    reason = "OUT_OF_ORDER_SEQUENCE"
+
+    def __init__(
+        self, producer_id: int, expected_sequence: int, got: int, *, topic: str | None = None,
+        partition: int | None = None, why: str = "",
+    ) -> None:
+        where = f" in {topic}/{partition}" if topic is not None else ""
+        super().__init__(
+            f"producer {producer_id}{where}: expected sequence {expected_sequence}, got {got}"
+            + (f" ({why})" if why else ""),
+            producer_id=producer_id,
+            expected_sequence=expected_sequence,
+            got=got,
+            topic=topic,
+            partition=partition,
+        )
+        self.producer_id, self.expected_sequence, self.got = producer_id, expected_sequence, got
+
+
+class UnknownProducer(OutOfOrderSequence):
+    """The partition holds no state for this producer id (never seen, expired after
+    a week idle, or evicted) and the batch does not start at sequence 0."""
+
+    reason = "UNKNOWN_PRODUCER"
+
+    def __init__(self, producer_id: int, got: int, *, topic: str | None = None, partition: int | None = None) -> None:
+        super().__init__(producer_id, 0, got, topic=topic, partition=partition, why="unknown producer id")
 
 
 class BrokerUnavailable(BrokerError):

@@ -8,6 +8,9 @@
 - Readers waiting for new data (long-poll Fetch, Subscribe) park on a future that the
   next append (or, for fsync=always topics, the next fsync; or topic deletion)
   resolves. Readers never see past ``high_watermark``.
+- Idempotent producers' state (``producers``) and the dedup window (``dedup``, on
+  topics with one) change with each append, in the same step, so they always agree
+  with the log; ``write_snapshot`` persists the producer state (``producer_state``).
 """
 
 from __future__ import annotations
@@ -17,14 +20,33 @@ from concurrent.futures import Executor
 
 from segments import PartitionLog
 
+from .batches import CheckedBatch
+from .dedup import DedupWindow
+from .producer_state import BatchMeta, ProducerStateTable, write_snapshot
+
 
 class Partition:
     def __init__(
-        self, topic: str, index: int, log: PartitionLog, *, executor: Executor, fsync_always: bool = False
+        self,
+        topic: str,
+        index: int,
+        log: PartitionLog,
+        *,
+        executor: Executor,
+        fsync_always: bool = False,
+        producers: ProducerStateTable | None = None,
+        snapshot_covers: int = -1,
+        dedup: DedupWindow | None = None,
     ) -> None:
         self.topic = topic
         self.index = index
         self.log = log
+        self.producers = producers if producers is not None else ProducerStateTable()
+        self.dedup = dedup
+        #: What the producer snapshot on disk covers, and the table version it holds.
+        self._snapshot_covers = snapshot_covers
+        self._snapshot_version = self.producers.version
+        self._snapshot_lock = asyncio.Lock()
         #: fsync=always: readers see only fsynced records (the high watermark), so no
         #: consumer acts on a record that a power loss could still take back.
         self.wait_for_durability = fsync_always
@@ -36,21 +58,55 @@ class Partition:
         self.last_flush_ms = 0
 
     # -- writing -------------------------------------------------------------
-    def append(self, bodies: list[tuple[bytes, int]], *, now_ms: int) -> tuple[int, int, int]:
-        """Append checked batch bodies; returns (base_offset, record_count, append_time_ms)."""
-        base = self.log.log_end_offset
+    def append(self, batches: list[CheckedBatch], *, now_ms: int) -> tuple[int, int, int]:
+        """Append checked batches; returns (base_offset, record_count, append_time_ms).
+
+        Each batch's idempotence and dedup state is recorded right after the batch
+        itself is appended: if storage fails part-way, what was appended is
+        remembered (a retry is a duplicate), what was not is not.
+        """
+        log = self.log
+        base = log.log_end_offset
         append_time = now_ms
         count = 0
         try:
-            for body, record_count in bodies:
-                info = self.log.append(body, record_count=record_count, append_time_ms=now_ms)
-                append_time = info.append_time_ms
-                count += record_count
+            for b in batches:
+                if b.record_count:
+                    info = log.append(b.body, record_count=b.record_count, append_time_ms=now_ms)
+                    offset = info.base_offset
+                    append_time = info.append_time_ms
+                    count += b.record_count
+                    if b.keys is not None and self.dedup is not None:
+                        self.dedup.add(b.keys, offset, append_time)
+                else:  # the dedup window dropped every record: only the sequence moves
+                    offset = log.log_end_offset
+                if b.producer_id:
+                    meta = BatchMeta(b.base_sequence, b.sequence_count or b.record_count, offset, b.record_count,
+                                     append_time)
+                    self.producers.record(b.producer_id, meta, now_ms)
         finally:
             # Even after a storage error part-way, what was appended is visible.
             if not self.wait_for_durability:
                 self._wake()
         return base, count, append_time
+
+    async def write_snapshot(self, now_ms: int) -> None:
+        """Persist the producer state if it or the log moved since the last snapshot.
+
+        The file covers the log end when the state was taken and is written only
+        once the log is fsynced that far, so after a crash it never claims batches
+        the log lost. Snapshots are written one at a time, in the order taken.
+        """
+        async with self._snapshot_lock:
+            self.producers.expire(now_ms)
+            covers, version = self.log.log_end_offset, self.producers.version
+            if covers == self._snapshot_covers and version == self._snapshot_version:
+                return
+            data = self.producers.snapshot(covers)
+            await self.sync_to(covers)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor, write_snapshot, self.log.directory, data)
+            self._snapshot_covers, self._snapshot_version = covers, version
 
     async def sync_to(self, offset: int) -> None:
         """Return once every record below ``offset`` is fsynced (group commit)."""

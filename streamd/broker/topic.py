@@ -24,6 +24,7 @@ TOPIC_FILE = "topic.json"
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 FSYNC_POLICIES = ("always", "interval", "never")
 COMPRESSIONS = ("producer", "lz4")
+MAX_DEDUP_WINDOW_MS = 7 * 24 * 3600 * 1000
 
 
 def check_topic_name(name: str) -> str:
@@ -48,6 +49,8 @@ class TopicSettings:
     fsync_policy: str
     fsync_interval_ms: int
     compression: str
+    #: Idempotency keys are deduplicated within this window; 0 turns it off.
+    dedup_window_ms: int = 0
 
     @property
     def max_batch_bytes(self) -> int:
@@ -72,6 +75,8 @@ class TopicSettings:
             raise InvalidArgument("config.fsync_policy", f"must be one of {FSYNC_POLICIES}")
         if self.compression not in COMPRESSIONS:
             raise InvalidArgument("config.compression", f"must be one of {COMPRESSIONS}")
+        if not 0 <= self.dedup_window_ms <= MAX_DEDUP_WINDOW_MS:
+            raise InvalidArgument("config.dedup_window_ms", f"must be 0 (off) .. {MAX_DEDUP_WINDOW_MS} (7 days)")
         return self
 
 

@@ -87,6 +87,7 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
             fsync=args.fsync,
             fsync_interval_ms=args.fsync_interval_ms,
             compression=args.compression,
+            dedup_window_ms=args.dedup_window_ms,
         )
     print(json.dumps(_topic_json(t)) if args.json else f"created topic {t.name} with {t.partition_count} partition(s)")
     return 0
@@ -121,6 +122,7 @@ def cmd_topics_describe(args: argparse.Namespace) -> int:
         f"config: retention_ms={c.retention_ms} retention_bytes={c.retention_bytes} segment_bytes={c.segment_bytes} "
         f"segment_ms={c.segment_ms} max_record_bytes={c.max_record_bytes} fsync={fsync} "
         f"fsync_interval_ms={c.fsync_interval_ms} compression={compression}"
+        + (f" dedup_window_ms={c.dedup_window_ms}" if c.dedup_window_ms else "")
     )
     rows = [
         (p.partition, p.log_start_offset, p.log_end_offset, p.segment_count, p.size_bytes,
@@ -244,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsync", choices=sorted(FSYNC))
     p.add_argument("--fsync-interval-ms", type=int)
     p.add_argument("--compression", choices=["producer", "lz4"])
+    p.add_argument("--dedup-window-ms", type=int,
+                   help="drop records whose idempotency key the partition saw within this window (0: off)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_topics_create)
     p = topics.add_parser("list")

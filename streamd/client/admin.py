@@ -28,6 +28,7 @@ class Admin(SyncClient):
         fsync: str | None = None,
         fsync_interval_ms: int | None = None,
         compression: str | None = None,
+        dedup_window_ms: int | None = None,
     ) -> pb.TopicDescription:
         config = pb.TopicConfig(
             retention_ms=retention_ms,
@@ -38,6 +39,7 @@ class Admin(SyncClient):
             fsync_policy=FSYNC[fsync] if fsync else None,
             fsync_interval_ms=fsync_interval_ms,
             compression=COMPRESSION[compression] if compression else None,
+            dedup_window_ms=dedup_window_ms,
         )
         request = pb.CreateTopicRequest(topic=topic, partition_count=partitions, config=config)
         return self._call(self._topics.CreateTopic, request).topic

@@ -21,6 +21,7 @@ _INT_FIELDS = (
     "segment_ms",
     "max_record_bytes",
     "fsync_interval_ms",
+    "dedup_window_ms",
 )
 
 
@@ -54,6 +55,7 @@ def settings_to_pb(s: TopicSettings) -> pb.TopicConfig:
         fsync_policy=FSYNC_TO_PB[s.fsync_policy],
         fsync_interval_ms=s.fsync_interval_ms,
         compression=COMPRESSION_TO_PB[s.compression],
+        dedup_window_ms=s.dedup_window_ms,
     )
 
 

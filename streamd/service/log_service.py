@@ -3,16 +3,24 @@
 Fetch and Subscribe answer with stored frames as they are: the response bytes are a
 slice of the log followed by the serialized scalar fields (protobuf merges
 concatenated messages, and each frame is a serialized ``batches`` entry).
+
+Test hook: with ``STREAMD_TEST_CRASH_AFTER_APPEND=N`` in its environment the broker
+SIGKILLs itself once the N-th produce request (Produce or one ProduceStream request)
+has been appended and made as durable as its topic promises, before answering it:
+the crash window an idempotent producer's retry must survive
+(tests/crash/test_idempotent_crash.py). Read once at start-up; unset, it costs nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import secrets
+import signal
 
 from streamd.broker.broker import Broker, ProduceResult, ReadOut
-from streamd.broker.errors import InvalidArgument
+from streamd.broker.errors import BrokerUnavailable, InvalidArgument
 from streamd.v1 import streamd_pb2 as pb
 from streamd.wire_pb2 import RawProduceRequest, RawProduceStreamRequest
 
@@ -44,17 +52,42 @@ def _frames_response(out: ReadOut) -> bytes:
     return out.data + tail
 
 
+CRASH_AFTER_APPEND_ENV = "STREAMD_TEST_CRASH_AFTER_APPEND"
+
+
 def _fill_results(response: pb.ProduceResponse, results: list[ProduceResult]) -> pb.ProduceResponse:
     add = response.results.add
     for r in results:
-        add(
+        result = add(
             partition=r.partition,
             base_offset=r.base_offset,
             record_count=r.record_count,
             append_time_ms=r.append_time_ms,
             durable=r.durable,
         )
+        if r.duplicate:
+            result.duplicate = True
+        if r.deduplicated:
+            more = result.deduplicated.add
+            for index, offset in r.deduplicated:
+                more(index=index, offset=offset)
     return response
+
+
+def _crash_hook():
+    """The test hook of the module docstring: a callable to run after each durable
+    append, or None."""
+    raw = os.environ.get(CRASH_AFTER_APPEND_ENV)
+    if not raw:
+        return None
+    remaining = [int(raw)]
+
+    def appended() -> None:
+        remaining[0] -= 1
+        if remaining[0] == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return appended
 
 
 def _failed(exc: Exception) -> asyncio.Future:
@@ -63,13 +96,15 @@ def _failed(exc: Exception) -> asyncio.Future:
     return future
 
 
-async def _stream_answer(request_id: int, results, durable: asyncio.Future) -> pb.ProduceStreamResponse:
+async def _stream_answer(request_id: int, results, durable: asyncio.Future, crash=None) -> pb.ProduceStreamResponse:
     answer = pb.ProduceStreamResponse(request_id=request_id)
     try:
         await durable
     except Exception as exc:
         answer.error.CopyFrom(stream_error(exc))
     else:
+        if crash is not None and results is not None:
+            crash()
         _fill_results(answer.response, results)
     return answer
 
@@ -77,6 +112,7 @@ async def _stream_answer(request_id: int, results, durable: asyncio.Future) -> p
 class LogService:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
+        self._crash = _crash_hook()
 
     def _append(self, request: RawProduceRequest):
         batches = [(p.partition, list(p.batches)) for p in request.partitions]
@@ -85,6 +121,8 @@ class LogService:
     async def Produce(self, request: RawProduceRequest, context) -> pb.ProduceResponse:
         results, durable = self._append(request)
         await durable
+        if self._crash is not None:
+            self._crash()
         return _fill_results(pb.ProduceResponse(), results)
 
     async def InitProducer(self, request: pb.InitProducerRequest, context) -> pb.InitProducerResponse:
@@ -97,32 +135,50 @@ class LogService:
         With nothing pending and the request already durable (fsync interval/never)
         the answer is written inline; otherwise answers queue for a writer task, so a
         pipelining producer keeps appending while earlier requests wait for their
-        (shared) fsync.
+        (shared) fsync. When the broker stops, the stream stops reading, answers
+        what it appended and ends with UNAVAILABLE (a producer retries elsewhere or
+        later) instead of holding the graceful stop up until its deadline.
         """
         pending: collections.deque = collections.deque()
         writer: asyncio.Task | None = None
+        crash = self._crash
 
         async def drain() -> None:
             while pending:
                 request_id, results, durable = pending[0]
-                await context.write(await _stream_answer(request_id, results, durable))
+                await context.write(await _stream_answer(request_id, results, durable, crash))
                 pending.popleft()
 
-        while (item := await read()) is not None:
-            try:
-                results, durable = self._append(item.request)
-            except Exception as exc:
-                results, durable = None, _failed(exc)
-            if not pending and durable.done():
-                await context.write(await _stream_answer(item.request_id, results, durable))
-                continue
-            pending.append((item.request_id, results, durable))
-            if writer is None or writer.done():
-                writer = asyncio.create_task(drain())
-            if len(pending) >= PIPELINE_DEPTH:
-                await asyncio.shield(writer)  # stop reading until answers go out
+        async def requests() -> None:
+            nonlocal writer
+            while (item := await read()) is not None:
+                try:
+                    results, durable = self._append(item.request)
+                except Exception as exc:
+                    results, durable = None, _failed(exc)
+                if not pending and durable.done():
+                    await context.write(await _stream_answer(item.request_id, results, durable, crash))
+                    continue
+                pending.append((item.request_id, results, durable))
+                if writer is None or writer.done():
+                    writer = asyncio.create_task(drain())
+                if len(pending) >= PIPELINE_DEPTH:
+                    await asyncio.shield(writer)  # stop reading until answers go out
+
+        reading = asyncio.ensure_future(requests())
+        stopping = self.broker.stopping()
+        try:
+            await asyncio.wait([reading, stopping], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not reading.done():
+                reading.cancel()
+                await asyncio.gather(reading, return_exceptions=True)
         if writer is not None:
             await writer
+        if not reading.cancelled():
+            reading.result()  # a failure of the stream itself ends it with its error
+            return
+        raise BrokerUnavailable("stopping")
 
     async def Fetch(self, request: pb.FetchRequest, context) -> bytes:
         max_records, max_bytes = _limits(request.max_records, request.max_bytes)

@@ -1,0 +1,287 @@
+"""Idempotent producers: what one partition remembers of each producer, so that a
+retried batch is answered with its original offsets instead of being appended twice.
+
+A producer (``RecordBatch.producer_id`` != 0, from ``InitProducer``) numbers its
+records 0, 1, 2, ... per partition; a batch carries the number of its first record
+(``base_sequence``). Per producer the table keeps the next sequence it expects and
+the last ``REMEMBERED_BATCHES`` batches appended (``BatchMeta``). A batch is
+
+- appended when its base sequence is the next expected one (0 for a new producer);
+- a duplicate when it is one of the remembered batches: nothing is appended and the
+  answer repeats the original base offset and append time;
+- refused otherwise (``OutOfOrderSequence``: a gap, or a sequence too old to be
+  remembered; ``UnknownProducer`` for an unknown id not starting at 0).
+
+Invariants: a producer's remembered batches are in sequence order and contiguous,
+the last one ending at ``next_sequence``; producers are kept in order of their last
+append (least recent first), at most ``max_producers`` of them (the least recent is
+evicted to make room), and one idle for ``PRODUCER_EXPIRY_MS`` is dropped by
+``expire``. Not thread-safe: the event-loop thread owns it.
+
+**Where it comes from after a restart.** The stored body of every batch keeps the
+producer's ``producer_id`` and ``base_sequence`` (``segments.batch``: the bytes after
+the 34-byte header), so the table can always be rebuilt from the log. To keep
+start-up cheap, a snapshot of the table is written next to the partition's segments
+at each checkpoint (and on a clean stop), and opening loads it and replays only the
+batches stored after the offset it covers.
+
+Snapshot file ``producers.snapshot`` (written with ``write_atomic``; little-endian)::
+
+    magic "SDPS", u16 version (1), i64 covers_offset, u32 producer_count,
+    then per producer: u64 producer_id, i64 last_append_ms, i64 next_sequence,
+                       u8 batch_count, then per batch:
+                       i64 base_sequence, u32 sequence_count, i64 base_offset,
+                       u32 record_count, i64 append_time_ms
+    u32 CRC-32 of everything before it.
+
+``covers_offset``: the table reflects every batch below it and none at or after it.
+It is written only after the log is fsynced up to that offset, so it never runs ahead
+of what a crash keeps; a snapshot that does (a damaged log cut by recovery), or that
+fails its checksum, is ignored and the table is rebuilt from the whole log.
+
+On topics with a dedup window a batch may be stored with fewer records than it had
+sequence numbers (records whose idempotency key was a duplicate are dropped). The
+stored copy then carries ``base_sequence`` shifted so that it still *ends* at the
+batch's last sequence number; a rebuilt table therefore has the right next sequence,
+and on such topics a retry is recognised by where it ends (``relaxed`` matching).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import zlib
+from collections import OrderedDict, deque
+from pathlib import Path
+from typing import NamedTuple
+
+from segments import PartitionLog
+from segments.checkpoint import write_atomic
+
+from .errors import InvalidBatch, OutOfOrderSequence, UnknownProducer
+from .log_scan import iter_batches, producer_fields
+
+log = logging.getLogger("streamd.broker")
+
+SNAPSHOT_FILE = "producers.snapshot"
+REMEMBERED_BATCHES = 5
+MAX_PRODUCERS = 10_000
+PRODUCER_EXPIRY_MS = 7 * 24 * 3600 * 1000
+MAX_SEQUENCE = (1 << 63) - 1
+
+_MAGIC = b"SDPS"
+_VERSION = 1
+_HEAD = struct.Struct("<4sHqI")
+_PRODUCER = struct.Struct("<QqqB")
+_BATCH = struct.Struct("<qIqIq")
+_CRC = struct.Struct("<I")
+
+
+class BatchMeta(NamedTuple):
+    """One appended batch of a producer, as remembered."""
+
+    base_sequence: int
+    sequence_count: int  # sequence numbers the batch used (records the producer sent)
+    base_offset: int
+    record_count: int  # records stored (fewer when a dedup window dropped some)
+    append_time_ms: int
+
+    @property
+    def end_sequence(self) -> int:
+        return self.base_sequence + self.sequence_count
+
+
+class ProducerEntry:
+    __slots__ = ("batches", "next_sequence", "last_append_ms")
+
+    def __init__(self) -> None:
+        self.batches: deque[BatchMeta] = deque(maxlen=REMEMBERED_BATCHES)
+        self.next_sequence = 0
+        self.last_append_ms = 0
+
+
+class ProducerStateTable:
+    """Per-producer sequence state of one partition (see module docstring)."""
+
+    def __init__(self, *, max_producers: int = MAX_PRODUCERS) -> None:
+        self.max_producers = max_producers
+        self._producers: OrderedDict[int, ProducerEntry] = OrderedDict()
+        #: Bumped on every change; the owner compares it to decide whether to snapshot.
+        self.version = 0
+
+    def __len__(self) -> int:
+        return len(self._producers)
+
+    def __contains__(self, producer_id: int) -> bool:
+        return producer_id in self._producers
+
+    def entry(self, producer_id: int) -> ProducerEntry | None:
+        return self._producers.get(producer_id)
+
+    def next_sequence(self, producer_id: int) -> int | None:
+        entry = self._producers.get(producer_id)
+        return None if entry is None else entry.next_sequence
+
+    # -- the append-time check -----------------------------------------------
+    def check(
+        self,
+        producer_id: int,
+        base_sequence: int,
+        count: int,
+        *,
+        expected: int | None = None,
+        relaxed: bool = False,
+        topic: str | None = None,
+        partition: int | None = None,
+    ) -> BatchMeta | None:
+        """None: append the batch. A ``BatchMeta``: the batch is a retry of that one.
+        Raises ``OutOfOrderSequence`` otherwise. ``expected`` overrides the table's
+        next sequence (earlier batches of the same request, not yet appended)."""
+        if base_sequence < 0 or base_sequence > MAX_SEQUENCE - count:
+            raise InvalidBatch(f"base_sequence {base_sequence} is out of range", partition=partition)
+        entry = self._producers.get(producer_id)
+        if expected is None:
+            expected = None if entry is None else entry.next_sequence
+        if expected is None:
+            if base_sequence == 0:
+                return None
+            raise UnknownProducer(producer_id, base_sequence, topic=topic, partition=partition)
+        if base_sequence == expected:
+            return None
+        if entry is not None:
+            end = base_sequence + count
+            for meta in entry.batches:
+                if meta.base_sequence == base_sequence and meta.sequence_count == count:
+                    return meta
+                if relaxed and meta.end_sequence == end and base_sequence < meta.base_sequence:
+                    return meta  # stored with records dropped by the dedup window
+        if base_sequence > expected:
+            why = "a gap: batches before this one are missing"
+        else:
+            why = "not one of the last batches appended (too old, or another record count)"
+        raise OutOfOrderSequence(producer_id, expected, base_sequence, topic=topic, partition=partition, why=why)
+
+    def record(self, producer_id: int, meta: BatchMeta, now_ms: int) -> None:
+        """Remember an appended batch (``meta.base_sequence`` must be the expected one)."""
+        producers = self._producers
+        entry = producers.get(producer_id)
+        if entry is None:
+            while len(producers) >= self.max_producers:
+                evicted, _ = producers.popitem(last=False)
+                log.info("producer state full (%d): evicted producer %d", self.max_producers, evicted)
+            entry = producers[producer_id] = ProducerEntry()
+        else:
+            producers.move_to_end(producer_id)
+        entry.batches.append(meta)
+        entry.next_sequence = meta.end_sequence
+        entry.last_append_ms = now_ms
+        self.version += 1
+
+    def expire(self, now_ms: int) -> int:
+        """Drop producers idle for ``PRODUCER_EXPIRY_MS``; how many were dropped."""
+        limit = now_ms - PRODUCER_EXPIRY_MS
+        producers = self._producers
+        dropped = 0
+        while producers:
+            producer_id, entry = next(iter(producers.items()))
+            if entry.last_append_ms >= limit:
+                break
+            del producers[producer_id]
+            dropped += 1
+        if dropped:
+            self.version += 1
+        return dropped
+
+    # -- rebuilding from stored batches --------------------------------------
+    def replay(self, producer_id: int, base_sequence: int, record_count: int, base_offset: int,
+               append_time_ms: int) -> None:
+        """Apply one stored batch (opening a partition). The log is the truth: a
+        stored batch is taken as it is, whatever the table expected."""
+        self.record(producer_id, BatchMeta(base_sequence, record_count, base_offset, record_count,
+                                           append_time_ms), append_time_ms)
+
+    def replay_log(self, plog: PartitionLog, from_offset: int) -> int:
+        """Replay every stored batch at or after ``from_offset``; batches replayed."""
+        replayed = 0
+        for header, body in iter_batches(plog, from_offset):
+            try:
+                producer_id, base_sequence = producer_fields(body)
+            except ValueError:
+                continue  # not ours to judge here: reads report corrupt batches
+            if producer_id:
+                self.replay(producer_id, base_sequence, header.record_count, header.base_offset,
+                            header.append_time_ms)
+                replayed += 1
+        return replayed
+
+    # -- snapshots -----------------------------------------------------------
+    def snapshot(self, covers_offset: int) -> bytes:
+        """The snapshot file's bytes (see module docstring)."""
+        parts = [_HEAD.pack(_MAGIC, _VERSION, covers_offset, len(self._producers))]
+        for producer_id, entry in self._producers.items():
+            parts.append(_PRODUCER.pack(producer_id, entry.last_append_ms, entry.next_sequence, len(entry.batches)))
+            parts.extend(_BATCH.pack(*meta) for meta in entry.batches)
+        data = b"".join(parts)
+        return data + _CRC.pack(zlib.crc32(data))
+
+    @classmethod
+    def from_snapshot(cls, raw: bytes, *, max_producers: int = MAX_PRODUCERS) -> tuple["ProducerStateTable", int]:
+        """(table, covers_offset); ValueError if ``raw`` is not a valid snapshot."""
+        if len(raw) < _HEAD.size + _CRC.size:
+            raise ValueError("too short")
+        (crc,) = _CRC.unpack_from(raw, len(raw) - _CRC.size)
+        if zlib.crc32(memoryview(raw)[: len(raw) - _CRC.size]) != crc:
+            raise ValueError("checksum mismatch")
+        magic, version, covers_offset, count = _HEAD.unpack_from(raw, 0)
+        if magic != _MAGIC or version != _VERSION:
+            raise ValueError(f"not a version {_VERSION} producer snapshot")
+        table = cls(max_producers=max_producers)
+        pos = _HEAD.size
+        try:
+            for _ in range(count):
+                producer_id, last_ms, next_sequence, n = _PRODUCER.unpack_from(raw, pos)
+                pos += _PRODUCER.size
+                entry = table._producers[producer_id] = ProducerEntry()
+                entry.last_append_ms, entry.next_sequence = last_ms, next_sequence
+                for _ in range(n):
+                    entry.batches.append(BatchMeta(*_BATCH.unpack_from(raw, pos)))
+                    pos += _BATCH.size
+        except struct.error:
+            raise ValueError("truncated") from None
+        if pos != len(raw) - _CRC.size:
+            raise ValueError("trailing bytes")
+        return table, covers_offset
+
+
+def write_snapshot(directory: Path, data: bytes) -> None:
+    write_atomic(Path(directory) / SNAPSHOT_FILE, data)
+
+
+def load(plog: PartitionLog, *, now_ms: int, max_producers: int = MAX_PRODUCERS) -> tuple[ProducerStateTable, int]:
+    """The table for an opened log: the snapshot plus the batches stored after it, or
+    a rebuild from the whole log when there is no usable snapshot. Returns the table
+    and the offset the file on disk covers (-1: none usable). Blocking."""
+    path = Path(plog.directory) / SNAPSHOT_FILE
+    table, covers = None, -1
+    try:
+        table, covers = ProducerStateTable.from_snapshot(path.read_bytes(), max_producers=max_producers)
+    except FileNotFoundError:
+        pass
+    except ValueError as exc:
+        log.warning("%s: ignoring unreadable %s (%s); rebuilding producer state from the log", plog.name, path, exc)
+    if table is not None and covers > plog.log_end_offset:
+        log.warning("%s: %s covers offset %d past the log end %d; rebuilding producer state from the log",
+                    plog.name, path, covers, plog.log_end_offset)
+        table, covers = None, -1
+    if table is None:
+        table = ProducerStateTable(max_producers=max_producers)
+        start = plog.log_start_offset
+    else:
+        start = covers
+    if start < plog.log_end_offset:
+        replayed = table.replay_log(plog, start)
+        if covers < 0 or replayed:
+            log.info("%s: producer state rebuilt from offsets %d..%d (%d idempotent batches)",
+                     plog.name, start, plog.log_end_offset, replayed)
+    table.expire(now_ms)
+    return table, covers

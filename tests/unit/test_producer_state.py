@@ -1,0 +1,208 @@
+"""Idempotent producers' state: sequence checks (append, duplicate, gap, too old),
+the bounded memory (last 5 batches, producer cap, 7-day expiry), and its persistence
+(snapshot round trip, rebuild from snapshot + log tail, or from the whole log)."""
+
+from __future__ import annotations
+
+import pytest
+
+from segments import PartitionLog
+from streamd.broker import producer_state
+from streamd.broker.errors import InvalidBatch, OutOfOrderSequence, UnknownProducer
+from streamd.broker.log_scan import producer_fields
+from streamd.broker.producer_state import (
+    PRODUCER_EXPIRY_MS,
+    REMEMBERED_BATCHES,
+    SNAPSHOT_FILE,
+    BatchMeta,
+    ProducerStateTable,
+)
+from streamd.v1 import streamd_pb2 as pb
+
+DAY = 86_400_000
+PID = 7
+
+
+def appended(table: ProducerStateTable, pid: int, seq: int, count: int, offset: int, now: int = 1000) -> BatchMeta:
+    assert table.check(pid, seq, count) is None
+    meta = BatchMeta(seq, count, offset, count, now)
+    table.record(pid, meta, now)
+    return meta
+
+
+def test_a_new_producer_starts_at_sequence_zero():
+    table = ProducerStateTable()
+    assert table.check(PID, 0, 3) is None
+    with pytest.raises(UnknownProducer) as caught:
+        table.check(PID, 4, 1, topic="t", partition=2)
+    assert caught.value.reason == "UNKNOWN_PRODUCER"
+    assert caught.value.metadata() == {
+        "producer_id": "7", "expected_sequence": "0", "got": "4", "topic": "t", "partition": "2"}
+
+
+def test_the_next_sequence_appends_and_a_remembered_batch_is_a_duplicate():
+    table = ProducerStateTable()
+    first = appended(table, PID, 0, 3, offset=10)
+    second = appended(table, PID, 3, 2, offset=20)
+    assert table.next_sequence(PID) == 5
+    assert table.check(PID, 0, 3) == first
+    assert table.check(PID, 3, 2) == second
+    assert table.check(PID, 5, 1) is None
+
+
+def test_a_gap_and_an_unremembered_old_sequence_are_out_of_order():
+    table = ProducerStateTable()
+    appended(table, PID, 0, 3, offset=0)
+    with pytest.raises(OutOfOrderSequence) as gap:
+        table.check(PID, 4, 1)
+    assert (gap.value.reason, gap.value.expected_sequence, gap.value.got) == ("OUT_OF_ORDER_SEQUENCE", 3, 4)
+    with pytest.raises(OutOfOrderSequence):
+        table.check(PID, 1, 2)  # inside a remembered batch, but not one
+    with pytest.raises(OutOfOrderSequence):
+        table.check(PID, 0, 2)  # same start, another record count
+    with pytest.raises(InvalidBatch):
+        table.check(PID, -1, 1)
+
+
+def test_only_the_last_batches_are_remembered():
+    table = ProducerStateTable()
+    metas = [appended(table, PID, i, 1, offset=i) for i in range(REMEMBERED_BATCHES + 2)]
+    for meta in metas[-REMEMBERED_BATCHES:]:
+        assert table.check(PID, meta.base_sequence, 1) == meta
+    for meta in metas[:2]:
+        with pytest.raises(OutOfOrderSequence):
+            table.check(PID, meta.base_sequence, 1)
+
+
+def test_the_check_follows_earlier_batches_of_the_same_request():
+    table = ProducerStateTable()
+    appended(table, PID, 0, 2, offset=0)
+    assert table.check(PID, 5, 1, expected=5) is None
+    with pytest.raises(OutOfOrderSequence):
+        table.check(PID, 2, 1, expected=5)
+
+
+def test_producers_are_independent_and_the_least_recent_is_evicted_at_the_cap():
+    table = ProducerStateTable(max_producers=3)
+    for pid in (1, 2, 3):
+        appended(table, pid, 0, 1, offset=pid)
+    appended(table, 1, 1, 1, offset=9)  # 1 is now the most recent
+    appended(table, 4, 0, 1, offset=10)
+    assert len(table) == 3 and 2 not in table and {1, 3, 4} <= {p for p in (1, 2, 3, 4) if p in table}
+    with pytest.raises(UnknownProducer):
+        table.check(2, 1, 1)
+
+
+def test_producers_idle_for_a_week_expire():
+    table = ProducerStateTable()
+    appended(table, 1, 0, 1, offset=0, now=0)
+    appended(table, 2, 0, 1, offset=1, now=DAY)
+    assert table.expire(PRODUCER_EXPIRY_MS) == 0
+    assert table.expire(PRODUCER_EXPIRY_MS + 1) == 1
+    assert 1 not in table and 2 in table
+    assert table.expire(PRODUCER_EXPIRY_MS + DAY + 1) == 1 and len(table) == 0
+
+
+def test_relaxed_matching_recognises_a_batch_stored_with_fewer_records():
+    table = ProducerStateTable()
+    # stored copy of (seq 0, 5 records) with 2 records dropped: base shifted to 3
+    table.record(PID, BatchMeta(3, 2, 40, 2, 1000), 1000)
+    assert table.next_sequence(PID) == 5
+    with pytest.raises(OutOfOrderSequence):
+        table.check(PID, 0, 5)
+    assert table.check(PID, 0, 5, relaxed=True).base_offset == 40
+
+
+def test_snapshot_round_trips_and_damage_is_detected():
+    table = ProducerStateTable()
+    for pid in (1, 2):
+        for i in range(7):
+            appended(table, pid, i * 2, 2, offset=100 * pid + i, now=5000 + i)
+    raw = table.snapshot(covers_offset=1234)
+    copy, covers = ProducerStateTable.from_snapshot(raw)
+    assert covers == 1234
+    assert copy.snapshot(1234) == raw
+    assert copy.check(2, 12, 2) == table.check(2, 12, 2)
+    for bad in (raw[:-1], raw[:10], b"XXXX" + raw[4:], raw[:20] + bytes([raw[20] ^ 1]) + raw[21:]):
+        with pytest.raises(ValueError):
+            ProducerStateTable.from_snapshot(bad)
+
+
+def test_producer_fields_are_read_in_any_field_order():
+    batch = pb.RecordBatch(compression=pb.COMPRESSION_NONE, records=b"\x0a\x02\x1a\x00" * 100,
+                           producer_id=(1 << 64) - 5, base_sequence=123456789012)
+    body = batch.SerializeToString()
+    assert producer_fields(body) == ((1 << 64) - 5, 123456789012)
+    reordered = pb.RecordBatch(base_sequence=9).SerializeToString() + pb.RecordBatch(producer_id=3).SerializeToString()
+    assert producer_fields(reordered) == (3, 9)
+    assert producer_fields(pb.RecordBatch(records=b"x").SerializeToString()) == (0, 0)
+    with pytest.raises(ValueError):
+        producer_fields(body[:-3])
+
+
+# -- persistence against a real PartitionLog ------------------------------------------
+
+def open_log(path) -> PartitionLog:
+    return PartitionLog.open(path, segment_bytes=400, segment_ms=DAY, index_interval_bytes=64, now_ms=0)
+
+
+def store(plog: PartitionLog, pid: int, seq: int, count: int, time: int = 1000) -> None:
+    records = pb.RecordSet(records=[pb.Record(value=b"v%d" % i) for i in range(count)]).SerializeToString()
+    body = pb.RecordBatch(compression=pb.COMPRESSION_NONE, records=records, producer_id=pid,
+                          base_sequence=seq).SerializeToString()
+    plog.append(body, record_count=count, append_time_ms=time)
+
+
+def fill(plog: PartitionLog, rounds: int, start: int = 0) -> None:
+    for r in range(start, start + rounds):
+        for pid in (11, 12):
+            store(plog, pid, r * 2, 2)
+        plog.append(pb.RecordBatch(records=pb.RecordSet(records=[pb.Record()]).SerializeToString())
+                    .SerializeToString(), record_count=1, append_time_ms=1000)  # not idempotent
+
+
+def expected_table(plog: PartitionLog) -> bytes:
+    table = ProducerStateTable()
+    table.replay_log(plog, 0)
+    return table.snapshot(plog.log_end_offset)
+
+
+def test_load_takes_the_snapshot_and_replays_only_the_batches_after_it(tmp_path):
+    plog = open_log(tmp_path / "p")
+    fill(plog, 4)
+    table, _ = producer_state.load(plog, now_ms=2000)
+    covers = plog.log_end_offset
+    producer_state.write_snapshot(plog.directory, table.snapshot(covers))
+    fill(plog, 3, start=4)  # several segments roll by now
+    reopened, on_disk = producer_state.load(plog, now_ms=2000)
+    assert on_disk == covers
+    assert reopened.snapshot(plog.log_end_offset) == expected_table(plog)
+    assert reopened.next_sequence(11) == 14 and reopened.check(12, 12, 2).base_sequence == 12
+    plog.close()
+
+
+def test_without_a_usable_snapshot_the_state_is_rebuilt_from_the_whole_log(tmp_path):
+    plog = open_log(tmp_path / "p")
+    fill(plog, 5)
+    table, covers = producer_state.load(plog, now_ms=2000)
+    assert covers == -1 and table.snapshot(plog.log_end_offset) == expected_table(plog)
+    path = tmp_path / "p" / SNAPSHOT_FILE
+    path.write_bytes(b"garbage")
+    table, covers = producer_state.load(plog, now_ms=2000)
+    assert covers == -1 and table.next_sequence(12) == 10
+    # a snapshot claiming more than the log holds (the log lost its tail) is not trusted
+    ahead = ProducerStateTable()
+    ahead.record(11, BatchMeta(10, 100, 0, 100, 1000), 1000)
+    path.write_bytes(ahead.snapshot(plog.log_end_offset + 5))
+    table, covers = producer_state.load(plog, now_ms=2000)
+    assert covers == -1 and table.next_sequence(11) == 10
+    plog.close()
+
+
+def test_loading_expires_idle_producers(tmp_path):
+    plog = open_log(tmp_path / "p")
+    store(plog, 11, 0, 1, time=1000)
+    store(plog, 12, 0, 1, time=1000 + 2 * DAY)
+    table, _ = producer_state.load(plog, now_ms=1001 + PRODUCER_EXPIRY_MS)
+    assert 11 not in table and 12 in table
+    plog.close()
