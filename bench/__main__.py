@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import os
 import sys
 import tempfile
@@ -147,11 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "streamd_groups": groups,
         "streamd_queues": queues,
     }
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    harness.emit(doc, args.out)
     return 0
 
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing
 import os
 import statistics
@@ -66,7 +65,7 @@ from bench.group_members import (
     _throughput_member,
     read_records,
 )
-from bench.harness import log, median_of, payload, start_server
+from bench.harness import emit, log, median_of, payload, start_server
 from bench.streamd_driver import ROOT, serve_argv
 
 # --------------------------------------------------------------------------- throughput
@@ -335,11 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                      reassign_repeat=a.reassign_repeat, profile_dir=a.profile and os.path.abspath(a.profile))
     with tempfile.TemporaryDirectory(prefix="bench-streamd-groups-") as workdir:
         doc = run(workdir, a.quick, repeat=a.repeat, **overrides)
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+    emit(doc, a.out)
     return 0
 
 

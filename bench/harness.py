@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import json
 import math
 import os
 import platform
@@ -111,6 +112,15 @@ def require(client_module: str, pip_spec: str, binary: str) -> tuple[str, str]:
 
 
 now = time.perf_counter
+
+
+def emit(doc: dict, out: str | None) -> None:
+    """Print a benchmark's JSON document, and write it to ``out`` when given."""
+    text = json.dumps(doc, indent=2)
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
 
 
 def throughput(records: int, seconds: float, record_bytes: int | None = None, **extra: float) -> dict[str, float]:

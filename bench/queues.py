@@ -51,7 +51,7 @@ from dataclasses import asdict, replace
 
 from bench.group_members import _Fleet
 from bench.groups import _fill
-from bench.harness import Skip, log, start_server
+from bench.harness import Skip, emit, log, start_server
 from bench.queue_workers import Params, _streamd_worker, streamd_run
 from bench.streamd_driver import ROOT, serve_argv
 
@@ -300,11 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                      redelivery_records=a.redelivery_records, profile_dir=a.profile and os.path.abspath(a.profile))
     with tempfile.TemporaryDirectory(prefix="bench-streamd-queues-") as workdir:
         doc = run(workdir, a.quick, repeat=a.repeat, peers=not a.no_peers, **overrides)
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+    emit(doc, a.out)
     return 0
 
 
