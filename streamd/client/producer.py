@@ -1,4 +1,5 @@
-"""Producers: batching, the documented partitioner, lz4, pipelined acknowledgements.
+"""Producers: batching, the documented partitioner, lz4, pipelined acknowledgements,
+idempotence and retries.
 
 ``AsyncProducer`` (asyncio) is the engine; ``Producer`` runs one on a private event
 loop thread for blocking code. Records are accumulated per partition and shipped as
@@ -7,15 +8,22 @@ passed since its first record. Requests go over one ProduceStream (a bidirection
 stream), up to ``max_in_flight`` at once; answers come back in order and resolve each
 record's future with its offset.
 
-Not idempotent yet: a request that fails in transit is reported, never retried, so a
-record is written at most once by the SDK.
+**Idempotent** by default (``idempotent=True``): each partition's batches carry
+the producer's id and sequence numbers, and batches left unanswered when the stream
+breaks or the broker restarts are sent again (up to ``retries`` rounds, backoff from
+``retry_backoff_ms``); the broker recognises retries, so each record is written once.
+``_sender`` describes sending, ordering, retries and errors. With
+``idempotent=False`` a record is written at most once (never retried).
+
+``send(..., idempotency_key=...)``: on topics with a dedup window, a record whose key
+the partition already saw within the window is not appended again, and its future
+resolves to the first record's offset with ``duplicate=True``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import itertools
 import threading
 from collections.abc import Iterable, Sequence
 
@@ -26,14 +34,17 @@ from streamd.partitioner import key_partition
 from streamd.v1 import streamd_pb2 as pb
 from streamd.v1 import streamd_pb2_grpc as rpc
 
-from ._channel import aio_channel
-from .errors import ProduceError, StreamdError
-from .records import Headers, RecordMetadata, add_record, encode_batch, values_batch
+from ._channel import OPTIONS, server_address
+from ._sender import DEFAULT_RETRIES, DEFAULT_RETRY_BACKOFF_MS, Sender
+from .errors import StreamdError
+from .records import Headers, RecordMetadata, add_record, encode_batch, values_record_set
 
 DEFAULT_LINGER_MS = 5
 DEFAULT_BATCH_MAX_BYTES = 512 * 1024
 DEFAULT_MAX_IN_FLIGHT = 64
 _RECORD_OVERHEAD = 16  # tags, lengths, timestamp
+#: Reconnect quickly after a broker restart (grpc's default waits 1 s, then longer).
+_CHANNEL_OPTIONS = OPTIONS + [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 class _Accumulator:
@@ -59,29 +70,27 @@ class AsyncProducer:
         batch_max_bytes: int = DEFAULT_BATCH_MAX_BYTES,
         compression: str = "none",
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        idempotent: bool = True,
+        retries: int = DEFAULT_RETRIES,
+        retry_backoff_ms: float = DEFAULT_RETRY_BACKOFF_MS,
         channel: grpc.aio.Channel | None = None,
     ) -> None:
         if compression not in ("none", "lz4"):
             raise ValueError("compression must be 'none' or 'lz4'")
         tune_malloc()
         self._own_channel = channel is None
-        self._channel = channel or aio_channel(server)
-        self._log = rpc.LogServiceStub(self._channel)
+        self._channel = channel or grpc.aio.insecure_channel(server_address(server), options=_CHANNEL_OPTIONS)
         self._topics = rpc.TopicServiceStub(self._channel)
+        self._sender = Sender(self._channel, idempotent=idempotent, retries=retries,
+                              retry_backoff_ms=retry_backoff_ms, max_in_flight=max_in_flight)
         self.linger_ms = linger_ms
         self.batch_max_bytes = batch_max_bytes
         self.compression = compression
-        self._slots = asyncio.Semaphore(max_in_flight)
-        self._write_lock = asyncio.Lock()
         self._order = asyncio.Lock()
         self._acc: dict[tuple[str, int], _Accumulator] = {}
         self._partition_counts: dict[str, asyncio.Future[int]] = {}
         self._sticky: dict[str, int] = {}
-        self._ids = itertools.count(1)
-        self._waiting: dict[int, tuple[asyncio.Future, object]] = {}
-        self._call = None
-        self._reader: asyncio.Task | None = None
-        self._in_flight: set[asyncio.Future] = set()
+        self._shipping: set[asyncio.Future] = set()  # linger-expired batches being sealed
         self._closed = False
 
     async def __aenter__(self) -> "AsyncProducer":
@@ -89,6 +98,11 @@ class AsyncProducer:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+    @property
+    def producer_id(self) -> int | None:
+        """The broker-issued id of an idempotent producer (None before the first send)."""
+        return self._sender.producer_id
 
     # -- public API ----------------------------------------------------------
     async def send(
@@ -100,8 +114,14 @@ class AsyncProducer:
         partition: int | None = None,
         headers: Headers | None = None,
         timestamp_ms: int = 0,
+        idempotency_key: str | None = None,
     ) -> "asyncio.Future[RecordMetadata]":
-        """Queue one record; the returned future resolves once it is acknowledged."""
+        """Queue one record; the returned future resolves once it is acknowledged.
+
+        ``idempotency_key``: on a topic with a dedup window, a record whose key the
+        partition saw within the window is not appended again; its metadata then says
+        ``duplicate=True`` with the first record's offset.
+        """
         if self._closed:
             raise RuntimeError("producer is closed")
         # Records enter their batches in call order. The first sends to a topic wait
@@ -113,10 +133,12 @@ class AsyncProducer:
             acc = self._acc.get((topic, partition))
             if acc is None:
                 acc = self._acc[(topic, partition)] = _Accumulator(topic, partition)
-            add_record(acc.record_set, value, key, headers, timestamp_ms)
+            add_record(acc.record_set, value, key, headers, timestamp_ms, idempotency_key)
             future = asyncio.get_running_loop().create_future()
             acc.futures.append(future)
             acc.size += len(value) + (len(key) if key else 0) + _RECORD_OVERHEAD
+            if idempotency_key:
+                acc.size += len(idempotency_key)
         if acc.size >= self.batch_max_bytes:
             await self._ship(acc)
         elif acc.timer is None:
@@ -132,12 +154,13 @@ class AsyncProducer:
         partition: int | None = None,
         headers: Headers | None = None,
         timestamp_ms: int = 0,
+        idempotency_key: str | None = None,
     ) -> RecordMetadata:
         """Send one record now (no linger) and wait for its acknowledgement."""
         if self._closed:
             raise RuntimeError("producer is closed")
         record_set = pb.RecordSet()
-        add_record(record_set, value, key, headers, timestamp_ms)
+        add_record(record_set, value, key, headers, timestamp_ms, idempotency_key)
         future = asyncio.get_running_loop().create_future()
         async with self._order:
             if partition is None:
@@ -145,7 +168,7 @@ class AsyncProducer:
             acc = self._acc.get((topic, partition))
             if acc is not None and acc.futures:
                 await self._ship(acc)  # records sent earlier go first
-            await self._submit(topic, partition, encode_batch(record_set, self.compression), (topic, [future], False))
+            await self._sender.enqueue(topic, partition, encode_batch(record_set, self.compression), [future], False, 1)
         return await future
 
     async def send_batch(
@@ -155,20 +178,19 @@ class AsyncProducer:
 
         The bulk fast path: ``values`` are keyless record values, or a prepared RecordSet.
         """
-        if isinstance(values, pb.RecordSet):
-            batch = encode_batch(values, self.compression)
-        else:
-            batch = values_batch(values, self.compression)
+        record_set = values if isinstance(values, pb.RecordSet) else values_record_set(values)
         future = asyncio.get_running_loop().create_future()
-        await self._submit(topic, partition, batch, (topic, [future], True))
+        batch = encode_batch(record_set, self.compression)
+        await self._sender.enqueue(topic, partition, batch, [future], True, len(record_set.records))
         return future
 
     async def flush(self) -> None:
         """Ship everything queued and wait for every answer."""
         for acc in list(self._acc.values()):
             await self._ship(acc)
-        if self._in_flight:
-            await asyncio.gather(*list(self._in_flight), return_exceptions=True)
+        if self._shipping:
+            await asyncio.gather(*list(self._shipping), return_exceptions=True)
+        await self._sender.wait_settled()
 
     async def close(self) -> None:
         if self._closed:
@@ -177,10 +199,7 @@ class AsyncProducer:
             await self.flush()
         finally:
             self._closed = True
-            if self._call is not None:
-                await self._call.done_writing()
-            if self._reader is not None:
-                await asyncio.gather(self._reader, return_exceptions=True)
+            await self._sender.close()
             if self._own_channel:
                 await self._channel.close()
 
@@ -203,7 +222,7 @@ class AsyncProducer:
             raise StreamdError.from_rpc_error(err) from None
         return reply.topic.partition_count
 
-    # -- internals -----------------------------------------------------------
+    # -- batching ------------------------------------------------------------
     async def _choose_partition(self, topic: str, key: bytes | None) -> int:
         count = await self.partition_count(topic)
         if key is not None:
@@ -215,8 +234,8 @@ class AsyncProducer:
         acc.timer = None
         if acc.futures:
             task = asyncio.ensure_future(self._ship(acc))
-            self._in_flight.add(task)
-            task.add_done_callback(self._in_flight.discard)
+            self._shipping.add(task)
+            task.add_done_callback(self._shipping.discard)
 
     async def _ship(self, acc: _Accumulator) -> None:
         if acc.timer is not None:
@@ -229,90 +248,7 @@ class AsyncProducer:
         if acc.topic in self._sticky:
             self._sticky[acc.topic] += 1
         batch = encode_batch(record_set, self.compression)
-        await self._submit(acc.topic, acc.partition, batch, (acc.topic, futures, False))
-
-    async def _submit(self, topic: str, partition: int, batch: pb.RecordBatch, target: tuple) -> None:
-        await self._slots.acquire()
-        # One write at a time, in submission order (asyncio.Lock is FIFO): grpc.aio
-        # refuses overlapping writes on a stream, and order is what keeps per-partition
-        # record order when linger timers and full batches ship concurrently.
-        async with self._write_lock:
-            if self._call is None or self._call.done():
-                self._call = self._log.ProduceStream()
-                self._reader = asyncio.ensure_future(self._read_answers(self._call))
-            request_id = next(self._ids)
-            done = asyncio.get_running_loop().create_future()
-            self._waiting[request_id] = (done, target)
-            self._in_flight.add(done)
-            done.add_done_callback(self._in_flight.discard)
-            # Built in place: nesting finished messages would copy the batch each time.
-            message = pb.ProduceStreamRequest(request_id=request_id)
-            message.request.topic = topic
-            message.request.partitions.add(partition=partition).batches.append(batch)
-            try:
-                await self._call.write(message)
-            except (grpc.RpcError, asyncio.InvalidStateError) as err:
-                self._fail(request_id, err)
-
-    async def _read_answers(self, call) -> None:
-        try:
-            async for answer in call:
-                self._answer(answer)
-        except grpc.RpcError as err:
-            for request_id in list(self._waiting):
-                self._fail(request_id, err)
-        finally:
-            for request_id in list(self._waiting):
-                self._fail(request_id, StreamdError("UNAVAILABLE", "STREAM_CLOSED", "produce stream ended"))
-
-    def _answer(self, answer: pb.ProduceStreamResponse) -> None:
-        entry = self._waiting.pop(answer.request_id, None)
-        if entry is None:
-            return
-        done, (topic, futures, whole_batch) = entry
-        self._slots.release()
-        if answer.HasField("error"):
-            e = answer.error
-            exc = ProduceError(_code_name(e.code), e.reason, e.message, dict(e.metadata))
-            for f in futures:
-                if not f.done():
-                    f.set_exception(exc)
-            done.set_result(None)
-            return
-        result = answer.response.results[0]
-        if whole_batch:
-            futures[0].set_result(
-                RecordMetadata(topic, result.partition, result.base_offset, result.append_time_ms, result.durable)
-            )
-        else:
-            for i, f in enumerate(futures):
-                if not f.done():
-                    f.set_result(
-                        RecordMetadata(
-                            topic, result.partition, result.base_offset + i, result.append_time_ms, result.durable
-                        )
-                    )
-        done.set_result(None)
-
-    def _fail(self, request_id: int, err: BaseException) -> None:
-        entry = self._waiting.pop(request_id, None)
-        if entry is None:
-            return
-        self._slots.release()
-        done, (_, futures, _) = entry
-        exc = StreamdError.from_rpc_error(err) if isinstance(err, grpc.RpcError) else err
-        for f in futures:
-            if not f.done():
-                f.set_exception(exc)
-        done.set_result(None)
-
-
-def _code_name(code: int) -> str:
-    for status in grpc.StatusCode:
-        if status.value[0] == code:
-            return status.name
-    return str(code)
-
+        await self._sender.enqueue(acc.topic, acc.partition, batch, futures, False, len(futures))
 
 class Producer:
     """A blocking producer: an AsyncProducer on a private event-loop thread.

@@ -69,13 +69,17 @@ class ConsumerRecord:
 
 @dataclass(frozen=True, slots=True)
 class RecordMetadata:
-    """Where a produced record landed."""
+    """Where a produced record landed. ``duplicate``: it was not appended by this
+    send because it already was — a retried batch the broker had (idempotent
+    producer), or a record whose idempotency key the topic's dedup window had seen;
+    ``offset`` is then where the first one went."""
 
     topic: str
     partition: int
     offset: int
     append_time_ms: int
     durable: bool
+    duplicate: bool = False
 
 
 COMPRESSIONS = {"none": pb.COMPRESSION_NONE, "lz4": pb.COMPRESSION_LZ4}
@@ -87,12 +91,15 @@ def add_record(
     key: bytes | None = None,
     headers: Headers | None = None,
     timestamp_ms: int = 0,
+    idempotency_key: str | None = None,
 ) -> None:
     record = record_set.records.add(value=value, timestamp_ms=timestamp_ms)
     if key is not None:
         record.key = key
     if headers:
         record.headers.extend(pb.RecordHeader(key=k, value=v) for k, v in headers)
+    if idempotency_key:
+        record.idempotency_key = idempotency_key
 
 
 def encode_batch(record_set: pb.RecordSet, compression: str = "none") -> pb.RecordBatch:
@@ -102,13 +109,18 @@ def encode_batch(record_set: pb.RecordSet, compression: str = "none") -> pb.Reco
     return pb.RecordBatch(compression=COMPRESSIONS[compression], records=payload)
 
 
-def values_batch(values: Iterable[bytes], compression: str = "none") -> pb.RecordBatch:
-    """A batch of keyless records with the given values (the bulk fast path)."""
+def values_record_set(values: Iterable[bytes]) -> pb.RecordSet:
+    """A RecordSet of keyless records with the given values."""
     record_set = pb.RecordSet()
     add = record_set.records.add
     for value in values:
         add(value=value)
-    return encode_batch(record_set, compression)
+    return record_set
+
+
+def values_batch(values: Iterable[bytes], compression: str = "none") -> pb.RecordBatch:
+    """A batch of keyless records with the given values (the bulk fast path)."""
+    return encode_batch(values_record_set(values), compression)
 
 
 def batch_records(batch: pb.RecordBatch) -> pb.RecordSet:

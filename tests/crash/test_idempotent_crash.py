@@ -10,9 +10,12 @@ must be answered with the original offsets, and the log must hold every record o
 
 from __future__ import annotations
 
+import threading
+
 import grpc
 import pytest
 
+from streamd.client import Producer
 from streamd.client.records import decode_batches, values_batch
 from streamd.service.log_service import CRASH_AFTER_APPEND_ENV
 from streamd.v1 import streamd_pb2 as pb
@@ -80,3 +83,43 @@ def test_a_batch_appended_before_a_sigkill_is_a_duplicate_when_retried(server_pr
     finally:
         stubs.close()
     assert proc.terminate() == 0
+
+
+@pytest.mark.parametrize("fsync", ["always", "never"])
+def test_the_sdk_retries_across_a_sigkill_and_every_record_is_written_once(server_process, tmp_path, same_port,
+                                                                           fsync):
+    data = tmp_path / "data"
+    proc = server_process("--fsync", fsync, data_dir=data, env={CRASH_AFTER_APPEND_ENV: "7"})
+    stubs = Stubs(proc.address)
+    stubs.create("t", 2)
+    stubs.close()
+    restarted: list = []
+
+    def restart_when_dead() -> None:
+        proc.proc.wait(60)
+        restarted.append(server_process("--fsync", fsync, data_dir=data))
+
+    watcher = threading.Thread(target=restart_when_dead)
+    watcher.start()
+    values = [[b"p%d-%03d" % (p, i) for i in range(150)] for p in (0, 1)]
+    with Producer(proc.address, linger_ms=2, batch_max_bytes=200) as producer:  # many small batches
+        futures = [producer.send("t", v, partition=p) for i in range(150) for p, v in ((0, values[0][i]),
+                                                                                        (1, values[1][i]))]
+        producer.flush()
+        watcher.join(60)
+        assert proc.proc.returncode == -9, "the broker was not killed by the test hook"
+        metas = [f.result(30) for f in futures]
+    # the request the broker died on was appended and is answered on retry as such
+    assert any(m.duplicate for m in metas)
+    stubs = Stubs(restarted[0].address)
+    try:
+        for p in (0, 1):
+            stored = read_all(stubs, "t", p)
+            assert [v for _, v in stored] == values[p]  # once each, in order
+            assert [o for o, _ in stored] == list(range(150))
+            mine = {(m.offset, v) for m, v in zip(metas, [v for i in range(150) for v in
+                                                          (values[0][i], values[1][i])]) if m.partition == p}
+            assert mine == set(stored)  # every future points at its own record
+    finally:
+        stubs.close()
+    assert restarted[0].terminate() == 0

@@ -1,0 +1,208 @@
+"""The SDK's idempotent producer (the default) and idempotency keys against a real
+broker: producer ids on the wire, keys resolving to the first offset, retries across
+a broker restart on the same address, a refused batch leaving no gap, and
+OUT_OF_ORDER_SEQUENCE failing records clearly before the producer starts over."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from streamd.client import Admin, AsyncProducer, Consumer, ProduceError, Producer, StreamdError
+from streamd.client._sender import Sender
+from streamd.config import BrokerConfig
+from streamd.server import Server
+
+from ..conftest import free_port
+
+
+class FixedPortServer:
+    """A Server on its own loop thread at a given address, so a restarted broker is
+    found by clients connected to the old one."""
+
+    def __init__(self, data_dir, port: int) -> None:
+        self.address = f"127.0.0.1:{port}"
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = Server(BrokerConfig(data_dir=data_dir, listen=self.address))
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(30)
+
+    def stop(self) -> None:
+        if self.loop.is_closed():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+
+@pytest.fixture
+def fixed(tmp_path):
+    port = free_port()
+    started: list[FixedPortServer] = []
+
+    def start() -> FixedPortServer:
+        s = FixedPortServer(tmp_path / "data", port)
+        started.append(s)
+        return s
+
+    try:
+        yield start
+    finally:
+        for s in started:
+            s.stop()
+
+
+@pytest.fixture
+def admin(server):
+    with Admin(server.address) as a:
+        yield a
+
+
+def all_records(address: str, topic: str, partition: int = 0):
+    with Consumer(address) as consumer:
+        consumer.assign(topic, [partition])
+        return [(r.offset, r.value) for r in consumer.records(exit_at_end=True)]
+
+
+def stored_batches(address: str, topic: str):
+    with Consumer(address) as consumer:
+        _, reply = consumer.fetch(topic, 0, 0, max_records=100_000)
+    return list(reply.batches)
+
+
+def test_producers_are_idempotent_by_default(server, admin):
+    admin.create_topic("t", 1)
+    with Producer(server.address) as producer:
+        producer.send_batch("t", 0, [b"a", b"b"])
+        producer.send("t", b"c").result(10)
+        assert producer.send_and_wait("t", b"d").offset == 3
+    batches = stored_batches(server.address, "t")
+    ids = {b.producer_id for b in batches}
+    assert len(ids) == 1 and 0 not in ids
+    assert [b.base_sequence for b in batches] == [0, 2, 3]
+    with Producer(server.address, idempotent=False) as plain:
+        assert plain.send_and_wait("t", b"e").offset == 4
+    assert stored_batches(server.address, "t")[-1].producer_id == 0
+
+
+def test_an_idempotency_key_resolves_to_the_first_record_with_it(server, admin):
+    admin.create_topic("d", 1, dedup_window_ms=60_000)
+    with Producer(server.address, linger_ms=20) as producer:
+        first = producer.send("d", b"order-1", idempotency_key="order-1")
+        again = producer.send("d", b"order-1 again", idempotency_key="order-1")  # same batch: first wins
+        other = producer.send("d", b"order-2", idempotency_key="order-2")
+        assert (first.result(10).offset, first.result().duplicate) == (0, False)
+        assert (again.result(10).offset, again.result().duplicate) == (0, True)
+        assert other.result(10).offset == 1
+        late = producer.send_and_wait("d", b"order-2 later", idempotency_key="order-2")
+        assert (late.offset, late.duplicate) == (1, True)
+        assert producer.send_and_wait("d", b"order-3", idempotency_key="order-3").offset == 2
+    assert [v for _, v in all_records(server.address, "d")] == [b"order-1", b"order-2", b"order-3"]
+
+
+def test_sends_during_a_broker_restart_are_retried_and_sequences_continue(fixed):
+    broker = fixed()
+    with Admin(broker.address) as admin:
+        admin.create_topic("t", 2)
+    with Producer(broker.address, linger_ms=1) as producer:
+        before = [producer.send("t", b"before-%d" % i, partition=i % 2) for i in range(20)]
+        producer.flush()
+        producer_id = producer._producer.producer_id
+        broker.stop()  # clean stop: the producer state is snapshotted
+        restart = threading.Timer(0.5, fixed)
+        restart.start()
+        during = [producer.send("t", b"during-%d" % i, partition=i % 2) for i in range(20)]
+        producer.flush()
+        restart.join()
+        assert all(f.exception() is None for f in before + during)
+        assert producer._producer.producer_id == producer_id  # no restart of the sequences
+        address = broker.address
+    for p in (0, 1):
+        records = all_records(address, "t", p)
+        assert [o for o, _ in records] == list(range(20))
+        assert [v for _, v in records] == [b"before-%d" % i for i in range(p, 20, 2)] + [
+            b"during-%d" % i for i in range(p, 20, 2)]
+    for f in before + during:
+        meta = f.result()
+        assert dict(all_records(address, "t", meta.partition))[meta.offset] is not None
+
+
+def test_a_refused_batch_leaves_no_gap_for_the_batches_after_it(server, admin):
+    admin.create_topic("t", 1, max_record_bytes=100)
+
+    async def run():
+        async with AsyncProducer(server.address) as producer:
+            futures = []
+            for i in range(12):  # pipelined: later batches are on the wire when #5 is refused
+                values = [b"x" * 500] if i == 5 else [b"ok-%d" % i]
+                futures.append(await producer.send_batch("t", 0, values))
+            return await asyncio.gather(*futures, return_exceptions=True)
+
+    results = asyncio.run(run())
+    assert isinstance(results[5], ProduceError) and results[5].reason == "RECORD_TOO_LARGE"
+    good = [r for i, r in enumerate(results) if i != 5]
+    assert [r.offset for r in good] == list(range(11))
+    assert [v for _, v in all_records(server.address, "t")] == [b"ok-%d" % i for i in range(12) if i != 5]
+
+
+def test_out_of_order_sequence_fails_the_records_and_the_producer_starts_over(server, admin):
+    admin.create_topic("t", 1)
+    with Producer(server.address) as producer:
+        producer.send_and_wait("t", b"one")
+        first_id = producer._producer.producer_id
+        admin.delete_topic("t")
+        admin.create_topic("t", 1)  # a partition that never heard of this producer
+        with pytest.raises(ProduceError) as caught:
+            producer.send_and_wait("t", b"two")
+        assert caught.value.reason == "UNKNOWN_PRODUCER" and caught.value.code == "FAILED_PRECONDITION"
+        assert caught.value.metadata["got"] == "1"
+        assert producer.send_and_wait("t", b"three").offset == 0
+        assert producer._producer.producer_id not in (None, first_id)
+    assert [v for _, v in all_records(server.address, "t")] == [b"three"]
+
+
+def test_retries_are_bounded_and_the_producer_recovers_afterwards(fixed):
+    broker = fixed()
+    with Admin(broker.address) as admin:
+        admin.create_topic("t", 1)
+    with Producer(broker.address, retries=2, retry_backoff_ms=20) as producer:
+        producer.send_and_wait("t", b"a")
+        broker.stop()
+        t0 = time.monotonic()
+        with pytest.raises(StreamdError) as caught:
+            producer.send_and_wait("t", b"lost")
+        assert caught.value.code == "UNAVAILABLE" and time.monotonic() - t0 < 5
+        fixed()
+        assert producer.send_and_wait("t", b"b").offset >= 1
+
+
+def test_records_keep_their_order_while_batches_wait_to_be_sealed(server, admin, monkeypatch):
+    # The first batch waits for the producer id while later ones are shipped (full
+    # batches from send(), partial ones from linger timers): they must be numbered and
+    # written in the order they were shipped, never a later one first.
+    original = Sender._init_producer
+
+    async def slow_init(self):
+        await asyncio.sleep(0.05)
+        await original(self)
+
+    monkeypatch.setattr(Sender, "_init_producer", slow_init)
+    parts, n = 4, 150
+    admin.create_topic("t", parts)
+    for round_ in range(10):
+        values = [[b"r%d-p%d-%03d" % (round_, p, i) for i in range(n)] for p in range(parts)]
+        sent = [(p, values[p][i]) for i in range(n) for p in range(parts)]
+        with Producer(server.address, linger_ms=1, batch_max_bytes=200) as producer:
+            futures = [producer.send("t", v, partition=p) for p, v in sent]
+            metas = [f.result(10) for f in futures]
+        for p in range(parts):
+            stored = all_records(server.address, "t", p)[-n:]
+            assert [v for _, v in stored] == values[p], round_
+            assert [(m.offset, v) for m, (q, v) in zip(metas, sent) if q == p] == stored
