@@ -104,27 +104,21 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:
                 streamd_only = {"status": "error", "reason": repr(e)}
 
-    groups: dict[str, Any] = {}
-    if "groups" in only_sections or (not only_sections and not only_workloads and "streamd" in systems):
-        from bench import groups as groups_bench
+    def section(name: str, label: str) -> dict[str, Any]:
+        """Run bench.<name> when asked for, or with everything of streamd; {} if not."""
+        if name not in only_sections and (only_sections or only_workloads or "streamd" not in systems):
+            return {}
+        import importlib
 
-        harness.log("streamd: consumer groups (throughput, reassignment latency)")
-        with tempfile.TemporaryDirectory(prefix="bench-streamd-groups-") as workdir:
+        harness.log(f"streamd: {label}")
+        with tempfile.TemporaryDirectory(prefix=f"bench-streamd-{name}-") as workdir:
             try:
-                groups = groups_bench.run(workdir, args.quick, repeat=args.repeat)
+                return importlib.import_module(f"bench.{name}").run(workdir, args.quick, repeat=args.repeat)
             except Exception as e:
-                groups = {"status": "error", "reason": repr(e)}
+                return {"status": "error", "reason": repr(e)}
 
-    queues: dict[str, Any] = {}
-    if "queues" in only_sections or (not only_sections and not only_workloads and "streamd" in systems):
-        from bench import queues as queues_bench
-
-        harness.log("streamd: queue groups (receive + ack throughput vs peers, redelivery timing)")
-        with tempfile.TemporaryDirectory(prefix="bench-streamd-queues-") as workdir:
-            try:
-                queues = queues_bench.run(workdir, args.quick, repeat=args.repeat)
-            except Exception as e:
-                queues = {"status": "error", "reason": repr(e)}
+    groups = section("groups", "consumer groups (throughput, reassignment latency)")
+    queues = section("queues", "queue groups (receive + ack throughput vs peers, redelivery timing)")
 
     doc = {
         "benchmark": "streamd vs Redis Streams vs NATS JetStream",

@@ -13,42 +13,17 @@ import pytest
 
 from streamd.client import Admin, AsyncProducer, Consumer, ProduceError, Producer, StreamdError
 from streamd.client._sender import Sender
-from streamd.config import BrokerConfig
-from streamd.server import Server
 
-from ..conftest import free_port
-
-
-class FixedPortServer:
-    """A Server on its own loop thread at a given address, so a restarted broker is
-    found by clients connected to the old one."""
-
-    def __init__(self, data_dir, port: int) -> None:
-        self.address = f"127.0.0.1:{port}"
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = Server(BrokerConfig(data_dir=data_dir, listen=self.address))
-        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(30)
-
-    def stop(self) -> None:
-        if self.loop.is_closed():
-            return
-        try:
-            asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(30)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-            self.loop.close()
+from ..conftest import RunningServer, free_port
 
 
 @pytest.fixture
 def fixed(tmp_path):
     port = free_port()
-    started: list[FixedPortServer] = []
+    started: list[RunningServer] = []
 
-    def start() -> FixedPortServer:
-        s = FixedPortServer(tmp_path / "data", port)
+    def start() -> RunningServer:
+        s = RunningServer(tmp_path / "data", port=port)
         started.append(s)
         return s
 
