@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 
 EMPTY_WAIT_MS = 250
-MODES = ("batched", "batched_pipelined", "per_record", "per_record_pipelined")
+MODES = ("ranges", "ranges_pipelined", "batched", "per_record", "per_record_pipelined")
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,36 @@ class _Tally:
                 self.redelivered += 1
         self.records += len(records)
 
+    def note_ranges(self, partitions) -> int:
+        """The batched form: count each leased offset (a numpy view per range) and read
+        every leased record's value, as a worker would."""
+        import numpy as np
+
+        from streamd.client.records import batch_records
+
+        n = 0
+        for part in partitions:
+            counts = self.seen.get(part.partition)
+            view = np.frombuffer(counts, np.uint8) if counts is not None else None
+            values = 0
+            batches = [(b.base_offset, batch_records(b).records) for b in part.batches]
+            for r in part.leased:
+                first, last = r.first_offset, r.last_offset
+                n += last - first + 1
+                if r.delivery_count > 1:
+                    self.redelivered += last - first + 1
+                if view is None or not 0 <= first <= last < len(view):
+                    self.out_of_range += last - first + 1
+                else:
+                    window = view[first:last + 1]
+                    window += window < 255
+                for base, records in batches:
+                    lo, hi = max(first, base), min(last, base + len(records) - 1)
+                    for rec in records[lo - base:hi - base + 1] if lo <= hi else ():
+                        values += len(rec.value)
+        self.records += n
+        return n
+
     def answered(self, _future=None) -> None:
         self.last_ack_time = time.time()  # also a grpc done-callback: a plain store
 
@@ -135,6 +165,8 @@ def _run(stub, pb, grpc, spec: dict) -> _Tally:
                                 max_wait_ms=EMPTY_WAIT_MS, worker_id=spec["worker_id"])
     deadline = time.time() + spec["seconds"]
     pending = None  # batched_pipelined: the Settle in flight while the next Receive runs
+    if mode in ("ranges", "ranges_pipelined"):
+        return _run_ranges(stub, pb, spec, tally, receive, deadline)
     while time.time() < deadline:
         t = time.perf_counter()
         records = stub.Receive(receive).records
@@ -158,6 +190,44 @@ def _run(stub, pb, grpc, spec: dict) -> _Tally:
                 pending.add_done_callback(tally.answered)
         else:
             _ack_each(stub, pb, grpc, group, topic, records, tally, pipelined=mode == "per_record_pipelined")
+        tally.settle_s += time.perf_counter() - t
+    if pending is not None:
+        _count_settle_errors(tally, pending.result())
+    return tally
+
+
+def _run_ranges(stub, pb, spec: dict, tally: _Tally, receive, deadline: float) -> _Tally:
+    """Batched receive (stored batches + leased ranges), every leased range acked as a
+    range in one Settle: awaited (``ranges``) or pipelined with the next Receive."""
+    receive.batched = True
+    pipelined = spec["mode"] == "ranges_pipelined"
+    pending = None
+    ack = pb.SETTLE_ACTION_ACK
+    while time.time() < deadline:
+        t = time.perf_counter()
+        partitions = stub.Receive(receive).partitions
+        tally.receive_s += time.perf_counter() - t
+        tally.receives += 1
+        if pending is not None:
+            _count_settle_errors(tally, pending.result())
+            pending = None
+        if not partitions:
+            break
+        tally.note_ranges(partitions)
+        t = time.perf_counter()
+        request = pb.SettleRequest(group=spec["group"], topic=spec["topic"])
+        add = request.ranges.add
+        for part in partitions:
+            for r in part.leased:
+                add(partition=part.partition, first_offset=r.first_offset, last_offset=r.last_offset,
+                    lease_id=r.lease_id, action=ack)
+        tally.settle_calls += 1
+        if pipelined:
+            pending = stub.Settle.future(request)
+            pending.add_done_callback(tally.answered)
+        else:
+            _count_settle_errors(tally, stub.Settle(request))
+            tally.answered()
         tally.settle_s += time.perf_counter() - t
     if pending is not None:
         _count_settle_errors(tally, pending.result())

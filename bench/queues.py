@@ -6,11 +6,16 @@ NATS JetStream work queues measured in the same run for the ratios.
    queue group per run (default config: 30 s leases, 10,000 records in flight per
    partition), drained by ``workers`` worker **processes** (raw ``QueueService`` stubs)
    looping ``Receive(max_records)`` and settling every record of each reply:
-   - ``batched``: one ``Settle`` with all the reply's leases, awaited, then the next
-     Receive (the headline, ``batched_records_per_s``);
-   - ``batched_pipelined``: that Settle sent without waiting, the next Receive at once,
+   - ``ranges``: the batched form (``ReceiveRequest.batched``: stored batches plus
+     leased offset ranges, as the SDK receives; the worker decodes the batches and
+     reads every leased record's value), then one ``Settle`` acking the reply's
+     ranges, awaited, then the next Receive (the headline, ``batched_records_per_s``);
+   - ``ranges_pipelined``: that Settle sent without waiting, the next Receive at once,
      the Settle's answer collected after it (one Settle in flight per worker; the
      Redis loop below pipelines XACK with the next read the same way);
+   - ``batched``: the per-record form (one ``LeasedRecord`` per record, one
+     ``Settlement`` per record in one Settle call, awaited), as a client built on
+     the per-record messages does it;
    - ``per_record``: one ``Ack`` RPC per record, each awaited before the next
      (``per_record_acks_per_s``; ``per_record_sequential_total`` records);
    - ``per_record_pipelined``: one Ack RPC per record, all of a reply's in flight at
@@ -28,7 +33,7 @@ NATS JetStream work queues measured in the same run for the ratios.
    A peer that cannot run here is reported as skipped.
 3. **Redelivery timing** (``bench.queue_redelivery``): error of the actual redelivery
    time against the schedule, after a Nack and after a lease expiry, with a fixed backoff.
-4. **Profile** (``--profile DIR``, ``bench.queue_profile``): one extra ``batched`` and one
+4. **Profile** (``--profile DIR``, ``bench.queue_profile``): one extra ``ranges`` and one
    extra ``per_record_pipelined`` run, not counted above, with py-spy sampling the
    broker; hotspots in the JSON, collapsed stacks in DIR.
 
@@ -57,7 +62,7 @@ from bench.streamd_driver import ROOT, serve_argv
 
 TARGET_BATCHED_RECORDS_PER_S = 350_000
 TARGET_REDELIVERY_MEDIAN_MS = 50
-PROFILED_MODES = ("batched", "per_record_pipelined")
+PROFILED_MODES = ("ranges", "per_record_pipelined")
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -115,8 +120,9 @@ def streamd_section(ctx, server, admin, address: str, params: Params) -> tuple[d
 
     parts = params.partitions
     topics = {
+        "ranges": ("queues-throughput", params.records_per_partition, params.max_records),
+        "ranges_pipelined": ("queues-throughput", params.records_per_partition, params.max_records),
         "batched": ("queues-throughput", params.records_per_partition, params.max_records),
-        "batched_pipelined": ("queues-throughput", params.records_per_partition, params.max_records),
         "per_record": ("queues-ack-each", params.per_record_sequential_total // parts, params.per_record_max_records),
         "per_record_pipelined": ("queues-ack-each-pipelined", params.per_record_total // parts,
                                  params.per_record_max_records),
@@ -215,15 +221,16 @@ def summarize(runs: dict[str, list[dict]], peers: dict, redelivery: dict, profil
     ratios = {}
     for peer, res in peers.items():
         if res.get("status") == "ok" and res["records_per_s"]:
-            for mode in ("batched", "batched_pipelined"):
-                ratios[f"{mode}_vs_{peer}"] = round(ours[mode] / res["records_per_s"], 3)
+            for mode, name in (("ranges", "batched"), ("ranges_pipelined", "batched_pipelined")):
+                ratios[f"{name}_vs_{peer}"] = round(ours[mode] / res["records_per_s"], 3)
     every = [r for rs in runs.values() for r in rs]
-    batched, nack = ours["batched"], redelivery.get("nack", {}).get("median")
+    batched, nack = ours["ranges"], redelivery.get("nack", {}).get("median")
     expiry = redelivery.get("expiry", {}).get("median")
     return {
         "status": "ok",
         "batched_records_per_s": batched,
-        "batched_pipelined_records_per_s": ours["batched_pipelined"],
+        "batched_pipelined_records_per_s": ours["ranges_pipelined"],
+        "record_form_batched_records_per_s": ours["batched"],
         "per_record_acks_per_s": ours["per_record"],
         "per_record_acks_pipelined_per_s": ours["per_record_pipelined"],
         "peers": {k: {kk: vv for kk, vv in v.items() if kk != "runs"} for k, v in peers.items()},

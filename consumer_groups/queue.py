@@ -5,25 +5,33 @@ time passed in (no I/O, no clock, no gRPC):
 
 - ``start_offset``: every record below it is settled (acked or dead-lettered);
 - ``scan_offset``: the next record to admit from the log; ``[start, scan)`` is the
-  window, at most ``max_in_flight`` records wide;
-- ``entries``: the unsettled records of the window, each with a state, a delivery
-  count and a visible-at time;
-- ``settled``: settled offsets above ``start_offset`` (acks arrive out of order).
+  window, at most ``max_in_flight`` unsettled records and ``SPAN_FACTOR`` times that
+  wide;
+- per record of the window, in numpy arrays indexed by ``offset - base``: a state, a
+  delivery count, a lease id, a visible-at time (lease expiry, or when a waiting
+  record becomes available), first and last delivery times and the append time.
+  Reasons (failed records) and keys (``ordered_by_key`` groups) are kept sparsely.
 
-States of an entry::
+Work is done per **run** of records, not per record, wherever the records share
+their fate: records are admitted a batch at a time, one ``lease`` call leases any
+number of records under one lease id with one timer, and acks and extensions come
+as offset ranges (as Kafka's share groups do: acquired-records and acknowledgement
+ranges). Per-record work is left to what is rare: failures, delays, ordered keys.
 
-    AVAILABLE --lease--> LEASED --ack--> settled
+States::
+
+    AVAILABLE --lease--> LEASED --ack--> SETTLED
         ^                  |  \\--nack/expiry--> WAITING --(visible_at)--> AVAILABLE
         |                  \\--reject, or nack/expiry at max_deliveries--> DEAD_LETTERING
-    WAITING (a delayed record, until its delivery time)        DEAD_LETTERING --dead_lettered()--> settled
+    WAITING (a delayed record, until its delivery time)      DEAD_LETTERING --dead_lettered()--> SETTLED
     BLOCKED (ordered_by_key: behind an unsettled record of the same key)
 
 Invariants (checked by tests/property/test_queue_model.py):
-- an entry is LEASED to at most one lease id at a time; a lease id is never reused;
+- a record is LEASED to at most one lease id at a time; a lease id is never reused;
 - ``deliveries <= max_deliveries``; the failure that finds ``deliveries ==
   max_deliveries`` dead-letters the record instead of retrying it;
-- an acked record is never handed out again;
-- ordered_by_key: at most one entry per key is outside BLOCKED (so one key's records
+- a settled record is never handed out again;
+- ordered_by_key: at most one record per key is outside BLOCKED (so one key's records
   are processed in order, and a failing key holds back only itself).
 """
 
@@ -34,16 +42,24 @@ import random
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
 
 from .errors import LeaseExpired
 from .retry import RetryPolicy
 
-AVAILABLE, LEASED, WAITING, BLOCKED, DEAD_LETTERING = range(5)
+FREE, AVAILABLE, LEASED, WAITING, BLOCKED, DEAD_LETTERING, SETTLED = range(7)
+#: Names of the unsettled states, as ``counts()`` reports them.
 STATE_NAMES = ("available", "leased", "waiting", "blocked", "dead-lettering")
 MIN_LEASE_MS = 100
 MAX_LEASE_MS = 12 * 3600 * 1000
 MAX_REASON_CHARS = 1024
 SPAN_FACTOR = 20
+MIN_CAPACITY = 1024
+#: Per-record arrays of the window, indexed by ``offset - base``.
+_ARRAYS = ("_state", "_deliveries", "_lease", "_visible", "_first", "_last", "_append")
+_DTYPES = (np.uint8, np.int32, np.int64, np.int64, np.int64, np.int64, np.int64)
 
 
 @dataclass(frozen=True)
@@ -73,21 +89,47 @@ def check_lease_ms(lease_ms: int) -> int:
     return lease_ms
 
 
-class Entry:
-    __slots__ = ("offset", "state", "deliveries", "visible_at", "lease_id", "first_delivery_ms",
-                 "last_delivery_ms", "reason", "key", "append_time_ms")
+class Entry(NamedTuple):
+    """One unsettled record of the window, as it is now (a copy, not a handle)."""
 
-    def __init__(self, offset: int, key: bytes | None, append_time_ms: int) -> None:
-        self.offset = offset
-        self.state = AVAILABLE
-        self.deliveries = 0
-        self.visible_at = 0  # WAITING: when it becomes available; LEASED: lease expiry
-        self.lease_id = 0
-        self.first_delivery_ms = 0
-        self.last_delivery_ms = 0
-        self.reason = ""
-        self.key = key
-        self.append_time_ms = append_time_ms
+    offset: int
+    state: int
+    deliveries: int
+    visible_at: int  # WAITING/BLOCKED: when it becomes available; LEASED: lease expiry
+    lease_id: int
+    first_delivery_ms: int
+    last_delivery_ms: int
+    reason: str
+    key: bytes | None
+    append_time_ms: int
+
+
+@dataclass
+class Lease:
+    """Records leased by one ``lease`` call: one lease id, one expiry."""
+
+    lease_id: int  # 0: at-most-once (settled when handed out)
+    expires_ms: int
+    offsets: np.ndarray  # ascending
+    deliveries: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def runs(self) -> list[tuple[int, int, int]]:
+        """(first_offset, last_offset, deliveries) of consecutive offsets with the same
+        delivery count."""
+        o, d = self.offsets, self.deliveries
+        if len(o) and o[-1] - o[0] == len(o) - 1 and d[0] == d[-1] and (d == d[0]).all():
+            return [(int(o[0]), int(o[-1]), int(d[0]))]
+        cuts = np.flatnonzero((np.diff(o) != 1) | (np.diff(d) != 0)) + 1
+        starts = np.concatenate(([0], cuts))
+        ends = np.concatenate((cuts, [len(o)])) - 1
+        return [(int(o[a]), int(o[b]), int(d[a])) for a, b in zip(starts, ends)]
+
+    def records(self) -> list[tuple[int, int]]:
+        """(offset, deliveries) of each record."""
+        return list(zip(self.offsets.tolist(), self.deliveries.tolist()))
 
 
 @dataclass
@@ -108,277 +150,472 @@ class PartitionQueue:
         rng: random.Random | None = None,
     ) -> None:
         self.partition = partition
-        self.start_offset = self.scan_offset = start_offset
         self.config = config
         self.rng = rng or random.Random()
-        self.entries: dict[int, Entry] = {}
-        self.settled: set[int] = set()
         self.stats = QueueStats()
-        self.blocked = 0  # entries in BLOCKED
         # Lease ids: a random 62-bit start per queue object, then counted up, so ids are
         # unique in a run and a lease from before a restart cannot match one after it.
         self._next_lease_id = self.rng.getrandbits(62) + 1
-        self._ready: list[int] = []  # heap of AVAILABLE offsets (lazy: recheck on pop)
-        self._timers: list[tuple[int, int, int]] = []  # (time, offset, lease_id or 0)
-        self._blocked: dict[bytes, deque[int]] = {}  # ordered_by_key: key -> waiting offsets
-        self._active_key: dict[bytes, int] = {}  # key -> its one entry outside BLOCKED
         #: Entries decided for the dead-letter topic, for the owner to produce there.
         self.to_dead_letter: deque[int] = deque()
         #: Saved state of records not yet admitted again (after a restart): offset ->
         #: (deliveries, visible_at, reason, first_delivery_ms, last_delivery_ms, dead_letter).
         self.remembered: dict[int, tuple[int, int, str, int, int, bool]] = {}
+        #: Offsets at or above ``scan_offset`` settled before a restart (journal replay).
+        self.settled_ahead: set[int] = set()
+        self._state: np.ndarray | None = None
+        self._alloc(start_offset, MIN_CAPACITY)
+
+    def _alloc(self, offset: int, capacity: int) -> None:
+        """An empty window at ``offset``: every array cell zero (cells at or above
+        ``scan_offset`` always are, so admitted records start from zero)."""
+        self.start_offset = self.scan_offset = self.base = offset
+        #: Counts window restarts (seek, retention): an offset's record of an older
+        #: epoch is not the one of the window now.
+        self.epoch = getattr(self, "epoch", 0) + 1
+        if getattr(self, "_state", None) is not None and len(self._state) == capacity:
+            for name in _ARRAYS:
+                getattr(self, name)[:] = 0
+        else:
+            for name, dtype in zip(_ARRAYS, _DTYPES):
+                setattr(self, name, np.zeros(capacity, dtype))
+        self._reason: dict[int, str] = {}
+        self._keys: dict[int, bytes] = {}
+        self._timers: list[tuple[int, int, int, int]] = []  # (time, lease_id or 0, first, last)
+        self._hint = offset  # no record below it is AVAILABLE
+        self._blocked: dict[bytes, deque[int]] = {}  # ordered_by_key: key -> waiting offsets
+        self._active_key: dict[bytes, int] = {}  # key -> its one record outside BLOCKED
+        self.open = 0  # unsettled records in the window
+        self.blocked = 0  # records in BLOCKED
 
     # -- admission -------------------------------------------------------------
     def room(self) -> int:
         """How many more records the window can admit: at most ``max_in_flight``
         unsettled records, over a span of at most ``SPAN_FACTOR`` times that (settled
-        offsets above the start are kept one by one), so one slow record holds back
+        records above the start still take a place), so one slow record holds back
         neither the others nor, for a long while, new ones."""
-        # BLOCKED records (ordered_by_key) wait behind their key, not in flight: a hot
-        # key must not fill the window for the other keys. The span bounds them.
         return min(*self.rooms())
 
     def rooms(self) -> tuple[int, int]:
         """(room for unsettled records, room in the span): ``room()`` is the smaller."""
-        unsettled = self.config.max_in_flight - (len(self.entries) - self.blocked)
+        # BLOCKED records (ordered_by_key) wait behind their key, not in flight: a hot
+        # key must not fill the window for the other keys. The span bounds them.
+        unsettled = self.config.max_in_flight - (self.open - self.blocked)
         span = self.config.max_in_flight * SPAN_FACTOR - (self.scan_offset - self.start_offset)
         return unsettled, span
+
+    def plain(self) -> bool:
+        """Whether records can be admitted a run at a time (``admit_run``): no keys
+        to order by and no state remembered from before a restart."""
+        return not (self.config.ordered_by_key or self.remembered or self.settled_ahead)
+
+    def admit_run(self, offset: int, count: int, append_time_ms: int) -> None:
+        """Admit ``count`` records from ``scan_offset`` that are available at once (no
+        delivery time, no key to order by, nothing remembered: see ``plain``)."""
+        if offset != self.scan_offset:
+            raise ValueError(f"admit {offset}: the next record to admit is {self.scan_offset}")
+        if not self.plain():
+            raise ValueError("admit_run needs a plain window")
+        self._reserve(offset + count)
+        i = offset - self.base
+        self._state[i:i + count] = AVAILABLE
+        self._append[i:i + count] = append_time_ms
+        self.scan_offset += count
+        self.open += count
 
     def admit(self, offset: int, *, key: bytes | None, deliver_at_ms: int, append_time_ms: int) -> None:
         """Take the record at ``scan_offset`` into the window."""
         if offset != self.scan_offset:
             raise ValueError(f"admit {offset}: the next record to admit is {self.scan_offset}")
+        self._reserve(offset + 1)
+        i = offset - self.base
         self.scan_offset += 1
-        if offset in self.settled:  # settled before a restart
+        if offset in self.settled_ahead:  # settled before a restart
+            self.settled_ahead.discard(offset)
+            self._state[i] = SETTLED
             self._advance()
             return
-        e = self.entries[offset] = Entry(offset, key if self.config.ordered_by_key else None, append_time_ms)
+        self.open += 1
+        self._append[i] = append_time_ms
         dead = False
         saved = self.remembered.pop(offset, None)
         if saved is not None:
-            e.deliveries, e.visible_at, e.reason, e.first_delivery_ms, e.last_delivery_ms, dead = saved
-            deliver_at_ms = max(deliver_at_ms, e.visible_at)
-            if e.deliveries >= self.config.max_deliveries and not dead:
+            d, visible, reason, first, last, dead = saved
+            self._deliveries[i], self._first[i], self._last[i] = d, first, last
+            if reason:
+                self._reason[offset] = reason
+            deliver_at_ms = max(deliver_at_ms, visible)
+            if d >= self.config.max_deliveries and not dead:
                 # Its last delivery was in flight at a restart (a lost lease counts as a
                 # failure): one more would exceed the limit.
-                dead, e.reason = True, e.reason or "lease lost in a broker restart"
-        if e.key is not None:
-            if e.key in self._active_key:
-                e.state = BLOCKED
+                dead = True
+                self._reason.setdefault(offset, "lease lost in a broker restart")
+        if self.config.ordered_by_key and key is not None:
+            self._keys[offset] = key
+            if key in self._active_key:
+                self._state[i] = BLOCKED
                 self.blocked += 1
-                e.visible_at = deliver_at_ms
-                self._blocked.setdefault(e.key, deque()).append(offset)
+                self._visible[i] = deliver_at_ms
+                self._blocked.setdefault(key, deque()).append(offset)
                 return
-            self._active_key[e.key] = offset
+            self._active_key[key] = offset
         if dead:
-            self._to_dead_letter(e)
+            self._to_dead_letter(offset)
         else:
-            self._make_visible(e, deliver_at_ms)
+            self._make_visible(offset, deliver_at_ms)
 
     def skip_to(self, log_start_offset: int) -> None:
         """Retention deleted records below ``log_start_offset``: those not yet settled
         are lost to this group (counted, never silent)."""
         if log_start_offset <= self.start_offset:
             return
+        end = min(log_start_offset, self.scan_offset)
         lost = 0
-        for offset in range(self.start_offset, min(log_start_offset, self.scan_offset)):
-            if offset not in self.settled:
-                lost += 1
+        if end > self.start_offset:
+            a, b = self.start_offset - self.base, end - self.base
+            gone = np.flatnonzero(self._state[a:b] != SETTLED) + self.start_offset
+            lost = len(gone)
+            for offset in gone.tolist():
                 self._drop(offset)
         lost += max(0, log_start_offset - self.scan_offset)
         self.stats.lost_to_retention += lost
-        self._move_start(log_start_offset)
+        if log_start_offset >= self.scan_offset:
+            self._restart_at(log_start_offset)
+        else:
+            self.start_offset = log_start_offset
+            self._hint = max(self._hint, log_start_offset)
+            self._advance()
+        self.settled_ahead = {o for o in self.settled_ahead if o >= self.scan_offset}
+        for o in [o for o in self.remembered if o < self.scan_offset]:
+            del self.remembered[o]
 
     # -- leasing ---------------------------------------------------------------
-    def lease(self, n: int, now: int, lease_ms: int) -> list[Entry]:
-        """Lease up to ``n`` available records (lowest offsets first). Call ``expire``
-        first: expired leases and due retries are the owner's to persist."""
-        out: list[Entry] = []
-        while self._ready and len(out) < n:
-            offset = heapq.heappop(self._ready)
-            e = self.entries.get(offset)
-            if e is None or e.state != AVAILABLE:
-                continue
-            e.deliveries += 1
-            if e.deliveries > 1:
-                self.stats.redelivered += 1
-            e.first_delivery_ms = e.first_delivery_ms or now
-            e.last_delivery_ms = now
-            e.lease_id = self._next_lease_id
-            self._next_lease_id += 1
-            if self.config.at_most_once:
-                self._settle(e)
-                self.stats.acked += 1
-            else:
-                e.state = LEASED
-                e.visible_at = now + lease_ms
-                heapq.heappush(self._timers, (e.visible_at, offset, e.lease_id))
-            out.append(e)
-        return out
+    def lease(self, n: int, now: int, lease_ms: int) -> Lease | None:
+        """Lease up to ``n`` available records (lowest offsets first) under one lease
+        id. Call ``expire`` first: expired leases and due retries are the owner's to
+        persist."""
+        if n <= 0:
+            return None
+        lo, hi = self._hint - self.base, self.scan_offset - self.base
+        found = np.flatnonzero(self._state[lo:hi] == AVAILABLE)
+        if not len(found):
+            self._hint = self.scan_offset
+            return None
+        if len(found) > n:
+            found = found[:n]
+            self._hint = self.base + lo + int(found[-1]) + 1
+        else:
+            self._hint = self.scan_offset
+        found += lo
+        first, last = int(found[0]), int(found[-1])
+        # One contiguous run (the usual case): slices, not fancy indexing.
+        idx = slice(first, last + 1) if last - first == len(found) - 1 else found
+        d = self._deliveries[idx] + 1
+        self._deliveries[idx] = d
+        self.stats.redelivered += int(np.count_nonzero(d > 1))
+        f = self._first[idx]
+        self._first[idx] = np.where(f == 0, now, f)
+        self._last[idx] = now
+        offsets = found + self.base
+        if self.config.at_most_once:
+            self._state[idx] = SETTLED
+            self.open -= len(found)
+            self.stats.acked += len(found)
+            for offset in offsets.tolist() if self._keys else ():
+                self._release_key(offset)
+            self._advance()
+            return Lease(0, 0, offsets, d)
+        lease_id = self._next_lease_id
+        self._next_lease_id += 1
+        expires = now + lease_ms
+        self._state[idx] = LEASED
+        self._lease[idx] = lease_id
+        self._visible[idx] = expires
+        heapq.heappush(self._timers, (expires, lease_id, first + self.base, last + self.base))
+        return Lease(lease_id, expires, offsets, d)
 
     def has_available(self) -> bool:
-        while self._ready:
-            e = self.entries.get(self._ready[0])
-            if e is not None and e.state == AVAILABLE:
-                return True
-            heapq.heappop(self._ready)
-        return False
+        lo, hi = self._hint - self.base, self.scan_offset - self.base
+        found = np.flatnonzero(self._state[lo:hi] == AVAILABLE)
+        if not len(found):
+            self._hint = self.scan_offset
+            return False
+        self._hint = self.base + lo + int(found[0])
+        return True
 
     def next_timer_ms(self) -> int | None:
         return self._timers[0][0] if self._timers else None
 
     # -- settling --------------------------------------------------------------
-    def ack(self, offset: int, lease_id: int, now: int) -> Entry:
-        e = self._leased(offset, lease_id, now)
-        self._settle(e)
+    def ack(self, offset: int, lease_id: int, now: int) -> None:
+        self._leased(offset, lease_id, now)
+        self._settle(offset)
         self.stats.acked += 1
-        return e
+
+    def ack_range(self, first: int, last: int, lease_id: int, now: int) -> np.ndarray:
+        """Ack every offset in ``first .. last`` that ``lease_id`` holds; returns them
+        (the others are left as they are)."""
+        held, a, b = self._held(first, last, lease_id, now)
+        if not len(held):
+            return held
+        if len(held) == b - a:
+            self._state[a:b] = SETTLED
+        else:
+            self._state[held - self.base] = SETTLED
+        self.open -= len(held)
+        self.stats.acked += len(held)
+        for offset in held.tolist() if self._keys else ():
+            self._release_key(offset)
+        if self._reason:  # records that failed before: their reasons go with them
+            if len(self._reason) < len(held):
+                for offset in [o for o in self._reason if o < self.start_offset or self._state_of(o) == SETTLED]:
+                    del self._reason[offset]
+            else:
+                for offset in held.tolist():
+                    self._reason.pop(offset, None)
+        self._advance()
+        return held
+
+    def extend_range(self, first: int, last: int, lease_id: int, now: int, lease_ms: int) -> tuple[np.ndarray, int]:
+        """Extend the lease of every offset in ``first .. last`` that ``lease_id``
+        holds: (those offsets, the new expiry)."""
+        expires = now + check_lease_ms(lease_ms)
+        held, a, b = self._held(first, last, lease_id, now)
+        if len(held):
+            self._visible[held - self.base] = expires
+            heapq.heappush(self._timers, (expires, lease_id, int(held[0]), int(held[-1])))
+        return held, expires
 
     def nack(self, offset: int, lease_id: int, now: int, *, delay_ms: int | None = None, reason: str = "") -> Entry:
-        e = self._leased(offset, lease_id, now)
-        self._failed(e, now, delay_ms=delay_ms, reason=reason or "nacked")
-        return e
+        self._leased(offset, lease_id, now)
+        self._failed(offset, now, delay_ms=delay_ms, reason=reason or "nacked")
+        return self.entry(offset)
 
     def extend(self, offset: int, lease_id: int, now: int, lease_ms: int) -> int:
-        e = self._leased(offset, lease_id, now)
-        e.visible_at = now + check_lease_ms(lease_ms)
-        heapq.heappush(self._timers, (e.visible_at, offset, e.lease_id))
-        return e.visible_at
+        self._leased(offset, lease_id, now)
+        expires = now + check_lease_ms(lease_ms)
+        self._visible[offset - self.base] = expires
+        heapq.heappush(self._timers, (expires, lease_id, offset, offset))
+        return expires
 
     def reject(self, offset: int, lease_id: int, now: int, *, reason: str = "") -> Entry:
-        e = self._leased(offset, lease_id, now)
-        e.reason = (reason or "rejected")[:MAX_REASON_CHARS]
-        self._to_dead_letter(e)
-        return e
+        self._leased(offset, lease_id, now)
+        self._reason[offset] = (reason or "rejected")[:MAX_REASON_CHARS]
+        self._to_dead_letter(offset)
+        return self.entry(offset)
 
     def dead_lettered(self, offset: int) -> None:
         """The owner produced the record to the dead-letter topic."""
-        e = self.entries.get(offset)
-        if e is not None and e.state == DEAD_LETTERING:
-            self._settle(e)
+        if self._state_of(offset) == DEAD_LETTERING:
+            self._settle(offset)
             self.stats.dead_lettered += 1
 
     def expire(self, now: int) -> list[Entry]:
         """Apply due timers: expired leases fail (retry or dead letter), waiting
-        records become available. Returns the entries whose lease expired."""
-        expired = []
-        while self._timers and self._timers[0][0] <= now:
-            when, offset, lease_id = heapq.heappop(self._timers)
-            e = self.entries.get(offset)
-            if e is None or e.visible_at != when:
-                continue  # settled, extended or re-timed since
-            if e.state == LEASED and e.lease_id == lease_id:
-                expired.append(e)
-                self._failed(e, now, delay_ms=None, reason="lease expired")
-            elif e.state == WAITING and lease_id == 0:
-                e.state = AVAILABLE
-                heapq.heappush(self._ready, offset)
+        records become available. Returns the records whose lease expired."""
+        expired: list[Entry] = []
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            when, lease_id, first, last = heapq.heappop(timers)
+            a, b = max(first, self.start_offset) - self.base, min(last + 1, self.scan_offset) - self.base
+            if a >= b:
+                continue  # settled or gone since
+            state = self._state[a:b]
+            if lease_id:
+                due = np.flatnonzero((state == LEASED) & (self._lease[a:b] == lease_id) & (self._visible[a:b] <= now))
+                for offset in (due + a + self.base).tolist():
+                    self._failed(offset, now, delay_ms=None, reason="lease expired")
+                    expired.append(self.entry(offset))
+            else:
+                due = np.flatnonzero((state == WAITING) & (self._visible[a:b] == when))
+                if len(due):
+                    state[due] = AVAILABLE
+                    self._hint = min(self._hint, int(due[0]) + a + self.base)
         return expired
 
     # -- seek ----------------------------------------------------------------------
     def seek(self, offset: int) -> None:
         """Restart at ``offset``: records before it count as settled, records from it
         on are delivered again (delivery counts start over). Leases are dropped."""
-        for e in list(self.entries.values()):
-            self._drop(e.offset)
-        self.entries.clear()
-        self.settled.clear()
         self.remembered.clear()
-        self._ready.clear()
-        self._timers.clear()
-        self._blocked.clear()
-        self._active_key.clear()
+        self.settled_ahead.clear()
         self.to_dead_letter.clear()
-        self.blocked = 0
-        self.start_offset = self.scan_offset = offset
+        self._restart_at(offset)
 
     # -- views -----------------------------------------------------------------
-    def counts(self) -> dict[str, int]:
-        out = dict.fromkeys(STATE_NAMES, 0)
-        for e in self.entries.values():
-            out[STATE_NAMES[e.state]] += 1
-        return out
+    def entry(self, offset: int) -> Entry | None:
+        """The unsettled record at ``offset`` of the window, or None."""
+        state = self._state_of(offset)
+        if state in (FREE, SETTLED):
+            return None
+        i = offset - self.base
+        return Entry(offset, state, int(self._deliveries[i]), int(self._visible[i]),
+                     int(self._lease[i]) if state == LEASED else 0, int(self._first[i]), int(self._last[i]),
+                     self._reason.get(offset, ""), self._keys.get(offset), int(self._append[i]))
 
-    def oldest_unsettled(self) -> Entry | None:
-        return self.entries.get(self.start_offset) if self.start_offset < self.scan_offset else None
+    def entries(self, *, delivered_only: bool = False) -> list[Entry]:
+        """The window's unsettled records (``delivered_only``: those delivered at least
+        once, waiting or being dead-lettered: what a snapshot keeps)."""
+        a, b = self.start_offset - self.base, self.scan_offset - self.base
+        state = self._state[a:b]
+        mask = (state != SETTLED)
+        if delivered_only:
+            mask &= (self._deliveries[a:b] > 0) | (state == WAITING) | (state == DEAD_LETTERING)
+        return [self.entry(o) for o in (np.flatnonzero(mask) + self.start_offset).tolist()]
+
+    def is_settled(self, offset: int) -> bool:
+        """Settled (acked or dead-lettered), as far as this window knows."""
+        return offset < self.start_offset or self._state_of(offset) == SETTLED or offset in self.settled_ahead
+
+    def settled_above_start(self) -> list[list[int]]:
+        """Settled offsets above ``start_offset`` as [first, last] ranges (snapshots)."""
+        a, b = self.start_offset - self.base, self.scan_offset - self.base
+        done = np.flatnonzero(self._state[a:b] == SETTLED) + self.start_offset
+        return settled_ranges(done.tolist() + sorted(self.settled_ahead))
+
+    def counts(self) -> dict[str, int]:
+        a, b = self.start_offset - self.base, self.scan_offset - self.base
+        per_state = np.bincount(self._state[a:b], minlength=SETTLED + 1)
+        return {name: int(per_state[s]) for s, name in enumerate(STATE_NAMES, start=AVAILABLE)}
+
+    def oldest_unsettled_append_ms(self) -> int | None:
+        if self.start_offset >= self.scan_offset:
+            return None
+        return int(self._append[self.start_offset - self.base])
 
     # -- internals -------------------------------------------------------------
-    def _leased(self, offset: int, lease_id: int, now: int) -> Entry:
-        e = self.entries.get(offset)
-        if e is None or e.state != LEASED or e.lease_id != lease_id:
-            raise LeaseExpired(self.partition, offset, "not held by this lease (expired, settled or another's)")
-        if now >= e.visible_at:
-            raise LeaseExpired(self.partition, offset, "expired")
-        return e
+    def _state_of(self, offset: int) -> int:
+        if not self.start_offset <= offset < self.scan_offset:
+            return FREE
+        return int(self._state[offset - self.base])
 
-    def _failed(self, e: Entry, now: int, *, delay_ms: int | None, reason: str) -> None:
-        e.reason = reason[:MAX_REASON_CHARS]
-        if e.deliveries >= self.config.max_deliveries:
-            self._to_dead_letter(e)
+    def _leased(self, offset: int, lease_id: int, now: int) -> None:
+        i = offset - self.base
+        if self._state_of(offset) != LEASED or int(self._lease[i]) != lease_id:
+            raise LeaseExpired(self.partition, offset, "not held by this lease (expired, settled or another's)")
+        if now >= self._visible[i]:
+            raise LeaseExpired(self.partition, offset, "expired")
+
+    def held(self, first: int, last: int, lease_id: int, now: int) -> np.ndarray:
+        """Offsets in ``first .. last`` that ``lease_id`` holds (not expired)."""
+        return self._held(first, last, lease_id, now)[0]
+
+    def _held(self, first: int, last: int, lease_id: int, now: int) -> tuple[np.ndarray, int, int]:
+        """Offsets in ``first .. last`` held by ``lease_id`` and not expired."""
+        if last < first:
+            raise ValueError(f"bad range {first}..{last}")
+        a, b = max(first, self.start_offset) - self.base, min(last + 1, self.scan_offset) - self.base
+        if a >= b:
+            return np.empty(0, np.int64), 0, 0
+        held = np.flatnonzero((self._state[a:b] == LEASED) & (self._lease[a:b] == lease_id)
+                              & (self._visible[a:b] > now))
+        return held + (a + self.base), a, b
+
+    def _failed(self, offset: int, now: int, *, delay_ms: int | None, reason: str) -> None:
+        self._reason[offset] = reason[:MAX_REASON_CHARS]
+        deliveries = int(self._deliveries[offset - self.base])
+        if deliveries >= self.config.max_deliveries:
+            self._to_dead_letter(offset)
             return
         if delay_ms is None:
-            delay_ms = self.config.retry.delay_ms(e.deliveries, self.rng)
-        self._make_visible(e, now + max(0, delay_ms))
+            delay_ms = self.config.retry.delay_ms(deliveries, self.rng)
+        self._make_visible(offset, now + max(0, delay_ms))
 
-    def _make_visible(self, e: Entry, at_ms: int) -> None:
-        e.lease_id = 0
-        e.visible_at = at_ms
+    def _make_visible(self, offset: int, at_ms: int) -> None:
+        i = offset - self.base
+        self._visible[i] = at_ms
         if at_ms > 0:
-            e.state = WAITING
-            heapq.heappush(self._timers, (at_ms, e.offset, 0))
+            self._state[i] = WAITING
+            heapq.heappush(self._timers, (at_ms, 0, offset, offset))
         else:
-            e.state = AVAILABLE
-            heapq.heappush(self._ready, e.offset)
+            self._state[i] = AVAILABLE
+            if offset < self._hint:
+                self._hint = offset
 
-    def _to_dead_letter(self, e: Entry) -> None:
-        e.state = DEAD_LETTERING
-        e.lease_id = 0
-        self.to_dead_letter.append(e.offset)
+    def _to_dead_letter(self, offset: int) -> None:
+        self._state[offset - self.base] = DEAD_LETTERING
+        self.to_dead_letter.append(offset)
 
-    def _settle(self, e: Entry) -> None:
-        del self.entries[e.offset]
-        e.lease_id = 0
-        self.settled.add(e.offset)
-        self._release_key(e)
+    def _settle(self, offset: int) -> None:
+        self._state[offset - self.base] = SETTLED
+        self.open -= 1
+        self._reason.pop(offset, None)
+        if self._keys:
+            self._release_key(offset)
         self._advance()
 
     def _drop(self, offset: int) -> None:
-        e = self.entries.pop(offset, None)
-        if e is not None:
-            if e.state == BLOCKED:
-                self.blocked -= 1
-            self._release_key(e)
-        self.settled.discard(offset)
+        """Forget an unsettled record (retention deleted it)."""
+        i = offset - self.base
+        if self._state[i] == BLOCKED:
+            self.blocked -= 1
+        self._release_key(offset)
+        self._state[i] = SETTLED
+        self.open -= 1
+        self._reason.pop(offset, None)
+        self._keys.pop(offset, None)
 
-    def _release_key(self, e: Entry) -> None:
-        if e.key is None or self._active_key.get(e.key) != e.offset:
+    def _release_key(self, offset: int) -> None:
+        key = self._keys.pop(offset, None)
+        if key is None or self._active_key.get(key) != offset:
             return
-        del self._active_key[e.key]
-        waiting = self._blocked.get(e.key)
+        del self._active_key[key]
+        waiting = self._blocked.get(key)
         while waiting:
-            nxt = self.entries.get(waiting.popleft())
-            if nxt is not None and nxt.state == BLOCKED:
+            nxt = waiting.popleft()
+            if self._state_of(nxt) == BLOCKED:
                 if not waiting:
-                    del self._blocked[e.key]
+                    del self._blocked[key]
                 self.blocked -= 1
-                self._active_key[e.key] = nxt.offset
-                self._make_visible(nxt, nxt.visible_at)
+                self._active_key[key] = nxt
+                self._make_visible(nxt, int(self._visible[nxt - self.base]))
                 return
-        self._blocked.pop(e.key, None)
+        self._blocked.pop(key, None)
 
     def _advance(self) -> None:
-        start = self.start_offset
-        while start in self.settled:
-            self.settled.discard(start)
-            start += 1
-        self.start_offset = start
+        """Move ``start_offset`` past the settled records at the front."""
+        a, b = self.start_offset - self.base, self.scan_offset - self.base
+        if a >= b or self._state[a] != SETTLED:
+            return
+        rest = self._state[a:b] != SETTLED
+        self.start_offset = self.base + (a + int(rest.argmax()) if rest.any() else b)
+        if self._hint < self.start_offset:
+            self._hint = self.start_offset
 
-    def _move_start(self, offset: int) -> None:
-        self.start_offset = max(self.start_offset, offset)
-        self.scan_offset = max(self.scan_offset, offset)
-        for o in [o for o in self.settled if o < offset]:
-            self.settled.discard(o)
-        self._advance()
+    def _reserve(self, end: int) -> None:
+        """Room in the arrays for offsets up to ``end``: shift the live part down to
+        ``start_offset`` or grow (doubling)."""
+        capacity = len(self._state)
+        if end - self.base <= capacity:
+            return
+        live = self.scan_offset - self.start_offset
+        need = end - self.start_offset
+        if need > capacity // 2 or live > capacity // 2:
+            capacity = max(2 * capacity, need)
+        a, b = self.start_offset - self.base, self.scan_offset - self.base
+        for name in _ARRAYS:
+            old = getattr(self, name)
+            new = np.zeros(capacity, old.dtype) if capacity != len(old) else old
+            new[:live] = old[a:b]
+            if new is old:
+                new[live:] = 0
+            setattr(self, name, new)
+        self.base = self.start_offset
+
+    def _restart_at(self, offset: int) -> None:
+        """An empty window at ``offset`` (statistics are kept)."""
+        self._alloc(offset, min(len(self._state), 4 * MIN_CAPACITY))
+
+    def move_to(self, offset: int) -> None:
+        """Journal replay (the window is empty): every record below ``offset`` is
+        settled or gone."""
+        if self.scan_offset != self.start_offset:
+            raise ValueError("move_to is for an empty window")
+        if offset > self.start_offset:
+            self._restart_at(offset)
+        self.settled_ahead = {o for o in self.settled_ahead if o >= self.start_offset}
+        for o in [o for o in self.remembered if o < self.start_offset]:
+            del self.remembered[o]
 
 
 def settled_ranges(offsets: Iterable[int]) -> list[list[int]]:
@@ -399,4 +636,3 @@ def expand_ranges(ranges: Iterable[Iterable[int]]) -> set[int]:
             raise ValueError(f"bad range {first}..{last}")
         out.update(range(first, last + 1))
     return out
-

@@ -10,7 +10,8 @@ was taken) gives the same state::
     {"op":"dlv","g":G,"t":T,"p":P,"r":[[first_offset,last_offset,deliveries,first_ms,last_ms],..]}  lazy
     {"op":"rty","g":G,"t":T,"p":P,"o":[[offset,deliveries,visible_at,reason],..]}  nack: durable, expiry: lazy
     {"op":"dlq","g":G,"t":T,"p":P,"o":[[offset,deliveries,reason,first_ms,last_ms],..]}  durable
-    {"op":"set","g":G,"t":T,"p":P,"k":"a"|"d","o":[offset,..]}   settled (acked / dead-lettered): durable
+    {"op":"set","g":G,"t":T,"p":P,"k":"a"|"d","o":[offset,..],"r":[[first,last],..]}  settled
+                                            (acked / dead-lettered; offsets and/or ranges): durable
     {"op":"seek","g":G,"t":T,"p":P,"start":offset}                                  durable
     {"op":"skip","g":G,"t":T,"p":P,"start":offset,"lost":n}                        lazy
     {"op":"part","g":G,"t":T,"p":P,"start":S,"settled":[[a,b],..],"known":[[o,d,vis,reason,first,last,dead],..],
@@ -34,8 +35,10 @@ import random
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
 from .journal import DEFAULT_COMPACT_BYTES, Journal
-from .queue import DEAD_LETTERING, WAITING, Entry, PartitionQueue, QueueConfig, expand_ranges, settled_ranges
+from .queue import DEAD_LETTERING, WAITING, Entry, Lease, PartitionQueue, QueueConfig, expand_ranges
 from .retry import RetryPolicy
 
 JOURNAL_NAME = "queues.journal"
@@ -91,17 +94,18 @@ class QueueStore:
         self.groups.pop((group.name, group.topic), None)
         await self._journal.write({"op": "delete", "g": group.name, "t": group.topic})
 
-    def delivered(self, group: QueueGroup, partition: int, entries: list[Entry]) -> None:
+    def delivered(self, group: QueueGroup, partition: int, lease: Lease, now: int) -> None:
         """Deliveries, as runs of consecutive offsets with the same count and times
         (a receive of new records is one run: one small entry, not one per record)."""
+        q = group.partitions[partition]
         runs: list[list[int]] = []
-        for e in entries:
-            last = runs[-1] if runs else None
-            if (last is not None and last[1] == e.offset - 1 and last[2] == e.deliveries
-                    and last[3] == e.first_delivery_ms and last[4] == e.last_delivery_ms):
-                last[1] = e.offset
-            else:
-                runs.append([e.offset, e.offset, e.deliveries, e.first_delivery_ms, e.last_delivery_ms])
+        for first, last, d in lease.runs():
+            if d == 1:
+                runs.append([first, last, 1, now, now])
+                continue
+            for offset in range(first, last + 1):  # redeliveries: first times differ
+                e = q.entry(offset)
+                runs.append([offset, offset, d, e.first_delivery_ms if e is not None else now, now])
         self._journal.write(self._op("dlv", group, partition, r=runs), durable=False)
 
     def retried(self, group: QueueGroup, partition: int, entries: list[Entry], *, durable: bool):
@@ -113,8 +117,9 @@ class QueueStore:
         o = [[e.offset, e.deliveries, e.reason, e.first_delivery_ms, e.last_delivery_ms] for e in entries]
         return self._journal.write(self._op("dlq", group, partition, o=o))
 
-    def settled(self, group: QueueGroup, partition: int, offsets: list[int], *, kind: str = "a"):
-        return self._journal.write(self._op("set", group, partition, k=kind, o=offsets))
+    def settled(self, group: QueueGroup, partition: int, offsets: list[int] | np.ndarray, *, kind: str = "a"):
+        """Settled offsets (ascending runs are written as ranges)."""
+        return self._journal.write(self._op("set", group, partition, k=kind, r=offset_ranges(offsets)))
 
     def sought(self, group: QueueGroup, partition: int, start: int):
         return self._journal.write(self._op("seek", group, partition, start=start))
@@ -149,14 +154,13 @@ class QueueStore:
             for p, q in group.partitions.items():
                 known = [list(v) + [o] for o, v in q.remembered.items()]
                 known = [[o, d, vis, reason, first, last, dead] for d, vis, reason, first, last, dead, o in known]
-                for e in q.entries.values():
-                    if e.deliveries or e.state in (WAITING, DEAD_LETTERING):
-                        vis = e.visible_at if e.state == WAITING else 0
-                        known.append([e.offset, e.deliveries, vis, e.reason, e.first_delivery_ms,
-                                      e.last_delivery_ms, e.state == DEAD_LETTERING])
+                for e in q.entries(delivered_only=True):
+                    vis = e.visible_at if e.state == WAITING else 0
+                    known.append([e.offset, e.deliveries, vis, e.reason, e.first_delivery_ms,
+                                  e.last_delivery_ms, e.state == DEAD_LETTERING])
                 s = q.stats
                 ops.append(self._op(
-                    "part", group, p, start=q.start_offset, settled=settled_ranges(q.settled), known=known,
+                    "part", group, p, start=q.start_offset, settled=q.settled_above_start(), known=known,
                     stats=[s.acked, s.redelivered, s.dead_lettered, s.lost_to_retention],
                 ))
         return ops
@@ -183,8 +187,19 @@ class QueueStore:
         handler(q, op)
 
 
+def offset_ranges(offsets) -> list[list[int]]:
+    """Ascending offsets as [first, last] ranges of consecutive offsets."""
+    o = np.asarray(offsets, dtype=np.int64)
+    if not len(o):
+        return []
+    cuts = np.flatnonzero(np.diff(o) != 1) + 1
+    starts = np.concatenate(([0], cuts))
+    ends = np.concatenate((cuts, [len(o)])) - 1
+    return [[int(o[a]), int(o[b])] for a, b in zip(starts.tolist(), ends.tolist())]
+
+
 def _remember(q: PartitionQueue, offset: int, **changes) -> None:
-    if offset < q.start_offset or offset in q.settled:
+    if q.is_settled(offset):
         return
     d, vis, reason, first, last, dead = q.remembered.get(offset, (0, 0, "", 0, 0, False))
     values = {"d": d, "vis": vis, "reason": reason, "first": first, "last": last, "dead": dead, **changes}
@@ -213,15 +228,24 @@ def _replay_dlq(q: PartitionQueue, op: dict) -> None:
 
 
 def _replay_set(q: PartitionQueue, op: dict) -> None:
-    for offset in op["o"]:
-        offset = int(offset)
-        q.remembered.pop(offset, None)
-        if offset >= q.start_offset:
-            q.settled.add(offset)
-        if op["k"] == "a":
-            q.stats.acked += 1
+    ranges = [(int(o), int(o)) for o in op.get("o", ())] + [(int(a), int(b)) for a, b in op.get("r", ())]
+    count = 0
+    for lo, hi in sorted(ranges):
+        if hi < lo or hi - lo > 10_000_000:
+            raise ValueError(f"bad range {lo}..{hi}")
+        count += hi - lo + 1
+        for o in [o for o in q.remembered if lo <= o <= hi]:
+            del q.remembered[o]
+        start = q.start_offset
+        if lo <= start:
+            if hi >= start:
+                q.move_to(hi + 1)
         else:
-            q.stats.dead_lettered += 1
+            q.settled_ahead.update(range(lo, hi + 1))
+    if op["k"] == "a":
+        q.stats.acked += count
+    else:
+        q.stats.dead_lettered += count
     _advance(q)
 
 
@@ -230,14 +254,13 @@ def _replay_seek(q: PartitionQueue, op: dict) -> None:
 
 
 def _replay_skip(q: PartitionQueue, op: dict) -> None:
-    start = int(op["start"])
     q.stats.lost_to_retention += int(op["lost"])
-    _move(q, start)
+    q.move_to(int(op["start"]))
 
 
 def _replay_part(q: PartitionQueue, op: dict) -> None:
     q.seek(int(op["start"]))
-    q.settled = {o for o in expand_ranges(op["settled"]) if o >= q.start_offset}
+    q.settled_ahead = {o for o in expand_ranges(op["settled"]) if o >= q.start_offset}
     for o, d, vis, reason, first, last, dead in op["known"]:
         _remember(q, int(o), d=int(d), vis=int(vis), reason=str(reason), first=int(first), last=int(last),
                   dead=bool(dead))
@@ -249,18 +272,9 @@ def _replay_part(q: PartitionQueue, op: dict) -> None:
 
 def _advance(q: PartitionQueue) -> None:
     start = q.start_offset
-    while start in q.settled:
-        q.settled.discard(start)
+    while start in q.settled_ahead:
         start += 1
-    _move(q, start)
-
-
-def _move(q: PartitionQueue, start: int) -> None:
-    start = max(start, q.start_offset)
-    q.start_offset = q.scan_offset = start
-    q.settled = {o for o in q.settled if o >= start}
-    for o in [o for o in q.remembered if o < start]:
-        del q.remembered[o]
+    q.move_to(start)
 
 
 _REPLAY = {

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12streamd/wire.proto\x12\x10streamd.internal\"9\n\x13RawPartitionBatches\x12\x11\n\tpartition\x18\x01 \x01(\x05\x12\x0f\n\x07\x62\x61tches\x18\x02 \x03(\x0c\"n\n\x11RawProduceRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x39\n\npartitions\x18\x02 \x03(\x0b\x32%.streamd.internal.RawPartitionBatches\x12\x0f\n\x07records\x18\x03 \x03(\x0c\"c\n\x17RawProduceStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x34\n\x07request\x18\x02 \x01(\x0b\x32#.streamd.internal.RawProduceRequest\"\x1f\n\x0cRawRecordSet\x12\x0f\n\x07records\x18\x01 \x03(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12streamd/wire.proto\x12\x10streamd.internal\"9\n\x13RawPartitionBatches\x12\x11\n\tpartition\x18\x01 \x01(\x05\x12\x0f\n\x07\x62\x61tches\x18\x02 \x03(\x0c\"n\n\x11RawProduceRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x39\n\npartitions\x18\x02 \x03(\x0b\x32%.streamd.internal.RawPartitionBatches\x12\x0f\n\x07records\x18\x03 \x03(\x0c\"c\n\x17RawProduceStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x34\n\x07request\x18\x02 \x01(\x0b\x32#.streamd.internal.RawProduceRequest\"\x1f\n\x0cRawRecordSet\x12\x0f\n\x07records\x18\x01 \x03(\x0c\"8\n\rDeliveryTimes\x12\x15\n\rdeliver_at_ms\x18\x05 \x01(\x03\x12\x10\n\x08\x64\x65lay_ms\x18\x06 \x01(\x03\"D\n\x10\x44\x65liveryTimesSet\x12\x30\n\x07records\x18\x01 \x03(\x0b\x32\x1f.streamd.internal.DeliveryTimesb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,4 +39,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RAWPRODUCESTREAMREQUEST']._serialized_end=310
   _globals['_RAWRECORDSET']._serialized_start=312
   _globals['_RAWRECORDSET']._serialized_end=343
+  _globals['_DELIVERYTIMES']._serialized_start=345
+  _globals['_DELIVERYTIMES']._serialized_end=401
+  _globals['_DELIVERYTIMESSET']._serialized_start=403
+  _globals['_DELIVERYTIMESSET']._serialized_end=471
 # @@protoc_insertion_point(module_scope)

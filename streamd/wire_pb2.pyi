@@ -37,3 +37,17 @@ class RawRecordSet(_message.Message):
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedScalarFieldContainer[bytes]
     def __init__(self, records: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class DeliveryTimes(_message.Message):
+    __slots__ = ("deliver_at_ms", "delay_ms")
+    DELIVER_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    deliver_at_ms: int
+    delay_ms: int
+    def __init__(self, deliver_at_ms: _Optional[int] = ..., delay_ms: _Optional[int] = ...) -> None: ...
+
+class DeliveryTimesSet(_message.Message):
+    __slots__ = ("records",)
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[DeliveryTimes]
+    def __init__(self, records: _Optional[_Iterable[_Union[DeliveryTimes, _Mapping]]] = ...) -> None: ...

@@ -4,13 +4,15 @@ Glue between the pure ``consumer_groups.queue.PartitionQueue`` state, its
 ``QueueStore`` (journal) and the ``Broker`` (reading records, producing dead letters):
 
 - **Admission**: a partition's window is filled from the log (``Broker.read`` from the
-  partition's ``scan_offset`` up to the high watermark), decoding each batch once to
-  learn the records' keys and delivery times. Decoded records are kept for delivery
-  while the window holds them (up to ``CACHE_BYTES`` per partition; beyond that a
-  record is read again when delivered).
+  partition's ``scan_offset`` up to the high watermark). A batch none of whose records
+  has a delivery time is admitted whole without decoding its records (a
+  ``DeliveryTimesSet`` view tells, in C); otherwise, and for ``ordered_by_key``
+  groups, records are decoded and admitted one by one.
 - **Receive** leases up to N records across the group's partitions, starting at a
   rotating partition so no partition starves; with nothing available it waits for new
-  records, a due retry or a settlement, up to ``max_wait_ms``.
+  records, a due retry or a settlement, up to ``max_wait_ms``. The answer is read from
+  the log again: the stored batches holding the leased records (the batched form,
+  passed through as stored) or the records decoded from them.
 - **Settling** changes memory first, then writes the journal; the answer waits for the
   fsync (acks are never lost once acknowledged).
 - **Dead letters** are produced by a background task to the group's dead-letter topic
@@ -28,14 +30,20 @@ import asyncio
 import logging
 import random
 from collections.abc import Iterable
+from typing import NamedTuple
+
+import lz4.frame
+import numpy as np
 
 from consumer_groups.coordinator import check_group_name
 from consumer_groups.errors import LeaseExpired, QueueGroupExists, QueueGroupNotFound
-from consumer_groups.queue import DEAD_LETTERING, PartitionQueue, QueueConfig, check_lease_ms
+from consumer_groups.queue import DEAD_LETTERING, Lease, PartitionQueue, QueueConfig, check_lease_ms
 from consumer_groups.queue_store import QueueGroup, QueueStore
 from segments import OffsetOutOfRange
+from segments.batch import iter_headers
 from streamd.client.records import batch_records
 from streamd.v1 import streamd_pb2 as pb
+from streamd.wire_pb2 import DeliveryTimesSet
 
 from .broker import Broker
 from .errors import InvalidArgument, TopicAlreadyExists, TopicNotFound
@@ -46,39 +54,24 @@ log = logging.getLogger("streamd.queues")
 TICK_MS = 20
 MAX_RECEIVE = 10_000
 DEFAULT_RECEIVE = 100
-CACHE_BYTES = 64 << 20
 READ_BYTES = 1 << 20
 MAX_WAIT_MS = 30_000
+MAX_RANGE = 100_000  # offsets in one settled range
 DLQ_HEADROOM = 64 * 1024
 MAX_RECORD_LIMIT = 8 * 1024 * 1024
 DLQ_HEADERS = ("topic", "partition", "offset", "group", "deliveries", "reason", "first-delivery-ms",
                "last-delivery-ms")
 
 
-class _Cache:
-    """Decoded records of one partition's window: offset -> (Record, append_time_ms, size)."""
+class Leased(NamedTuple):
+    """One partition's part of a receive: the lease, and either the stored frames
+    holding its records (``frames``, batched form) or the records (``records``:
+    offset -> (Record, append_time_ms))."""
 
-    def __init__(self) -> None:
-        self.records: dict[int, tuple[pb.Record, int, int]] = {}
-        self.bytes = 0
-
-    def put(self, offset: int, record: pb.Record, append_time_ms: int, size: int) -> None:
-        if self.bytes + size <= CACHE_BYTES:
-            self.records[offset] = (record, append_time_ms, size)
-            self.bytes += size
-
-    def take(self, offset: int) -> tuple[pb.Record, int] | None:
-        item = self.records.get(offset)
-        return item[:2] if item is not None else None
-
-    def drop(self, offset: int) -> None:
-        item = self.records.pop(offset, None)
-        if item is not None:
-            self.bytes -= item[2]
-
-    def clear(self) -> None:
-        self.records.clear()
-        self.bytes = 0
+    partition: int
+    lease: Lease
+    frames: bytes = b""
+    records: dict | None = None
 
 
 class QueueEngine:
@@ -86,7 +79,6 @@ class QueueEngine:
         self.broker = broker
         self.store = store
         self.rng = rng or random.Random()
-        self._caches: dict[tuple[str, str, int], _Cache] = {}
         self._changed: dict[tuple[str, str], asyncio.Event] = {}
         self._rotation: dict[tuple[str, str], int] = {}
         self._dead_letter_tasks: set[asyncio.Task] = set()
@@ -121,8 +113,6 @@ class QueueEngine:
 
     async def delete(self, name: str, topic: str) -> None:
         g = self.group(name, topic)
-        for p in g.partitions:
-            self._caches.pop((name, topic, p), None)
         await self.store.delete(g)
         self._wake(g)
         self._changed.pop((name, topic), None)
@@ -142,9 +132,10 @@ class QueueEngine:
 
     # -- receive -----------------------------------------------------------------
     async def receive(
-        self, name: str, topic: str, *, max_records: int, max_wait_ms: int, lease_ms: int | None
-    ) -> list[tuple[int, object, pb.Record, int]]:
-        """Lease up to ``max_records``: a list of (partition, Entry, Record, append_time_ms)."""
+        self, name: str, topic: str, *, max_records: int, max_wait_ms: int, lease_ms: int | None,
+        batched: bool = False,
+    ) -> list[Leased]:
+        """Lease up to ``max_records``, one ``Leased`` per partition that had some."""
         self.broker.check_serving()
         g = self.group(name, topic)
         n = _receive_count(max_records)
@@ -157,7 +148,7 @@ class QueueEngine:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(max_wait_ms, MAX_WAIT_MS) / 1000
         while True:
-            out, writes = self._lease_round(g, n, lease)
+            out, writes = self._lease_round(g, n, lease, batched)
             if writes:
                 await asyncio.gather(*writes)
             remaining = deadline - loop.time()
@@ -168,43 +159,71 @@ class QueueEngine:
             if self.store.groups.get((name, topic)) is not g:
                 raise QueueGroupNotFound(name, topic)
 
-    def _lease_round(self, g: QueueGroup, n: int, lease_ms: int) -> tuple[list, list]:
+    def _lease_round(self, g: QueueGroup, n: int, lease_ms: int, batched: bool) -> tuple[list[Leased], list]:
         """Leased records, and the journal writes to await before handing them out."""
         now = self.broker.clock.now_ms()
         key = (g.name, g.topic)
         count = len(g.partitions)
         first = self._rotation.get(key, 0)
         self._rotation[key] = (first + 1) % max(count, 1)
-        out: list = []
+        out: list[Leased] = []
         writes: list = []
+        taken = 0
         for i in range(count):
             p = (first + i) % count
             q = g.partitions[p]
             try:
                 self._fill(g, q)
                 self._expire(g, q, now)
-                if len(out) < n:
-                    self._lease_partition(g, q, n - len(out), lease_ms, now, out, writes)
+                if taken >= n:
+                    continue
+                lease = q.lease(n - taken, now, lease_ms)
+                if lease is None:
+                    continue
+                self.store.delivered(g, p, lease, now)
+                if g.config.at_most_once:  # handed out = acked: durable before the answer goes
+                    writes.append(self.store.settled(g, p, lease.offsets))
+                taken += len(lease)
+                if batched:
+                    out.append(Leased(p, lease, frames=self._frames(g.topic, p, lease)))
+                else:
+                    out.append(Leased(p, lease, records=self._records(g.topic, p, lease)))
             except OffsetOutOfRange:
                 # Retention deleted records under us (it runs off the loop): count them
-                # as lost and go on with the other partitions.
+                # as lost and go on with the other partitions. Records of a lease that
+                # still exist come again when it expires.
                 self._skip_retained(g, q)
         self._start_dead_letters(g)
         return out, writes
 
-    def _lease_partition(self, g: QueueGroup, q: PartitionQueue, n: int, lease_ms: int, now: int, out, writes):
-        entries = q.lease(n, now, lease_ms)
-        if not entries:
-            return
-        self.store.delivered(g, q.partition, entries)
-        cache = self._cache(g, q.partition)
-        for e in entries:
-            record = cache.take(e.offset) or self._read_one(g.topic, q.partition, e.offset)
-            if g.config.at_most_once:
-                cache.drop(e.offset)
-            out.append((q.partition, e, *record))
-        if g.config.at_most_once:  # handed out = acked: durable before the answer goes
-            writes.append(self.store.settled(g, q.partition, [e.offset for e in entries]))
+    def _frames(self, topic: str, partition: int, lease: Lease) -> bytes:
+        """The stored frames holding the leased records, each once, as stored."""
+        frames: list[bytes] = []
+        seen: set[int] = set()
+        for first, last, _ in lease.runs():
+            position = first
+            while position <= last:
+                data = self.broker.read(topic, partition, position, max_records=last - position + 1,
+                                        max_bytes=READ_BYTES).data
+                if not data:
+                    raise OffsetOutOfRange(position, 0, 0, name=f"{topic}/{partition}")
+                for h in iter_headers(data):
+                    if h.base_offset not in seen:
+                        seen.add(h.base_offset)
+                        frames.append(data[h.position:h.end])
+                    position = max(position, h.next_offset)
+        return b"".join(frames)
+
+    def _records(self, topic: str, partition: int, lease: Lease) -> dict[int, tuple[pb.Record, int]]:
+        """The leased records, decoded: offset -> (Record, append_time_ms)."""
+        wanted = set(lease.offsets.tolist())
+        out: dict[int, tuple[pb.Record, int]] = {}
+        for batch in pb.FetchResponse.FromString(self._frames(topic, partition, lease)).batches:
+            base, append_time = batch.base_offset, batch.append_time_ms
+            for i, r in enumerate(batch_records(batch).records, base):
+                if i in wanted:
+                    out[i] = (r, append_time)
+        return out
 
     async def _wait(self, g: QueueGroup, timeout_s: float) -> None:
         """Until new records, a due timer or a settlement may make records available."""
@@ -237,37 +256,13 @@ class QueueEngine:
         part = self.broker.partition(g.topic, q.partition)
         self._skip_retained(g, q)
         end = part.high_watermark
-        cache = self._cache(g, q.partition)
-        unsettled, span = q.rooms()  # counted down here rather than recomputed per record
-        room = min(unsettled, span)
-        while room > 0 and q.scan_offset < end:
-            out = self.broker.read(g.topic, q.partition, q.scan_offset, max_records=room, max_bytes=READ_BYTES)
+        while q.scan_offset < end and q.room() > 0:
+            out = self.broker.read(g.topic, q.partition, q.scan_offset, max_records=q.room(), max_bytes=READ_BYTES)
             if not out.data:
                 return
-            admit, put = q.admit, cache.put
             for batch in pb.FetchResponse.FromString(out.data).batches:
-                base, append_time = batch.base_offset, batch.append_time_ms
-                # One size estimate per batch (a ByteSize call per record cost ~8% here).
-                size = len(batch.records) // max(1, batch.record_count) + 16
-                for i, r in enumerate(batch_records(batch).records):
-                    offset = base + i
-                    if offset < q.scan_offset:
-                        continue
-                    if offset >= end or unsettled <= 0 or span <= 0:
-                        return
-                    delay = r.delay_ms
-                    at = r.deliver_at_ms
-                    if delay:
-                        at = max(at, append_time + delay)
-                    blocked = q.blocked
-                    admit(offset, key=r.key if r.HasField("key") else None, deliver_at_ms=at,
-                          append_time_ms=append_time)
-                    span -= 1
-                    if q.blocked == blocked:  # a blocked record waits behind its key, not in flight
-                        unsettled -= 1
-                    put(offset, r, append_time, size)
-            unsettled, span = q.rooms()
-            room = min(unsettled, span)
+                if not _admit_batch(q, batch, end):
+                    return
 
     def _skip_retained(self, g: QueueGroup, q: PartitionQueue) -> None:
         """Records retention deleted before this group settled them: counted, logged."""
@@ -278,7 +273,6 @@ class QueueEngine:
         if q.scan_offset < log_start or q.start_offset < log_start:
             before = q.stats.lost_to_retention
             q.skip_to(log_start)
-            self._cache(g, q.partition).clear()
             lost = q.stats.lost_to_retention - before
             self.store.skipped(g, q.partition, q.start_offset, lost)
             if lost:
@@ -288,9 +282,9 @@ class QueueEngine:
     def oldest_append_ms(self, g: QueueGroup, q: PartitionQueue) -> int | None:
         """Append time of the oldest unsettled record, from the window or, when the
         window has not reached it yet (nobody received lately), from the log."""
-        oldest = q.oldest_unsettled()
+        oldest = q.oldest_unsettled_append_ms()
         if oldest is not None:
-            return oldest.append_time_ms
+            return oldest
         t = self.broker.topics.get(g.topic)
         if t is None or q.partition >= len(t.partitions) or q.start_offset >= t.partitions[q.partition].high_watermark:
             return None
@@ -308,35 +302,44 @@ class QueueEngine:
                 return records[i], batch.append_time_ms
         raise OffsetOutOfRange(offset, out.log_start_offset, out.log_end_offset, name=f"{topic}/{partition}")
 
-    def _cache(self, g: QueueGroup, p: int) -> _Cache:
-        key = (g.name, g.topic, p)
-        cache = self._caches.get(key)
-        if cache is None:
-            cache = self._caches[key] = _Cache()
-        return cache
-
     # -- settling ---------------------------------------------------------------------
-    async def settle(self, name: str, topic: str, settlements: Iterable[tuple]) -> list[BaseException | int | None]:
-        """Apply (action, partition, offset, lease_id, delay_ms, reason) settlements in
-        order; one result each: None, the new lease expiry (extend) or the error.
+    async def settle(
+        self, name: str, topic: str, settlements: Iterable[tuple], ranges: Iterable[tuple] = ()
+    ) -> list[BaseException | int | tuple | None]:
+        """Apply (action, partition, offset, lease_id, delay_ms, reason) settlements,
+        then (action, partition, first, last, lease_id, delay_ms, reason) ranges, in
+        order. One result each: for a settlement None, the new lease expiry (extend) or
+        the error; for a range (settled, refused, new expiry or None, the error for
+        the refused offsets or None), or the error of a bad range.
         Returns once every change is durable."""
         self.broker.check_serving()
         g = self.group(name, topic)
         now = self.broker.clock.now_ms()
         results: list = []
-        acked: dict[int, list[int]] = {}
+        acked: dict[int, list] = {}
         retried: dict[int, list] = {}
         dead: dict[int, list] = {}
+        changes = (acked, retried, dead)
         for action, p, offset, lease_id, delay_ms, reason in settlements:
             q = g.partitions.get(p)
             try:
                 if q is None:
                     raise LeaseExpired(p, offset, "no such partition")
-                results.append(self._settle_one(g, q, action, offset, lease_id, delay_ms, reason, now,
-                                                acked, retried, dead))
+                results.append(self._settle_one(g, q, action, offset, lease_id, delay_ms, reason, now, changes))
             except (LeaseExpired, ValueError) as exc:
                 results.append(exc if isinstance(exc, LeaseExpired) else InvalidArgument("settlement", str(exc)))
-        writes = [self.store.settled(g, p, offsets) for p, offsets in acked.items()]
+        for action, p, first, last, lease_id, delay_ms, reason in ranges:
+            q = g.partitions.get(p)
+            try:
+                if q is None:
+                    raise LeaseExpired(p, first, "no such partition")
+                results.append(self._settle_range(g, q, action, first, last, lease_id, delay_ms, reason, now,
+                                                  changes))
+            except ValueError as exc:
+                results.append(InvalidArgument("range", str(exc)))
+            except LeaseExpired as exc:
+                results.append(exc)
+        writes = [self.store.settled(g, p, np.sort(np.concatenate(parts))) for p, parts in acked.items()]
         writes += [self.store.retried(g, p, entries, durable=True) for p, entries in retried.items()]
         writes += [self.store.dead(g, p, entries) for p, entries in dead.items()]
         if retried or acked:
@@ -345,24 +348,55 @@ class QueueEngine:
         await asyncio.gather(*writes)
         return results
 
-    def _settle_one(self, g, q, action, offset, lease_id, delay_ms, reason, now, acked, retried, dead):
+    def _settle_one(self, g, q, action, offset, lease_id, delay_ms, reason, now, changes):
+        acked, retried, dead = changes
         if action == "ack":
             q.ack(offset, lease_id, now)
-            self._cache(g, q.partition).drop(offset)
-            acked.setdefault(q.partition, []).append(offset)
+            acked.setdefault(q.partition, []).append(np.array([offset], np.int64))
             return None
         if action == "extend":
             return q.extend(offset, lease_id, now, delay_ms if delay_ms is not None else g.config.lease_ms)
         if action == "nack":
-            if delay_ms is not None and not 0 <= delay_ms <= 7 * 24 * 3600 * 1000:
-                raise ValueError("delay_ms must be 0 .. 7 days")
-            e = q.nack(offset, lease_id, now, delay_ms=delay_ms, reason=reason)
+            e = q.nack(offset, lease_id, now, delay_ms=_nack_delay(delay_ms), reason=reason)
         elif action == "reject":
             e = q.reject(offset, lease_id, now, reason=reason)
         else:
             raise ValueError(f"unknown settlement {action!r}")
         (dead if e.state == DEAD_LETTERING else retried).setdefault(q.partition, []).append(e)
         return None
+
+    def _settle_range(self, g, q, action, first, last, lease_id, delay_ms, reason, now, changes):
+        """(settled, refused, new expiry or None, error or None) for the range
+        ``first .. last``: the offsets the lease holds take effect, the others are
+        left as they are."""
+        if not 0 <= first <= last or last - first >= MAX_RANGE:
+            raise ValueError(f"a range is first_offset <= last_offset, at most {MAX_RANGE} offsets")
+        acked, retried, dead = changes
+        expires = None
+        if action == "ack":
+            held = q.ack_range(first, last, lease_id, now)
+            if len(held):
+                acked.setdefault(q.partition, []).append(held)
+        elif action == "extend":
+            held, expires = q.extend_range(first, last, lease_id, now,
+                                           delay_ms if delay_ms is not None else g.config.lease_ms)
+        elif action in ("nack", "reject"):
+            delay = _nack_delay(delay_ms) if action == "nack" else None
+            held = q.held(first, last, lease_id, now)
+            for offset in held.tolist():
+                if action == "nack":
+                    e = q.nack(offset, lease_id, now, delay_ms=delay, reason=reason)
+                else:
+                    e = q.reject(offset, lease_id, now, reason=reason)
+                (dead if e.state == DEAD_LETTERING else retried).setdefault(q.partition, []).append(e)
+        else:
+            raise ValueError(f"unknown settlement {action!r}")
+        refused = last - first + 1 - len(held)
+        error = None
+        if refused:
+            error = LeaseExpired(q.partition, first, f"{refused} of the offsets {first}..{last} not held by this "
+                                                     "lease (expired, settled or another's)")
+        return len(held), refused, expires, error
 
     # -- timers ------------------------------------------------------------------------
     async def tick(self) -> None:
@@ -403,12 +437,13 @@ class QueueEngine:
                 task.add_done_callback(self._dead_letter_tasks.discard)
 
     async def _dead_letter(self, g: QueueGroup, q: PartitionQueue, offset: int) -> None:
-        e = q.entries.get(offset)
+        e = q.entry(offset)
         if e is None or e.state != DEAD_LETTERING or not self._live(g):
             return
+        epoch = q.epoch
         key = (g.name, g.topic, q.partition, offset)
         try:
-            record, _ = self._cache(g, q.partition).take(offset) or self._read_one(g.topic, q.partition, offset)
+            record, _ = self._read_one(g.topic, q.partition, offset)
             letter = pb.Record()
             letter.CopyFrom(record)
             for field in ("deliver_at_ms", "delay_ms", "idempotency_key"):
@@ -426,13 +461,12 @@ class QueueEngine:
             log.error("dead-lettering %s/%d offset %d for group %s failed (%s); retrying in %.0f s",
                       g.topic, q.partition, offset, g.name, exc, delay)
             await asyncio.sleep(delay)
-            if q.entries.get(offset) is e and self._live(g):
+            if q.epoch == epoch and q.entry(offset) == e and self._live(g):
                 q.to_dead_letter.append(offset)
             return
         self._dead_letter_backoff.pop(key, None)
-        if q.entries.get(offset) is e and self._live(g):
+        if q.epoch == epoch and q.entry(offset) == e and self._live(g):
             q.dead_lettered(offset)
-            self._cache(g, q.partition).drop(offset)
             self._wake(g)  # a full window may have room again
             await self.store.settled(g, q.partition, [offset], kind="d")
 
@@ -460,7 +494,6 @@ class QueueEngine:
         writes = []
         for p, offset in targets.items():
             g.partitions[p].seek(offset)
-            self._cache(g, p).clear()
             writes.append(self.store.sought(g, p, offset))
         self._wake(g)
         await asyncio.gather(*writes)
@@ -471,6 +504,51 @@ class QueueEngine:
             task.cancel()
         await asyncio.gather(*self._dead_letter_tasks, return_exceptions=True)
         await self.store.close()
+
+
+def _admit_batch(q: PartitionQueue, batch: pb.RecordBatch, end: int) -> bool:
+    """Admit the batch's records from ``q.scan_offset`` (below ``end``, while the
+    window has room); whether the whole batch was taken (go on with the next)."""
+    base, count, append_time = batch.base_offset, batch.record_count, batch.append_time_ms
+    stop = min(base + count, end)
+    first = q.scan_offset
+    if first >= stop:
+        return stop == base + count
+    room = q.room()
+    if room <= 0:
+        return False
+    if q.plain() and not _has_delivery_times(batch):
+        take = min(stop - first, room)
+        q.admit_run(first, take, append_time)
+    else:
+        records = batch_records(batch).records
+        for offset in range(first, stop):
+            if q.room() <= 0:
+                return False
+            r = records[offset - base]
+            at = r.deliver_at_ms
+            if r.delay_ms:
+                at = max(at, append_time + r.delay_ms)
+            q.admit(offset, key=r.key if r.HasField("key") else None, deliver_at_ms=at, append_time_ms=append_time)
+    return q.scan_offset == base + count
+
+
+def _has_delivery_times(batch: pb.RecordBatch) -> bool:
+    """Whether a record of the batch has a delivery time (delay or deliver-at), found
+    in C: parsed as ``DeliveryTimesSet`` without its other fields, a batch of records
+    without one is two bytes per record."""
+    payload = batch.records
+    if batch.compression == pb.COMPRESSION_LZ4:
+        payload = lz4.frame.decompress(payload)
+    view = DeliveryTimesSet.FromString(payload)
+    view.DiscardUnknownFields()
+    return view.ByteSize() != 2 * len(view.records)
+
+
+def _nack_delay(delay_ms: int | None) -> int | None:
+    if delay_ms is not None and not 0 <= delay_ms <= 7 * 24 * 3600 * 1000:
+        raise ValueError("delay_ms must be 0 .. 7 days")
+    return delay_ms
 
 
 def _receive_count(max_records: int) -> int:

@@ -7,9 +7,11 @@
 
 - ``receive()`` leases up to N records (``Message``); each is settled with
   ``ack()``, ``nack(delay_ms=, reason=)``, ``extend(lease_ms)`` or ``reject(reason)``.
-  Acks are batched: they go out in one Settle call per ``ack_interval_ms`` (or per
-  ``ack_batch`` acks), and ``flush()`` / ``close()`` send what is pending; an ack
-  of an expired lease is then logged (the record will come again), as SQS does.
+  Records come in the batched form (the stored batches and the leased offset ranges,
+  decoded here). Acks are batched: they go out in one Settle call per
+  ``ack_interval_ms`` (or per ``ack_batch`` acks) as offset ranges, and ``flush()`` /
+  ``close()`` send what is pending; an ack of an expired lease is then logged (the
+  record will come again), as SQS does.
 - ``process(handler, workers=N)`` runs a pool of threads; each message's lease is
   extended automatically while its handler runs (at two thirds of the lease), so a
   slow handler does not lose its record to another worker.
@@ -33,6 +35,7 @@ from streamd.v1 import streamd_pb2_grpc as rpc
 
 from ._channel import SyncClient, aio_channel
 from .errors import StreamdError
+from .records import batch_records
 
 log = logging.getLogger("streamd.client.queue")
 
@@ -76,13 +79,58 @@ class Message:
         return pb.LeaseRef(partition=self.partition, offset=self.offset, lease_id=self.lease_id)
 
 
-def _message(topic: str, r: pb.LeasedRecord, receiver, lease_s: float, received: float) -> Message:
-    rec = r.record
-    return Message(
-        topic, r.partition, r.offset, rec.key if rec.HasField("key") else None, rec.value,
-        tuple((h.key, h.value) for h in rec.headers), rec.timestamp_ms or r.append_time_ms,
-        r.delivery_count, r.lease_id, r.lease_expires_ms, receiver, received + lease_s, lease_s,
-    )
+def _messages(topic: str, reply, receiver, lease_s: float, received: float) -> list[Message]:
+    """Messages of a Receive answer: the batched form (``partitions``: stored batches
+    and leased ranges) and the per-record form (``records``)."""
+    out = []
+    deadline = received + lease_s
+    for part in reply.partitions:
+        p = part.partition
+        batches = [(b.base_offset, b.append_time_ms, batch_records(b).records) for b in part.batches]
+        for leased in part.leased:
+            for base, append_time, records in batches:
+                first = max(leased.first_offset, base)
+                last = min(leased.last_offset, base + len(records) - 1)
+                for offset in range(first, last + 1):
+                    rec = records[offset - base]
+                    out.append(Message(
+                        topic, p, offset, rec.key if rec.HasField("key") else None, rec.value,
+                        tuple((h.key, h.value) for h in rec.headers), rec.timestamp_ms or append_time,
+                        leased.delivery_count, leased.lease_id, leased.lease_expires_ms, receiver, deadline, lease_s,
+                    ))
+    for r in reply.records:
+        rec = r.record
+        out.append(Message(
+            topic, r.partition, r.offset, rec.key if rec.HasField("key") else None, rec.value,
+            tuple((h.key, h.value) for h in rec.headers), rec.timestamp_ms or r.append_time_ms,
+            r.delivery_count, r.lease_id, r.lease_expires_ms, receiver, deadline, lease_s,
+        ))
+    return out
+
+
+def ack_ranges(acks: list[tuple[int, int, int]]) -> list[pb.SettleRange]:
+    """(partition, offset, lease_id) acks as SettleRanges: consecutive offsets of one
+    lease make one range (a batch of acks is usually a handful of ranges)."""
+    out: list[pb.SettleRange] = []
+    last = None
+    for p, offset, lease_id in sorted(set(acks), key=lambda a: (a[0], a[2], a[1])):
+        if last is not None and (last.partition, last.lease_id) == (p, lease_id) and last.last_offset == offset - 1:
+            last.last_offset = offset
+            continue
+        last = pb.SettleRange(partition=p, first_offset=offset, last_offset=offset, lease_id=lease_id,
+                              action=pb.SETTLE_ACTION_ACK)
+        out.append(last)
+    return out
+
+
+def _refused(results) -> tuple[int, str]:
+    """How many acks the answer refused, and the first reason."""
+    count, reason = 0, ""
+    for r in results:
+        if r.HasField("error"):
+            count += r.refused or 1
+            reason = reason or r.error.reason
+    return count, reason
 
 
 def queue_config(**kw) -> pb.QueueGroupConfig:
@@ -123,7 +171,7 @@ class QueueReceiver(SyncClient):
         self.max_records, self.max_wait_ms, self.lease_ms = max_records, max_wait_ms, lease_ms
         self.worker_id = worker_id
         self._ack_interval_s, self._ack_batch = ack_interval_ms / 1000, ack_batch
-        self._pending: list[pb.Settlement] = []
+        self._pending: list[tuple[int, int, int]] = []  # acks: (partition, offset, lease_id)
         self._lock = threading.Lock()
         self._flushed = threading.Condition(self._lock)
         self._closed = False
@@ -157,12 +205,12 @@ class QueueReceiver(SyncClient):
         request = pb.ReceiveRequest(
             group=self.group, topic=self.topic, max_records=max_records or self.max_records,
             max_wait_ms=self.max_wait_ms if max_wait_ms is None else max_wait_ms, worker_id=self.worker_id,
-            lease_ms=self.lease_ms,
+            lease_ms=self.lease_ms, batched=True,
         )
         sent = time.monotonic()
         reply = self._call(self._queues.Receive, request)
         lease_s = self._lease_s()
-        return [_message(self.topic, r, self, lease_s, sent) for r in reply.records]
+        return _messages(self.topic, reply, self, lease_s, sent)
 
     def _lease_s(self) -> float:
         if self.lease_ms is not None:
@@ -180,7 +228,7 @@ class QueueReceiver(SyncClient):
         """Queued; sent with the next batch (``flush()`` to wait for it). A no-op for
         an at-most-once group's records (lease id 0: acked when handed out)."""
         if msg.lease_id:
-            self._queue(pb.Settlement(lease=msg.lease, action=pb.SETTLE_ACTION_ACK))
+            self._queue((msg.partition, msg.offset, msg.lease_id))
 
     def nack(self, msg: Message, *, delay_ms: int | None = None, reason: str = "") -> None:
         self._settle_now(msg, "nack", delay_ms, reason)
@@ -203,15 +251,15 @@ class QueueReceiver(SyncClient):
             raise StreamdError(grpc.StatusCode(_code(e.code)).name, e.reason, e.message, dict(e.metadata))
         return results
 
-    def _send(self, settlements: list[pb.Settlement]) -> list[pb.SettleResult]:
-        request = pb.SettleRequest(group=self.group, topic=self.topic, settlements=settlements)
+    def _send(self, settlements: list[pb.Settlement], ranges=()) -> list[pb.SettleResult]:
+        request = pb.SettleRequest(group=self.group, topic=self.topic, settlements=settlements, ranges=ranges)
         return list(self._call(self._queues.Settle, request).results)
 
-    def _queue(self, settlement: pb.Settlement) -> None:
+    def _queue(self, ack: tuple[int, int, int]) -> None:
         with self._lock:
             if self._closed:
                 raise StreamdError("CANCELLED", "CLOSED", "the receiver is closed")
-            self._pending.append(settlement)
+            self._pending.append(ack)
             if len(self._pending) >= self._ack_batch:
                 self._flushed.notify_all()
 
@@ -233,22 +281,22 @@ class QueueReceiver(SyncClient):
                 batch, self._pending = self._pending, []
             self._deliver(batch)
 
-    def _deliver(self, batch: list[pb.Settlement]) -> None:
+    def _deliver(self, batch: list[tuple[int, int, int]]) -> None:
         if not batch:
             return
         with self._send_lock:
             self._deliver_now(batch)
 
-    def _deliver_now(self, batch: list[pb.Settlement]) -> None:
+    def _deliver_now(self, batch: list[tuple[int, int, int]]) -> None:
         try:
-            results = self._send(batch)
+            results = self._send([], ack_ranges(batch))
         except StreamdError as err:  # the leases will expire and the records come again
             log.warning("queue %s/%s: %d ack(s) not delivered: %s", self.group, self.topic, len(batch), err)
             return
-        failed = [r.error.reason for r in results if r.HasField("error")]
-        if failed:
+        refused, reason = _refused(results)
+        if refused:
             log.info("queue %s/%s: %d ack(s) refused (%s); those records will come again",
-                     self.group, self.topic, len(failed), failed[0])
+                     self.group, self.topic, refused, reason)
 
     # -- worker pool -------------------------------------------------------------------
     def process(
@@ -402,7 +450,7 @@ class AsyncQueueReceiver:
         self._queues = rpc.QueueServiceStub(self._channel)
         self.group, self.topic = group, topic
         self.max_records, self.max_wait_ms, self.lease_ms = max_records, max_wait_ms, lease_ms
-        self._pending: list[pb.Settlement] = []
+        self._pending: list[tuple[int, int, int]] = []  # acks: (partition, offset, lease_id)
         self._group_lease_s: float | None = None
 
     async def __aenter__(self) -> AsyncQueueReceiver:
@@ -424,6 +472,7 @@ class AsyncQueueReceiver:
         request = pb.ReceiveRequest(
             group=self.group, topic=self.topic, max_records=max_records or self.max_records,
             max_wait_ms=self.max_wait_ms if max_wait_ms is None else max_wait_ms, lease_ms=self.lease_ms,
+            batched=True,
         )
         sent = time.monotonic()
         try:
@@ -431,7 +480,7 @@ class AsyncQueueReceiver:
         except grpc.RpcError as err:
             raise StreamdError.from_rpc_error(err) from None
         lease_s = await self._lease_s()
-        return [_message(self.topic, r, self, lease_s, sent) for r in reply.records]
+        return _messages(self.topic, reply, self, lease_s, sent)
 
     async def _lease_s(self) -> float:
         if self.lease_ms is not None:
@@ -446,7 +495,7 @@ class AsyncQueueReceiver:
 
     def ack(self, msg: Message) -> None:
         if msg.lease_id:
-            self._pending.append(pb.Settlement(lease=msg.lease, action=pb.SETTLE_ACTION_ACK))
+            self._pending.append((msg.partition, msg.offset, msg.lease_id))
 
     async def settle(self, msg: Message, action: str, *, delay_ms: int | None = None, reason: str = "") -> None:
         s = pb.Settlement(lease=msg.lease, action=ACTIONS[action], delay_ms=delay_ms, reason=reason)
@@ -460,17 +509,17 @@ class AsyncQueueReceiver:
         if not batch:
             return
         try:
-            results = await self._send(batch)
+            results = await self._send([], ack_ranges(batch))
         except StreamdError as err:  # the leases expire and the records come again
             log.warning("queue %s/%s: %d ack(s) not delivered: %s", self.group, self.topic, len(batch), err)
             return
-        refused = [r.error.reason for r in results if r.HasField("error")]
+        refused, reason = _refused(results)
         if refused:
             log.info("queue %s/%s: %d ack(s) refused (%s); those records will come again",
-                     self.group, self.topic, len(refused), refused[0])
+                     self.group, self.topic, refused, reason)
 
-    async def _send(self, settlements) -> list[pb.SettleResult]:
-        request = pb.SettleRequest(group=self.group, topic=self.topic, settlements=settlements)
+    async def _send(self, settlements, ranges=()) -> list[pb.SettleResult]:
+        request = pb.SettleRequest(group=self.group, topic=self.topic, settlements=settlements, ranges=ranges)
         try:
             return list((await self._queues.Settle(request)).results)
         except grpc.RpcError as err:

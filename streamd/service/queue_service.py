@@ -8,7 +8,7 @@ from consumer_groups.queue import PartitionQueue, QueueConfig
 from consumer_groups.queue_store import QueueGroup
 from consumer_groups.retry import RetryPolicy
 from streamd.broker.errors import InvalidArgument
-from streamd.broker.queues import QueueEngine
+from streamd.broker.queues import Leased, QueueEngine
 from streamd.v1 import streamd_pb2 as pb
 
 from .errors import stream_error
@@ -20,6 +20,7 @@ JITTER_PB = {"none": pb.JITTER_NONE, "full": pb.JITTER_FULL, "equal": pb.JITTER_
 ACTIONS = {pb.SETTLE_ACTION_ACK: "ack", pb.SETTLE_ACTION_NACK: "nack", pb.SETTLE_ACTION_EXTEND: "extend",
            pb.SETTLE_ACTION_REJECT: "reject"}
 MAX_SETTLEMENTS = 10_000
+MAX_RANGE_OFFSETS = 100_000
 MAX_REASON_BYTES = 1024
 
 
@@ -141,7 +142,7 @@ class QueueService:
                 wait.max_wait_ms = 1000
                 leased = await self._receive(wait, min(credit, 10_000))
                 if leased:
-                    credit -= len(leased)
+                    credit -= sum(len(x.lease) for x in leased)
                     response = pb.ReceiveStreamResponse()
                     _fill(response, leased)
                     await context.write(response)
@@ -151,7 +152,7 @@ class QueueService:
     async def _receive(self, request: pb.ReceiveRequest, max_records: int):
         return await self.engine.receive(
             request.group, request.topic, max_records=max_records, max_wait_ms=request.max_wait_ms,
-            lease_ms=request.lease_ms if request.HasField("lease_ms") else None,
+            lease_ms=request.lease_ms if request.HasField("lease_ms") else None, batched=request.batched,
         )
 
     # -- settling ------------------------------------------------------------------
@@ -183,6 +184,20 @@ class QueueService:
     async def Settle(self, request: pb.SettleRequest, context) -> pb.SettleResponse:
         if len(request.settlements) > MAX_SETTLEMENTS:
             raise InvalidArgument("settlements", f"at most {MAX_SETTLEMENTS} per call")
+        if len(request.ranges) > MAX_SETTLEMENTS:
+            raise InvalidArgument("ranges", f"at most {MAX_SETTLEMENTS} per call")
+        ranges = []
+        total = 0
+        for r in request.ranges:
+            action = ACTIONS.get(r.action)
+            if action is None:
+                raise InvalidArgument("action", "each range needs an action")
+            total += max(0, r.last_offset - r.first_offset + 1)
+            if total > MAX_RANGE_OFFSETS:
+                raise InvalidArgument("ranges", f"at most {MAX_RANGE_OFFSETS} offsets per call")
+            delay = r.delay_ms if action != "ack" and r.HasField("delay_ms") else None
+            ranges.append((action, r.partition, r.first_offset, r.last_offset, r.lease_id, delay,
+                           _reason(r.reason) if r.reason else ""))
         batch = []
         for s in request.settlements:
             action = ACTIONS.get(s.action)
@@ -193,14 +208,21 @@ class QueueService:
             reason = s.reason
             batch.append((action, lease.partition, lease.offset, lease.lease_id, delay,
                           _reason(reason) if reason else ""))
-        results = await self.engine.settle(request.group, request.topic, batch)
+        results = await self.engine.settle(request.group, request.topic, batch, ranges)
         response = pb.SettleResponse()
+        add = response.results.add
         for result in results:
-            r = response.results.add()
-            if isinstance(result, BaseException):
-                r.error.CopyFrom(stream_error(result))
-            elif result is not None:
-                r.lease_expires_ms = result
+            if result is None:
+                add()
+            elif isinstance(result, BaseException):
+                add(error=stream_error(result))
+            elif isinstance(result, tuple):  # a range
+                settled, refused, expires, error = result
+                r = add(settled=settled, refused=refused, lease_expires_ms=expires or 0)
+                if error is not None:
+                    r.error.CopyFrom(stream_error(error))
+            else:
+                add(lease_expires_ms=result)
         return response
 
     # -- seek ------------------------------------------------------------------------
@@ -239,11 +261,26 @@ def _reason(text: str) -> str:
     return text
 
 
-def _fill(response, leased) -> None:
-    add = response.records.add
-    for p, e, record, append_time in leased:
-        add(partition=p, offset=e.offset, record=record, append_time_ms=append_time, lease_id=e.lease_id,
-            delivery_count=e.deliveries, lease_expires_ms=e.visible_at if e.lease_id else 0)
+def _fill(response, leased: list[Leased]) -> None:
+    """One LeasedRecord per record, or (batched) the stored frames and the leased
+    ranges per partition."""
+    for part in leased:
+        lease = part.lease
+        if part.records is None:
+            lb = response.partitions.add()
+            lb.MergeFromString(part.frames)  # frames are LeasedBatches.batches entries as stored
+            lb.partition = part.partition
+            add = lb.leased.add
+            for first, last, deliveries in lease.runs():
+                add(first_offset=first, last_offset=last, lease_id=lease.lease_id, delivery_count=deliveries,
+                    lease_expires_ms=lease.expires_ms)
+            continue
+        add = response.records.add
+        records = part.records
+        for offset, deliveries in lease.records():
+            record, append_time = records[offset]
+            add(partition=part.partition, offset=offset, record=record, append_time_ms=append_time,
+                lease_id=lease.lease_id, delivery_count=deliveries, lease_expires_ms=lease.expires_ms)
 
 
 def _stats(q: PartitionQueue, end: int, now: int, oldest_ms: int | None) -> pb.QueuePartitionStats:

@@ -753,32 +753,62 @@ class LeasedRecord(_message.Message):
     def __init__(self, partition: _Optional[int] = ..., offset: _Optional[int] = ..., record: _Optional[_Union[Record, _Mapping]] = ..., append_time_ms: _Optional[int] = ..., lease_id: _Optional[int] = ..., delivery_count: _Optional[int] = ..., lease_expires_ms: _Optional[int] = ...) -> None: ...
 
 class ReceiveRequest(_message.Message):
-    __slots__ = ("group", "topic", "max_records", "max_wait_ms", "lease_ms", "worker_id")
+    __slots__ = ("group", "topic", "max_records", "max_wait_ms", "lease_ms", "worker_id", "batched")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     TOPIC_FIELD_NUMBER: _ClassVar[int]
     MAX_RECORDS_FIELD_NUMBER: _ClassVar[int]
     MAX_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_FIELD_NUMBER: _ClassVar[int]
     group: str
     topic: str
     max_records: int
     max_wait_ms: int
     lease_ms: int
     worker_id: str
-    def __init__(self, group: _Optional[str] = ..., topic: _Optional[str] = ..., max_records: _Optional[int] = ..., max_wait_ms: _Optional[int] = ..., lease_ms: _Optional[int] = ..., worker_id: _Optional[str] = ...) -> None: ...
+    batched: bool
+    def __init__(self, group: _Optional[str] = ..., topic: _Optional[str] = ..., max_records: _Optional[int] = ..., max_wait_ms: _Optional[int] = ..., lease_ms: _Optional[int] = ..., worker_id: _Optional[str] = ..., batched: _Optional[bool] = ...) -> None: ...
+
+class LeasedRange(_message.Message):
+    __slots__ = ("first_offset", "last_offset", "lease_id", "delivery_count", "lease_expires_ms")
+    FIRST_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LAST_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_COUNT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRES_MS_FIELD_NUMBER: _ClassVar[int]
+    first_offset: int
+    last_offset: int
+    lease_id: int
+    delivery_count: int
+    lease_expires_ms: int
+    def __init__(self, first_offset: _Optional[int] = ..., last_offset: _Optional[int] = ..., lease_id: _Optional[int] = ..., delivery_count: _Optional[int] = ..., lease_expires_ms: _Optional[int] = ...) -> None: ...
+
+class LeasedBatches(_message.Message):
+    __slots__ = ("batches", "partition", "leased")
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    LEASED_FIELD_NUMBER: _ClassVar[int]
+    batches: _containers.RepeatedCompositeFieldContainer[RecordBatch]
+    partition: int
+    leased: _containers.RepeatedCompositeFieldContainer[LeasedRange]
+    def __init__(self, batches: _Optional[_Iterable[_Union[RecordBatch, _Mapping]]] = ..., partition: _Optional[int] = ..., leased: _Optional[_Iterable[_Union[LeasedRange, _Mapping]]] = ...) -> None: ...
 
 class ReceiveResponse(_message.Message):
-    __slots__ = ("records",)
+    __slots__ = ("records", "partitions")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[LeasedRecord]
-    def __init__(self, records: _Optional[_Iterable[_Union[LeasedRecord, _Mapping]]] = ...) -> None: ...
+    partitions: _containers.RepeatedCompositeFieldContainer[LeasedBatches]
+    def __init__(self, records: _Optional[_Iterable[_Union[LeasedRecord, _Mapping]]] = ..., partitions: _Optional[_Iterable[_Union[LeasedBatches, _Mapping]]] = ...) -> None: ...
 
 class ReceiveStreamResponse(_message.Message):
-    __slots__ = ("records",)
+    __slots__ = ("records", "partitions")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[LeasedRecord]
-    def __init__(self, records: _Optional[_Iterable[_Union[LeasedRecord, _Mapping]]] = ...) -> None: ...
+    partitions: _containers.RepeatedCompositeFieldContainer[LeasedBatches]
+    def __init__(self, records: _Optional[_Iterable[_Union[LeasedRecord, _Mapping]]] = ..., partitions: _Optional[_Iterable[_Union[LeasedBatches, _Mapping]]] = ...) -> None: ...
 
 class ReceiveStreamRequest(_message.Message):
     __slots__ = ("open", "credit")
@@ -876,15 +906,35 @@ class Settlement(_message.Message):
     reason: str
     def __init__(self, lease: _Optional[_Union[LeaseRef, _Mapping]] = ..., action: _Optional[_Union[SettleAction, str]] = ..., delay_ms: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class SettleRange(_message.Message):
+    __slots__ = ("partition", "first_offset", "last_offset", "lease_id", "action", "delay_ms", "reason")
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    FIRST_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LAST_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    partition: int
+    first_offset: int
+    last_offset: int
+    lease_id: int
+    action: SettleAction
+    delay_ms: int
+    reason: str
+    def __init__(self, partition: _Optional[int] = ..., first_offset: _Optional[int] = ..., last_offset: _Optional[int] = ..., lease_id: _Optional[int] = ..., action: _Optional[_Union[SettleAction, str]] = ..., delay_ms: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class SettleRequest(_message.Message):
-    __slots__ = ("group", "topic", "settlements")
+    __slots__ = ("group", "topic", "settlements", "ranges")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     TOPIC_FIELD_NUMBER: _ClassVar[int]
     SETTLEMENTS_FIELD_NUMBER: _ClassVar[int]
+    RANGES_FIELD_NUMBER: _ClassVar[int]
     group: str
     topic: str
     settlements: _containers.RepeatedCompositeFieldContainer[Settlement]
-    def __init__(self, group: _Optional[str] = ..., topic: _Optional[str] = ..., settlements: _Optional[_Iterable[_Union[Settlement, _Mapping]]] = ...) -> None: ...
+    ranges: _containers.RepeatedCompositeFieldContainer[SettleRange]
+    def __init__(self, group: _Optional[str] = ..., topic: _Optional[str] = ..., settlements: _Optional[_Iterable[_Union[Settlement, _Mapping]]] = ..., ranges: _Optional[_Iterable[_Union[SettleRange, _Mapping]]] = ...) -> None: ...
 
 class SettleResponse(_message.Message):
     __slots__ = ("results",)
@@ -893,12 +943,16 @@ class SettleResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[SettleResult, _Mapping]]] = ...) -> None: ...
 
 class SettleResult(_message.Message):
-    __slots__ = ("error", "lease_expires_ms")
+    __slots__ = ("error", "lease_expires_ms", "settled", "refused")
     ERROR_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_MS_FIELD_NUMBER: _ClassVar[int]
+    SETTLED_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
     error: StreamError
     lease_expires_ms: int
-    def __init__(self, error: _Optional[_Union[StreamError, _Mapping]] = ..., lease_expires_ms: _Optional[int] = ...) -> None: ...
+    settled: int
+    refused: int
+    def __init__(self, error: _Optional[_Union[StreamError, _Mapping]] = ..., lease_expires_ms: _Optional[int] = ..., settled: _Optional[int] = ..., refused: _Optional[int] = ...) -> None: ...
 
 class QueuePartitionStats(_message.Message):
     __slots__ = ("partition", "start_offset", "backlog", "in_flight", "waiting", "acked", "redelivered", "dead_lettered", "oldest_unacked_ms", "lost_to_retention", "log_end_offset")

@@ -11,6 +11,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+import consumer_groups.queue as queue_module
 from consumer_groups.errors import LeaseExpired
 from consumer_groups.queue import BLOCKED, DEAD_LETTERING, LEASED, PartitionQueue, QueueConfig
 from consumer_groups.queue_store import QueueGroup, QueueStore
@@ -21,10 +22,15 @@ POLICY = RetryPolicy(initial_delay_ms=100, multiplier=2.0, max_delay_ms=1000, ji
 
 
 class QueueMachine(RuleBasedStateMachine):
+    ORDERED = True
+
     def __init__(self) -> None:
         super().__init__()
+        # Small arrays, so the window's arrays shift and grow within a few steps.
+        self._capacity, queue_module.MIN_CAPACITY = queue_module.MIN_CAPACITY, 8
         self.config = QueueConfig(
-            max_deliveries=MAX_DELIVERIES, retry=POLICY, ordered_by_key=True, max_in_flight=20, lease_ms=1000
+            max_deliveries=MAX_DELIVERIES, retry=POLICY, ordered_by_key=self.ORDERED, max_in_flight=20,
+            lease_ms=1000,
         )
         self.q = PartitionQueue(0, 0, self.config, rng=random.Random(1))
         self.now = 1_000_000
@@ -36,28 +42,44 @@ class QueueMachine(RuleBasedStateMachine):
         self.dead: set[int] = set()
         self.restarts = 0
 
+    def teardown(self):
+        queue_module.MIN_CAPACITY = self._capacity
+
     @rule(key=st.sampled_from([None, b"a", b"b"]), delay=st.sampled_from([0, 0, 500]))
     def produce(self, key, delay):
         self.log.append((key, self.now + delay if delay else 0))
 
     @rule()
     def admit(self):
-        while self.q.scan_offset < len(self.log) and self.q.room() > 0:
-            key, at = self.log[self.q.scan_offset]
-            self.q.admit(self.q.scan_offset, key=key, deliver_at_ms=at, append_time_ms=self.now)
+        q = self.q
+        while q.scan_offset < len(self.log) and q.room() > 0:
+            key, at = self.log[q.scan_offset]
+            if q.plain() and not at:  # a run of records with no delivery time at once
+                end = q.scan_offset
+                while end < len(self.log) and end - q.scan_offset < q.room() and not self.log[end][1]:
+                    end += 1
+                q.admit_run(q.scan_offset, end - q.scan_offset, self.now)
+            else:
+                q.admit(q.scan_offset, key=key, deliver_at_ms=at, append_time_ms=self.now)
 
     @rule(n=st.integers(1, 5), lease_ms=st.sampled_from([200, 1000]))
     def lease(self, n, lease_ms):
         for e in self.q.expire(self.now):
             self.held.pop(e.offset, None)
-        for e in self.q.lease(n, self.now, lease_ms):
-            assert e.offset not in self.acked, "an acked record came back"
-            old = self.held.get(e.offset)
+        lease = self.q.lease(n, self.now, lease_ms)
+        if lease is None:
+            assert not self.q.has_available()
+            return
+        assert len(lease) <= n
+        assert [o for first, last, _ in lease.runs() for o in range(first, last + 1)] == lease.offsets.tolist()
+        for offset, deliveries in lease.records():
+            assert offset not in self.acked, "an acked record came back"
+            old = self.held.get(offset)
             assert old is None or old[1] <= self.now, "leased twice at once"
             if old is not None:
-                self.stale.append((e.offset, old[0]))
-            assert 1 <= e.deliveries <= MAX_DELIVERIES
-            self.held[e.offset] = (e.lease_id, self.now + lease_ms)
+                self.stale.append((offset, old[0]))
+            assert 1 <= deliveries <= MAX_DELIVERIES
+            self.held[offset] = (lease.lease_id, self.now + lease_ms)
 
     def _pick(self, i):
         live = sorted(o for o, (_, exp) in self.held.items() if exp > self.now)
@@ -70,6 +92,37 @@ class QueueMachine(RuleBasedStateMachine):
             return
         self.q.ack(offset, self.held.pop(offset)[0], self.now)
         self.acked.add(offset)
+
+    def _expected(self, first, last, lease_id):
+        return sorted(o for o, (lid, exp) in self.held.items() if first <= o <= last and lid == lease_id
+                      and exp > self.now)
+
+    @rule(i=st.integers(0, 50), width=st.integers(0, 6))
+    def ack_range(self, i, width):
+        """Acks as ranges: every offset of the range the lease holds, and no other."""
+        offset = self._pick(i)
+        if offset is None:
+            return
+        lease_id = self.held[offset][0]
+        expected = self._expected(offset - width // 2, offset + width, lease_id)
+        acked = self.q.ack_range(offset - width // 2, offset + width, lease_id, self.now).tolist()
+        assert acked == expected
+        for o in acked:
+            del self.held[o]
+            self.acked.add(o)
+            self.stale.append((o, lease_id))
+
+    @rule(i=st.integers(0, 50), width=st.integers(0, 6))
+    def extend_range(self, i, width):
+        offset = self._pick(i)
+        if offset is None:
+            return
+        lease_id = self.held[offset][0]
+        expected = self._expected(offset, offset + width, lease_id)
+        extended, expires = self.q.extend_range(offset, offset + width, lease_id, self.now, 700)
+        assert extended.tolist() == expected and expires == self.now + 700
+        for o in expected:
+            self.held[o] = (lease_id, expires)
 
     @rule(i=st.integers(0, 50), override=st.sampled_from([None, 0, 300]))
     def nack(self, i, override):
@@ -119,7 +172,7 @@ class QueueMachine(RuleBasedStateMachine):
     def drain_dead_letters(self):
         while self.q.to_dead_letter:
             offset = self.q.to_dead_letter.popleft()
-            e = self.q.entries[offset]
+            e = self.q.entry(offset)
             assert offset in self.rejected or e.deliveries == MAX_DELIVERIES
             self.q.dead_lettered(offset)
             self.dead.add(offset)
@@ -134,7 +187,7 @@ class QueueMachine(RuleBasedStateMachine):
         fresh = _Holder({})
         for op in ops:
             fresh._replay(op)
-        before = {o: (e.deliveries, e.state) for o, e in self.q.entries.items()}
+        before = {e.offset: (e.deliveries, e.state) for e in self.q.entries()}
         pending_dead = set(self.q.to_dead_letter) | {o for o, (_, st) in before.items() if st == DEAD_LETTERING}
         self.q = fresh.groups[("g", "t")].partitions[0]
         self.restarts += 1
@@ -145,9 +198,9 @@ class QueueMachine(RuleBasedStateMachine):
         self.held.clear()
         self.admit()
         for offset, (deliveries, _) in before.items():
-            if offset in self.q.entries:
-                assert self.q.entries[offset].deliveries == deliveries, "a delivery count changed"
-        assert set(self.q.to_dead_letter) >= {o for o in pending_dead if o in self.q.entries}
+            if self.q.entry(offset) is not None:
+                assert self.q.entry(offset).deliveries == deliveries, "a delivery count changed"
+        assert set(self.q.to_dead_letter) >= {o for o in pending_dead if self.q.entry(o) is not None}
 
     @rule(ms=st.sampled_from([50, 200, 600, 1500]))
     def tick(self, ms):
@@ -158,25 +211,30 @@ class QueueMachine(RuleBasedStateMachine):
     @invariant()
     def window_is_consistent(self):
         q = self.q
-        assert len(q.entries) - q.blocked <= self.config.max_in_flight
-        assert q.blocked == sum(e.state == BLOCKED for e in q.entries.values())
+        entries = {e.offset: e for e in q.entries()}
+        assert q.open == len(entries)
+        assert len(entries) - q.blocked <= self.config.max_in_flight
+        assert q.blocked == sum(e.state == BLOCKED for e in entries.values())
         assert q.scan_offset - q.start_offset <= self.config.max_in_flight * 20
         for offset in range(q.start_offset, q.scan_offset):
-            assert (offset in q.entries) != (offset in q.settled), offset
-        assert all(o < q.start_offset or o in q.settled or o in q.entries for o in self.acked | self.dead)
-        assert not (set(q.entries) & self.acked)
+            assert (offset in entries) != q.is_settled(offset), offset
+        assert all(q.is_settled(o) or o in entries for o in self.acked | self.dead)
+        assert not (set(entries) & self.acked)
+        counts = q.counts()
+        assert sum(counts.values()) == len(entries)
+        assert counts["leased"] == sum(e.state == LEASED for e in entries.values())
 
     @invariant()
     def ordered_keys_have_one_record_out(self):
         active: dict[bytes, int] = {}
-        for e in self.q.entries.values():
+        for e in self.q.entries():
             if e.key is not None and e.state != BLOCKED:
                 assert e.key not in active, f"key {e.key} has {active[e.key]} and {e.offset} out"
                 active[e.key] = e.offset
 
     @invariant()
     def leases_match_the_model(self):
-        for e in self.q.entries.values():
+        for e in self.q.entries():
             if e.state == LEASED and e.visible_at > self.now:
                 assert self.held.get(e.offset, (None,))[0] == e.lease_id
 
@@ -189,5 +247,14 @@ def _Holder(groups) -> QueueStore:
     return store
 
 
+class UnorderedQueueMachine(QueueMachine):
+    """The same rules on a group without ordered keys: records are admitted a run at
+    a time (``admit_run``) wherever they have no delivery time."""
+
+    ORDERED = False
+
+
 TestQueueMachine = QueueMachine.TestCase
 TestQueueMachine.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+TestUnorderedQueueMachine = UnorderedQueueMachine.TestCase
+TestUnorderedQueueMachine.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
