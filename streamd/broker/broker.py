@@ -3,10 +3,13 @@
 Owns the data directory layout::
 
     DATA_DIR/@broker.lock        flock()ed while a broker runs: one broker per directory
-    DATA_DIR/@tmp/               topics being created (renamed into place when whole)
-    DATA_DIR/@deleted/           topics being deleted (renamed out, then removed)
+    DATA_DIR/@tmp/<n>.<uuid>     a topic being created (renamed into place when whole)
+    DATA_DIR/@deleted/<n>.<uuid> a topic being deleted (renamed out, then removed)
     DATA_DIR/<topic>/topic.json  see streamd.broker.topic
     DATA_DIR/<topic>/<p>/        one PartitionLog directory per partition
+
+``<n>`` is the topic name cut to its first 64 characters (a whole name of 249 would
+not fit a 255-byte file name with the uuid); start-up removes @tmp and @deleted whole.
 
 Runs on one asyncio event loop; blocking storage work (fsync, checkpoints, removing
 directories) goes to the executor. Knows nothing of gRPC.
@@ -54,6 +57,8 @@ LOCK_FILE = "@broker.lock"
 TMP_DIR = "@tmp"
 DELETED_DIR = "@deleted"
 MAX_WAIT_MS = 30_000
+#: How much of a topic's name its @tmp/@deleted entry keeps (only to tell whose it is).
+SCRATCH_PREFIX_CHARS = 64
 
 
 class DataDirLocked(Exception):
@@ -247,7 +252,7 @@ class Broker:
             raise LimitExceeded("topics", self.max_topics)
         settings = replace(self.defaults, **overrides).validate()
         meta = TopicMeta(name, partition_count, settings, self.clock.now_ms())
-        staging = self.data_dir / TMP_DIR / f"{name}.{uuid.uuid4().hex}"
+        staging = self.data_dir / TMP_DIR / _scratch_name(name)
         staging.mkdir(parents=True)
         for p in range(partition_count):
             (staging / str(p)).mkdir()
@@ -261,7 +266,7 @@ class Broker:
             # Take the directory out of the way so the name can be created again.
             graveyard = self.data_dir / DELETED_DIR
             graveyard.mkdir(exist_ok=True)
-            os.rename(final, graveyard / f"{name}.{uuid.uuid4().hex}")
+            os.rename(final, graveyard / _scratch_name(name))
             raise
         self.topics[name] = topic
         log.info("created topic %s with %d partitions %s", name, partition_count, settings)
@@ -278,7 +283,7 @@ class Broker:
             await loop.run_in_executor(self.executor, part.log.close)
         graveyard = self.data_dir / DELETED_DIR
         graveyard.mkdir(exist_ok=True)
-        target = graveyard / f"{name}.{uuid.uuid4().hex}"
+        target = graveyard / _scratch_name(name)
         os.rename(topic.directory, target)
         _fsync_dir(self.data_dir)
         await loop.run_in_executor(self.executor, shutil.rmtree, target)
@@ -499,6 +504,12 @@ class Broker:
             if not part.closed:
                 log.exception("%s of %s/%d failed", what, part.topic, part.index)
             return None
+
+
+def _scratch_name(topic: str) -> str:
+    """A unique @tmp/@deleted entry name for ``topic``; never parsed back (start-up
+    removes both directories whole)."""
+    return f"{topic[:SCRATCH_PREFIX_CHARS]}.{uuid.uuid4().hex}"
 
 
 def _partition_in(topic: Topic, partition: int) -> Partition:

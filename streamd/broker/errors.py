@@ -69,8 +69,8 @@ class InvalidArgument(BrokerError):
 class InvalidTopicName(InvalidArgument):
     reason = "INVALID_TOPIC_NAME"
 
-    def __init__(self, topic: str, why: str) -> None:
-        super().__init__("topic", f"{topic[:300]!r} is not a valid topic name: {why}")
+    def __init__(self, topic: str, why: str, *, field: str = "topic") -> None:
+        super().__init__(field, f"{topic[:300]!r} is not a valid topic name: {why}")
 
 
 class InvalidBatch(InvalidArgument):

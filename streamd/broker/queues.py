@@ -46,8 +46,8 @@ from streamd.v1 import streamd_pb2 as pb
 from streamd.wire_pb2 import DeliveryTimesSet
 
 from .broker import Broker
-from .errors import InvalidArgument, TopicAlreadyExists, TopicNotFound
-from .topic import check_topic_name
+from .errors import InvalidArgument, InvalidTopicName, TopicAlreadyExists, TopicNotFound
+from .topic import MAX_TOPIC_NAME_CHARS, check_topic_name
 
 log = logging.getLogger("streamd.queues")
 
@@ -101,9 +101,7 @@ class QueueEngine:
         if (name, topic) in self.store.groups:
             raise QueueGroupExists(name, topic)
         g = QueueGroup(name, topic, config, self.broker.clock.now_ms())
-        check_topic_name(g.dead_letter_topic)
-        if g.dead_letter_topic == topic:
-            raise InvalidArgument("config.dead_letter_topic", "must not be the group's own topic")
+        _check_dead_letter_topic(g)
         for p, part in enumerate(t.partitions):
             start = part.high_watermark if config.start == "latest" else part.log.log_start_offset
             g.partitions[p] = PartitionQueue(p, start, config, rng=self.rng)
@@ -549,6 +547,19 @@ def _nack_delay(delay_ms: int | None) -> int | None:
     if delay_ms is not None and not 0 <= delay_ms <= 7 * 24 * 3600 * 1000:
         raise ValueError("delay_ms must be 0 .. 7 days")
     return delay_ms
+def _check_dead_letter_topic(g: QueueGroup) -> None:
+    field = "config.dead_letter_topic"
+    name = g.dead_letter_topic
+    if not g.config.dead_letter_topic and len(name) > MAX_TOPIC_NAME_CHARS:
+        # The default "<topic>.dlq" of a long topic name: say where it came from and
+        # what to do, rather than reject a name the client never sent.
+        raise InvalidTopicName(
+            name, f"the default dead-letter topic <topic>.dlq is {len(name)} characters, over "
+            f"{MAX_TOPIC_NAME_CHARS}; set {field} to a shorter name", field=field,
+        )
+    check_topic_name(name, field=field)
+    if name == g.topic:
+        raise InvalidArgument(field, "must not be the group's own topic")
 
 
 def _receive_count(max_records: int) -> int:

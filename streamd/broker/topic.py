@@ -21,19 +21,22 @@ from segments.checkpoint import write_atomic
 from .errors import InvalidArgument, InvalidTopicName
 
 TOPIC_FILE = "topic.json"
-_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+MAX_TOPIC_NAME_CHARS = 249  # a topic's directory name, under the 255-byte file name limit
+_NAME = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_TOPIC_NAME_CHARS}}}")
 FSYNC_POLICIES = ("always", "interval", "never")
 COMPRESSIONS = ("producer", "lz4")
 MAX_DEDUP_WINDOW_MS = 7 * 24 * 3600 * 1000
 
 
-def check_topic_name(name: str) -> str:
+def check_topic_name(name: str, *, field: str = "topic") -> str:
+    """``name`` if it is a valid topic name, else InvalidTopicName naming ``field``
+    (the request field that carried it)."""
     if not isinstance(name, str) or not name:
-        raise InvalidTopicName(str(name), "it is empty")
+        raise InvalidTopicName(str(name), "it is empty", field=field)
     if not _NAME.fullmatch(name):
-        raise InvalidTopicName(name, "use 1 to 249 of A-Z a-z 0-9 . _ -")
+        raise InvalidTopicName(name, f"use 1 to {MAX_TOPIC_NAME_CHARS} of A-Z a-z 0-9 . _ -", field=field)
     if name in (".", ".."):
-        raise InvalidTopicName(name, "'.' and '..' are reserved")
+        raise InvalidTopicName(name, "'.' and '..' are reserved", field=field)
     return name
 
 
