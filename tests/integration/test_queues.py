@@ -7,7 +7,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from streamd.client.records import encode_batch
+from streamd.client.records import batch_records, encode_batch
 from streamd.testing import FakeClock
 from streamd.v1 import streamd_pb2 as pb
 from tests.conftest import wait_until
@@ -418,3 +418,145 @@ def test_a_failed_queue_journal_stops_changes_with_unavailable(clocked):
         receive(stubs)
     assert error_info(err.value)[:2] == (grpc.StatusCode.UNAVAILABLE, "STORAGE_FAILED")
     assert stubs.fetch("jobs", 0, 0).batches  # the log keeps serving
+
+
+# -- the batched form: stored batches + leased ranges, acks as ranges -------------------
+
+
+def receive_batched(stubs: Stubs, n: int = 100, **kw) -> list:
+    request = pb.ReceiveRequest(group="workers", topic="jobs", max_records=n, batched=True, **kw)
+    return list(stubs.queues.Receive(request).partitions)
+
+
+def leased_values(part: pb.LeasedBatches) -> dict[int, bytes]:
+    """offset -> value of the leased records of one partition's answer."""
+    records = {}
+    for batch in part.batches:
+        for i, r in enumerate(batch_records(batch).records, batch.base_offset):
+            records[i] = r.value
+    return {o: records[o] for r in part.leased for o in range(r.first_offset, r.last_offset + 1)}
+
+
+def settle_ranges(stubs: Stubs, *ranges) -> list:
+    request = pb.SettleRequest(group="workers", topic="jobs", ranges=[pb.SettleRange(**r) for r in ranges])
+    return list(stubs.queues.Settle(request).results)
+
+
+@pytest.mark.parametrize("compression", ["none", "lz4"])
+def test_batched_receive_hands_out_stored_batches_with_leased_ranges(clocked, compression):
+    _, stubs, clock = clocked
+    stubs.create("jobs", 1)
+    create(stubs)
+    for batch in range(3):  # three stored batches of 4 records
+        rs = pb.RecordSet()
+        for i in range(4):
+            rs.records.add(value=f"b{batch}-{i}".encode())
+        stubs.log.Produce(pb.ProduceRequest(
+            topic="jobs", partitions=[pb.PartitionBatches(partition=0, batches=[encode_batch(rs, compression)])]))
+    [part] = receive_batched(stubs, 6)
+    assert part.partition == 0 and len(part.batches) == 2  # offsets 0..5 live in the first two batches
+    [r] = part.leased
+    assert (r.first_offset, r.last_offset, r.delivery_count) == (0, 5, 1)
+    assert r.lease_expires_ms == clock.now_ms() + 30_000
+    assert leased_values(part) == {i: f"b{i // 4}-{i % 4}".encode() for i in range(6)}
+    [rest] = receive_batched(stubs)
+    assert [(x.first_offset, x.last_offset) for x in rest.leased] == [(6, 11)] and rest.leased[0].lease_id != r.lease_id
+    # Ack a range: offsets 0..3 go, 4..5 stay leased.
+    [result] = settle_ranges(stubs, dict(partition=0, first_offset=0, last_offset=3, lease_id=r.lease_id,
+                                         action=pb.SETTLE_ACTION_ACK))
+    assert (result.HasField("error"), result.settled, result.refused) == (False, 4, 0)
+    assert stats(stubs).start_offset == 4 and stats(stubs).acked == 4
+
+
+def test_a_range_settles_what_its_lease_holds_and_counts_the_rest(clocked):
+    _, stubs, clock = clocked
+    stubs.create("jobs", 1)
+    create(stubs, retry={"initial_delay_ms": 0, "jitter": pb.JITTER_NONE})
+    produce(stubs, "jobs", values(10))
+    [part] = receive_batched(stubs, 10)
+    lease = part.leased[0].lease_id
+    ack(stubs, pb.LeasedRecord(partition=0, offset=2, lease_id=lease))  # one acked alone first
+    results = settle_ranges(
+        stubs,
+        dict(partition=0, first_offset=0, last_offset=4, lease_id=lease, action=pb.SETTLE_ACTION_ACK),
+        dict(partition=0, first_offset=5, last_offset=6, lease_id=lease + 1, action=pb.SETTLE_ACTION_ACK),
+        dict(partition=0, first_offset=7, last_offset=7, lease_id=lease, action=pb.SETTLE_ACTION_NACK,
+             reason="flaky"),
+        dict(partition=0, first_offset=8, last_offset=9, lease_id=lease, action=pb.SETTLE_ACTION_EXTEND,
+             delay_ms=60_000),
+    )
+    assert [(r.settled, r.refused) for r in results] == [(4, 1), (0, 2), (1, 0), (2, 0)]
+    assert [r.error.reason for r in results] == ["LEASE_EXPIRED", "LEASE_EXPIRED", "", ""]
+    assert results[3].lease_expires_ms == clock.now_ms() + 60_000
+    s = stats(stubs)
+    assert (s.start_offset, s.acked) == (5, 5)
+    clock.advance(30_000)  # 5 and 6 expire (their lease was not extended); 8, 9 hold on
+    [again] = receive_batched(stubs)
+    got = {o: r.delivery_count for r in again.leased for o in range(r.first_offset, r.last_offset + 1)}
+    assert got == {5: 2, 6: 2, 7: 2}
+
+
+def test_bad_ranges_get_invalid_argument_and_change_nothing(clocked):
+    _, stubs, _ = clocked
+    stubs.create("jobs", 1)
+    create(stubs)
+    produce(stubs, "jobs", values(3))
+    [part] = receive_batched(stubs)
+    lease = part.leased[0].lease_id
+    results = settle_ranges(
+        stubs,
+        dict(partition=0, first_offset=2, last_offset=1, lease_id=lease, action=pb.SETTLE_ACTION_ACK),
+        dict(partition=0, first_offset=-5, last_offset=1, lease_id=lease, action=pb.SETTLE_ACTION_ACK),
+        dict(partition=7, first_offset=0, last_offset=1, lease_id=lease, action=pb.SETTLE_ACTION_ACK),
+    )
+    assert [r.error.reason for r in results] == ["INVALID_ARGUMENT", "INVALID_ARGUMENT", "LEASE_EXPIRED"]
+    for bad, reason in [
+        (dict(partition=0, first_offset=0, last_offset=200_000, lease_id=lease, action=pb.SETTLE_ACTION_ACK),
+         "INVALID_ARGUMENT"),
+        (dict(partition=0, first_offset=0, last_offset=1, lease_id=lease), "INVALID_ARGUMENT"),  # no action
+    ]:
+        with pytest.raises(grpc.RpcError) as err:
+            settle_ranges(stubs, bad)
+        assert error_info(err.value)[:2] == (grpc.StatusCode.INVALID_ARGUMENT, reason)
+    assert stats(stubs).acked == 0 and stats(stubs).in_flight == 3
+
+
+def test_delayed_records_inside_a_batch_wait_in_the_batched_form(clocked):
+    """A batch with a delivery time on one record is admitted record by record; the
+    others of the batch go out at once."""
+    _, stubs, clock = clocked
+    stubs.create("jobs", 1)
+    create(stubs)
+    produce(stubs, "jobs", [{"value": b"a"}, {"value": b"later", "delay_ms": 2000}, {"value": b"c"}])
+    produce(stubs, "jobs", values(2, "x"))  # a plain batch after it
+    [part] = receive_batched(stubs)
+    assert leased_values(part) == {0: b"a", 2: b"c", 3: b"x0", 4: b"x1"}
+    assert [(r.first_offset, r.last_offset) for r in part.leased] == [(0, 0), (2, 4)]
+    assert receive_batched(stubs, max_wait_ms=0) == []
+    clock.advance(2000)
+    [part] = receive_batched(stubs)
+    assert leased_values(part) == {1: b"later"}
+
+
+def test_batched_receive_after_a_restart_keeps_counts_and_acked_ranges(make_server):
+    clock = FakeClock()
+    server = make_server(clock=clock)
+    stubs = Stubs(server.address)
+    stubs.create("jobs", 1)
+    create(stubs)
+    produce(stubs, "jobs", values(8))
+    [part] = receive_batched(stubs, 8)
+    lease = part.leased[0].lease_id
+    settle_ranges(stubs, dict(partition=0, first_offset=4, last_offset=5, lease_id=lease,
+                              action=pb.SETTLE_ACTION_ACK))
+    stubs.close()
+    server.stop()
+    server = make_server(clock=clock)
+    stubs = Stubs(server.address)
+    try:
+        [part] = receive_batched(stubs)
+        got = {o: r.delivery_count for r in part.leased for o in range(r.first_offset, r.last_offset + 1)}
+        assert got == {0: 2, 1: 2, 2: 2, 3: 2, 6: 2, 7: 2}  # leases lost in the restart count; 4, 5 stay acked
+        assert stats(stubs).acked == 2
+    finally:
+        stubs.close()

@@ -202,6 +202,26 @@ class QueueMachine(RuleBasedStateMachine):
                 assert self.q.entry(offset).deliveries == deliveries, "a delivery count changed"
         assert set(self.q.to_dead_letter) >= {o for o in pending_dead if self.q.entry(o) is not None}
 
+    @rule(ms=st.sampled_from([100, 700]))
+    def time_passes(self, ms):
+        """The clock moves on before the owner's timers run: leases past their end are
+        still LEASED in the queue, and settling them, alone or in a range, is refused
+        and changes nothing."""
+        self.now += ms
+        before = self.q.counts()
+        for offset, (lease_id, expires) in sorted(self.held.items()):
+            if expires > self.now:
+                continue
+            assert self.q.ack_range(offset, offset, lease_id, self.now).tolist() == []
+            assert self.q.extend_range(offset, offset, lease_id, self.now, 1000)[0].tolist() == []
+            try:
+                self.q.ack(offset, lease_id, self.now)
+            except LeaseExpired:
+                pass
+            else:
+                raise AssertionError("an expired lease was accepted")
+        assert self.q.counts() == before
+
     @rule(ms=st.sampled_from([50, 200, 600, 1500]))
     def tick(self, ms):
         self.now += ms
