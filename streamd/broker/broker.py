@@ -44,6 +44,7 @@ from .errors import (
     InvalidArgument,
     LimitExceeded,
     PartitionNotFound,
+    ProducerStateNotSaved,
     RecordTooLarge,
     TopicAlreadyExists,
     TopicNotFound,
@@ -346,7 +347,7 @@ class Broker:
         results = [plan.result(base, count, t, durable) for plan, base, count, t in appended]
         waits = [
             plan.part.sync_to(plan.durable_offset(base, count)) for plan, base, count, _ in appended if durable
-        ] + [plan.part.write_snapshot(now) for plan, *_ in appended if plan.needs_snapshot]
+        ] + [_save_producer_state(plan.part, now) for plan, *_ in appended if plan.needs_snapshot]
         if waits:
             waiter = asyncio.ensure_future(_gather(*waits))
         else:
@@ -526,6 +527,17 @@ def _cut_at(data: bytes, end_offset: int) -> tuple[bytes, int]:
             break
         position, next_offset = header.end, header.next_offset
     return data[:position], next_offset
+
+
+async def _save_producer_state(part: Partition, now_ms: int) -> None:
+    """Snapshot the producer state after a batch that only moved a sequence. The
+    sequence has moved whatever happens here, so a failure to write (ENOSPC would
+    otherwise answer RESOURCE_EXHAUSTED, which a producer reads as "not appended")
+    is reported as retryable: the retry is answered as a duplicate."""
+    try:
+        await part.write_snapshot(now_ms)
+    except OSError as exc:
+        raise ProducerStateNotSaved(part.topic, part.index, exc) from exc
 
 
 async def _gather(*aws) -> None:

@@ -15,6 +15,7 @@ class to a gRPC status code; nothing else decides codes.
     ├── LimitExceeded            too many topics, partitions, ...
     ├── OutOfOrderSequence       an idempotent producer's batch is not the next one
     │   └── UnknownProducer      ... and the partition does not know the producer
+    ├── ProducerStateNotSaved    a batch is taken but its producer state could not be saved
     └── BrokerUnavailable        starting or stopping
 """
 
@@ -128,6 +129,20 @@ class UnknownProducer(OutOfOrderSequence):
 
     def __init__(self, producer_id: int, got: int, *, topic: str | None = None, partition: int | None = None) -> None:
         super().__init__(producer_id, 0, got, topic=topic, partition=partition, why="unknown producer id")
+
+
+class ProducerStateNotSaved(BrokerError):
+    """An idempotent producer's batch was taken (its sequence numbers are used: a
+    retry is answered as a duplicate) but the producer state file that must keep
+    that could not be written (e.g. a full disk). Retryable, and never a refusal:
+    a producer told "refused" would reuse the sequence numbers for new records,
+    which the broker would then take for a retry of this batch and drop."""
+
+    reason = "PRODUCER_STATE_NOT_SAVED"
+
+    def __init__(self, topic: str, partition: int, cause: BaseException) -> None:
+        super().__init__(f"{topic}/{partition}: the producer state could not be saved ({cause}); retry",
+                         topic=topic, partition=partition)
 
 
 class BrokerUnavailable(BrokerError):

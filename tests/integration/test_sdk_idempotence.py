@@ -6,6 +6,7 @@ OUT_OF_ORDER_SEQUENCE failing records clearly before the producer starts over.""
 from __future__ import annotations
 
 import asyncio
+import errno
 import threading
 import time
 
@@ -181,3 +182,30 @@ def test_records_keep_their_order_while_batches_wait_to_be_sealed(server, admin,
             stored = all_records(server.address, "t", p)[-n:]
             assert [v for _, v in stored] == values[p], round_
             assert [(m.offset, v) for m, (q, v) in zip(metas, sent) if q == p] == stored
+
+
+def test_a_failed_producer_state_save_is_retried_and_the_next_records_are_kept(server, admin, monkeypatch):
+    # A batch whose every record the dedup window drops only moves the producer's
+    # sequence, which the broker saves in its producer snapshot before answering. If
+    # that save fails (a full disk), the answer must not read as "not appended": the
+    # producer would give the next records the same sequence numbers and the broker
+    # would take them for a retry of the dropped batch, answer "duplicate" and drop them.
+    from streamd.broker import partition as partition_module
+
+    real, calls = partition_module.write_snapshot, []
+
+    def full_once(directory, data):
+        calls.append(directory)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(directory, data)
+
+    admin.create_topic("d", 1, dedup_window_ms=60_000)
+    with Producer(server.address, retry_backoff_ms=10) as producer:
+        assert producer.send_and_wait("d", b"first", idempotency_key="k").offset == 0
+        monkeypatch.setattr(partition_module, "write_snapshot", full_once)
+        again = producer.send_and_wait("d", b"again", idempotency_key="k")
+        assert (again.offset, again.duplicate) == (0, True)
+        kept = producer.send_and_wait("d", b"next")
+        assert (kept.offset, kept.duplicate) == (1, False)
+    assert calls and [v for _, v in all_records(server.address, "d")] == [b"first", b"next"]
