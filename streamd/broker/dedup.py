@@ -8,8 +8,10 @@ without a key are never deduplicated. Topics without a window have no
 
 Per key the window keeps the offset of the record appended first (about 150 bytes
 with the key's string); keys leave it once older than the window (checked at every
-lookup) or, past ``MAX_DEDUP_KEYS`` keys, oldest first (a key evicted early can be
-appended again).
+lookup) or, past ``MAX_DEDUP_KEYS`` keys or ``MAX_DEDUP_KEY_CHARS`` characters of
+keys, oldest first (a key evicted early can be appended again). The character
+budget matters because a key is only limited by the record size: without it a
+producer sending long keys would make the broker hold up to a million of them.
 
 Nothing is persisted: opening a partition rebuilds the window from the log, reading
 the batches appended within the last ``dedup_window_ms`` (``rebuild``). Start-up
@@ -33,16 +35,20 @@ from streamd.v1 import streamd_pb2 as pb
 from .log_scan import iter_batches
 
 MAX_DEDUP_KEYS = 1_000_000
+MAX_DEDUP_KEY_CHARS = 64 * 1024 * 1024
 
 
 class DedupWindow:
-    def __init__(self, window_ms: int, *, max_keys: int = MAX_DEDUP_KEYS) -> None:
+    def __init__(self, window_ms: int, *, max_keys: int = MAX_DEDUP_KEYS,
+                 max_key_chars: int = MAX_DEDUP_KEY_CHARS) -> None:
         if window_ms <= 0:
             raise ValueError("window_ms must be positive")
         self.window_ms = window_ms
         self.max_keys = max_keys
+        self.max_key_chars = max_key_chars
         self._keys: dict[str, int] = {}  # key -> offset; kept small: up to a million
         self._order: deque[tuple[int, str, int]] = deque()
+        self._chars = 0  # characters of the keys listed in _order
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -64,7 +70,8 @@ class DedupWindow:
                 offset = base_offset + i
                 entries[key] = offset
                 order.append((append_time_ms, key, offset))
-        while len(entries) > self.max_keys:
+                self._chars += len(key)
+        while len(entries) > self.max_keys or self._chars > self.max_key_chars:
             self._pop()
 
     def evict(self, now_ms: int) -> None:
@@ -76,6 +83,7 @@ class DedupWindow:
 
     def _pop(self) -> None:
         _, key, offset = self._order.popleft()
+        self._chars -= len(key)
         if self._keys.get(key) == offset:
             del self._keys[key]
 

@@ -37,6 +37,20 @@ def test_past_the_key_limit_the_oldest_keys_go_first():
     assert len(window) == 3 and window.lookup("a", 0) is None and window.lookup("d", 0) == 3
 
 
+def test_past_the_key_character_budget_the_oldest_keys_go_first():
+    # Keys are limited only by the record size: the window bounds their total length
+    # too, or a producer of long keys would make it hold a million of them.
+    window = DedupWindow(DAY, max_key_chars=10)
+    window.add(["a" * 4, "b" * 4], 0, append_time_ms=0)
+    window.add(["c" * 4], 2, append_time_ms=0)
+    assert len(window) == 2 and window.lookup("a" * 4, 0) is None and window.lookup("c" * 4, 0) == 2
+    window.add(["d" * 50], 3, append_time_ms=0)  # longer than the whole budget: not kept
+    assert len(window) == 0 and window._chars == 0
+    window.add(["e"], 4, append_time_ms=0)
+    window.evict(DAY + 1)
+    assert len(window) == 0 and window._chars == 0
+
+
 def test_a_window_must_be_positive():
     with pytest.raises(ValueError):
         DedupWindow(0)
