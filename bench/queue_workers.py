@@ -164,7 +164,6 @@ def _run(stub, pb, grpc, spec: dict) -> _Tally:
     receive = pb.ReceiveRequest(group=group, topic=topic, max_records=spec["max_records"],
                                 max_wait_ms=EMPTY_WAIT_MS, worker_id=spec["worker_id"])
     deadline = time.time() + spec["seconds"]
-    pending = None  # batched_pipelined: the Settle in flight while the next Receive runs
     if mode in ("ranges", "ranges_pipelined"):
         return _run_ranges(stub, pb, spec, tally, receive, deadline)
     while time.time() < deadline:
@@ -172,27 +171,17 @@ def _run(stub, pb, grpc, spec: dict) -> _Tally:
         records = stub.Receive(receive).records
         tally.receive_s += time.perf_counter() - t
         tally.receives += 1
-        if pending is not None:
-            _count_settle_errors(tally, pending.result())
-            pending = None
         if not records:
             break
         tally.note(records)
         t = time.perf_counter()
-        if mode in ("batched", "batched_pipelined"):
-            request = _settle_request(pb, group, topic, records)
+        if mode == "batched":
             tally.settle_calls += 1
-            if mode == "batched":
-                _count_settle_errors(tally, stub.Settle(request))
-                tally.answered()
-            else:
-                pending = stub.Settle.future(request)
-                pending.add_done_callback(tally.answered)
+            _count_settle_errors(tally, stub.Settle(_settle_request(pb, group, topic, records)))
+            tally.answered()
         else:
             _ack_each(stub, pb, grpc, group, topic, records, tally, pipelined=mode == "per_record_pipelined")
         tally.settle_s += time.perf_counter() - t
-    if pending is not None:
-        _count_settle_errors(tally, pending.result())
     return tally
 
 
