@@ -294,33 +294,42 @@ class PartitionQueue:
         """Lease up to ``n`` available records (lowest offsets first) under one lease
         id. Call ``expire`` first: expired leases and due retries are the owner's to
         persist."""
+        return self.take(self.pick(n), now, lease_ms)
+
+    def pick(self, n: int) -> np.ndarray:
+        """The offsets ``lease(n)`` would lease (ascending), changing nothing: the owner
+        may ``take`` a prefix of them (say, what fits in an answer)."""
         if n <= 0:
-            return None
+            return np.empty(0, np.int64)
         lo, hi = self._hint - self.base, self.scan_offset - self.base
         found = np.flatnonzero(self._state[lo:hi] == AVAILABLE)
         if not len(found):
             self._hint = self.scan_offset
+            return found
+        self._hint = self.base + lo + int(found[0])  # nothing below it is available
+        return found[:n] + (lo + self.base)
+
+    def take(self, offsets: np.ndarray, now: int, lease_ms: int) -> Lease | None:
+        """Lease ``offsets``, a prefix of what ``pick`` just returned, under one lease id
+        (at-most-once: hand them out settled)."""
+        if not len(offsets):
             return None
-        if len(found) > n:
-            found = found[:n]
-            self._hint = self.base + lo + int(found[-1]) + 1
-        else:
-            self._hint = self.scan_offset
-        found += lo
-        first, last = int(found[0]), int(found[-1])
+        first, last = int(offsets[0]) - self.base, int(offsets[-1]) - self.base
         # One contiguous run (the usual case): slices, not fancy indexing.
-        idx = slice(first, last + 1) if last - first == len(found) - 1 else found
+        idx = slice(first, last + 1) if last - first == len(offsets) - 1 else offsets - self.base
+        if not (self._state[idx] == AVAILABLE).all():
+            raise ValueError("take: every offset must be available (a prefix of pick)")
+        self._hint = last + 1 + self.base  # every available record below it was picked
         d = self._deliveries[idx] + 1
         self._deliveries[idx] = d
         self.stats.redelivered += int(np.count_nonzero(d > 1))
         f = self._first[idx]
         self._first[idx] = np.where(f == 0, now, f)
         self._last[idx] = now
-        offsets = found + self.base
         if self.config.at_most_once:
             self._state[idx] = SETTLED
-            self.open -= len(found)
-            self.stats.acked += len(found)
+            self.open -= len(offsets)
+            self.stats.acked += len(offsets)
             for offset in offsets.tolist() if self._keys else ():
                 self._release_key(offset)
             self._advance()
@@ -331,7 +340,7 @@ class PartitionQueue:
         self._state[idx] = LEASED
         self._lease[idx] = lease_id
         self._visible[idx] = expires
-        heapq.heappush(self._timers, (expires, lease_id, first + self.base, last + self.base))
+        heapq.heappush(self._timers, (expires, lease_id, int(offsets[0]), int(offsets[-1])))
         return Lease(lease_id, expires, offsets, d)
 
     def has_available(self) -> bool:

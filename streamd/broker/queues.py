@@ -57,6 +57,8 @@ DEFAULT_RECEIVE = 100
 READ_BYTES = 1 << 20
 MAX_WAIT_MS = 30_000
 MAX_RANGE = 100_000  # offsets in one settled range
+DEFAULT_RECEIVE_BYTES = 8 << 20
+MAX_RECEIVE_BYTES = 32 << 20
 DLQ_HEADROOM = 64 * 1024
 MAX_RECORD_LIMIT = 8 * 1024 * 1024
 DLQ_HEADERS = ("topic", "partition", "offset", "group", "deliveries", "reason", "first-delivery-ms",
@@ -64,9 +66,8 @@ DLQ_HEADERS = ("topic", "partition", "offset", "group", "deliveries", "reason", 
 
 
 class Leased(NamedTuple):
-    """One partition's part of a receive: the lease, and either the stored frames
-    holding its records (``frames``, batched form) or the records (``records``:
-    offset -> (Record, append_time_ms))."""
+    """One partition's part of a receive: the lease, the stored frames holding its
+    records, and (per-record form) the records: offset -> (Record, append_time_ms)."""
 
     partition: int
     lease: Lease
@@ -131,9 +132,10 @@ class QueueEngine:
     # -- receive -----------------------------------------------------------------
     async def receive(
         self, name: str, topic: str, *, max_records: int, max_wait_ms: int, lease_ms: int | None,
-        batched: bool = False,
+        batched: bool = False, max_bytes: int = 0,
     ) -> list[Leased]:
-        """Lease up to ``max_records``, one ``Leased`` per partition that had some."""
+        """Lease up to ``max_records`` (and about ``max_bytes``), one ``Leased`` per
+        partition that had some."""
         self.broker.check_serving()
         g = self.group(name, topic)
         n = _receive_count(max_records)
@@ -143,10 +145,13 @@ class QueueEngine:
             raise InvalidArgument("lease_ms", str(exc)) from None
         if not 0 <= max_wait_ms:
             raise InvalidArgument("max_wait_ms", "must not be negative")
+        if not 0 <= max_bytes <= MAX_RECEIVE_BYTES:
+            raise InvalidArgument("max_bytes", f"must be 0 .. {MAX_RECEIVE_BYTES}")
+        budget = max_bytes or DEFAULT_RECEIVE_BYTES
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(max_wait_ms, MAX_WAIT_MS) / 1000
         while True:
-            out, writes = self._lease_round(g, n, lease, batched)
+            out, writes = self._lease_round(g, n, lease, batched, budget)
             if writes:
                 await asyncio.gather(*writes)
             remaining = deadline - loop.time()
@@ -157,7 +162,8 @@ class QueueEngine:
             if self.store.groups.get((name, topic)) is not g:
                 raise QueueGroupNotFound(name, topic)
 
-    def _lease_round(self, g: QueueGroup, n: int, lease_ms: int, batched: bool) -> tuple[list[Leased], list]:
+    def _lease_round(self, g: QueueGroup, n: int, lease_ms: int, batched: bool,
+                     budget: int) -> tuple[list[Leased], list]:
         """Leased records, and the journal writes to await before handing them out."""
         now = self.broker.clock.now_ms()
         key = (g.name, g.topic)
@@ -173,55 +179,59 @@ class QueueEngine:
             try:
                 self._fill(g, q)
                 self._expire(g, q, now)
-                if taken >= n:
+                if taken >= n or budget <= 0:
                     continue
-                lease = q.lease(n - taken, now, lease_ms)
+                found = q.pick(n - taken)
+                if not len(found):
+                    continue
+                # What fits in the answer is read before anything is leased: records
+                # left out stay available, untouched.
+                frames, keep = self._frames(g.topic, p, found, budget, first=not out)
+                records = None
+                if not batched:
+                    records, keep = _decoded(frames, found[:keep], budget, first=not out)
+                lease = q.take(found[:keep], now, lease_ms)
                 if lease is None:
                     continue
                 self.store.delivered(g, p, lease, now)
                 if g.config.at_most_once:  # handed out = acked: durable before the answer goes
                     writes.append(self.store.settled(g, p, lease.offsets))
                 taken += len(lease)
-                if batched:
-                    out.append(Leased(p, lease, frames=self._frames(g.topic, p, lease)))
-                else:
-                    out.append(Leased(p, lease, records=self._records(g.topic, p, lease)))
+                budget -= len(frames)
+                out.append(Leased(p, lease, frames=frames, records=records))
             except OffsetOutOfRange:
                 # Retention deleted records under us (it runs off the loop): count them
-                # as lost and go on with the other partitions. Records of a lease that
-                # still exist come again when it expires.
+                # as lost and go on with the other partitions.
                 self._skip_retained(g, q)
         self._start_dead_letters(g)
         return out, writes
 
-    def _frames(self, topic: str, partition: int, lease: Lease) -> bytes:
-        """The stored frames holding the leased records, each once, as stored."""
+    def _frames(self, topic: str, partition: int, offsets: np.ndarray, budget: int, *,
+                first: bool) -> tuple[bytes, int]:
+        """The stored frames holding ``offsets`` (ascending), each once, as stored, up
+        to ``budget`` bytes (at least one frame when ``first``), and how many of the
+        offsets they hold."""
         frames: list[bytes] = []
         seen: set[int] = set()
-        for first, last, _ in lease.runs():
-            position = first
-            while position <= last:
-                data = self.broker.read(topic, partition, position, max_records=last - position + 1,
+        size = 0
+        for lo, hi in _runs(offsets):
+            position = lo
+            while position <= hi:
+                data = self.broker.read(topic, partition, position, max_records=hi - position + 1,
                                         max_bytes=READ_BYTES).data
                 if not data:
                     raise OffsetOutOfRange(position, 0, 0, name=f"{topic}/{partition}")
                 for h in iter_headers(data):
-                    if h.base_offset not in seen:
-                        seen.add(h.base_offset)
-                        frames.append(data[h.position:h.end])
+                    if h.base_offset in seen:
+                        position = max(position, h.next_offset)
+                        continue
+                    if size + h.size > budget and (frames or not first):
+                        return b"".join(frames), int(np.searchsorted(offsets, max(position, h.base_offset)))
+                    seen.add(h.base_offset)
+                    frames.append(data[h.position:h.end])
+                    size += h.size
                     position = max(position, h.next_offset)
-        return b"".join(frames)
-
-    def _records(self, topic: str, partition: int, lease: Lease) -> dict[int, tuple[pb.Record, int]]:
-        """The leased records, decoded: offset -> (Record, append_time_ms)."""
-        wanted = set(lease.offsets.tolist())
-        out: dict[int, tuple[pb.Record, int]] = {}
-        for batch in pb.FetchResponse.FromString(self._frames(topic, partition, lease)).batches:
-            base, append_time = batch.base_offset, batch.append_time_ms
-            for i, r in enumerate(batch_records(batch).records, base):
-                if i in wanted:
-                    out[i] = (r, append_time)
-        return out
+        return b"".join(frames), len(offsets)
 
     async def _wait(self, g: QueueGroup, timeout_s: float) -> None:
         """Until new records, a due timer or a settlement may make records available."""
@@ -502,6 +512,37 @@ class QueueEngine:
             task.cancel()
         await asyncio.gather(*self._dead_letter_tasks, return_exceptions=True)
         await self.store.close()
+
+
+def _runs(offsets: np.ndarray) -> list[tuple[int, int]]:
+    """Ascending offsets as (first, last) runs of consecutive offsets."""
+    if len(offsets) and offsets[-1] - offsets[0] == len(offsets) - 1:
+        return [(int(offsets[0]), int(offsets[-1]))]
+    cuts = np.flatnonzero(np.diff(offsets) != 1) + 1
+    starts, ends = np.concatenate(([0], cuts)), np.concatenate((cuts, [len(offsets)])) - 1
+    return [(int(offsets[a]), int(offsets[b])) for a, b in zip(starts.tolist(), ends.tolist())]
+
+
+def _decoded(frames: bytes, offsets: np.ndarray, budget: int, *, first: bool) -> tuple[dict, int]:
+    """The records at ``offsets`` decoded from ``frames`` (offset -> (Record,
+    append_time_ms)), up to ``budget`` bytes of records (at least one when
+    ``first``), and how many of the offsets that is."""
+    wanted = set(offsets.tolist())
+    found: dict[int, tuple[pb.Record, int]] = {}
+    for batch in pb.FetchResponse.FromString(frames).batches:
+        append_time = batch.append_time_ms
+        for i, r in enumerate(batch_records(batch).records, batch.base_offset):
+            if i in wanted:
+                found[i] = (r, append_time)
+    out: dict[int, tuple[pb.Record, int]] = {}
+    size = 0
+    for offset in offsets.tolist():
+        record = found[offset]
+        size += record[0].ByteSize() + 32
+        if size > budget and (out or not first):
+            break
+        out[offset] = record
+    return out, len(out)
 
 
 def _admit_batch(q: PartitionQueue, batch: pb.RecordBatch, end: int) -> bool:

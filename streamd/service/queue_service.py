@@ -153,6 +153,7 @@ class QueueService:
         return await self.engine.receive(
             request.group, request.topic, max_records=max_records, max_wait_ms=request.max_wait_ms,
             lease_ms=request.lease_ms if request.HasField("lease_ms") else None, batched=request.batched,
+            max_bytes=request.max_bytes,
         )
 
     # -- settling ------------------------------------------------------------------

@@ -753,7 +753,7 @@ class LeasedRecord(_message.Message):
     def __init__(self, partition: _Optional[int] = ..., offset: _Optional[int] = ..., record: _Optional[_Union[Record, _Mapping]] = ..., append_time_ms: _Optional[int] = ..., lease_id: _Optional[int] = ..., delivery_count: _Optional[int] = ..., lease_expires_ms: _Optional[int] = ...) -> None: ...
 
 class ReceiveRequest(_message.Message):
-    __slots__ = ("group", "topic", "max_records", "max_wait_ms", "lease_ms", "worker_id", "batched")
+    __slots__ = ("group", "topic", "max_records", "max_wait_ms", "lease_ms", "worker_id", "batched", "max_bytes")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     TOPIC_FIELD_NUMBER: _ClassVar[int]
     MAX_RECORDS_FIELD_NUMBER: _ClassVar[int]
@@ -761,6 +761,7 @@ class ReceiveRequest(_message.Message):
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     BATCHED_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     group: str
     topic: str
     max_records: int
@@ -768,7 +769,8 @@ class ReceiveRequest(_message.Message):
     lease_ms: int
     worker_id: str
     batched: bool
-    def __init__(self, group: _Optional[str] = ..., topic: _Optional[str] = ..., max_records: _Optional[int] = ..., max_wait_ms: _Optional[int] = ..., lease_ms: _Optional[int] = ..., worker_id: _Optional[str] = ..., batched: _Optional[bool] = ...) -> None: ...
+    max_bytes: int
+    def __init__(self, group: _Optional[str] = ..., topic: _Optional[str] = ..., max_records: _Optional[int] = ..., max_wait_ms: _Optional[int] = ..., lease_ms: _Optional[int] = ..., worker_id: _Optional[str] = ..., batched: _Optional[bool] = ..., max_bytes: _Optional[int] = ...) -> None: ...
 
 class LeasedRange(_message.Message):
     __slots__ = ("first_offset", "last_offset", "lease_id", "delivery_count", "lease_expires_ms")

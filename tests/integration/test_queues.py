@@ -560,3 +560,31 @@ def test_batched_receive_after_a_restart_keeps_counts_and_acked_ranges(make_serv
         assert stats(stubs).acked == 2
     finally:
         stubs.close()
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_a_receive_stays_within_max_bytes_and_leaves_the_rest_available(clocked, batched):
+    _, stubs, _ = clocked
+    stubs.create("jobs", 1)
+    create(stubs)
+    for i in range(6):  # one stored batch of ~100 KB per record
+        produce(stubs, "jobs", [{"value": bytes([i]) * 100_000}])
+    request = pb.ReceiveRequest(group="workers", topic="jobs", max_records=100, batched=batched,
+                                max_bytes=250_000)
+
+    def got(reply) -> dict[int, int]:
+        if batched:
+            return {o: r.delivery_count for p in reply.partitions for r in p.leased
+                    for o in range(r.first_offset, r.last_offset + 1)}
+        return {r.offset: r.delivery_count for r in reply.records}
+
+    assert got(stubs.queues.Receive(request)) == {0: 1, 1: 1}
+    request.max_bytes = 1  # the first record comes whatever its size
+    assert got(stubs.queues.Receive(request)) == {2: 1}
+    request.max_bytes = 0  # 8 MiB: the rest, each on its first delivery
+    assert got(stubs.queues.Receive(request)) == {3: 1, 4: 1, 5: 1}
+    assert stats(stubs).in_flight == 6 and stats(stubs).redelivered == 0
+    request.max_bytes = 64 << 20
+    with pytest.raises(grpc.RpcError) as err:
+        stubs.queues.Receive(request)
+    assert error_info(err.value)[:2] == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
