@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -33,6 +34,13 @@ class Stubs:
 
     def fetch(self, topic: str, partition: int, offset: int, **limits) -> pb.FetchResponse:
         return self.log.Fetch(pb.FetchRequest(topic=topic, partition=partition, offset=offset, **limits))
+
+
+def refused(call, *args, **kwargs) -> tuple[grpc.StatusCode, str, dict[str, str]]:
+    """(code, ErrorInfo reason, metadata) of a call that must fail."""
+    with pytest.raises(grpc.RpcError) as caught:
+        call(*args, **kwargs)
+    return error_info(caught.value)
 
 
 def error_info(err: grpc.RpcError) -> tuple[grpc.StatusCode, str, dict[str, str]]:

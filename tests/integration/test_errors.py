@@ -8,22 +8,7 @@ import pytest
 
 from streamd.v1 import streamd_pb2 as pb
 
-from .helpers import Stubs, error_info
-
-
-@pytest.fixture
-def stubs(server):
-    s = Stubs(server.address)
-    try:
-        yield s
-    finally:
-        s.close()
-
-
-def refused(call, *args, **kwargs):
-    with pytest.raises(grpc.RpcError) as caught:
-        call(*args, **kwargs)
-    return error_info(caught.value)
+from .helpers import Stubs, refused
 
 
 def test_unknown_topic_is_not_found(stubs):

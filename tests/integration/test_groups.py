@@ -70,13 +70,6 @@ def parts(a: pb.Assignment) -> set[tuple[str, int]]:
     return {(tp.topic, p) for tp in a.partitions for p in tp.partitions}
 
 
-@pytest.fixture
-def stubs(server):
-    s = Stubs(server.address)
-    yield s
-    s.close()
-
-
 def commit(stubs: Stubs, group: str, member: str, generation: int, offsets: dict) -> None:
     stubs.groups.CommitOffsets(
         pb.CommitOffsetsRequest(

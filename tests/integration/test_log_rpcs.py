@@ -6,22 +6,10 @@ import threading
 import time
 
 import grpc
-import pytest
 
 from streamd.client.records import batch_records, decode_batches
 from streamd.partitioner import key_partition
 from streamd.v1 import streamd_pb2 as pb
-
-from .helpers import Stubs
-
-
-@pytest.fixture
-def stubs(server):
-    s = Stubs(server.address)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def test_create_list_describe_delete_topic(stubs):

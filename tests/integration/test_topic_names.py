@@ -7,31 +7,15 @@ from __future__ import annotations
 import uuid
 
 import grpc
-import pytest
 
 from streamd.client.records import batch_records
 from streamd.v1 import streamd_pb2 as pb
 from tests.conftest import wait_until
 
-from .helpers import Stubs, error_info
+from .helpers import Stubs, refused
 
 LONGEST = "t" * 249  # the longest valid name
 SCRATCH_DIRS = ("@tmp", "@deleted")
-
-
-@pytest.fixture
-def stubs(server):
-    s = Stubs(server.address)
-    try:
-        yield s
-    finally:
-        s.close()
-
-
-def refused(call, *args, **kwargs):
-    with pytest.raises(grpc.RpcError) as caught:
-        call(*args, **kwargs)
-    return error_info(caught.value)
 
 
 def values_in(stubs: Stubs, topic: str, partition: int) -> list[bytes]:
