@@ -292,6 +292,14 @@ def test_receive_stream_pushes_as_credit_allows(clocked):
     first = next(call)
     assert [r.offset for r in first.records] == [0, 1, 2]
     call.cancel()
+    # The batched form: the stored batch and the leased range, within the credit.
+    requests = iter([pb.ReceiveStreamRequest(open=pb.ReceiveRequest(group="workers", topic="jobs", max_records=2,
+                                                                    batched=True))])
+    call = stubs.queues.ReceiveStream(requests)
+    [part] = next(call).partitions
+    assert [(r.first_offset, r.last_offset) for r in part.leased] == [(3, 4)]
+    assert leased_values(part) == {3: b"v3", 4: b"v4"}
+    call.cancel()
 
 
 def test_bad_queue_requests_get_clear_statuses(clocked):
