@@ -111,15 +111,33 @@ def _messages(topic: str, reply, receiver, lease_s: float, received: float) -> l
 def ack_ranges(acks: list[tuple[int, int, int]]) -> list[pb.SettleRange]:
     """(partition, offset, lease_id) acks as SettleRanges: consecutive offsets of one
     lease make one range (a batch of acks is usually a handful of ranges)."""
-    out: list[pb.SettleRange] = []
+    return [r for r, _ in _ranges([(a, a) for a in set(acks)], pb.SETTLE_ACTION_ACK)]
+
+
+def extend_ranges(messages: list[Message]) -> list[tuple[pb.SettleRange, list[Message]]]:
+    """Lease extensions for ``messages`` (each by its own lease length) as
+    SettleRanges, each with the messages it covers."""
+    keyed = [((m.partition, m.offset, m.lease_id), m) for m in messages]
+    by_length: dict[int, list] = {}
+    for item in keyed:
+        by_length.setdefault(int(item[1].lease_s * 1000), []).append(item)
+    return [pair for ms, items in by_length.items() for pair in _ranges(items, pb.SETTLE_ACTION_EXTEND, ms)]
+
+
+def _ranges(items: list[tuple[tuple[int, int, int], object]], action: int,
+            delay_ms: int | None = None) -> list[tuple[pb.SettleRange, list]]:
+    """((partition, offset, lease_id), payload) items as ranges of consecutive offsets
+    of one lease, each with the payloads it covers."""
+    out: list[tuple[pb.SettleRange, list]] = []
     last = None
-    for p, offset, lease_id in sorted(set(acks), key=lambda a: (a[0], a[2], a[1])):
+    for (p, offset, lease_id), payload in sorted(items, key=lambda i: (i[0][0], i[0][2], i[0][1])):
         if last is not None and (last.partition, last.lease_id) == (p, lease_id) and last.last_offset == offset - 1:
             last.last_offset = offset
+            out[-1][1].append(payload)
             continue
         last = pb.SettleRange(partition=p, first_offset=offset, last_offset=offset, lease_id=lease_id,
-                              action=pb.SETTLE_ACTION_ACK)
-        out.append(last)
+                              action=action, delay_ms=delay_ms)
+        out.append((last, [payload]))
     return out
 
 
@@ -420,7 +438,26 @@ class _Extender:
             now = time.monotonic()
             with self._lock:
                 due = [m for m in self._watched.values() if m.deadline - now < m.lease_s / 3]
-            for msg in due:
+            if due:
+                self._extend(due)
+
+    def _extend(self, due: list[Message]) -> None:
+        """One Settle of extension ranges; a range with refused offsets is retried
+        message by message, so exactly the lost leases are forgotten."""
+        ranges = extend_ranges(due)
+        sent = time.monotonic()
+        try:
+            results = self.receiver._send([], [r for r, _ in ranges])
+        except StreamdError as err:
+            log.info("%d lease(s) not extended: %s", len(due), err)
+            return  # tried again on the next round while their leases last
+        for (_, messages), result in zip(ranges, results):
+            if not result.refused and not result.HasField("error"):
+                for msg in messages:
+                    msg.lease_expires_ms = result.lease_expires_ms
+                    msg.deadline = sent + msg.lease_s
+                continue
+            for msg in messages:
                 try:
                     self.receiver.extend(msg, int(msg.lease_s * 1000))
                 except StreamdError as err:
@@ -525,6 +562,29 @@ class AsyncQueueReceiver:
         except grpc.RpcError as err:
             raise StreamdError.from_rpc_error(err) from None
 
+    async def _extend(self, due: list[Message]) -> list[Message]:
+        """Extend the leases of ``due`` in one Settle of ranges (a range with refused
+        offsets is retried message by message); returns the messages whose lease is lost."""
+        ranges = extend_ranges(due)
+        sent = time.monotonic()
+        try:
+            results = await self._send([], [r for r, _ in ranges])
+        except StreamdError as err:
+            log.info("%d lease(s) not extended: %s", len(due), err)
+            return []  # tried again on the next round while their leases last
+        lost = []
+        for (_, messages), result in zip(ranges, results):
+            for msg in messages:
+                if result.refused or result.HasField("error"):
+                    try:
+                        await self.settle(msg, "extend", delay_ms=int(msg.lease_s * 1000))
+                    except StreamdError as err:
+                        log.info("lease of %s/%d@%d not extended: %s", msg.topic, msg.partition, msg.offset, err)
+                        lost.append(msg)
+                        continue
+                msg.deadline = sent + msg.lease_s
+        return lost
+
     async def process(
         self, handler: Callable[[Message], Awaitable[object]], *, concurrency: int = 16,
         stop: asyncio.Event | None = None, max_messages: int | None = None,
@@ -559,13 +619,9 @@ class AsyncQueueReceiver:
             while True:
                 await asyncio.sleep(0.05)
                 now = time.monotonic()
-                for msg in [m for m in watched.values() if m.deadline - now < m.lease_s / 3]:
-                    try:
-                        sent = time.monotonic()
-                        await self.settle(msg, "extend", delay_ms=int(msg.lease_s * 1000))
-                        msg.deadline = sent + msg.lease_s
-                    except StreamdError as err:
-                        log.info("lease of %s/%d@%d not extended: %s", msg.topic, msg.partition, msg.offset, err)
+                due = [m for m in watched.values() if m.deadline - now < m.lease_s / 3]
+                if due:
+                    for msg in await self._extend(due):
                         watched.pop(id(msg), None)
 
         async def tracked(msg: Message) -> None:
