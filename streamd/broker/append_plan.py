@@ -17,6 +17,13 @@ A plan is one of:
 - on dedup topics, records whose key was appended within the window (or earlier in
   the same request: the first wins) are dropped from their batch, which is rebuilt
   without them, and listed with the offset of the first record with their key.
+
+The answer to a retry repeats the first answer exactly, ``deduplicated`` included:
+each idempotent batch's dropped records are remembered with it
+(``BatchMeta.deduplicated``, see ``producer_state``). Where that answer is not known
+(state rebuilt from the log) it is worked out from the window if the window can
+still tell for sure (``_rebuilt_answer``), and the retry is refused with
+``RetryAnswerUnknown`` otherwise.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, NamedTuple
 
 from .batches import CheckedBatch, rebuild_without
-from .errors import InvalidBatch
+from .errors import InvalidBatch, RetryAnswerUnknown
 from .producer_state import BatchMeta
 
 if TYPE_CHECKING:
@@ -57,7 +64,7 @@ class RequestState:
 
 
 class PartitionPlan:
-    __slots__ = ("part", "batches", "duplicates", "deduplicated", "needs_snapshot", "base_offset")
+    __slots__ = ("part", "batches", "duplicates", "deduplicated", "answers", "needs_snapshot", "base_offset")
 
     def __init__(self, part: "Partition", batches: list[CheckedBatch]) -> None:
         self.part = part
@@ -67,6 +74,9 @@ class PartitionPlan:
         #: (index among this entry's records, offset, or (plan, ordinal) for a key
         #: first seen earlier in the same request)
         self.deduplicated: list[tuple[int, object]] = []
+        #: Per entry of ``batches`` (when the window dropped any record): its own
+        #: dropped records, (index among the batch's records, as in ``deduplicated``).
+        self.answers: list[list[tuple[int, object]]] = []
         #: An idempotent batch lost every record to the dedup window: only the
         #: producer's sequence moves, which only the snapshot file can keep.
         self.needs_snapshot = False
@@ -81,6 +91,14 @@ class PartitionPlan:
         for _, where in self.deduplicated:
             end = max(end, _offset(where) + 1)
         return end
+
+    def batch_answers(self) -> list[tuple[tuple[int, int], ...]] | None:
+        """What ``Partition.append`` remembers with each batch: its dropped records
+        and the offsets answered. Call once ``base_offset`` is set (keys first seen
+        earlier in the plan itself are counted from it)."""
+        if not self.answers:
+            return None
+        return [tuple((index, _offset(where)) for index, where in answer) for answer in self.answers]
 
     def result(self, base_offset: int, record_count: int, append_time_ms: int, durable: bool) -> ProduceResult:
         if not self.duplicates and not self.deduplicated:
@@ -131,14 +149,14 @@ def plan_partition(
         if fresh:
             raise InvalidBatch("a request mixes retried and new batches of an idempotent producer for one "
                                "partition; send the new ones in another request", partition=part.index)
-        _plan_duplicates(plan, retried)
+        _plan_duplicates(plan, retried, topic)
         return plan
     if dedup is not None:
         plan.batches = _drop_duplicate_keys(plan, fresh, request, now_ms)
     return plan
 
 
-def _plan_duplicates(plan: PartitionPlan, retried: list[tuple[CheckedBatch, BatchMeta]]) -> None:
+def _plan_duplicates(plan: PartitionPlan, retried: list[tuple[CheckedBatch, BatchMeta]], topic: str) -> None:
     plan.batches = []
     index = 0
     for i, (b, meta) in enumerate(retried):
@@ -148,24 +166,43 @@ def _plan_duplicates(plan: PartitionPlan, retried: list[tuple[CheckedBatch, Batc
                 raise InvalidBatch("retried batches whose originals are not adjacent in the log; retry them "
                                    "one request each", partition=plan.part.index)
         plan.duplicates.append(meta)
-        if meta.record_count != b.record_count and b.keys is not None and plan.part.dedup is not None:
-            plan.deduplicated.extend(_retried_dedup(plan.part.dedup, b.keys, meta, index))
+        if meta.record_count != b.record_count:  # the window dropped records the first time
+            answer = meta.deduplicated
+            if answer is None:
+                answer = _rebuilt_answer(plan.part.dedup, b.keys, meta)
+            if answer is None:
+                raise RetryAnswerUnknown(b.producer_id, b.base_sequence, topic=topic, partition=plan.part.index)
+            plan.deduplicated.extend((index + j, offset) for j, offset in answer)
         index += b.record_count
 
 
-def _retried_dedup(dedup, keys: list[str], meta: BatchMeta, index: int) -> list[tuple[int, object]]:
-    """Which records of a retried batch the window dropped the first time (the answer
-    is not kept; it is worked out again from the keys, which the window still holds:
-    a stored record's key points at its own offset, a dropped one's elsewhere)."""
-    out: list[tuple[int, object]] = []
+def _rebuilt_answer(dedup, keys: list[str] | None, meta: BatchMeta) -> tuple[tuple[int, int], ...] | None:
+    """Which records of a retried batch the window dropped the first time, worked out
+    from the window's keys when the answer itself is not known; None unless exact.
+
+    The window maps a key to the latest record stored with it (nothing else sets an
+    offset). Walking the retry's records with ``cursor`` at the offset the next
+    stored one would have: a record without a key was stored; one whose key maps to
+    ``cursor`` was stored there; one whose key maps below ``cursor`` was dropped (had
+    it been stored, the key would map to ``cursor`` or later) and was answered with
+    that offset, the latest record with its key before it. A key the window no longer
+    holds, or that maps past ``cursor`` (stored again since), cannot tell: None.
+    """
+    if dedup is None or keys is None:
+        return None
+    out: list[tuple[int, int]] = []
     cursor = meta.base_offset
     for i, key in enumerate(keys):
-        offset = dedup.offset_of(key) if key else None
-        if offset is None or offset == cursor:
+        offset = dedup.offset_of(key) if key else cursor
+        if offset == cursor:
             cursor += 1
+        elif offset is not None and offset < cursor:
+            out.append((i, offset))
         else:
-            out.append((index + i, offset))
-    return out
+            return None
+    if cursor != meta.base_offset + meta.record_count:
+        return None
+    return tuple(out)
 
 
 def _drop_duplicate_keys(
@@ -174,35 +211,43 @@ def _drop_duplicate_keys(
     dedup = plan.part.dedup
     p = plan.part.index
     out: list[CheckedBatch] = []
+    answers: list[list[tuple[int, object]]] = []  # kept aligned with ``out``
     index = ordinal = 0
     for b in batches:
         keys = b.keys
         if keys is None:
             out.append(b)
+            answers.append([])
             index += b.record_count
             ordinal += b.record_count
             continue
         keep: list[int] = []
+        dropped: list[tuple[int, object]] = []
         for i, key in enumerate(keys):
             if key:
                 first = request.keys.get((p, key))
                 if first is None:
                     offset = dedup.lookup(key, now_ms)
                     if offset is not None:
-                        plan.deduplicated.append((index + i, offset))
+                        dropped.append((i, offset))
                         continue
                     request.keys[(p, key)] = (plan, ordinal)
                 else:
-                    plan.deduplicated.append((index + i, first))
+                    dropped.append((i, first))
                     continue
             keep.append(i)
             ordinal += 1
+        plan.deduplicated.extend((index + i, where) for i, where in dropped)
         index += len(keys)
-        if len(keep) == len(keys):
+        if not dropped:
             out.append(b)
+            answers.append([])
         elif keep or b.producer_id:
             rebuilt = rebuild_without(b, keep)
             if not keep:
                 plan.needs_snapshot = True
             out.append(rebuilt)
+            answers.append(dropped)
+    if plan.deduplicated:
+        plan.answers = answers
     return out

@@ -340,7 +340,9 @@ class Broker:
                 plans.append(plan_partition(part, batches, request, topic=name, now_ms=now))
         appended = []
         for plan in plans:
-            base, count, append_time = plan.part.append(plan.batches, now_ms=now)
+            # Where the plan's first stored record goes: answers count from it.
+            plan.base_offset = plan.part.log.log_end_offset
+            base, count, append_time = plan.part.append(plan.batches, now_ms=now, answers=plan.batch_answers())
             plan.base_offset = base
             appended.append((plan, base, count, append_time))
         durable = s.fsync_policy == "always"

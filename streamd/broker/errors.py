@@ -15,6 +15,7 @@ class to a gRPC status code; nothing else decides codes.
     ├── LimitExceeded            too many topics, partitions, ...
     ├── OutOfOrderSequence       an idempotent producer's batch is not the next one
     │   └── UnknownProducer      ... and the partition does not know the producer
+    ├── RetryAnswerUnknown       a retry whose records the dedup window dropped can't be answered
     ├── ProducerStateNotSaved    a batch is taken but its producer state could not be saved
     └── BrokerUnavailable        starting or stopping
 """
@@ -129,6 +130,29 @@ class UnknownProducer(OutOfOrderSequence):
 
     def __init__(self, producer_id: int, got: int, *, topic: str | None = None, partition: int | None = None) -> None:
         super().__init__(producer_id, 0, got, topic=topic, partition=partition, why="unknown producer id")
+
+
+class RetryAnswerUnknown(BrokerError):
+    """An idempotent producer's batch is a retry (nothing is appended: its sequence
+    numbers are used) of a batch the dedup window dropped records from the first
+    time, and the broker no longer knows which ones, nor the offsets they were
+    answered with: the answer was not kept (the producer state was rebuilt from the
+    log, which holds only the stored records, or it was forgotten to bound memory)
+    and the window has forgotten the keys. Rather than answer with wrong offsets the
+    retry is failed for good (DATA_LOSS): not retryable, and not a refusal either (a
+    producer told "refused" would reuse the sequence numbers)."""
+
+    reason = "RETRY_ANSWER_UNKNOWN"
+
+    def __init__(self, producer_id: int, base_sequence: int, *, topic: str | None = None,
+                 partition: int | None = None) -> None:
+        where = f" in {topic}/{partition}" if topic is not None else ""
+        super().__init__(
+            f"producer {producer_id}{where}: the batch at sequence {base_sequence} was already appended, "
+            "but which of its records were deduplicated is no longer known",
+            producer_id=producer_id, base_sequence=base_sequence, topic=topic, partition=partition,
+        )
+        self.producer_id, self.base_sequence = producer_id, base_sequence
 
 
 class ProducerStateNotSaved(BrokerError):

@@ -58,8 +58,18 @@ class Partition:
         self.last_flush_ms = 0
 
     # -- writing -------------------------------------------------------------
-    def append(self, batches: list[CheckedBatch], *, now_ms: int) -> tuple[int, int, int]:
+    def append(
+        self,
+        batches: list[CheckedBatch],
+        *,
+        now_ms: int,
+        answers: list[tuple[tuple[int, int], ...]] | None = None,
+    ) -> tuple[int, int, int]:
         """Append checked batches; returns (base_offset, record_count, append_time_ms).
+
+        ``answers`` (aligned with ``batches``; None: nothing dropped) lists the
+        records the dedup window dropped from each batch and the offsets answered,
+        which an idempotent batch keeps so that a retry gets the same answer.
 
         Each batch's idempotence and dedup state is recorded right after the batch
         itself is appended: if storage fails part-way, what was appended is
@@ -70,7 +80,7 @@ class Partition:
         append_time = now_ms
         count = 0
         try:
-            for b in batches:
+            for k, b in enumerate(batches):
                 if b.record_count:
                     info = log.append(b.body, record_count=b.record_count, append_time_ms=now_ms)
                     offset = info.base_offset
@@ -82,7 +92,7 @@ class Partition:
                     offset = log.log_end_offset
                 if b.producer_id:
                     meta = BatchMeta(b.base_sequence, b.sequence_count or b.record_count, offset, b.record_count,
-                                     append_time)
+                                     append_time, answers[k] if answers is not None else ())
                     self.producers.record(b.producer_id, meta, now_ms)
         finally:
             # Even after a storage error part-way, what was appended is visible.

@@ -27,12 +27,17 @@ batches stored after the offset it covers.
 
 Snapshot file ``producers.snapshot`` (written with ``write_atomic``; little-endian)::
 
-    magic "SDPS", u16 version (1), i64 covers_offset, u32 producer_count,
+    magic "SDPS", u16 version (2), i64 covers_offset, u32 producer_count,
     then per producer: u64 producer_id, i64 last_append_ms, i64 next_sequence,
                        u8 batch_count, then per batch:
                        i64 base_sequence, u32 sequence_count, i64 base_offset,
-                       u32 record_count, i64 append_time_ms
+                       u32 record_count, i64 append_time_ms,
+                       u32 deduplicated_count (0xFFFFFFFF: not known), then per entry:
+                       u32 index, i64 offset
     u32 CRC-32 of everything before it.
+
+Version 1 (written before answers were kept) is the same without
+``deduplicated_count`` and its entries; it is still read, every answer "not known".
 
 ``covers_offset``: the table reflects every batch below it and none at or after it.
 It is written only after the log is fsynced up to that offset, so it never runs ahead
@@ -44,6 +49,16 @@ sequence numbers (records whose idempotency key was a duplicate are dropped). Th
 stored copy then carries ``base_sequence`` shifted so that it still *ends* at the
 batch's last sequence number; a rebuilt table therefore has the right next sequence,
 and on such topics a retry is recognised by where it ends (``relaxed`` matching).
+
+**The answer to such a retry** must repeat which records were dropped and the offset
+each was answered with (``BatchMeta.deduplicated``); the window cannot tell once it
+forgot the keys, so the answer is kept with the batch and in the snapshot. The log
+keeps only the stored records, so a batch replayed from it (no snapshot, or stored
+after the one on disk: an unclean stop) has its answer "not known" (None), as have
+answers forgotten to bound memory (``max_answer_entries``). For those the planner
+works the answer out from the window only where that is exact, and otherwise
+refuses the retry (``RetryAnswerUnknown``) rather than answer wrongly
+(``append_plan``).
 """
 
 from __future__ import annotations
@@ -68,12 +83,25 @@ REMEMBERED_BATCHES = 5
 MAX_PRODUCERS = 10_000
 PRODUCER_EXPIRY_MS = 7 * 24 * 3600 * 1000
 MAX_SEQUENCE = (1 << 63) - 1
+#: Entries of remembered dedup answers (``BatchMeta.deduplicated``) one table keeps in
+#: all; past it the answers of the least recent producers are forgotten (None). One
+#: answer holds at most one entry per record of its batch, and a dropped record takes
+#: at least 5 bytes of the batch's uncompressed records (a keyed ``Record`` inside a
+#: ``RecordSet``), which ``checked_batch`` caps at ``max_batch_bytes``: a single answer
+#: is at most ``max_batch_bytes / 5`` entries (~800k at the 4 MiB default), and the
+#: whole table at most this many, ~120 bytes each in memory: ~12 MB per partition at
+#: worst (the dedup window itself may hold far more).
+MAX_ANSWER_ENTRIES = 100_000
 
 _MAGIC = b"SDPS"
-_VERSION = 1
+_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 _HEAD = struct.Struct("<4sHqI")
 _PRODUCER = struct.Struct("<QqqB")
 _BATCH = struct.Struct("<qIqIq")
+_COUNT = struct.Struct("<I")
+_ENTRY = struct.Struct("<Iq")
+_NOT_KNOWN = 0xFFFFFFFF
 _CRC = struct.Struct("<I")
 
 
@@ -85,10 +113,18 @@ class BatchMeta(NamedTuple):
     base_offset: int
     record_count: int  # records stored (fewer when a dedup window dropped some)
     append_time_ms: int
+    #: The records the dedup window dropped, as answered the first time: (index among
+    #: the records the producer sent, offset of the first record with its key). None:
+    #: not known (see "The answer to such a retry" above).
+    deduplicated: tuple[tuple[int, int], ...] | None = ()
 
     @property
     def end_sequence(self) -> int:
         return self.base_sequence + self.sequence_count
+
+
+def _answer_size(meta: BatchMeta) -> int:
+    return len(meta.deduplicated) if meta.deduplicated else 0
 
 
 class ProducerEntry:
@@ -103,9 +139,12 @@ class ProducerEntry:
 class ProducerStateTable:
     """Per-producer sequence state of one partition (see module docstring)."""
 
-    def __init__(self, *, max_producers: int = MAX_PRODUCERS) -> None:
+    def __init__(self, *, max_producers: int = MAX_PRODUCERS, max_answer_entries: int = MAX_ANSWER_ENTRIES) -> None:
         self.max_producers = max_producers
+        self.max_answer_entries = max_answer_entries
         self._producers: OrderedDict[int, ProducerEntry] = OrderedDict()
+        #: Entries of the answers remembered (bounded by ``max_answer_entries``).
+        self.answer_entries = 0
         #: Bumped on every change; the owner compares it to decide whether to snapshot.
         self.version = 0
 
@@ -167,15 +206,39 @@ class ProducerStateTable:
         entry = producers.get(producer_id)
         if entry is None:
             while len(producers) >= self.max_producers:
-                evicted, _ = producers.popitem(last=False)
+                evicted, gone = producers.popitem(last=False)
+                self._forgotten(gone)
                 log.info("producer state full (%d): evicted producer %d", self.max_producers, evicted)
             entry = producers[producer_id] = ProducerEntry()
         else:
             producers.move_to_end(producer_id)
-        entry.batches.append(meta)
+        batches = entry.batches
+        if len(batches) == batches.maxlen:
+            self.answer_entries -= _answer_size(batches[0])  # the append below pushes it out
+        batches.append(meta)
+        self.answer_entries += _answer_size(meta)
         entry.next_sequence = meta.end_sequence
         entry.last_append_ms = now_ms
         self.version += 1
+        if self.answer_entries > self.max_answer_entries:
+            self._forget_answers()
+
+    def _forgotten(self, entry: ProducerEntry) -> None:
+        self.answer_entries -= sum(_answer_size(meta) for meta in entry.batches)
+
+    def _forget_answers(self) -> None:
+        """Forget the answers of the least recent producers until at most half the
+        budget is used (half, so that a full table does not walk on every append)."""
+        target = self.max_answer_entries // 2
+        for entry in self._producers.values():
+            batches = entry.batches
+            for i in range(len(batches)):
+                meta = batches[i]
+                if meta.deduplicated:
+                    self.answer_entries -= len(meta.deduplicated)
+                    batches[i] = meta._replace(deduplicated=None)
+            if self.answer_entries <= target:
+                break
 
     def expire(self, now_ms: int) -> int:
         """Drop producers idle for ``PRODUCER_EXPIRY_MS``; how many were dropped."""
@@ -187,6 +250,7 @@ class ProducerStateTable:
             if entry.last_append_ms >= limit:
                 break
             del producers[producer_id]
+            self._forgotten(entry)
             dropped += 1
         if dropped:
             self.version += 1
@@ -196,9 +260,10 @@ class ProducerStateTable:
     def replay(self, producer_id: int, base_sequence: int, record_count: int, base_offset: int,
                append_time_ms: int) -> None:
         """Apply one stored batch (opening a partition). The log is the truth: a
-        stored batch is taken as it is, whatever the table expected."""
+        stored batch is taken as it is, whatever the table expected. Whether the dedup
+        window dropped records from it is not known (the stored copy lacks them)."""
         self.record(producer_id, BatchMeta(base_sequence, record_count, base_offset, record_count,
-                                           append_time_ms), append_time_ms)
+                                           append_time_ms, None), append_time_ms)
 
     def replay_log(self, plog: PartitionLog, from_offset: int) -> int:
         """Replay every stored batch at or after ``from_offset``; batches replayed."""
@@ -220,23 +285,33 @@ class ProducerStateTable:
         parts = [_HEAD.pack(_MAGIC, _VERSION, covers_offset, len(self._producers))]
         for producer_id, entry in self._producers.items():
             parts.append(_PRODUCER.pack(producer_id, entry.last_append_ms, entry.next_sequence, len(entry.batches)))
-            parts.extend(_BATCH.pack(*meta) for meta in entry.batches)
+            for meta in entry.batches:
+                parts.append(_BATCH.pack(*meta[:5]))
+                answer = meta.deduplicated
+                if answer is None:
+                    parts.append(_COUNT.pack(_NOT_KNOWN))
+                else:
+                    parts.append(_COUNT.pack(len(answer)))
+                    parts.extend(_ENTRY.pack(index, offset) for index, offset in answer)
         data = b"".join(parts)
         return data + _CRC.pack(zlib.crc32(data))
 
     @classmethod
-    def from_snapshot(cls, raw: bytes, *, max_producers: int = MAX_PRODUCERS) -> tuple["ProducerStateTable", int]:
-        """(table, covers_offset); ValueError if ``raw`` is not a valid snapshot."""
+    def from_snapshot(cls, raw: bytes, *, max_producers: int = MAX_PRODUCERS,
+                      max_answer_entries: int = MAX_ANSWER_ENTRIES) -> tuple["ProducerStateTable", int]:
+        """(table, covers_offset); ValueError if ``raw`` is not a valid snapshot (of
+        this version or version 1)."""
         if len(raw) < _HEAD.size + _CRC.size:
             raise ValueError("too short")
         (crc,) = _CRC.unpack_from(raw, len(raw) - _CRC.size)
         if zlib.crc32(memoryview(raw)[: len(raw) - _CRC.size]) != crc:
             raise ValueError("checksum mismatch")
         magic, version, covers_offset, count = _HEAD.unpack_from(raw, 0)
-        if magic != _MAGIC or version != _VERSION:
-            raise ValueError(f"not a version {_VERSION} producer snapshot")
-        table = cls(max_producers=max_producers)
+        if magic != _MAGIC or version not in _READABLE_VERSIONS:
+            raise ValueError(f"not a producer snapshot of version {_READABLE_VERSIONS}")
+        table = cls(max_producers=max_producers, max_answer_entries=max_answer_entries)
         pos = _HEAD.size
+        end = len(raw) - _CRC.size
         try:
             for _ in range(count):
                 producer_id, last_ms, next_sequence, n = _PRODUCER.unpack_from(raw, pos)
@@ -244,13 +319,32 @@ class ProducerStateTable:
                 entry = table._producers[producer_id] = ProducerEntry()
                 entry.last_append_ms, entry.next_sequence = last_ms, next_sequence
                 for _ in range(n):
-                    entry.batches.append(BatchMeta(*_BATCH.unpack_from(raw, pos)))
+                    fields = _BATCH.unpack_from(raw, pos)
                     pos += _BATCH.size
+                    answer = None
+                    if version >= 2:
+                        answer, pos = _read_answer(raw, pos, end)
+                    meta = BatchMeta(*fields, answer)
+                    entry.batches.append(meta)
+                    table.answer_entries += _answer_size(meta)
         except struct.error:
             raise ValueError("truncated") from None
-        if pos != len(raw) - _CRC.size:
+        if pos != end:
             raise ValueError("trailing bytes")
+        if table.answer_entries > table.max_answer_entries:
+            table._forget_answers()
         return table, covers_offset
+
+
+def _read_answer(raw: bytes, pos: int, end: int) -> tuple[tuple[tuple[int, int], ...] | None, int]:
+    (n,) = _COUNT.unpack_from(raw, pos)
+    pos += _COUNT.size
+    if n == _NOT_KNOWN:
+        return None, pos
+    stop = pos + n * _ENTRY.size
+    if stop > end:
+        raise ValueError("truncated")
+    return tuple(_ENTRY.iter_unpack(raw[pos:stop])), stop
 
 
 def write_snapshot(directory: Path, data: bytes) -> None:

@@ -20,6 +20,10 @@ refused as out of order; their answers are ignored and they are written again).
 OUT_OF_ORDER_SEQUENCE / UNKNOWN_PRODUCER (the broker no longer knows the producer:
 idle a week, evicted, or a crash lost data of an fsync=never topic) fail that
 batch's records with a ``ProduceError``, and the sender starts over with a new id.
+Any other error fails the batch alone and leaves the numbering as it is: e.g.
+DATA_LOSS / RETRY_ANSWER_UNKNOWN, a retry the broker recognised (its sequence
+numbers are used) but whose answer (which records its dedup window dropped) it no
+longer knows.
 When the retries run out, every queued batch fails with the last error and the
 sender also starts over.
 

@@ -38,6 +38,7 @@ STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     broker_errors.LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     broker_errors.OutOfOrderSequence: grpc.StatusCode.FAILED_PRECONDITION,
     broker_errors.ProducerStateNotSaved: grpc.StatusCode.UNAVAILABLE,
+    broker_errors.RetryAnswerUnknown: grpc.StatusCode.DATA_LOSS,
     broker_errors.BrokerUnavailable: grpc.StatusCode.UNAVAILABLE,
     segments.OffsetOutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     segments.CorruptBatch: grpc.StatusCode.DATA_LOSS,

@@ -293,10 +293,6 @@ def test_the_cli_creates_and_describes_a_topic_with_a_dedup_window(running, caps
     assert "dedup_window_ms=5000" in capsys.readouterr().out
 
 
-# -- known defects (found in review; strict xfail: they fail until fixed) --------------
-
-@pytest.mark.xfail(reason="a retry's deduplicated answer is worked out from the window's keys; once the "
-                          "window forgot them, the dropped records are reported as stored (wrong offsets)")
 def test_a_retry_after_the_window_still_repeats_which_records_were_deduplicated(stubs, clock):
     stubs.create("d", 1, dedup_window_ms=WINDOW_MS)
     pid = new_producer(stubs)
@@ -310,6 +306,56 @@ def test_a_retry_after_the_window_still_repeats_which_records_were_deduplicated(
     # Without the pair, a client places b, a, c at 1, 2, 3: c is at 2 and 3 is "z".
     assert dedup_pairs(retry) == [(1, 0)]
 
+
+def test_a_retry_after_a_restart_past_the_window_repeats_which_records_were_deduplicated(make_server, clock):
+    first = make_server(clock=clock)
+    stubs = Stubs(first.address)
+    stubs.create("d", 1, dedup_window_ms=WINDOW_MS)
+    pid = new_producer(stubs)
+    produce(stubs, "d", keyed(["a"]))
+    produce(stubs, "d", keyed(["b", "a", "c"], pid, 0))
+    produce(stubs, "d", keyed(["c", "a"], pid, 3))  # every record a duplicate
+    stubs.close()
+    first.stop()
+    clock.advance(WINDOW_MS + 1)  # the reopened window holds no key: only the snapshot knows
+    second = make_server(clock=clock)
+    stubs = Stubs(second.address)
+    try:
+        retry = produce(stubs, "d", keyed(["b", "a", "c"], pid, 0))
+        assert retry.duplicate and (retry.base_offset, retry.record_count, dedup_pairs(retry)) == (1, 2, [(1, 0)])
+        dropped = produce(stubs, "d", keyed(["c", "a"], pid, 3))
+        assert dropped.duplicate and (dropped.record_count, dedup_pairs(dropped)) == (0, [(0, 2), (1, 0)])
+        assert produce(stubs, "d", keyed(["a"], pid, 5)).base_offset == 3  # past the window: stored again
+        assert stored(stubs, "d") == [b"v-a", b"v-b", b"v-c", b"v-a"]
+    finally:
+        stubs.close()
+
+
+def test_a_retry_whose_deduplicated_records_are_no_longer_known_is_refused_not_misanswered(
+        make_server, clock, tmp_path):
+    first = make_server(clock=clock)
+    stubs = Stubs(first.address)
+    stubs.create("d", 1, dedup_window_ms=WINDOW_MS)
+    pid = new_producer(stubs)
+    produce(stubs, "d", keyed(["a"]))
+    produce(stubs, "d", keyed(["b", "a", "c"], pid, 0))
+    stubs.close()
+    first.stop()
+    (tmp_path / "data" / "d" / "0" / SNAPSHOT_FILE).unlink()  # the log keeps only b and c
+    clock.advance(WINDOW_MS + 1)
+    second = make_server(clock=clock)
+    stubs = Stubs(second.address)
+    try:
+        code, reason, meta = refused(lambda: produce(stubs, "d", keyed(["b", "a", "c"], pid, 0)))
+        assert (code, reason) == (grpc.StatusCode.DATA_LOSS, "RETRY_ANSWER_UNKNOWN")
+        assert (meta["producer_id"], meta["base_sequence"]) == (str(pid), "0")
+        assert produce(stubs, "d", keyed(["e"], pid, 3)).base_offset == 3  # its sequence numbers stay used
+        assert stored(stubs, "d") == [b"v-a", b"v-b", b"v-c", b"v-e"]
+    finally:
+        stubs.close()
+
+
+# -- known defects (found in review; strict xfail: they fail until fixed) --------------
 
 @pytest.mark.xfail(reason="the producer table is capped per partition (10,000) and evicts the least recent: "
                           "any client inventing producer ids can make a retry of another producer's first "

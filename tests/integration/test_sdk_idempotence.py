@@ -209,3 +209,38 @@ def test_a_failed_producer_state_save_is_retried_and_the_next_records_are_kept(s
         kept = producer.send_and_wait("d", b"next")
         assert (kept.offset, kept.duplicate) == (1, False)
     assert calls and [v for _, v in all_records(server.address, "d")] == [b"first", b"next"]
+
+
+def test_a_retry_the_broker_can_no_longer_answer_fails_alone_and_the_next_records_are_kept(
+        server, admin, monkeypatch):
+    # The broker recognises a retry of a batch whose records its dedup window dropped
+    # but no longer knows which (state rebuilt from the log, window expired): it
+    # answers DATA_LOSS / RETRY_ANSWER_UNKNOWN. The sequence numbers are used, so the
+    # producer must not reuse them: the next records would be taken for the retry.
+    from streamd.broker import partition as partition_module
+    from streamd.broker.dedup import DedupWindow
+    from streamd.broker.producer_state import ProducerStateTable
+
+    real_save, real_record, calls = partition_module.write_snapshot, ProducerStateTable.record, []
+
+    def full_once(directory, data):  # the first attempt is answered UNAVAILABLE: the SDK retries
+        calls.append(directory)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(directory, data)
+
+    def without_answers(self, producer_id, meta, now_ms):  # as if rebuilt from the log
+        real_record(self, producer_id, meta._replace(deduplicated=None), now_ms)
+
+    admin.create_topic("d", 1, dedup_window_ms=60_000)
+    with Producer(server.address, retry_backoff_ms=10) as producer:
+        assert producer.send_and_wait("d", b"first", idempotency_key="k").offset == 0
+        monkeypatch.setattr(partition_module, "write_snapshot", full_once)
+        monkeypatch.setattr(ProducerStateTable, "record", without_answers)
+        monkeypatch.setattr(DedupWindow, "offset_of", lambda self, key: None)  # and the window forgot
+        with pytest.raises(ProduceError) as caught:
+            producer.send_and_wait("d", b"again", idempotency_key="k")
+        assert (caught.value.code, caught.value.reason) == ("DATA_LOSS", "RETRY_ANSWER_UNKNOWN")
+        kept = producer.send_and_wait("d", b"next")
+        assert (kept.offset, kept.duplicate) == (1, False)
+    assert [v for _, v in all_records(server.address, "d")] == [b"first", b"next"]

@@ -4,6 +4,9 @@ the bounded memory (last 5 batches, producer cap, 7-day expiry), and its persist
 
 from __future__ import annotations
 
+import struct
+import zlib
+
 import pytest
 
 from segments import PartitionLog
@@ -126,6 +129,48 @@ def test_snapshot_round_trips_and_damage_is_detected():
     for bad in (raw[:-1], raw[:10], b"XXXX" + raw[4:], raw[:20] + bytes([raw[20] ^ 1]) + raw[21:]):
         with pytest.raises(ValueError):
             ProducerStateTable.from_snapshot(bad)
+
+
+def test_snapshot_round_trips_the_deduplicated_answers_and_reads_version_1_snapshots():
+    table = ProducerStateTable()
+    known = BatchMeta(0, 3, 40, 2, 1000, ((1, 7),))  # record 1 was dropped, answered with offset 7
+    all_dropped = BatchMeta(3, 2, 42, 0, 1001, ((0, 41), (1, (1 << 40) + 3)))
+    unknown = BatchMeta(6, 2, 43, 2, 1002, None)  # replayed from the log: not known
+    table.record(PID, known, 1000)
+    table.record(PID, all_dropped, 1001)
+    table.record(PID, BatchMeta(5, 1, 42, 1, 1002), 1002)
+    table.record(PID, unknown, 1002)
+    raw = table.snapshot(covers_offset=44)
+    copy, covers = ProducerStateTable.from_snapshot(raw)
+    assert covers == 44 and copy.snapshot(44) == raw
+    assert list(copy.entry(PID).batches) == list(table.entry(PID).batches)
+    assert copy.check(PID, 0, 3) == known and copy.check(PID, 3, 2).deduplicated == ((0, 41), (1, (1 << 40) + 3))
+    assert copy.check(PID, 6, 2).deduplicated is None and copy.answer_entries == 3
+    for cut in range(1, 30):  # damage inside the answers (checksum fixed up) is still refused
+        body = raw[:-4 - cut]
+        with pytest.raises(ValueError):
+            ProducerStateTable.from_snapshot(body + struct.pack("<I", zlib.crc32(body)))
+    # A version 1 snapshot (no answers) is read: every answer not known.
+    v1 = struct.pack("<4sHqI", b"SDPS", 1, 44, 1) + struct.pack("<QqqB", PID, 1000, 3, 1)
+    v1 += struct.pack("<qIqIq", 0, 3, 40, 2, 1000)
+    old, covers = ProducerStateTable.from_snapshot(v1 + struct.pack("<I", zlib.crc32(v1)))
+    assert covers == 44 and old.check(PID, 0, 3) == BatchMeta(0, 3, 40, 2, 1000, None)
+    assert old.next_sequence(PID) == 3 and old.answer_entries == 0
+
+
+def test_answers_beyond_the_budget_are_forgotten_least_recent_producer_first():
+    table = ProducerStateTable(max_answer_entries=10)
+    table.record(1, BatchMeta(0, 5, 0, 1, 1000, ((1, 0), (2, 0), (3, 0), (4, 0))), 1000)
+    table.record(2, BatchMeta(0, 5, 1, 1, 1000, ((1, 0), (2, 0), (3, 0), (4, 0))), 1000)
+    assert table.answer_entries == 8
+    table.record(3, BatchMeta(0, 4, 2, 1, 1000, ((1, 0), (2, 0), (3, 0))), 1000)
+    assert table.answer_entries == 3  # down to half the budget: producers 1 and 2 forgot theirs
+    assert table.check(1, 0, 5).deduplicated is None and table.check(2, 0, 5).deduplicated is None
+    assert table.check(3, 0, 4).deduplicated == ((1, 0), (2, 0), (3, 0))
+    for seq in range(1, REMEMBERED_BATCHES + 1):  # pushed out of the last batches: no longer counted
+        table.record(3, BatchMeta(seq * 4, 4, 2 + seq, 1, 1000, ((1, 0),)), 1000)
+    assert table.answer_entries == REMEMBERED_BATCHES
+    assert table.expire(PRODUCER_EXPIRY_MS + 1001) == 3 and table.answer_entries == 0
 
 
 def test_producer_fields_are_read_in_any_field_order():
