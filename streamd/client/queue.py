@@ -26,7 +26,6 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
 
 import grpc
 
@@ -43,24 +42,46 @@ ACTIONS = {"ack": pb.SETTLE_ACTION_ACK, "nack": pb.SETTLE_ACTION_NACK, "extend":
            "reject": pb.SETTLE_ACTION_REJECT}
 
 
-@dataclass(eq=False)
 class Message:
-    """A leased record. Settle it exactly once (extend as often as needed)."""
+    """A leased record. Settle it exactly once (extend as often as needed).
 
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes
-    headers: tuple[tuple[str, bytes], ...]
-    timestamp_ms: int
-    delivery_count: int
-    lease_id: int
-    lease_expires_ms: int
-    _receiver: object = None
-    #: The lease's end by this process's monotonic clock (the broker's clock may differ).
-    deadline: float = 0.0
-    lease_s: float = 0.0
+    A light view over the decoded protobuf record, as ``ConsumerRecord`` is: key,
+    value, headers and timestamp are read from it when asked for."""
+
+    __slots__ = ("topic", "partition", "offset", "_record", "_append_time_ms", "delivery_count", "lease_id",
+                 "lease_expires_ms", "_receiver", "deadline", "lease_s")
+
+    def __init__(self, topic: str, partition: int, offset: int, record: pb.Record, append_time_ms: int,
+                 delivery_count: int, lease_id: int, lease_expires_ms: int, receiver=None, deadline: float = 0.0,
+                 lease_s: float = 0.0) -> None:
+        self.topic, self.partition, self.offset = topic, partition, offset
+        self._record, self._append_time_ms = record, append_time_ms
+        self.delivery_count, self.lease_id, self.lease_expires_ms = delivery_count, lease_id, lease_expires_ms
+        self._receiver = receiver
+        #: The lease's end by this process's monotonic clock (the broker's clock may differ).
+        self.deadline, self.lease_s = deadline, lease_s
+
+    @property
+    def value(self) -> bytes:
+        return self._record.value
+
+    @property
+    def key(self) -> bytes | None:
+        r = self._record
+        return r.key if r.HasField("key") else None
+
+    @property
+    def headers(self) -> tuple[tuple[str, bytes], ...]:
+        return tuple((h.key, h.value) for h in self._record.headers)
+
+    @property
+    def timestamp_ms(self) -> int:
+        """The producer's timestamp, or the append time when it set none."""
+        return self._record.timestamp_ms or self._append_time_ms
+
+    def __repr__(self) -> str:
+        return (f"Message(topic={self.topic!r}, partition={self.partition}, offset={self.offset}, "
+                f"delivery_count={self.delivery_count}, key={self.key!r}, value={self.value[:64]!r})")
 
     def ack(self) -> None:
         self._receiver.ack(self)
@@ -91,20 +112,12 @@ def _messages(topic: str, reply, receiver, lease_s: float, received: float) -> l
             for base, append_time, records in batches:
                 first = max(leased.first_offset, base)
                 last = min(leased.last_offset, base + len(records) - 1)
-                for offset in range(first, last + 1):
-                    rec = records[offset - base]
-                    out.append(Message(
-                        topic, p, offset, rec.key if rec.HasField("key") else None, rec.value,
-                        tuple((h.key, h.value) for h in rec.headers), rec.timestamp_ms or append_time,
-                        leased.delivery_count, leased.lease_id, leased.lease_expires_ms, receiver, deadline, lease_s,
-                    ))
+                d, lease_id, expires = leased.delivery_count, leased.lease_id, leased.lease_expires_ms
+                out += [Message(topic, p, offset, rec, append_time, d, lease_id, expires, receiver, deadline, lease_s)
+                        for offset, rec in enumerate(records[first - base:last - base + 1], first)]
     for r in reply.records:
-        rec = r.record
-        out.append(Message(
-            topic, r.partition, r.offset, rec.key if rec.HasField("key") else None, rec.value,
-            tuple((h.key, h.value) for h in rec.headers), rec.timestamp_ms or r.append_time_ms,
-            r.delivery_count, r.lease_id, r.lease_expires_ms, receiver, deadline, lease_s,
-        ))
+        out.append(Message(topic, r.partition, r.offset, r.record, r.append_time_ms, r.delivery_count, r.lease_id,
+                           r.lease_expires_ms, receiver, deadline, lease_s))
     return out
 
 
@@ -278,7 +291,7 @@ class QueueReceiver(SyncClient):
             if self._closed:
                 raise StreamdError("CANCELLED", "CLOSED", "the receiver is closed")
             self._pending.append(ack)
-            if len(self._pending) >= self._ack_batch:
+            if len(self._pending) == self._ack_batch:  # once, when the batch fills
                 self._flushed.notify_all()
 
     def flush(self) -> None:

@@ -21,7 +21,7 @@ def test_acks_become_ranges_of_one_lease_and_partition():
 
 
 def message(partition: int, offset: int, lease_id: int, lease_s: float) -> Message:
-    return Message("t", partition, offset, None, b"", (), 0, 1, lease_id, 0, None, 0.0, lease_s)
+    return Message("t", partition, offset, pb.Record(), 0, 1, lease_id, 0, None, 0.0, lease_s)
 
 
 def test_extensions_group_by_lease_and_length_and_keep_their_messages():
