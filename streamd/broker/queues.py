@@ -187,9 +187,11 @@ class QueueEngine:
                 # What fits in the answer is read before anything is leased: records
                 # left out stay available, untouched.
                 frames, keep = self._frames(g.topic, p, found, budget, first=not out)
-                records = None
+                records, size = None, len(frames)
                 if not batched:
-                    records, keep = _decoded(frames, found[:keep], budget, first=not out)
+                    # The answer holds the records, not the frames (which lz4 may have
+                    # made far smaller): the budget goes by the records.
+                    records, keep, size = _decoded(frames, found[:keep], budget, first=not out)
                 lease = q.take(found[:keep], now, lease_ms)
                 if lease is None:
                     continue
@@ -197,7 +199,7 @@ class QueueEngine:
                 if g.config.at_most_once:  # handed out = acked: durable before the answer goes
                     writes.append(self.store.settled(g, p, lease.offsets))
                 taken += len(lease)
-                budget -= len(frames)
+                budget -= size
                 out.append(Leased(p, lease, frames=frames, records=records))
             except OffsetOutOfRange:
                 # Retention deleted records under us (it runs off the loop): count them
@@ -523,10 +525,10 @@ def _runs(offsets: np.ndarray) -> list[tuple[int, int]]:
     return [(int(offsets[a]), int(offsets[b])) for a, b in zip(starts.tolist(), ends.tolist())]
 
 
-def _decoded(frames: bytes, offsets: np.ndarray, budget: int, *, first: bool) -> tuple[dict, int]:
+def _decoded(frames: bytes, offsets: np.ndarray, budget: int, *, first: bool) -> tuple[dict, int, int]:
     """The records at ``offsets`` decoded from ``frames`` (offset -> (Record,
     append_time_ms)), up to ``budget`` bytes of records (at least one when
-    ``first``), and how many of the offsets that is."""
+    ``first``), how many of the offsets that is and the bytes they take."""
     wanted = set(offsets.tolist())
     found: dict[int, tuple[pb.Record, int]] = {}
     for batch in pb.FetchResponse.FromString(frames).batches:
@@ -538,11 +540,12 @@ def _decoded(frames: bytes, offsets: np.ndarray, budget: int, *, first: bool) ->
     size = 0
     for offset in offsets.tolist():
         record = found[offset]
-        size += record[0].ByteSize() + 32
-        if size > budget and (out or not first):
+        grown = size + record[0].ByteSize() + 32
+        if grown > budget and (out or not first):
             break
         out[offset] = record
-    return out, len(out)
+        size = grown
+    return out, len(out), size
 
 
 def _admit_batch(q: PartitionQueue, batch: pb.RecordBatch, end: int) -> bool:

@@ -596,3 +596,17 @@ def test_a_receive_stays_within_max_bytes_and_leaves_the_rest_available(clocked,
     with pytest.raises(grpc.RpcError) as err:
         stubs.queues.Receive(request)
     assert error_info(err.value)[:2] == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+
+
+def test_a_per_record_receive_over_partitions_stays_within_max_bytes_with_lz4(clocked):
+    """The budget left for the next partition is what the records took, not the
+    compressed frames they came in (tiny with lz4)."""
+    _, stubs, _ = clocked
+    stubs.create("jobs", 3)
+    create(stubs)
+    for p in range(3):
+        stubs.produce_values("jobs", p, [bytes(10_000)] * 50, compression="lz4")
+    reply = stubs.queues.Receive(pb.ReceiveRequest(group="workers", topic="jobs", max_records=1000,
+                                                   max_bytes=200_000))
+    size = sum(r.record.ByteSize() for r in reply.records)
+    assert reply.records and size <= 200_000, f"{len(reply.records)} records, {size} bytes"
