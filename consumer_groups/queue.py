@@ -277,7 +277,9 @@ class PartitionQueue:
             lost = len(gone)
             for offset in gone.tolist():
                 self._drop(offset)
+        # Not admitted yet: lost, but for those settled before a restart.
         lost += max(0, log_start_offset - self.scan_offset)
+        lost -= sum(1 for o in self.settled_ahead if self.scan_offset <= o < log_start_offset)
         self.stats.lost_to_retention += lost
         if log_start_offset >= self.scan_offset:
             self._restart_at(log_start_offset)
