@@ -57,6 +57,11 @@ MAX_LEASE_MS = 12 * 3600 * 1000
 MAX_REASON_CHARS = 1024
 SPAN_FACTOR = 20
 MIN_CAPACITY = 1024
+#: The timer heap is cleared of timers that can no longer act (their lease settled
+#: or extended, their retry done) once it holds this many more than twice the
+#: window's unsettled records: a settled lease's timer would otherwise stay until
+#: its expiry (up to MAX_LEASE_MS), however many receives come meanwhile.
+TIMER_SLACK = 1024
 #: Per-record arrays of the window, indexed by ``offset - base``.
 _ARRAYS = ("_state", "_deliveries", "_lease", "_visible", "_first", "_last", "_append")
 _DTYPES = (np.uint8, np.int32, np.int64, np.int64, np.int64, np.int64, np.int64)
@@ -342,7 +347,7 @@ class PartitionQueue:
         self._state[idx] = LEASED
         self._lease[idx] = lease_id
         self._visible[idx] = expires
-        heapq.heappush(self._timers, (expires, lease_id, int(offsets[0]), int(offsets[-1])))
+        self._push_timer(expires, lease_id, int(offsets[0]), int(offsets[-1]))
         return Lease(lease_id, expires, offsets, d)
 
     def has_available(self) -> bool:
@@ -394,7 +399,7 @@ class PartitionQueue:
         held, a, b = self._held(first, last, lease_id, now)
         if len(held):
             self._visible[held - self.base] = expires
-            heapq.heappush(self._timers, (expires, lease_id, int(held[0]), int(held[-1])))
+            self._push_timer(expires, lease_id, int(held[0]), int(held[-1]))
         return held, expires
 
     def nack(self, offset: int, lease_id: int, now: int, *, delay_ms: int | None = None, reason: str = "") -> Entry:
@@ -406,7 +411,7 @@ class PartitionQueue:
         self._leased(offset, lease_id, now)
         expires = now + check_lease_ms(lease_ms)
         self._visible[offset - self.base] = expires
-        heapq.heappush(self._timers, (expires, lease_id, offset, offset))
+        self._push_timer(expires, lease_id, offset, offset)
         return expires
 
     def reject(self, offset: int, lease_id: int, now: int, *, reason: str = "") -> Entry:
@@ -537,11 +542,34 @@ class PartitionQueue:
         self._visible[i] = at_ms
         if at_ms > 0:
             self._state[i] = WAITING
-            heapq.heappush(self._timers, (at_ms, 0, offset, offset))
+            self._push_timer(at_ms, 0, offset, offset)
         else:
             self._state[i] = AVAILABLE
             if offset < self._hint:
                 self._hint = offset
+
+    def _push_timer(self, when: int, lease_id: int, first: int, last: int) -> None:
+        """A timer for the records ``first .. last``: those of ``lease_id`` whose lease
+        ends at ``when`` (0: those WAITING until ``when``)."""
+        if len(self._timers) > TIMER_SLACK + 2 * self.open:
+            # In place: ``expire`` may be popping from this list (a retry pushes one).
+            self._timers[:] = [t for t in self._timers if self._timer_live(*t)]
+            heapq.heapify(self._timers)
+        heapq.heappush(self._timers, (when, lease_id, first, last))
+
+    def _timer_live(self, when: int, lease_id: int, first: int, last: int) -> bool:
+        """Whether ``expire`` could still act on the timer: a record it covers has
+        its visible time at ``when`` (each LEASED or WAITING record got a timer for
+        its visible time when it was set, so the others are redundant)."""
+        a, b = max(first, self.start_offset) - self.base, min(last + 1, self.scan_offset) - self.base
+        if a >= b:
+            return False
+        mine = self._visible[a:b] == when
+        if lease_id:
+            mine &= (self._state[a:b] == LEASED) & (self._lease[a:b] == lease_id)
+        else:
+            mine &= self._state[a:b] == WAITING
+        return bool(mine.any())
 
     def _to_dead_letter(self, offset: int) -> None:
         self._state[offset - self.base] = DEAD_LETTERING

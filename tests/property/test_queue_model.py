@@ -30,6 +30,8 @@ class QueueMachine(RuleBasedStateMachine):
         super().__init__()
         # Small arrays, so the window's arrays shift and grow within a few steps.
         self._capacity, queue_module.MIN_CAPACITY = queue_module.MIN_CAPACITY, 8
+        # No slack: the timer heap is cleared of dead timers at every push.
+        self._slack, queue_module.TIMER_SLACK = queue_module.TIMER_SLACK, -(10**9)
         self.config = QueueConfig(
             max_deliveries=MAX_DELIVERIES, retry=POLICY, ordered_by_key=self.ORDERED, max_in_flight=20,
             lease_ms=1000, at_most_once=self.AT_MOST_ONCE,
@@ -52,6 +54,7 @@ class QueueMachine(RuleBasedStateMachine):
 
     def teardown(self):
         queue_module.MIN_CAPACITY = self._capacity
+        queue_module.TIMER_SLACK = self._slack
 
     @rule(key=st.sampled_from([None, b"a", b"b"]), delay=st.sampled_from([0, 0, 500]))
     def produce(self, key, delay):
@@ -309,6 +312,8 @@ class QueueMachine(RuleBasedStateMachine):
     def tick(self, ms):
         self.now += ms
         self._expire()
+        for e in self.q.entries():  # every due timer acted
+            assert not (e.state in (LEASED, WAITING) and e.visible_at <= self.now), e
 
     @invariant()
     def window_is_consistent(self):

@@ -37,3 +37,14 @@ def test_retention_after_a_restart_does_not_count_acked_records_as_lost():
     q.skip_to(10)  # retention deletes 0..9 before anybody received again
     assert q.stats.lost_to_retention == 5
     assert q.start_offset == q.scan_offset == 10 and not q.remembered and not q.settled_ahead
+
+
+def test_timers_of_settled_leases_do_not_pile_up_until_they_expire():
+    """One lease per receive, acked at once, with a long lease: the window holds one
+    record at a time, and so (near enough) must the timer heap."""
+    q = PartitionQueue(0, 0, QueueConfig(lease_ms=12 * 3600 * 1000), rng=random.Random(1))
+    for i in range(20_000):
+        q.admit_run(i, 1, NOW)
+        lease = q.lease(1, NOW + i, 12 * 3600 * 1000)
+        q.ack_range(i, i, lease.lease_id, NOW + i)
+    assert len(q._timers) < 5_000
