@@ -57,8 +57,10 @@ DEFAULT_RECEIVE = 100
 READ_BYTES = 1 << 20
 MAX_WAIT_MS = 30_000
 MAX_RANGE = 100_000  # offsets in one settled range
-DEFAULT_RECEIVE_BYTES = 8 << 20
+DEFAULT_RECEIVE_BYTES = (4 << 20) - (64 << 10)  # fits grpc's default 4 MiB receive limit, as Fetch's default
 MAX_RECEIVE_BYTES = 32 << 20
+#: Bytes of a LeasedRecord around its record, at most (offsets, lease id, times, tags).
+LEASED_RECORD_OVERHEAD = 48
 DLQ_HEADROOM = 64 * 1024
 MAX_RECORD_LIMIT = 8 * 1024 * 1024
 DLQ_HEADERS = ("topic", "partition", "offset", "group", "deliveries", "reason", "first-delivery-ms",
@@ -540,7 +542,7 @@ def _decoded(frames: bytes, offsets: np.ndarray, budget: int, *, first: bool) ->
     size = 0
     for offset in offsets.tolist():
         record = found[offset]
-        grown = size + record[0].ByteSize() + 32
+        grown = size + record[0].ByteSize() + LEASED_RECORD_OVERHEAD
         if grown > budget and (out or not first):
             break
         out[offset] = record

@@ -589,7 +589,7 @@ def test_a_receive_stays_within_max_bytes_and_leaves_the_rest_available(clocked,
     assert got(stubs.queues.Receive(request)) == {0: 1, 1: 1}
     request.max_bytes = 1  # the first record comes whatever its size
     assert got(stubs.queues.Receive(request)) == {2: 1}
-    request.max_bytes = 0  # 8 MiB: the rest, each on its first delivery
+    request.max_bytes = 0  # just under 4 MiB: the rest, each on its first delivery
     assert got(stubs.queues.Receive(request)) == {3: 1, 4: 1, 5: 1}
     assert stats(stubs).in_flight == 6 and stats(stubs).redelivered == 0
     request.max_bytes = 64 << 20
@@ -610,3 +610,20 @@ def test_a_per_record_receive_over_partitions_stays_within_max_bytes_with_lz4(cl
                                                    max_bytes=200_000))
     size = sum(r.record.ByteSize() for r in reply.records)
     assert reply.records and size <= 200_000, f"{len(reply.records)} records, {size} bytes"
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_a_receive_by_default_fits_a_default_grpc_channel(clocked, batched):
+    """Without max_bytes an answer stays under gRPC's default 4 MiB receive limit (a
+    worker in any language with a default channel); else the records would be
+    leased, their delivery counted, and the answer lost."""
+    _, stubs, _ = clocked  # stubs: a channel with grpc's default limits
+    stubs.create("jobs", 1)
+    create(stubs)
+    for i in range(6):
+        produce(stubs, "jobs", [{"value": bytes([i]) * 900_000}])
+    reply = stubs.queues.Receive(pb.ReceiveRequest(group="workers", topic="jobs", max_records=100,
+                                                   batched=batched))
+    assert 0 < reply.ByteSize() < 4 << 20
+    assert stats(stubs).in_flight == len(reply.records) + sum(
+        r.last_offset - r.first_offset + 1 for p in reply.partitions for r in p.leased)
