@@ -627,3 +627,26 @@ def test_a_receive_by_default_fits_a_default_grpc_channel(clocked, batched):
     assert 0 < reply.ByteSize() < 4 << 20
     assert stats(stubs).in_flight == len(reply.records) + sum(
         r.last_offset - r.first_offset + 1 for p in reply.partitions for r in p.leased)
+
+
+def test_odd_settle_ranges_are_refused_or_invalid_never_internal(clocked):
+    _, stubs, _ = clocked
+    stubs.create("jobs", 1)
+    create(stubs)
+    produce(stubs, "jobs", values(3))
+    [part] = receive_batched(stubs)
+    lease = part.leased[0].lease_id
+    top = (1 << 63) - 1
+    ranges = [
+        dict(partition=0, first_offset=top - 1, last_offset=top, lease_id=(1 << 64) - 1, action=pb.SETTLE_ACTION_ACK),
+        dict(partition=-1, first_offset=0, last_offset=0, lease_id=lease, action=pb.SETTLE_ACTION_ACK),
+        dict(partition=(1 << 31) - 1, first_offset=0, last_offset=0, lease_id=lease, action=pb.SETTLE_ACTION_NACK),
+        dict(partition=0, first_offset=0, last_offset=0, lease_id=lease, action=pb.SETTLE_ACTION_EXTEND, delay_ms=-1),
+        dict(partition=0, first_offset=0, last_offset=0, lease_id=lease, action=pb.SETTLE_ACTION_NACK,
+             delay_ms=top),
+        dict(partition=0, first_offset=-top - 1, last_offset=-top, lease_id=lease, action=pb.SETTLE_ACTION_ACK),
+    ]
+    results = settle_ranges(stubs, *ranges)
+    assert [r.error.reason for r in results] == ["LEASE_EXPIRED", "LEASE_EXPIRED", "LEASE_EXPIRED",
+                                                 "INVALID_ARGUMENT", "INVALID_ARGUMENT", "INVALID_ARGUMENT"]
+    assert stats(stubs).in_flight == 3 and stats(stubs).acked == 0
