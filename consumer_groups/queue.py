@@ -650,11 +650,24 @@ class PartitionQueue:
         settled or gone."""
         if self.scan_offset != self.start_offset:
             raise ValueError("move_to is for an empty window")
-        if offset > self.start_offset:
+        start = self.start_offset
+        if offset > start:
             self._restart_at(offset)
-        self.settled_ahead = {o for o in self.settled_ahead if o >= self.start_offset}
-        for o in [o for o in self.remembered if o < self.start_offset]:
+            # Nothing below the old start is remembered (replay keeps it so): only
+            # what lies between the two goes, not a scan of all (once per ack).
+            self.forget(start, offset - 1)
+
+    def forget(self, first: int, last: int) -> None:
+        """Drop what ``remembered`` and ``settled_ahead`` hold of ``first .. last``
+        (journal replay), in time bounded by the smaller of the range and them."""
+        if last - first + 1 <= len(self.remembered) + len(self.settled_ahead):
+            for o in range(first, last + 1):
+                self.remembered.pop(o, None)
+                self.settled_ahead.discard(o)
+            return
+        for o in [o for o in self.remembered if first <= o <= last]:
             del self.remembered[o]
+        self.settled_ahead.difference_update([o for o in self.settled_ahead if first <= o <= last])
 
 
 def settled_ranges(offsets: Iterable[int]) -> list[list[int]]:

@@ -234,8 +234,7 @@ def _replay_set(q: PartitionQueue, op: dict) -> None:
         if hi < lo or hi - lo > 10_000_000:
             raise ValueError(f"bad range {lo}..{hi}")
         count += hi - lo + 1
-        for o in [o for o in q.remembered if lo <= o <= hi]:
-            del q.remembered[o]
+        q.forget(lo, hi)
         start = q.start_offset
         if lo <= start:
             if hi >= start:
