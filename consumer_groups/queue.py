@@ -56,6 +56,10 @@ MIN_LEASE_MS = 100
 MAX_LEASE_MS = 12 * 3600 * 1000
 MAX_REASON_CHARS = 1024
 SPAN_FACTOR = 20
+#: Unsettled records per partition window at most (SQS allows about 120,000 in flight
+#: per queue). The span, ``SPAN_FACTOR`` times it, bounds the window's arrays (about
+#: 40 bytes a record) and a snapshot's settled runs.
+MAX_IN_FLIGHT = 100_000
 MIN_CAPACITY = 1024
 #: The timer heap is cleared of timers that can no longer act (their lease settled
 #: or extended, their retry done) once it holds this many more than twice the
@@ -82,8 +86,8 @@ class QueueConfig:
         check_lease_ms(self.lease_ms)
         if not 1 <= self.max_deliveries <= 1000:
             raise ValueError("max_deliveries must be 1 .. 1000")
-        if not 1 <= self.max_in_flight <= 1_000_000:
-            raise ValueError("max_in_flight must be 1 .. 1000000")
+        if not 1 <= self.max_in_flight <= MAX_IN_FLIGHT:
+            raise ValueError(f"max_in_flight must be 1 .. {MAX_IN_FLIGHT}")
         if self.start not in ("earliest", "latest"):
             raise ValueError("start must be earliest or latest")
 
@@ -339,6 +343,8 @@ class PartitionQueue:
             self.stats.acked += len(offsets)
             for offset in offsets.tolist() if self._keys else ():
                 self._release_key(offset)
+            for offset in offsets.tolist() if self._reason else ():  # remembered from before a restart
+                self._reason.pop(offset, None)
             self._advance()
             return Lease(0, 0, offsets, d)
         lease_id = self._next_lease_id

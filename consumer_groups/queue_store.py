@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from .journal import DEFAULT_COMPACT_BYTES, Journal
-from .queue import DEAD_LETTERING, WAITING, Entry, Lease, PartitionQueue, QueueConfig, expand_ranges
+from .queue import DEAD_LETTERING, MAX_IN_FLIGHT, WAITING, Entry, Lease, PartitionQueue, QueueConfig, expand_ranges
 from .retry import RetryPolicy
 
 JOURNAL_NAME = "queues.journal"
@@ -63,6 +63,8 @@ def config_to_dict(config: QueueConfig) -> dict:
 def config_from_dict(raw: dict) -> QueueConfig:
     raw = dict(raw)
     raw["retry"] = RetryPolicy(**raw.get("retry", {}))
+    if "max_in_flight" in raw:  # groups created before the limit came down load with it
+        raw["max_in_flight"] = min(int(raw["max_in_flight"]), MAX_IN_FLIGHT)
     return QueueConfig(**raw)
 
 

@@ -114,6 +114,8 @@ class QueueEngine:
 
     async def delete(self, name: str, topic: str) -> None:
         g = self.group(name, topic)
+        for key in [k for k in self._dead_letter_backoff if k[:2] == (name, topic)]:
+            del self._dead_letter_backoff[key]
         await self.store.delete(g)
         self._wake(g)
         self._changed.pop((name, topic), None)

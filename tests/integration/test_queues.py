@@ -313,6 +313,8 @@ def test_bad_queue_requests_get_clear_statuses(clocked):
         (lambda: create(stubs, group="z", retry={"multiplier": 0.5}), grpc.StatusCode.INVALID_ARGUMENT,
          "INVALID_ARGUMENT"),
         (lambda: create(stubs, group="../x"), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_GROUP_NAME"),
+        (lambda: create(stubs, group="w", max_in_flight=100_001), grpc.StatusCode.INVALID_ARGUMENT,
+         "INVALID_ARGUMENT"),
         (lambda: receive(stubs, group="missing"), grpc.StatusCode.NOT_FOUND, "QUEUE_GROUP_NOT_FOUND"),
         (lambda: receive(stubs, 100_000), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
         (lambda: receive(stubs, 1, lease_ms=5), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),

@@ -68,3 +68,12 @@ def test_queue_journal_ignores_operations_of_a_group_deleted_before_them(tmp_pat
     asyncio.run(scenario())
     reopened = QueueStore(tmp_path)
     assert list(reopened.groups) == [("h", "t")]  # recovery went past the orphan operation
+
+
+def test_a_queue_group_saved_with_more_in_flight_than_the_limit_loads_at_the_limit():
+    from consumer_groups.queue import MAX_IN_FLIGHT, QueueConfig
+    from consumer_groups.queue_store import config_from_dict, config_to_dict
+
+    saved = config_to_dict(QueueConfig())
+    saved["max_in_flight"] = 1_000_000  # allowed before the limit came down
+    assert config_from_dict(saved).max_in_flight == MAX_IN_FLIGHT
