@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 
 EMPTY_WAIT_MS = 250
-MODES = ("ranges", "ranges_pipelined", "batched", "per_record", "per_record_pipelined")
+MODES = ("ranges", "ranges_pipelined", "sdk", "batched", "per_record", "per_record_pipelined")
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ def _streamd_worker(conn: Connection, index: int, address: str, deadline: float)
                 stub.ListQueueGroups(pb.ListQueueGroupsRequest())
                 conn.send(("ready",))
             elif command[0] == "run":
-                tally = _run(stub, pb, grpc, command[1])
+                tally = _run(stub, pb, grpc, command[1], address)
                 conn.send(("done", {k: v for k, v in vars(tally).items() if k != "ends"}))
             else:
                 return
@@ -157,7 +157,7 @@ def _streamd_worker(conn: Connection, index: int, address: str, deadline: float)
         channel.close()
 
 
-def _run(stub, pb, grpc, spec: dict) -> _Tally:
+def _run(stub, pb, grpc, spec: dict, address: str) -> _Tally:
     """Receive until the queue group is drained, settling as ``spec["mode"]`` says."""
     group, topic, mode = spec["group"], spec["topic"], spec["mode"]
     tally = _Tally(spec["ends"])
@@ -166,6 +166,8 @@ def _run(stub, pb, grpc, spec: dict) -> _Tally:
     deadline = time.time() + spec["seconds"]
     if mode in ("ranges", "ranges_pipelined"):
         return _run_ranges(stub, pb, spec, tally, receive, deadline)
+    if mode == "sdk":
+        return _run_sdk(address, spec, tally, deadline)
     while time.time() < deadline:
         t = time.perf_counter()
         records = stub.Receive(receive).records
@@ -182,6 +184,33 @@ def _run(stub, pb, grpc, spec: dict) -> _Tally:
         else:
             _ack_each(stub, pb, grpc, group, topic, records, tally, pipelined=mode == "per_record_pipelined")
         tally.settle_s += time.perf_counter() - t
+    return tally
+
+
+def _run_sdk(address: str, spec: dict, tally: _Tally, deadline: float) -> _Tally:
+    """The SDK's way: ``QueueReceiver.receive`` (batched form) and ``ack()`` per
+    message (sent in the background as ranges), every value read; the clock stops
+    at the final ``flush()``."""
+    from streamd.client.queue import QueueReceiver
+
+    with QueueReceiver(spec["group"], spec["topic"], address, max_records=spec["max_records"],
+                       max_wait_ms=EMPTY_WAIT_MS, worker_id=spec["worker_id"]) as receiver:
+        while time.time() < deadline:
+            t = time.perf_counter()
+            messages = receiver.receive()
+            tally.receive_s += time.perf_counter() - t
+            tally.receives += 1
+            if not messages:
+                break
+            tally.note(messages)
+            size = 0
+            for m in messages:
+                size += len(m.value)
+                m.ack()
+        t = time.perf_counter()
+        receiver.flush()
+        tally.settle_s += time.perf_counter() - t
+        tally.answered()
     return tally
 
 

@@ -13,6 +13,9 @@ NATS JetStream work queues measured in the same run for the ratios.
    - ``ranges_pipelined``: that Settle sent without waiting, the next Receive at once,
      the Settle's answer collected after it (one Settle in flight per worker; the
      Redis loop below pipelines XACK with the next read the same way);
+   - ``sdk``: the SDK's ``QueueReceiver``: ``receive()`` of 1000 and ``ack()`` per
+     message (acks sent in the background as ranges), every value read
+     (``sdk_records_per_s``);
    - ``batched``: the per-record form (one ``LeasedRecord`` per record, one
      ``Settlement`` per record in one Settle call, awaited), as a client built on
      the per-record messages does it;
@@ -122,6 +125,7 @@ def streamd_section(ctx, server, admin, address: str, params: Params) -> tuple[d
     topics = {
         "ranges": ("queues-throughput", params.records_per_partition, params.max_records),
         "ranges_pipelined": ("queues-throughput", params.records_per_partition, params.max_records),
+        "sdk": ("queues-throughput", params.records_per_partition, params.max_records),
         "batched": ("queues-throughput", params.records_per_partition, params.max_records),
         "per_record": ("queues-ack-each", params.per_record_sequential_total // parts, params.per_record_max_records),
         "per_record_pipelined": ("queues-ack-each-pipelined", params.per_record_total // parts,
@@ -231,6 +235,7 @@ def summarize(runs: dict[str, list[dict]], peers: dict, redelivery: dict, profil
         "batched_records_per_s": batched,
         "batched_pipelined_records_per_s": ours["ranges_pipelined"],
         "record_form_batched_records_per_s": ours["batched"],
+        "sdk_records_per_s": ours["sdk"],
         "per_record_acks_per_s": ours["per_record"],
         "per_record_acks_pipelined_per_s": ours["per_record_pipelined"],
         "peers": {k: {kk: vv for kk, vv in v.items() if kk != "runs"} for k, v in peers.items()},
