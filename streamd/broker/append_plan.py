@@ -14,6 +14,12 @@ A plan is one of:
   before; nothing is appended, and the answer repeats where they went. A request
   mixing retried and new batches for one partition is refused (no answer could
   describe it), as are retries whose originals are not adjacent in the log;
+- **refused** (an exception) when any batch is, e.g. a sequence out of order, or
+  the first batch of a producer new to the partition when its producer table is
+  full of active producers (``TooManyProducers``; the new producers of earlier
+  batches in the request count). Like every refusal here it refuses the whole
+  request, the batches that would have fit included: an answer is per partition,
+  and could not say that some of its batches were left out;
 - on dedup topics, records whose key was appended within the window (or earlier in
   the same request: the first wins) are dropped from their batch, which is rebuilt
   without them, and listed with the offset of the first record with their key.
@@ -54,11 +60,13 @@ class ProduceResult(NamedTuple):
 class RequestState:
     """What earlier batches of the same request claimed (they are not appended yet)."""
 
-    __slots__ = ("expected", "keys")
+    __slots__ = ("expected", "new_producers", "keys")
 
     def __init__(self) -> None:
         #: (partition, producer id) -> next sequence after this request's batches
         self.expected: dict[tuple[int, int], int] = {}
+        #: partition -> producers new to it that this request's batches start
+        self.new_producers: dict[int, int] = {}
         #: (partition, key) -> (plan, ordinal of the record among the plan's stored ones)
         self.keys: dict[tuple[int, str], tuple[PartitionPlan, int]] = {}
 
@@ -136,13 +144,17 @@ def plan_partition(
     for b in batches:
         if b.producer_id:
             slot = (part.index, b.producer_id)
+            expected = request.expected.get(slot)
+            new_so_far = request.new_producers.get(part.index, 0)
             meta = part.producers.check(
-                b.producer_id, b.base_sequence, b.record_count, expected=request.expected.get(slot),
-                relaxed=dedup is not None, topic=topic, partition=part.index,
+                b.producer_id, b.base_sequence, b.record_count, now_ms=now_ms, expected=expected,
+                new_in_request=new_so_far, relaxed=dedup is not None, topic=topic, partition=part.index,
             )
             if meta is not None:
                 retried.append((b, meta))
                 continue
+            if expected is None and b.producer_id not in part.producers:
+                request.new_producers[part.index] = new_so_far + 1
             request.expected[slot] = b.base_sequence + b.record_count
         fresh.append(b)
     if retried:

@@ -13,6 +13,7 @@ class to a gRPC status code; nothing else decides codes.
     │   └── InvalidBatch         a produced batch is not a valid RecordBatch
     ├── RecordTooLarge           a record or batch over the topic's limit
     ├── LimitExceeded            too many topics, partitions, ...
+    │   └── TooManyProducers     a partition's producer table is full of active producers
     ├── OutOfOrderSequence       an idempotent producer's batch is not the next one
     │   └── UnknownProducer      ... and the partition does not know the producer
     ├── RetryAnswerUnknown       a retry whose records the dedup window dropped can't be answered
@@ -96,6 +97,28 @@ class LimitExceeded(BrokerError):
     def __init__(self, what: str, limit: int) -> None:
         super().__init__(f"{what} would exceed the limit of {limit}", limit=limit, what=what)
         self.limit = limit
+
+
+class TooManyProducers(LimitExceeded):
+    """A new idempotent producer's first batch (sequence 0, a producer id the
+    partition holds no state for) when the partition already remembers
+    ``max_producers`` producers and none has been idle for ``min_idle_ms``, the only
+    ones it may evict to make room (``producer_state``). Nothing was appended, and the
+    producers it remembers keep their guarantees. Retryable later: producers idle that
+    long make room."""
+
+    reason = "TOO_MANY_PRODUCERS"
+
+    def __init__(self, producer_id: int, limit: int, min_idle_ms: int, *, topic: str | None = None,
+                 partition: int | None = None) -> None:
+        where = f" in {topic}/{partition}" if topic is not None else ""
+        BrokerError.__init__(
+            self,
+            f"producer {producer_id}{where}: the partition already remembers {limit} idempotent producers, "
+            f"none idle for {min_idle_ms} ms; retry later",
+            producer_id=producer_id, limit=limit, min_idle_ms=min_idle_ms, topic=topic, partition=partition,
+        )
+        self.producer_id, self.limit, self.min_idle_ms = producer_id, limit, min_idle_ms
 
 
 class OutOfOrderSequence(BrokerError):

@@ -14,9 +14,25 @@ the last ``REMEMBERED_BATCHES`` batches appended (``BatchMeta``). A batch is
 
 Invariants: a producer's remembered batches are in sequence order and contiguous,
 the last one ending at ``next_sequence``; producers are kept in order of their last
-append (least recent first), at most ``max_producers`` of them (the least recent is
-evicted to make room), and one idle for ``PRODUCER_EXPIRY_MS`` is dropped by
+append (least recent first), and one idle for ``PRODUCER_EXPIRY_MS`` is dropped by
 ``expire``. Not thread-safe: the event-loop thread owns it.
+
+**At most ``max_producers`` producers** (memory), and which ones go must not be up
+to other clients: anyone can send batches under producer ids nobody issued, and a
+producer forgotten too early has the retry of its first batch appended twice (and
+its later batches refused, ``UnknownProducer``). So a full table makes room for a
+new producer (no state here, ``base_sequence`` 0) only by evicting producers idle
+for at least ``PRODUCER_MIN_IDLE_MS`` (least recent first); when there are not
+enough of them, ``check`` refuses the new producer's batch (``TooManyProducers``)
+before anything is appended, counting new producers of earlier batches of the same
+request too. Producers the table holds keep their guarantees whatever others send
+(Kafka's KIP-936 throttles new producer ids for the same reason). Only rebuilding
+(``replay``: the log is the truth, nothing can be refused) evicts the least recent
+producer whatever its age. The table can exceed ``max_producers`` in one corner: a
+request whose new producers were admitted against idle producers that append in
+the same request (no longer idle when the new ones are recorded); ``record`` then
+keeps the new ones rather than evict an active producer, and later new producers
+are refused until idle producers make up the difference.
 
 **Where it comes from after a restart.** The stored body of every batch keeps the
 producer's ``producer_id`` and ``base_sequence`` (``segments.batch``: the bytes after
@@ -68,12 +84,12 @@ import struct
 import zlib
 from collections import OrderedDict, deque
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 from segments import PartitionLog
 from segments.checkpoint import write_atomic
 
-from .errors import InvalidBatch, OutOfOrderSequence, UnknownProducer
+from .errors import InvalidBatch, OutOfOrderSequence, TooManyProducers, UnknownProducer
 from .log_scan import iter_batches, producer_fields
 
 log = logging.getLogger("streamd.broker")
@@ -82,6 +98,12 @@ SNAPSHOT_FILE = "producers.snapshot"
 REMEMBERED_BATCHES = 5
 MAX_PRODUCERS = 10_000
 PRODUCER_EXPIRY_MS = 7 * 24 * 3600 * 1000
+#: How long a producer must have been idle before a full table evicts it for a new
+#: one. Far longer than any client keeps retrying a batch (the SDK: about 6 s by
+#: default), so no retry finds its producer evicted; short enough that producers
+#: gone for good make room within the quarter hour rather than the 7 days of
+#: ``PRODUCER_EXPIRY_MS``.
+PRODUCER_MIN_IDLE_MS = 15 * 60 * 1000
 MAX_SEQUENCE = (1 << 63) - 1
 #: Entries of remembered dedup answers (``BatchMeta.deduplicated``) one table keeps in
 #: all; past it the answers of the least recent producers are forgotten (None). One
@@ -139,9 +161,13 @@ class ProducerEntry:
 class ProducerStateTable:
     """Per-producer sequence state of one partition (see module docstring)."""
 
-    def __init__(self, *, max_producers: int = MAX_PRODUCERS, max_answer_entries: int = MAX_ANSWER_ENTRIES) -> None:
+    def __init__(self, *, max_producers: int = MAX_PRODUCERS, max_answer_entries: int = MAX_ANSWER_ENTRIES,
+                 min_idle_ms: int = PRODUCER_MIN_IDLE_MS) -> None:
         self.max_producers = max_producers
         self.max_answer_entries = max_answer_entries
+        self.min_idle_ms = min_idle_ms
+        #: A scan for idle producers, resumed while the table is unchanged (``_idle_at_least``).
+        self._idle_scan: _IdleScan | None = None
         self._producers: OrderedDict[int, ProducerEntry] = OrderedDict()
         #: Entries of the answers remembered (bounded by ``max_answer_entries``).
         self.answer_entries = 0
@@ -168,23 +194,30 @@ class ProducerStateTable:
         base_sequence: int,
         count: int,
         *,
+        now_ms: int,
         expected: int | None = None,
+        new_in_request: int = 0,
         relaxed: bool = False,
         topic: str | None = None,
         partition: int | None = None,
     ) -> BatchMeta | None:
         """None: append the batch. A ``BatchMeta``: the batch is a retry of that one.
-        Raises ``OutOfOrderSequence`` otherwise. ``expected`` overrides the table's
-        next sequence (earlier batches of the same request, not yet appended)."""
+        Raises ``OutOfOrderSequence`` (``UnknownProducer``) or, for a new producer the
+        full table has no room for, ``TooManyProducers``. ``expected`` overrides the
+        table's next sequence and ``new_in_request`` counts the new producers admitted
+        for this partition by earlier batches of the same request (not yet appended)."""
         if base_sequence < 0 or base_sequence > MAX_SEQUENCE - count:
             raise InvalidBatch(f"base_sequence {base_sequence} is out of range", partition=partition)
         entry = self._producers.get(producer_id)
         if expected is None:
             expected = None if entry is None else entry.next_sequence
         if expected is None:
-            if base_sequence == 0:
-                return None
-            raise UnknownProducer(producer_id, base_sequence, topic=topic, partition=partition)
+            if base_sequence != 0:
+                raise UnknownProducer(producer_id, base_sequence, topic=topic, partition=partition)
+            if not self.has_room(new_in_request + 1, now_ms):
+                raise TooManyProducers(producer_id, self.max_producers, self.min_idle_ms,
+                                       topic=topic, partition=partition)
+            return None
         if base_sequence == expected:
             return None
         if entry is not None:
@@ -200,13 +233,52 @@ class ProducerStateTable:
             why = "not one of the last batches appended (too old, or another record count)"
         raise OutOfOrderSequence(producer_id, expected, base_sequence, topic=topic, partition=partition, why=why)
 
+    def has_room(self, new_producers: int, now_ms: int) -> bool:
+        """Whether ``new_producers`` new producers fit: in free places, or in those of
+        producers idle for ``min_idle_ms`` (which ``record`` evicts for them)."""
+        missing = new_producers - (self.max_producers - len(self._producers))
+        return missing <= 0 or self._idle_at_least(missing, now_ms)
+
+    def _idle_at_least(self, n: int, now_ms: int) -> bool:
+        """Whether the ``n`` least recent producers have all been idle for
+        ``min_idle_ms`` (idle ones come first: the table is in order of last append;
+        should the clock step back, this only undercounts, refusing rather than
+        letting ``record`` evict, which checks each producer's own age).
+        The scan resumes where the last one stopped while the table and ``now_ms`` are
+        unchanged, so a request of k new producers walks the idle ones once, not k times."""
+        key = (self.version, len(self._producers), now_ms)
+        scan = self._idle_scan
+        if scan is None or scan.key != key:
+            scan = self._idle_scan = _IdleScan(key, iter(self._producers.values()))
+        limit = now_ms - self.min_idle_ms
+        while scan.idle < n and not scan.done:
+            entry = next(scan.entries, None)
+            if entry is None or entry.last_append_ms > limit:
+                scan.done = True
+            else:
+                scan.idle += 1
+        return scan.idle >= n
+
     def record(self, producer_id: int, meta: BatchMeta, now_ms: int) -> None:
-        """Remember an appended batch (``meta.base_sequence`` must be the expected one)."""
+        """Remember an appended batch (``meta.base_sequence`` must be the expected one;
+        a new producer must have passed ``check``). A new producer takes the place of
+        producers idle for ``min_idle_ms`` while the table is full, never of an active
+        one (see "At most ``max_producers``" above)."""
+        self._remember(producer_id, meta, now_ms, evict_idle_before=now_ms - self.min_idle_ms)
+
+    def _remember(self, producer_id: int, meta: BatchMeta, now_ms: int, *, evict_idle_before: int | None) -> None:
+        """``evict_idle_before``: a full table evicts only producers whose last append
+        is at or before it; None: the least recent, whatever its age (rebuilding)."""
         producers = self._producers
         entry = producers.get(producer_id)
         if entry is None:
             while len(producers) >= self.max_producers:
-                evicted, gone = producers.popitem(last=False)
+                evicted, gone = next(iter(producers.items()))
+                if evict_idle_before is not None and gone.last_append_ms > evict_idle_before:
+                    log.warning("producer state full (%d) and no producer idle for %d ms: keeping producer %d "
+                                "over the limit", self.max_producers, self.min_idle_ms, producer_id)
+                    break
+                del producers[evicted]
                 self._forgotten(gone)
                 log.info("producer state full (%d): evicted producer %d", self.max_producers, evicted)
             entry = producers[producer_id] = ProducerEntry()
@@ -261,9 +333,12 @@ class ProducerStateTable:
                append_time_ms: int) -> None:
         """Apply one stored batch (opening a partition). The log is the truth: a
         stored batch is taken as it is, whatever the table expected. Whether the dedup
-        window dropped records from it is not known (the stored copy lacks them)."""
-        self.record(producer_id, BatchMeta(base_sequence, record_count, base_offset, record_count,
-                                           append_time_ms, None), append_time_ms)
+        window dropped records from it is not known (the stored copy lacks them).
+        A full table evicts the least recent producer however recently it appended: a
+        stored batch cannot be refused, and the least recent is the one the live table
+        gave up first too (``load`` then drops the expired ones)."""
+        meta = BatchMeta(base_sequence, record_count, base_offset, record_count, append_time_ms, None)
+        self._remember(producer_id, meta, append_time_ms, evict_idle_before=None)
 
     def replay_log(self, plog: PartitionLog, from_offset: int) -> int:
         """Replay every stored batch at or after ``from_offset``; batches replayed."""
@@ -334,6 +409,19 @@ class ProducerStateTable:
         if table.answer_entries > table.max_answer_entries:
             table._forget_answers()
         return table, covers_offset
+
+
+class _IdleScan:
+    """How far ``ProducerStateTable._idle_at_least`` got: ``idle`` producers from the
+    least recent on were idle; ``done`` once a producer was not (or none was left)."""
+
+    __slots__ = ("key", "entries", "idle", "done")
+
+    def __init__(self, key: tuple[int, int, int], entries: Iterator[ProducerEntry]) -> None:
+        self.key = key
+        self.entries = entries
+        self.idle = 0
+        self.done = False
 
 
 def _read_answer(raw: bytes, pos: int, end: int) -> tuple[tuple[tuple[int, int], ...] | None, int]:

@@ -14,9 +14,12 @@ the defaults); the broker answers a batch it already has with its original offse
 broker remembers a producer's last 5 batches per partition, so every retry is
 recognised.
 
-A batch the broker refuses (RECORD_TOO_LARGE, ...) fails alone: the partition's
-later batches are renumbered to close the gap it leaves (those already written are
-refused as out of order; their answers are ignored and they are written again).
+A batch the broker refuses (RECORD_TOO_LARGE, TOO_MANY_PRODUCERS, ...) fails alone:
+the partition's later batches are renumbered to close the gap it leaves (those
+already written are refused as out of order; their answers are ignored and they are
+written again). TOO_MANY_PRODUCERS refuses a producer's first batch for a partition
+whose producer table is full; the renumbered batches behind it start at 0 again and
+are refused too until the partition has room.
 OUT_OF_ORDER_SEQUENCE / UNKNOWN_PRODUCER (the broker no longer knows the producer:
 idle a week, evicted, or a crash lost data of an fsync=never topic) fail that
 batch's records with a ``ProduceError``, and the sender starts over with a new id.

@@ -36,6 +36,7 @@ STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     broker_errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     broker_errors.RecordTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     broker_errors.LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    broker_errors.TooManyProducers: grpc.StatusCode.RESOURCE_EXHAUSTED,
     broker_errors.OutOfOrderSequence: grpc.StatusCode.FAILED_PRECONDITION,
     broker_errors.ProducerStateNotSaved: grpc.StatusCode.UNAVAILABLE,
     broker_errors.RetryAnswerUnknown: grpc.StatusCode.DATA_LOSS,

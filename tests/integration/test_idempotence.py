@@ -1,6 +1,7 @@
 """Idempotent producers and idempotency keys over gRPC with raw stubs: retried batches
 answered with their original offsets, out-of-order sequences refused with their
-reason, nothing of a refused request appended, the dedup window (driven by a fake
+reason, nothing of a refused request appended, new producers refused rather than
+active ones evicted from a full producer table, the dedup window (driven by a fake
 clock), and both surviving a restart."""
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from streamd.broker.producer_state import SNAPSHOT_FILE
+from streamd.broker.producer_state import MAX_PRODUCERS, PRODUCER_MIN_IDLE_MS, SNAPSHOT_FILE
 from streamd.cli.main import main
 from streamd.client.records import decode_batches, encode_batch, values_batch
 from streamd.testing import FakeClock
@@ -355,15 +356,31 @@ def test_a_retry_whose_deduplicated_records_are_no_longer_known_is_refused_not_m
         stubs.close()
 
 
-# -- known defects (found in review; strict xfail: they fail until fixed) --------------
+# -- other clients' producers ----------------------------------------------------------
 
-@pytest.mark.xfail(reason="the producer table is capped per partition (10,000) and evicts the least recent: "
-                          "any client inventing producer ids can make a retry of another producer's first "
-                          "batch append it twice (later batches: UNKNOWN_PRODUCER)")
-def test_other_producers_cannot_make_a_retry_append_twice(stubs):
+def test_other_producers_cannot_make_a_retry_append_twice(stubs, clock):
+    # Anyone can invent producer ids; were the producer table to evict the least
+    # recent producer to make room, a flood of them would make the victim's retry of
+    # its first batch an append. New producers are refused instead while every
+    # producer the partition remembers was active within PRODUCER_MIN_IDLE_MS.
     stubs.create("t", 1)
     victim = new_producer(stubs)
     assert produce(stubs, "t", idem([b"once"], victim, 0)).base_offset == 0
-    produce(stubs, "t", *[idem([b"x"], (1 << 40) + i, 0) for i in range(10_000)])  # ids nobody issued
+    flood = [idem([b"x"], (1 << 40) + i, 0) for i in range(MAX_PRODUCERS)]  # ids nobody issued
+    code, reason, meta = refused(lambda: produce(stubs, "t", *flood))  # one more than there is room for
+    assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_PRODUCERS")
+    assert (meta["producer_id"], meta["limit"]) == (str((1 << 40) + MAX_PRODUCERS - 1), str(MAX_PRODUCERS))
+    assert (meta["topic"], meta["partition"], meta["min_idle_ms"]) == ("t", "0", str(PRODUCER_MIN_IDLE_MS))
+    assert stored(stubs, "t") == [b"once"]  # the request is refused whole
+    assert produce(stubs, "t", *flood[:-1]).record_count == MAX_PRODUCERS - 1  # fills the table exactly
+    clock.advance(PRODUCER_MIN_IDLE_MS - 1)
+    _, reason, _ = refused(lambda: produce(stubs, "t", flood[-1]))
+    assert reason == "TOO_MANY_PRODUCERS"
     retry = produce(stubs, "t", idem([b"once"], victim, 0))
     assert retry.duplicate and retry.base_offset == 0
+    assert produce(stubs, "t", idem([b"twice"], victim, 1)).base_offset == MAX_PRODUCERS
+    clock.advance(1)  # the flood is idle long enough now: its least recent producer makes room
+    assert produce(stubs, "t", flood[-1]).base_offset == MAX_PRODUCERS + 1
+    assert produce(stubs, "t", idem([b"twice"], victim, 1)).duplicate
+    _, reason, _ = refused(lambda: produce(stubs, "t", idem([b"x"], 1 << 40, 1)))
+    assert reason == "UNKNOWN_PRODUCER"  # the one evicted

@@ -1,7 +1,8 @@
 """The SDK's idempotent producer (the default) and idempotency keys against a real
 broker: producer ids on the wire, keys resolving to the first offset, retries across
-a broker restart on the same address, a refused batch leaving no gap, and
-OUT_OF_ORDER_SEQUENCE failing records clearly before the producer starts over."""
+a broker restart on the same address, a refused batch leaving no gap (also when a
+full producer table refuses a new producer), and OUT_OF_ORDER_SEQUENCE failing
+records clearly before the producer starts over."""
 
 from __future__ import annotations
 
@@ -12,10 +13,15 @@ import time
 
 import pytest
 
+from streamd.broker.producer_state import MAX_PRODUCERS, PRODUCER_MIN_IDLE_MS
 from streamd.client import Admin, AsyncProducer, Consumer, ProduceError, Producer, StreamdError
 from streamd.client._sender import Sender
+from streamd.client.records import values_batch
+from streamd.testing import FakeClock
+from streamd.v1 import streamd_pb2 as pb
 
 from ..conftest import RunningServer, free_port
+from .helpers import Stubs
 
 
 @pytest.fixture
@@ -244,3 +250,40 @@ def test_a_retry_the_broker_can_no_longer_answer_fails_alone_and_the_next_record
         kept = producer.send_and_wait("d", b"next")
         assert (kept.offset, kept.duplicate) == (1, False)
     assert [v for _, v in all_records(server.address, "d")] == [b"first", b"next"]
+
+
+def test_a_producer_refused_by_a_full_producer_table_fails_its_records_and_numbers_on_from_zero(make_server):
+    # TOO_MANY_PRODUCERS (RESOURCE_EXHAUSTED) refuses a new producer's first batch:
+    # nothing appended, so the pipelined batches behind it are renumbered down (and
+    # refused the same way), and once there is room the producer starts at 0.
+    clock = FakeClock()
+    server = make_server(clock=clock)
+    with Admin(server.address) as admin:
+        admin.create_topic("t", 1)
+    flood = []
+    for i in range(MAX_PRODUCERS):  # ids nobody issued, filling the partition's table
+        batch = values_batch([b"x"])
+        batch.producer_id, batch.base_sequence = (1 << 40) + i, 0
+        flood.append(batch)
+    stubs = Stubs(server.address)
+    try:
+        stubs.log.Produce(pb.ProduceRequest(topic="t", partitions=[pb.PartitionBatches(partition=0, batches=flood)]))
+    finally:
+        stubs.close()
+
+    async def run():
+        async with AsyncProducer(server.address) as producer:
+            futures = [await producer.send_batch("t", 0, [b"r%d" % i]) for i in range(3)]
+            refused = await asyncio.gather(*futures, return_exceptions=True)
+            clock.advance(PRODUCER_MIN_IDLE_MS)
+            later = [await producer.send_batch("t", 0, [b"s%d" % i]) for i in range(2)]
+            return refused, await asyncio.gather(*later), producer._sender.producer_id
+
+    refused, kept, producer_id = asyncio.run(run())
+    for exc in refused:
+        assert isinstance(exc, ProduceError), exc
+        assert (exc.code, exc.reason, exc.metadata["limit"]) == ("RESOURCE_EXHAUSTED", "TOO_MANY_PRODUCERS",
+                                                                 str(MAX_PRODUCERS))
+    assert [m.offset for m in kept] == [MAX_PRODUCERS, MAX_PRODUCERS + 1]
+    mine = stored_batches(server.address, "t")[MAX_PRODUCERS:]
+    assert [(b.producer_id, b.base_sequence) for b in mine] == [(producer_id, 0), (producer_id, 1)]
