@@ -34,7 +34,7 @@ from streamd.v1 import streamd_pb2_grpc as rpc
 
 from ._channel import SyncClient, aio_channel
 from .errors import StreamdError
-from .records import batch_records
+from .records import RecordFields, batch_records
 
 log = logging.getLogger("streamd.client.queue")
 
@@ -42,11 +42,10 @@ ACTIONS = {"ack": pb.SETTLE_ACTION_ACK, "nack": pb.SETTLE_ACTION_NACK, "extend":
            "reject": pb.SETTLE_ACTION_REJECT}
 
 
-class Message:
-    """A leased record. Settle it exactly once (extend as often as needed).
-
-    A light view over the decoded protobuf record, as ``ConsumerRecord`` is: key,
-    value, headers and timestamp are read from it when asked for."""
+class Message(RecordFields):
+    """A leased record. Settle it exactly once (extend as often as needed). Key,
+    value, headers and timestamp are read from the decoded record when asked for
+    (``RecordFields``)."""
 
     __slots__ = ("topic", "partition", "offset", "_record", "_append_time_ms", "delivery_count", "lease_id",
                  "lease_expires_ms", "_receiver", "deadline", "lease_s")
@@ -60,24 +59,6 @@ class Message:
         self._receiver = receiver
         #: The lease's end by this process's monotonic clock (the broker's clock may differ).
         self.deadline, self.lease_s = deadline, lease_s
-
-    @property
-    def value(self) -> bytes:
-        return self._record.value
-
-    @property
-    def key(self) -> bytes | None:
-        r = self._record
-        return r.key if r.HasField("key") else None
-
-    @property
-    def headers(self) -> tuple[tuple[str, bytes], ...]:
-        return tuple((h.key, h.value) for h in self._record.headers)
-
-    @property
-    def timestamp_ms(self) -> int:
-        """The producer's timestamp, or the append time when it set none."""
-        return self._record.timestamp_ms or self._append_time_ms
 
     def __repr__(self) -> str:
         return (f"Message(topic={self.topic!r}, partition={self.partition}, offset={self.offset}, "

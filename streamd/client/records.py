@@ -16,23 +16,16 @@ from streamd.v1 import streamd_pb2 as pb
 Headers = Sequence[tuple[str, bytes]]
 
 
-class ConsumerRecord:
-    """One record as read: topic, partition, offset, timestamp_ms, key, value, headers.
+class RecordFields:
+    """Key, value, headers and timestamp read from a decoded protobuf record (``_record``,
+    with its batch's ``_append_time_ms``) when asked for, so a large answer costs one
+    small object per record. ``key`` is None for a record produced without a key;
+    ``timestamp_ms`` is the producer's timestamp, or the broker's append time when the
+    producer set none."""
 
-    A light view over the decoded protobuf record: the fields are read from it when
-    asked for, so iterating a large fetch costs one small object per record.
-    ``key`` is None for a record produced without a key; ``timestamp_ms`` is the
-    producer's timestamp, or the broker's append time when the producer set none.
-    """
-
-    __slots__ = ("topic", "partition", "offset", "_record", "_append_time_ms")
-
-    def __init__(self, topic: str, partition: int, offset: int, record: pb.Record, append_time_ms: int) -> None:
-        self.topic = topic
-        self.partition = partition
-        self.offset = offset
-        self._record = record
-        self._append_time_ms = append_time_ms
+    __slots__ = ()
+    _record: pb.Record
+    _append_time_ms: int
 
     @property
     def value(self) -> bytes:
@@ -50,6 +43,20 @@ class ConsumerRecord:
     @property
     def headers(self) -> tuple[tuple[str, bytes], ...]:
         return tuple((h.key, h.value) for h in self._record.headers)
+
+
+class ConsumerRecord(RecordFields):
+    """One record as read: topic, partition, offset, timestamp_ms, key, value, headers
+    (a light view: see ``RecordFields``)."""
+
+    __slots__ = ("topic", "partition", "offset", "_record", "_append_time_ms")
+
+    def __init__(self, topic: str, partition: int, offset: int, record: pb.Record, append_time_ms: int) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self._record = record
+        self._append_time_ms = append_time_ms
 
     def _fields(self) -> tuple:
         return (self.topic, self.partition, self.offset, self.timestamp_ms, self.key, self.value, self.headers)

@@ -3,30 +3,11 @@
 'use strict';
 const test = require('node:test');
 const assert = require('node:assert');
-const path = require('node:path');
 const zlib = require('node:zlib');
-const grpc = require('@grpc/grpc-js');
-const protoLoader = require('@grpc/proto-loader');
+const { grpc, v1, RecordSetType, address, creds, call } = require('./proto');
 
-const PROTO_DIR = path.resolve(__dirname, '../../proto');
-const def = protoLoader.loadSync('streamd/v1/streamd.proto', {
-  includeDirs: [PROTO_DIR], keepCase: true, longs: String, enums: String, defaults: true, oneofs: true,
-});
-const v1 = grpc.loadPackageDefinition(def).streamd.v1;
-
-// protobufjs types for encoding the RecordSet payload of a batch.
-const protobuf = require('protobufjs');
-const root = new protobuf.Root();
-root.resolvePath = (_origin, target) => path.join(PROTO_DIR, target);
-root.loadSync('streamd/v1/streamd.proto', { keepCase: true });
-const RecordSetType = root.lookupType('streamd.v1.RecordSet');
-
-const address = process.env.STREAMD_SERVER;
-const topics = new v1.TopicService(address, grpc.credentials.createInsecure());
-const log = new v1.LogService(address, grpc.credentials.createInsecure());
-const call = (client, method, request) => new Promise((resolve, reject) => {
-  client[method](request, { deadline: Date.now() + 10000 }, (err, reply) => (err ? reject(err) : resolve(reply)));
-});
+const topics = new v1.TopicService(address, creds);
+const log = new v1.LogService(address, creds);
 const topic = 'node-' + process.pid;
 
 function partitionFor(key, count) { // the documented partitioner

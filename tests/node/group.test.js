@@ -3,20 +3,7 @@
 'use strict';
 const test = require('node:test');
 const assert = require('node:assert');
-const path = require('node:path');
-const grpc = require('@grpc/grpc-js');
-const protoLoader = require('@grpc/proto-loader');
-
-const def = protoLoader.loadSync('streamd/v1/streamd.proto', {
-  includeDirs: [path.resolve(__dirname, '../../proto')], keepCase: true, longs: String, enums: String,
-  defaults: true, oneofs: true,
-});
-const v1 = grpc.loadPackageDefinition(def).streamd.v1;
-const address = process.env.STREAMD_SERVER;
-const creds = grpc.credentials.createInsecure();
-const call = (client, method, request) => new Promise((resolve, reject) => {
-  client[method](request, { deadline: Date.now() + 10000 }, (err, reply) => (err ? reject(err) : resolve(reply)));
-});
+const { grpc, v1, address, creds, call } = require('./proto');
 
 // One member: a JoinGroup stream and a queue of the assignments it receives.
 function join(groups, group, topic) {

@@ -3,26 +3,8 @@
 'use strict';
 const test = require('node:test');
 const assert = require('node:assert');
-const path = require('node:path');
-const grpc = require('@grpc/grpc-js');
-const protoLoader = require('@grpc/proto-loader');
-const protobuf = require('protobufjs');
+const { grpc, v1, RecordSetType, address, creds, call } = require('./proto');
 
-const PROTO_DIR = path.resolve(__dirname, '../../proto');
-const def = protoLoader.loadSync('streamd/v1/streamd.proto', {
-  includeDirs: [PROTO_DIR], keepCase: true, longs: String, enums: String, defaults: true, oneofs: true,
-});
-const v1 = grpc.loadPackageDefinition(def).streamd.v1;
-const root = new protobuf.Root();
-root.resolvePath = (_origin, target) => path.join(PROTO_DIR, target);
-root.loadSync('streamd/v1/streamd.proto', { keepCase: true });
-const RecordSetType = root.lookupType('streamd.v1.RecordSet');
-
-const address = process.env.STREAMD_SERVER;
-const creds = grpc.credentials.createInsecure();
-const call = (client, method, request) => new Promise((resolve, reject) => {
-  client[method](request, { deadline: Date.now() + 10000 }, (err, reply) => (err ? reject(err) : resolve(reply)));
-});
 // Ask `probe` until it answers something truthy, at most 50 times and 10 s; its last answer.
 async function poll(probe) {
   let value;
