@@ -15,7 +15,7 @@ from streamd.client.records import decode_batches, encode_batch, values_batch
 from streamd.testing import FakeClock
 from streamd.v1 import streamd_pb2 as pb
 
-from .helpers import Stubs, error_info
+from .helpers import Stubs, refused
 
 WINDOW_MS = 60_000
 
@@ -67,10 +67,16 @@ def stored(stubs: Stubs, topic: str, partition: int = 0) -> list[bytes]:
     return [r.value for r in decode_batches(reply.batches, topic, partition)]
 
 
-def refused(call) -> tuple[grpc.StatusCode, str, dict[str, str]]:
-    with pytest.raises(grpc.RpcError) as caught:
-        call()
-    return error_info(caught.value)
+def dedup_topic_with_a_retried_batch(make_server, clock):
+    """A server with dedup topic "d": record "a", then producer ``pid``'s batch b, a, c
+    (a dropped as a duplicate). (server, stubs, pid)."""
+    server = make_server(clock=clock)
+    stubs = Stubs(server.address)
+    stubs.create("d", 1, dedup_window_ms=WINDOW_MS)
+    pid = new_producer(stubs)
+    produce(stubs, "d", keyed(["a"]))
+    produce(stubs, "d", keyed(["b", "a", "c"], pid, 0))
+    return server, stubs, pid
 
 
 # -- idempotent producers -------------------------------------------------------------
@@ -253,12 +259,7 @@ def test_an_idempotent_retry_repeats_which_records_were_deduplicated(stubs):
 
 
 def test_dedup_window_and_producer_state_survive_restarts(make_server, clock, tmp_path):
-    first = make_server(clock=clock)
-    stubs = Stubs(first.address)
-    stubs.create("d", 1, dedup_window_ms=WINDOW_MS)
-    pid = new_producer(stubs)
-    produce(stubs, "d", keyed(["a"]))
-    produce(stubs, "d", keyed(["b", "a", "c"], pid, 0))
+    first, stubs, pid = dedup_topic_with_a_retried_batch(make_server, clock)
     produce(stubs, "d", keyed(["a", "c"], pid, 3))  # all duplicates: only the snapshot knows
     stubs.close()
     first.stop()
@@ -309,12 +310,7 @@ def test_a_retry_after_the_window_still_repeats_which_records_were_deduplicated(
 
 
 def test_a_retry_after_a_restart_past_the_window_repeats_which_records_were_deduplicated(make_server, clock):
-    first = make_server(clock=clock)
-    stubs = Stubs(first.address)
-    stubs.create("d", 1, dedup_window_ms=WINDOW_MS)
-    pid = new_producer(stubs)
-    produce(stubs, "d", keyed(["a"]))
-    produce(stubs, "d", keyed(["b", "a", "c"], pid, 0))
+    first, stubs, pid = dedup_topic_with_a_retried_batch(make_server, clock)
     produce(stubs, "d", keyed(["c", "a"], pid, 3))  # every record a duplicate
     stubs.close()
     first.stop()
@@ -334,12 +330,7 @@ def test_a_retry_after_a_restart_past_the_window_repeats_which_records_were_dedu
 
 def test_a_retry_whose_deduplicated_records_are_no_longer_known_is_refused_not_misanswered(
         make_server, clock, tmp_path):
-    first = make_server(clock=clock)
-    stubs = Stubs(first.address)
-    stubs.create("d", 1, dedup_window_ms=WINDOW_MS)
-    pid = new_producer(stubs)
-    produce(stubs, "d", keyed(["a"]))
-    produce(stubs, "d", keyed(["b", "a", "c"], pid, 0))
+    first, stubs, pid = dedup_topic_with_a_retried_batch(make_server, clock)
     stubs.close()
     first.stop()
     (tmp_path / "data" / "d" / "0" / SNAPSHOT_FILE).unlink()  # the log keeps only b and c

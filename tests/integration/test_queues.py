@@ -447,6 +447,15 @@ def leased_values(part: pb.LeasedBatches) -> dict[int, bytes]:
     return {o: records[o] for r in part.leased for o in range(r.first_offset, r.last_offset + 1)}
 
 
+def three_leased(stubs: Stubs) -> int:
+    """Topic "jobs" with 3 records, group "workers", all 3 leased: the lease id."""
+    stubs.create("jobs", 1)
+    create(stubs)
+    produce(stubs, "jobs", values(3))
+    [part] = receive_batched(stubs)
+    return part.leased[0].lease_id
+
+
 def settle_ranges(stubs: Stubs, *ranges) -> list:
     request = pb.SettleRequest(group="workers", topic="jobs", ranges=[pb.SettleRange(**r) for r in ranges])
     return list(stubs.queues.Settle(request).results)
@@ -508,11 +517,7 @@ def test_a_range_settles_what_its_lease_holds_and_counts_the_rest(clocked):
 
 def test_bad_ranges_get_invalid_argument_and_change_nothing(clocked):
     _, stubs, _ = clocked
-    stubs.create("jobs", 1)
-    create(stubs)
-    produce(stubs, "jobs", values(3))
-    [part] = receive_batched(stubs)
-    lease = part.leased[0].lease_id
+    lease = three_leased(stubs)
     results = settle_ranges(
         stubs,
         dict(partition=0, first_offset=2, last_offset=1, lease_id=lease, action=pb.SETTLE_ACTION_ACK),
@@ -633,11 +638,7 @@ def test_a_receive_by_default_fits_a_default_grpc_channel(clocked, batched):
 
 def test_odd_settle_ranges_are_refused_or_invalid_never_internal(clocked):
     _, stubs, _ = clocked
-    stubs.create("jobs", 1)
-    create(stubs)
-    produce(stubs, "jobs", values(3))
-    [part] = receive_batched(stubs)
-    lease = part.leased[0].lease_id
+    lease = three_leased(stubs)
     top = (1 << 63) - 1
     ranges = [
         dict(partition=0, first_offset=top - 1, last_offset=top, lease_id=(1 << 64) - 1, action=pb.SETTLE_ACTION_ACK),
