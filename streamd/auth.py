@@ -52,6 +52,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from streamd.errors import StructuredError
+
 OPERATIONS = ("produce", "consume", "describe", "admin")
 TOPIC, GROUP = "topic", "group"
 ANY = "*"
@@ -59,6 +61,25 @@ ANY = "*"
 
 class AuthFileError(ValueError):
     """The auth file is malformed (the broker refuses to start with it)."""
+
+
+class Unauthenticated(StructuredError):
+    """No token or client certificate, or one no principal has."""
+
+    reason = "UNAUTHENTICATED"
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+
+
+class PermissionDenied(StructuredError):
+    """The principal may not do this; nothing was changed."""
+
+    reason = "PERMISSION_DENIED"
+
+    def __init__(self, principal: str, operation: str, kind: str, name: str) -> None:
+        super().__init__(f"{principal!r} may not {operation} {kind} {name!r}", principal=principal,
+                         operation=operation, resource=f"{kind}:{name}")
 
 
 def token_sha256(token: str) -> str:

@@ -54,6 +54,14 @@ class BrokerConfig:
     max_group_members: int = 1_000
     #: Threads for fsync and other blocking storage work.
     io_threads: int = 4
+    #: TLS: the server's certificate chain and private key (PEM files); both or neither.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    #: Mutual TLS: clients must present a certificate signed by this CA (PEM file).
+    tls_client_ca_file: str = ""
+    #: Principals, tokens and allow rules (``streamd.auth``, TOML); empty: no
+    #: authentication (open: fine on loopback, warned about anywhere else).
+    auth_file: str = ""
     #: Seconds in-flight RPCs get to finish on SIGTERM/SIGINT.
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
@@ -61,6 +69,10 @@ class BrokerConfig:
     def __post_init__(self) -> None:
         if self.fsync_policy not in ("always", "interval", "never"):
             raise ValueError(f"fsync_policy must be always, interval or never, not {self.fsync_policy!r}")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
         if self.compression not in ("producer", "lz4"):
             raise ValueError(f"compression must be producer or lz4, not {self.compression!r}")
         for name in ("default_partitions", "segment_bytes", "max_record_bytes", "index_interval_bytes",

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -22,12 +24,14 @@ from consumer_groups.coordinator import Coordinator
 from consumer_groups.offsets import OffsetStore
 from consumer_groups.queue_store import QueueStore
 from streamd._malloc import tune_malloc
+from streamd.auth import Authority
 from streamd.broker.broker import Broker
 from streamd.broker.queues import TICK_MS, QueueEngine
 from streamd.broker.topic import TopicSettings
 from streamd.clock import Clock, SystemClock
 from streamd.config import BrokerConfig
 from streamd.service.group_service import GroupService, expire_groups
+from streamd.service.guard import Guard
 from streamd.service.handlers import generic_handler
 from streamd.service.log_service import REQUEST_VIEWS, LogService
 from streamd.service.queue_service import QueueService
@@ -105,20 +109,28 @@ class Server:
                 ("grpc.max_send_message_length", limit),
             ]
         )
+        guard = Guard(Authority.load(Path(self.config.auth_file))) if self.config.auth_file else None
         self.grpc.add_generic_rpc_handlers(
             [
-                generic_handler(SERVICES[0], TopicService(self.broker, groups, self.queues)),
-                generic_handler(SERVICES[1], LogService(self.broker), REQUEST_VIEWS),
-                generic_handler(SERVICES[2], groups),
-                generic_handler(SERVICES[3], QueueService(self.queues)),
+                generic_handler(SERVICES[0], TopicService(self.broker, groups, self.queues), guard=guard),
+                generic_handler(SERVICES[1], LogService(self.broker), REQUEST_VIEWS, guard=guard),
+                generic_handler(SERVICES[2], groups, guard=guard),
+                generic_handler(SERVICES[3], QueueService(self.queues), guard=guard),
             ]
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         names = [s.full_name for s in SERVICES] + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         reflection.enable_server_reflection(names + [reflection.SERVICE_NAME], self.grpc)
-        self.port = self.grpc.add_insecure_port(self.config.listen)
+        credentials = server_credentials(self.config)
+        if credentials is None:
+            self.port = self.grpc.add_insecure_port(self.config.listen)
+        else:
+            self.port = self.grpc.add_secure_port(self.config.listen, credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.listen}")
+        if guard is None and not _loopback(self.config.listen):
+            log.warning("!!! no auth_file: anyone who can reach %s can read, write and delete everything "
+                        "(set auth_file, and TLS) !!!", self.config.listen)
         await self.grpc.start()
         self.broker.start_background(
             checkpoint_interval_ms=self.config.checkpoint_interval_ms,
@@ -170,6 +182,30 @@ class Server:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         await self.stop()
+
+
+def _loopback(listen: str) -> bool:
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def server_credentials(config: BrokerConfig) -> grpc.ServerCredentials | None:
+    """TLS (and, with a client CA, mutual TLS) from the config's PEM files; None: plain."""
+    if not config.tls_cert_file:
+        return None
+
+    def read(path: str) -> bytes:
+        with open(path, "rb") as fh:
+            return fh.read()
+
+    ca = read(config.tls_client_ca_file) if config.tls_client_ca_file else None
+    return grpc.ssl_server_credentials([(read(config.tls_key_file), read(config.tls_cert_file))],
+                                       root_certificates=ca, require_client_auth=ca is not None)
 
 
 def run(config: BrokerConfig) -> None:

@@ -34,7 +34,7 @@ from streamd.partitioner import key_partition
 from streamd.v1 import streamd_pb2 as pb
 from streamd.v1 import streamd_pb2_grpc as rpc
 
-from ._channel import OPTIONS, server_address
+from ._channel import aio_channel
 from ._sender import DEFAULT_RETRIES, DEFAULT_RETRY_BACKOFF_MS, Sender
 from .errors import StreamdError
 from .records import Headers, RecordMetadata, add_record, encode_batch, values_record_set
@@ -44,7 +44,7 @@ DEFAULT_BATCH_MAX_BYTES = 512 * 1024
 DEFAULT_MAX_IN_FLIGHT = 64
 _RECORD_OVERHEAD = 16  # tags, lengths, timestamp
 #: Reconnect quickly after a broker restart (grpc's default waits 1 s, then longer).
-_CHANNEL_OPTIONS = OPTIONS + [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
+_RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 class _Accumulator:
@@ -79,7 +79,7 @@ class AsyncProducer:
             raise ValueError("compression must be 'none' or 'lz4'")
         tune_malloc()
         self._own_channel = channel is None
-        self._channel = channel or grpc.aio.insecure_channel(server_address(server), options=_CHANNEL_OPTIONS)
+        self._channel = channel or aio_channel(server, extra_options=_RECONNECT_OPTIONS)
         self._topics = rpc.TopicServiceStub(self._channel)
         self._sender = Sender(self._channel, idempotent=idempotent, retries=retries,
                               retry_backoff_ms=retry_backoff_ms, max_in_flight=max_in_flight)

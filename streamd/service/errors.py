@@ -20,6 +20,7 @@ from grpc_status import rpc_status
 import segments
 from consumer_groups import errors as group_errors
 from consumer_groups.journal import JournalFailed
+from streamd import auth
 from streamd.broker import errors as broker_errors
 from streamd.errors import StructuredError
 from streamd.v1 import streamd_pb2 as pb
@@ -60,6 +61,8 @@ STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     group_errors.QueueGroupNotFound: grpc.StatusCode.NOT_FOUND,
     group_errors.QueueGroupExists: grpc.StatusCode.ALREADY_EXISTS,
     group_errors.LeaseExpired: grpc.StatusCode.FAILED_PRECONDITION,
+    auth.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    auth.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 

@@ -44,10 +44,17 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     await context.abort_with_status(rich_status(exc))
 
 
-def _unary(impl, parse):
+def _unary(impl, parse, name: str, guard):
     async def handler(raw: bytes, context: grpc.aio.ServicerContext):
         try:
-            return await impl(parse(raw), context)
+            request = parse(raw)
+            if guard is None:
+                return await impl(request, context)
+            principal = guard.principal(context)
+            guard.check(principal, name, request)
+            response = await impl(request, context)
+            guard.filter(principal, name, response)
+            return response
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # the one place errors become statuses
@@ -56,10 +63,13 @@ def _unary(impl, parse):
     return handler
 
 
-def _server_stream(impl, parse):
+def _server_stream(impl, parse, name: str, guard):
     async def handler(raw: bytes, context: grpc.aio.ServicerContext):
         try:
-            async for response in impl(parse(raw), context):
+            request = parse(raw)
+            if guard is not None:
+                guard.check(guard.principal(context), name, request)
+            async for response in impl(request, context):
                 yield response
         except grpc.aio.AbortError:
             raise
@@ -69,16 +79,25 @@ def _server_stream(impl, parse):
     return handler
 
 
-def _bidi_stream_writer(impl, parse):
+def _bidi_stream_writer(impl, parse, name: str, guard):
     """For a coroutine ``impl(read, context)`` that answers with ``context.write``;
     ``read()`` returns the next parsed request, or None at the end of the stream."""
 
     async def handler(request_iterator, context: grpc.aio.ServicerContext):
+        principal = None
+
         async def read():
             raw = await context.read()
-            return None if raw is grpc.aio.EOF else parse(raw)
+            if raw is grpc.aio.EOF:
+                return None
+            message = parse(raw)
+            if guard is not None:
+                guard.check_stream_message(principal, name, message)
+            return message
 
         try:
+            if guard is not None:
+                principal = guard.principal(context)
             await impl(read, context)
         except grpc.aio.AbortError:
             raise
@@ -92,10 +111,12 @@ def generic_handler(
     service: ServiceDescriptor,
     servicer: Any,
     request_types: dict[str, type[Message]] | None = None,
+    guard=None,
 ) -> grpc.GenericRpcHandler:
     """A handler for every method of ``service`` implemented by ``servicer``.
 
-    ``request_types`` overrides the message a method's request is parsed as.
+    ``request_types`` overrides the message a method's request is parsed as;
+    ``guard`` (``streamd.service.guard.Guard``) authenticates and authorizes each call.
     """
     request_types = request_types or {}
     handlers = {}
@@ -105,18 +126,18 @@ def generic_handler(
         parse = _parser(message_cls)
         if method.client_streaming and method.server_streaming:
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                _bidi_stream_writer(impl, parse), response_serializer=_serialize
+                _bidi_stream_writer(impl, parse, method.name, guard), response_serializer=_serialize
             )
         elif method.server_streaming:
             assert inspect.isasyncgenfunction(impl), method.name
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                _server_stream(impl, parse), response_serializer=_serialize
+                _server_stream(impl, parse, method.name, guard), response_serializer=_serialize
             )
         elif method.client_streaming:
             raise NotImplementedError(f"client streaming {method.full_name}")
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _unary(impl, parse), response_serializer=_serialize
+                _unary(impl, parse, method.name, guard), response_serializer=_serialize
             )
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 

@@ -13,8 +13,11 @@ from streamd.v1 import streamd_pb2_grpc as rpc
 
 
 class Stubs:
-    def __init__(self, address: str) -> None:
-        self.channel = grpc.insecure_channel(address)
+    def __init__(self, address: str, *, token: str = "") -> None:
+        """``token``: sent as a bearer token on every call."""
+        from streamd.client._channel import Security, sync_channel
+
+        self.channel = sync_channel(address, security=Security(token=token)) if token else grpc.insecure_channel(address)
         self.topics = rpc.TopicServiceStub(self.channel)
         self.log = rpc.LogServiceStub(self.channel)
         self.groups = rpc.GroupServiceStub(self.channel)

@@ -1,0 +1,66 @@
+"""Authentication and authorization at the door of every RPC (``streamd.auth``).
+
+``Guard`` finds the caller's principal (a bearer token in the ``authorization``
+metadata, else the common name of a verified client certificate), checks what the
+method needs against the allow rules before the servicer runs, and filters the
+answers of the List methods to what the caller may describe. Streams are checked
+per message that names resources: each ProduceStream request, JoinGroup's ``join``,
+ReceiveStream's ``open``.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from streamd.auth import GROUP, TOPIC, Authority, PermissionDenied, Unauthenticated, needs_of
+
+#: Streams: the field of each message that names the resources to check.
+STREAM_PARTS = {"ProduceStream": "request", "JoinGroup": "join", "ReceiveStream": "open"}
+#: List answers: (repeated field, name field, kind) filtered to what may be described.
+LISTS = {"ListTopics": ("topics", "name", TOPIC), "ListGroups": ("groups", "group", GROUP),
+         "ListQueueGroups": ("groups", "group", GROUP)}
+
+
+class Guard:
+    def __init__(self, authority: Authority) -> None:
+        self.authority = authority
+
+    def principal(self, context: grpc.aio.ServicerContext) -> str:
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                scheme, _, token = value.partition(" ")
+                if scheme.lower() != "bearer" or not token:
+                    raise Unauthenticated("the authorization metadata must be 'Bearer <token>'")
+                principal = self.authority.principal_for_token(token.strip())
+                if principal is None:
+                    raise Unauthenticated("unknown token")
+                return principal
+        for name in (context.auth_context() or {}).get("x509_common_name", []):
+            principal = self.authority.principal_for_certificate(name.decode(errors="replace"))
+            if principal is not None:
+                return principal
+        raise Unauthenticated("a bearer token or a client certificate of a known principal is needed")
+
+    def check(self, principal: str, method: str, message) -> None:
+        missing = self.authority.missing(principal, needs_of(method, message))
+        if missing is not None:
+            raise PermissionDenied(principal, *missing)
+
+    def check_stream_message(self, principal: str, method: str, message) -> None:
+        part = STREAM_PARTS.get(method)
+        if part is not None and message.HasField(part):
+            self.check(principal, method, getattr(message, part))
+
+    def filter(self, principal: str, method: str, response) -> None:
+        listed = LISTS.get(method)
+        if listed is None or isinstance(response, bytes):
+            return
+        field, name, kind = listed
+        entries = getattr(response, field)
+        keep = [e for e in entries if self.authority.allows(principal, "describe", kind, getattr(e, name))]
+        if len(keep) != len(entries):
+            kept = [type(e)() for e in keep]
+            for new, old in zip(kept, keep):
+                new.CopyFrom(old)
+            del entries[:]
+            entries.extend(kept)

@@ -1,0 +1,132 @@
+"""Authentication (bearer tokens, client certificates) and authorization (allow
+rules on topic and group patterns) over real gRPC on 127.0.0.1."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from streamd.auth import new_token
+from streamd.v1 import streamd_pb2 as pb
+
+from .helpers import Stubs, refused
+
+ADMIN, ADMIN_HASH = new_token()
+PRODUCER, PRODUCER_HASH = new_token()
+WORKER, WORKER_HASH = new_token()
+
+
+@pytest.fixture
+def secured(make_server, tmp_path):
+    path = tmp_path / "auth.toml"
+    path.write_text(f"""
+[[principal]]
+name = "ops"
+token_sha256 = ["{ADMIN_HASH}"]
+[[principal]]
+name = "orders-api"
+token_sha256 = ["{PRODUCER_HASH}"]
+[[principal]]
+name = "mailer"
+token_sha256 = ["{WORKER_HASH}"]
+
+[[allow]]
+principal = "ops"
+operations = ["admin"]
+topics = ["*"]
+groups = ["*"]
+[[allow]]
+principal = "orders-api"
+operations = ["produce"]
+topics = ["orders*"]
+[[allow]]
+principal = "mailer"
+operations = ["consume"]
+topics = ["orders"]
+groups = ["mailers"]
+""")
+    server = make_server(auth_file=str(path))
+    stubs = {name: Stubs(server.address, token=token) for name, token in
+             (("ops", ADMIN), ("orders-api", PRODUCER), ("mailer", WORKER), ("nobody", ""), ("forged", "sdt_x"))}
+    stubs["ops"].create("orders", 1)
+    stubs["ops"].create("payroll", 1)
+    try:
+        yield server, stubs
+    finally:
+        for s in stubs.values():
+            s.close()
+
+
+def test_calls_without_a_known_token_are_unauthenticated(secured):
+    _, stubs = secured
+    for who in ("nobody", "forged"):
+        code, reason, _ = refused(stubs[who].topics.ListTopics, pb.ListTopicsRequest())
+        assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED")
+    bad_scheme = [("authorization", "Basic abc")]
+    code, _, _ = refused(stubs["nobody"].topics.ListTopics, pb.ListTopicsRequest(), metadata=bad_scheme)
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_each_principal_does_what_its_rules_allow_and_nothing_else(secured):
+    _, stubs = secured
+    producer = stubs["orders-api"]
+    assert producer.produce_values("orders", 0, [b"o1"]).base_offset == 0
+    for call, request in ((producer.log.Fetch, pb.FetchRequest(topic="orders")),
+                          (producer.log.Produce, pb.ProduceRequest(topic="payroll")),
+                          (producer.topics.CreateTopic, pb.CreateTopicRequest(topic="orders-2", partition_count=1))):
+        code, reason, meta = refused(call, request)
+        assert (code, reason, meta["principal"]) == (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED",
+                                                     "orders-api")
+    assert [t.name for t in stubs["ops"].topics.ListTopics(pb.ListTopicsRequest()).topics] == ["orders", "payroll"]
+    # Lists are filtered to what the caller may describe.
+    assert [t.name for t in producer.topics.ListTopics(pb.ListTopicsRequest()).topics] == ["orders"]
+    assert stubs["mailer"].fetch("orders", 0, 0).batches  # consume on orders
+    code, _, meta = refused(stubs["mailer"].fetch, "payroll", 0, 0)
+    assert code == grpc.StatusCode.PERMISSION_DENIED and meta["resource"] == "topic:payroll"
+
+
+def test_queue_and_group_calls_check_the_group_and_the_topic(secured):
+    _, stubs = secured
+    ops, mailer = stubs["ops"], stubs["mailer"]
+    ops.queues.CreateQueueGroup(pb.CreateQueueGroupRequest(group="mailers", topic="orders"))
+    stubs["orders-api"].produce_values("orders", 0, [b"o1", b"o2"])
+    got = mailer.queues.Receive(pb.ReceiveRequest(group="mailers", topic="orders", max_records=10)).records
+    assert [r.record.value for r in got] == [b"o1", b"o2"]
+    code, _, meta = refused(mailer.queues.CreateQueueGroup, pb.CreateQueueGroupRequest(group="mailers2", topic="orders"))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and meta["operation"] == "admin"
+    code, _, meta = refused(mailer.queues.Receive, pb.ReceiveRequest(group="others", topic="orders"))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and meta["resource"] == "group:others"
+    # A stream is checked per message: a JoinGroup for a group the member may not join.
+    join = pb.JoinGroupRequest(join=pb.MemberJoin(group="payroll-readers", topics=["orders"]))
+    call = mailer.groups.JoinGroup(iter([join]))
+    with pytest.raises(grpc.RpcError) as err:
+        next(call)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_produce_stream_messages_are_checked_one_by_one(secured):
+    _, stubs = secured
+    producer = stubs["orders-api"]
+    from streamd.client.records import values_batch
+
+    def request(i: int, topic: str) -> pb.ProduceStreamRequest:
+        return pb.ProduceStreamRequest(request_id=i, request=pb.ProduceRequest(
+            topic=topic, partitions=[pb.PartitionBatches(partition=0, batches=[values_batch([b"s"])])]))
+
+    call = producer.log.ProduceStream(iter([request(1, "orders"), request(2, "payroll")]))
+    with pytest.raises(grpc.RpcError) as err:
+        list(call)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert stubs["ops"].fetch("payroll", 0, 0).batches == []  # nothing reached the forbidden topic
+
+
+def test_the_sdk_sends_the_token_from_the_environment(secured, monkeypatch):
+    server, _ = secured
+    from streamd.client import Admin, Producer
+
+    monkeypatch.setenv("STREAMD_TOKEN", PRODUCER)
+    with Producer(server.address) as producer:
+        producer.send("orders", b"via sdk").result(timeout=10)
+    monkeypatch.setenv("STREAMD_TOKEN", ADMIN)
+    with Admin(server.address) as admin:
+        assert sum(o.log_end_offset for o in admin.list_offsets("orders")) == 1
