@@ -58,6 +58,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "segment_bytes": args.segment_bytes,
         "retention_ms": args.retention_ms,
         "log_level": args.log_level,
+        "tls_cert_file": args.tls_cert,
+        "tls_key_file": args.tls_key,
+        "tls_client_ca_file": args.tls_client_ca,
+        "auth_file": args.auth_file,
     }
     config = BrokerConfig.load(flags=flags, file=args.config)
     if args.print_config:
@@ -217,6 +221,15 @@ def cmd_offsets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_new_token(args: argparse.Namespace) -> int:
+    from streamd.auth import new_token
+
+    token, digest = new_token()
+    print(f"token (give it to the client as STREAMD_TOKEN; it is not stored anywhere): {token}")
+    print(f'\n[[principal]]\nname = "{args.principal}"\ntoken_sha256 = ["{digest}"]')
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamd", description="streamd: event log and work queue")
@@ -232,7 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retention-ms", type=int)
     p.add_argument("--log-level")
     p.add_argument("--print-config", action="store_true", help="print the effective config and exit")
+    p.add_argument("--tls-cert", help="server certificate chain (PEM): serve TLS")
+    p.add_argument("--tls-key", help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", help="CA (PEM) client certificates must chain to: mutual TLS")
+    p.add_argument("--auth-file", help="principals, tokens and allow rules (TOML; see README, Security)")
     p.set_defaults(func=cmd_serve)
+
+    auth = sub.add_parser("auth", help="tokens for the auth file").add_subparsers(dest="auth_command", required=True)
+    p = auth.add_parser("new-token", help="print a new token and the auth-file lines holding its SHA-256")
+    p.add_argument("--principal", default="NAME")
+    p.set_defaults(func=cmd_new_token)
 
     topics = sub.add_parser("topics", help="manage topics").add_subparsers(dest="topics_command", required=True)
     p = topics.add_parser("create")

@@ -101,3 +101,29 @@ def test_what_rpcs_need_comes_from_their_requests():
         "consume", TOPIC, "x")
     with pytest.raises(KeyError):
         needs_of("Nope", pb.ProduceRequest())
+
+
+def test_the_cli_prints_a_token_and_auth_file_lines_with_its_hash(capsys):
+    import tomllib
+
+    from streamd.cli.main import main
+
+    assert main(["auth", "new-token", "--principal", "orders-api"]) == 0
+    out = capsys.readouterr().out
+    token = out.splitlines()[0].rsplit(" ", 1)[1]
+    raw = tomllib.loads(out.split("\n", 1)[1])
+    assert raw["principal"][0]["name"] == "orders-api"
+    assert Authority.parse(raw).principal_for_token(token) == "orders-api"
+
+
+def test_serve_flags_set_tls_and_auth(capsys, tmp_path):
+    import json
+
+    from streamd.cli.main import main
+
+    argv = ["serve", "--data-dir", str(tmp_path), "--tls-cert", "c.pem", "--tls-key", "k.pem",
+            "--tls-client-ca", "ca.pem", "--auth-file", "auth.toml", "--print-config"]
+    assert main(argv) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert (config["tls_cert_file"], config["tls_key_file"], config["tls_client_ca_file"], config["auth_file"]) == (
+        "c.pem", "k.pem", "ca.pem", "auth.toml")
