@@ -38,7 +38,18 @@ The auth file (TOML, ``auth_file`` in the broker config)::
     topics = ["*"]
     groups = ["*"]
 
-``required(method, request)`` says what each RPC needs, from the request itself
+Produce quotas, per principal (``*``: each principal without its own)::
+
+    [[quota]]
+    principal = "orders-api"
+    produce_bytes_per_s = 10485760
+
+A principal over its rate gets RESOURCE_EXHAUSTED / ``QUOTA_EXCEEDED`` with
+``retry_after_ms`` (and a ``google.rpc.RetryInfo``); nothing of that request is
+appended. The bucket holds one second of the rate; a request larger than that passes
+when the bucket is full and leaves it in debt.
+
+``needs_of(method, request)`` says what each RPC needs, from the request itself
 (tests/unit/test_auth.py checks every method of every service is covered).
 """
 
@@ -70,6 +81,17 @@ class Unauthenticated(StructuredError):
 
     def __init__(self, why: str) -> None:
         super().__init__(why)
+
+
+class QuotaExceeded(StructuredError):
+    """The principal produced faster than its quota; retry after ``retry_after_ms``."""
+
+    reason = "QUOTA_EXCEEDED"
+
+    def __init__(self, principal: str, rate: float, retry_after_ms: int) -> None:
+        super().__init__(f"{principal!r} is over its produce quota of {rate:.0f} bytes/s; retry in "
+                         f"{retry_after_ms} ms", principal=principal, retry_after_ms=retry_after_ms)
+        self.retry_after_ms = retry_after_ms
 
 
 class PermissionDenied(StructuredError):
@@ -112,8 +134,11 @@ class Rule:
 class Authority:
     """The auth file, loaded: tokens to principals, and the allow rules."""
 
-    def __init__(self, principals: dict[str, list[str]], rules: list[Rule]) -> None:
+    def __init__(self, principals: dict[str, list[str]], rules: list[Rule],
+                 quotas: dict[str, float] | None = None) -> None:
         self.principals = set(principals)
+        #: principal (or "*") -> produce bytes per second
+        self.quotas = quotas or {}
         self._by_hash: dict[str, str] = {}
         for name, hashes in principals.items():
             for h in hashes:
@@ -131,7 +156,7 @@ class Authority:
 
     @classmethod
     def parse(cls, raw: dict, *, source: str = "auth file") -> Authority:
-        unknown = set(raw) - {"principal", "allow"}
+        unknown = set(raw) - {"principal", "allow", "quota"}
         if unknown:
             raise AuthFileError(f"{source}: unknown section(s) {sorted(unknown)}")
         principals: dict[str, list[str]] = {}
@@ -163,7 +188,23 @@ class Authority:
             if not topics and not groups:
                 raise AuthFileError(f"{where}: name topics or groups (patterns)")
             rules.append(Rule(who, frozenset(ops), tuple(topics), tuple(groups)))
-        return cls(principals, rules)
+        quotas: dict[str, float] = {}
+        for i, q in enumerate(_tables(raw, "quota", source)):
+            where = f"{source}: quota #{i + 1}"
+            _keys(q, {"principal", "produce_bytes_per_s"}, where)
+            who, rate = q.get("principal"), q.get("produce_bytes_per_s")
+            if who != ANY and who not in principals:
+                raise AuthFileError(f"{where}: principal {who!r} is not defined")
+            if who in quotas:
+                raise AuthFileError(f"{where}: a second quota for {who!r}")
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate <= 0:
+                raise AuthFileError(f"{where}: produce_bytes_per_s must be a positive number")
+            quotas[who] = float(rate)
+        return cls(principals, rules, quotas)
+
+    def quota(self, principal: str) -> float | None:
+        """Produce bytes per second allowed to ``principal``, or None: no limit."""
+        return self.quotas.get(principal, self.quotas.get(ANY))
 
     def principal_for_token(self, token: str) -> str | None:
         """The principal whose token this is, or None. The lookup is by the token's
@@ -218,6 +259,28 @@ _NEEDS: dict[str, tuple[tuple[str, str, str], ...]] = {
     "Settle": (("consume", GROUP, "group"),),
     "SeekQueueGroup": (("admin", GROUP, "group"),),
 }
+
+
+class ProduceQuotas:
+    """A token bucket of produce bytes per principal (one second of the rate deep)."""
+
+    def __init__(self, authority: Authority, clock) -> None:
+        self.authority = authority
+        self.clock = clock  # seconds, monotonic
+        self._buckets: dict[str, tuple[float, float]] = {}  # principal -> (tokens, at)
+
+    def charge(self, principal: str, size: int) -> None:
+        """Take ``size`` bytes from the principal's bucket, or raise QuotaExceeded."""
+        rate = self.authority.quota(principal)
+        if rate is None:
+            return
+        now = self.clock()
+        tokens, at = self._buckets.get(principal, (rate, now))
+        tokens = min(rate, tokens + (now - at) * rate)
+        if tokens <= 0:
+            self._buckets[principal] = (tokens, now)
+            raise QuotaExceeded(principal, rate, max(1, int(-tokens / rate * 1000) + 1))
+        self._buckets[principal] = (tokens - size, now)
 
 
 def needs_of(method: str, request) -> list[tuple[str, str, str]]:

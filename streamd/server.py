@@ -109,7 +109,10 @@ class Server:
                 ("grpc.max_send_message_length", limit),
             ]
         )
-        guard = Guard(Authority.load(Path(self.config.auth_file))) if self.config.auth_file else None
+        guard = None
+        if self.config.auth_file:
+            clock = self.broker.clock
+            guard = Guard(Authority.load(Path(self.config.auth_file)), clock=lambda: clock.now_ms() / 1000)
         self.grpc.add_generic_rpc_handlers(
             [
                 generic_handler(SERVICES[0], TopicService(self.broker, groups, self.queues), guard=guard),

@@ -63,6 +63,7 @@ STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     group_errors.LeaseExpired: grpc.StatusCode.FAILED_PRECONDITION,
     auth.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     auth.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    auth.QuotaExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -128,8 +129,20 @@ def rich_status(exc: BaseException) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    status = status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    details = [detail]
+    retry_after_ms = getattr(exc, "retry_after_ms", None)
+    if retry_after_ms is not None:  # a standard RetryInfo, for clients that honour it
+        retry = any_pb2.Any()
+        retry.Pack(error_details_pb2.RetryInfo(retry_delay=_duration_ms(retry_after_ms)))
+        details.append(retry)
+    status = status_pb2.Status(code=code.value[0], message=message, details=details)
     return rpc_status.to_status(status)
+
+
+def _duration_ms(ms: int):
+    from google.protobuf import duration_pb2
+
+    return duration_pb2.Duration(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
 
 
 def stream_error(exc: BaseException) -> pb.StreamError:

@@ -10,20 +10,25 @@ ReceiveStream's ``open``.
 
 from __future__ import annotations
 
+import time
+
 import grpc
 
-from streamd.auth import GROUP, TOPIC, Authority, PermissionDenied, Unauthenticated, needs_of
+from streamd.auth import GROUP, TOPIC, Authority, PermissionDenied, ProduceQuotas, Unauthenticated, needs_of
 
 #: Streams: the field of each message that names the resources to check.
 STREAM_PARTS = {"ProduceStream": "request", "JoinGroup": "join", "ReceiveStream": "open"}
+#: Methods whose request bytes count against the principal's produce quota.
+PRODUCING = ("Produce", "ProduceStream")
 #: List answers: (repeated field, name field, kind) filtered to what may be described.
 LISTS = {"ListTopics": ("topics", "name", TOPIC), "ListGroups": ("groups", "group", GROUP),
          "ListQueueGroups": ("groups", "group", GROUP)}
 
 
 class Guard:
-    def __init__(self, authority: Authority) -> None:
+    def __init__(self, authority: Authority, clock=time.monotonic) -> None:
         self.authority = authority
+        self.quotas = ProduceQuotas(authority, clock)
 
     def principal(self, context: grpc.aio.ServicerContext) -> str:
         for key, value in context.invocation_metadata() or ():
@@ -41,15 +46,19 @@ class Guard:
                 return principal
         raise Unauthenticated("a bearer token or a client certificate of a known principal is needed")
 
-    def check(self, principal: str, method: str, message) -> None:
+    def check(self, principal: str, method: str, message, size: int = 0) -> None:
+        """Raise unless ``principal`` may call ``method`` with ``message`` (``size``:
+        its bytes, charged to the produce quota of producing methods)."""
         missing = self.authority.missing(principal, needs_of(method, message))
         if missing is not None:
             raise PermissionDenied(principal, *missing)
+        if method in PRODUCING:
+            self.quotas.charge(principal, size)
 
-    def check_stream_message(self, principal: str, method: str, message) -> None:
+    def check_stream_message(self, principal: str, method: str, message, size: int = 0) -> None:
         part = STREAM_PARTS.get(method)
         if part is not None and message.HasField(part):
-            self.check(principal, method, getattr(message, part))
+            self.check(principal, method, getattr(message, part), size)
 
     def filter(self, principal: str, method: str, response) -> None:
         listed = LISTS.get(method)

@@ -51,7 +51,7 @@ def _unary(impl, parse, name: str, guard):
             if guard is None:
                 return await impl(request, context)
             principal = guard.principal(context)
-            guard.check(principal, name, request)
+            guard.check(principal, name, request, len(raw))
             response = await impl(request, context)
             guard.filter(principal, name, response)
             return response
@@ -92,7 +92,7 @@ def _bidi_stream_writer(impl, parse, name: str, guard):
                 return None
             message = parse(raw)
             if guard is not None:
-                guard.check_stream_message(principal, name, message)
+                guard.check_stream_message(principal, name, message, len(raw))
             return message
 
         try:

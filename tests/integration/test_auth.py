@@ -130,3 +130,33 @@ def test_the_sdk_sends_the_token_from_the_environment(secured, monkeypatch):
     monkeypatch.setenv("STREAMD_TOKEN", ADMIN)
     with Admin(server.address) as admin:
         assert sum(o.log_end_offset for o in admin.list_offsets("orders")) == 1
+
+
+def test_a_principal_over_its_produce_quota_is_told_when_to_retry(make_server, tmp_path):
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    from streamd.testing import FakeClock
+
+    path = tmp_path / "auth.toml"
+    path.write_text(f'[[principal]]\nname = "p"\ntoken_sha256 = ["{PRODUCER_HASH}"]\n'
+                    '[[allow]]\nprincipal = "p"\noperations = ["admin"]\ntopics = ["*"]\n'
+                    '[[quota]]\nprincipal = "p"\nproduce_bytes_per_s = 1000\n')
+    clock = FakeClock()
+    server = make_server(clock=clock, auth_file=str(path))
+    stubs = Stubs(server.address, token=PRODUCER)
+    try:
+        stubs.create("t", 1)
+        stubs.produce_values("t", 0, [b"x" * 1500])  # a full bucket lets one large request through
+        with pytest.raises(grpc.RpcError) as caught:
+            stubs.produce_values("t", 0, [b"y"])
+        code, reason, meta = refused(stubs.produce_values, "t", 0, [b"y"])
+        assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "QUOTA_EXCEEDED")
+        assert 0 < int(meta["retry_after_ms"]) <= 1000
+        retry = [d for d in rpc_status.from_call(caught.value).details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
+        assert len(retry) == 1
+        assert stubs.fetch("t", 0, 0).batches and len(stubs.fetch("t", 0, 1).batches) == 0  # nothing appended
+        clock.advance(int(meta["retry_after_ms"]) + 1)
+        assert stubs.produce_values("t", 0, [b"y"]).base_offset == 1
+    finally:
+        stubs.close()

@@ -127,3 +127,36 @@ def test_serve_flags_set_tls_and_auth(capsys, tmp_path):
     config = json.loads(capsys.readouterr().out)
     assert (config["tls_cert_file"], config["tls_key_file"], config["tls_client_ca_file"], config["auth_file"]) == (
         "c.pem", "k.pem", "ca.pem", "auth.toml")
+
+
+def test_produce_quotas_are_token_buckets_per_principal():
+    from streamd.auth import ProduceQuotas, QuotaExceeded
+
+    a = Authority.parse({"principal": [{"name": "a"}, {"name": "b"}],
+                         "quota": [{"principal": "a", "produce_bytes_per_s": 1000},
+                                   {"principal": "*", "produce_bytes_per_s": 10}]})
+    assert a.quota("a") == 1000 and a.quota("b") == 10 and a.quota("c") == 10
+    now = [100.0]
+    q = ProduceQuotas(a, lambda: now[0])
+    q.charge("a", 600)
+    q.charge("a", 600)  # the bucket had 400 left: allowed, 200 in debt
+    with pytest.raises(QuotaExceeded) as err:
+        q.charge("a", 1)
+    assert err.value.retry_after_ms == 201  # 200 bytes at 1000/s, rounded up
+    now[0] += 0.2005
+    q.charge("a", 1)  # paid off
+    q.charge("b", 10)  # "b" has its own bucket under "*"
+    with pytest.raises(QuotaExceeded):
+        q.charge("b", 1)
+    assert Authority.parse({}).quota("x") is None
+
+
+@pytest.mark.parametrize("quota, why", [
+    ({"principal": "nobody", "produce_bytes_per_s": 1}, "not defined"),
+    ({"principal": "*", "produce_bytes_per_s": 0}, "positive"),
+    ({"principal": "*", "produce_bytes_per_s": True}, "positive"),
+    ({"principal": "*", "produce_bytes_per_s": 1, "burst": 5}, "unknown key"),
+])
+def test_a_malformed_quota_is_refused(quota, why):
+    with pytest.raises(AuthFileError, match=why):
+        Authority.parse({"quota": [quota]})
