@@ -1,13 +1,26 @@
 """Broker configuration: one frozen dataclass with documented defaults.
 
-Precedence: command-line flags > ``STREAMD_*`` environment variables > a TOML file
-(``--config``) > the defaults below. Lower layers never see this object; the server
-hands them plain keyword arguments.
+Precedence, lowest first: the defaults below < a TOML file (``--config``, or the
+file named by ``STREAMD_CONFIG``) < ``STREAMD_<FIELD>`` environment variables (the
+field name upper-cased: ``STREAMD_SEGMENT_BYTES``) < command-line flags. Every field
+can come from the file and the environment; ``streamd serve`` has flags for the
+common ones.
+
+Every layer is checked on its own, so an error names where the bad value came from
+(``environment variable STREAMD_FSYNC_POLICY: fsync_policy must be ...``): unknown
+keys in the file, unknown ``STREAMD_*`` variables (other than the few the CLI and
+test hooks read, ``OTHER_ENV``), values of the wrong type and values out of range are
+all errors, never silently ignored. ``to_toml`` writes the effective config in a form
+``load`` reads back unchanged.
+
+Lower layers never see this object; the server hands them plain keyword arguments.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -15,8 +28,32 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from streamd.broker.errors import InvalidArgument
+from streamd.broker.topic import TopicSettings
+
 MiB = 1024 * 1024
 DAY_MS = 24 * 3600 * 1000
+ENV_PREFIX = "STREAMD_"
+#: The environment variable naming a config file (``--config`` wins over it).
+CONFIG_ENV = "STREAMD_CONFIG"
+#: ``STREAMD_*`` variables that are not broker settings: read by the CLI, the
+#: allocator tuning, the benchmark and test hooks. Any other unknown one is an error.
+#: Client settings (``streamd.client._channel``): the CLI and SDK read them, the broker not.
+CLIENT_ENV = frozenset({"STREAMD_TLS_CA", "STREAMD_TLS_CERT", "STREAMD_TLS_KEY", "STREAMD_TLS_SERVER_NAME",
+                        "STREAMD_TOKEN"})
+OTHER_ENV = frozenset({CONFIG_ENV, "STREAMD_SERVER", "STREAMD_MALLOC_TUNING"}) | CLIENT_ENV
+OTHER_ENV_PREFIXES = ("STREAMD_TEST_", "STREAMD_BENCH_")
+
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigError(ValueError):
+    """A bad setting; ``field`` names it (None for an unknown key or a bad file)."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -64,23 +101,17 @@ class BrokerConfig:
     auth_file: str = ""
     #: Seconds in-flight RPCs get to finish on SIGTERM/SIGINT.
     shutdown_grace_s: float = 10.0
-    log_level: str = "INFO"
+    #: Seconds a stopping broker keeps answering (health NOT_SERVING, new work
+    #: UNAVAILABLE) even when nothing is in flight, so load balancers that poll
+    #: health see it leave; part of the grace period, and a second signal ends it.
+    shutdown_drain_s: float = 0.0
+    log_level: str = "INFO"  # DEBUG | INFO | WARNING | ERROR | CRITICAL
+    log_format: str = "text"  # text (for people) | json (one object per line)
 
     def __post_init__(self) -> None:
-        if self.fsync_policy not in ("always", "interval", "never"):
-            raise ValueError(f"fsync_policy must be always, interval or never, not {self.fsync_policy!r}")
-        if bool(self.tls_cert_file) != bool(self.tls_key_file):
-            raise ValueError("tls_cert_file and tls_key_file go together")
-        if self.tls_client_ca_file and not self.tls_cert_file:
-            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
-        if self.compression not in ("producer", "lz4"):
-            raise ValueError(f"compression must be producer or lz4, not {self.compression!r}")
-        for name in ("default_partitions", "segment_bytes", "max_record_bytes", "index_interval_bytes",
-                     "max_request_bytes", "max_topics", "max_partitions_per_topic", "io_threads",
-                     "group_session_timeout_ms", "group_rebalance_timeout_ms", "group_retention_ms",
-                     "max_groups", "max_group_members"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name))
+        _check_values(self)
 
     @classmethod
     def load(
@@ -90,39 +121,147 @@ class BrokerConfig:
         env: Mapping[str, str] | None = None,
         file: Path | None = None,
     ) -> "BrokerConfig":
-        """Merge the sources in precedence order; unknown keys are errors."""
-        values: dict[str, Any] = {}
-        if file is not None:
-            with open(file, "rb") as fh:
-                values.update(_checked(tomllib.load(fh), f"config file {file}"))
+        """Merge the sources in precedence order; unknown keys and bad values are
+        ``ConfigError`` naming their source. ``flags`` entries that are None are unset."""
         env = os.environ if env is None else env
-        for f in fields(cls):
-            raw = env.get("STREAMD_" + f.name.upper())
-            if raw is not None:
-                values[f.name] = raw
-        values.update({k: v for k, v in _checked(flags or {}, "flags").items() if v is not None})
-        return cls(**{k: _coerce(k, v) for k, v in values.items()})
+        values: dict[str, Any] = {}
+        origin: dict[str, str] = {}
+        if file is not None:
+            source = f"config file {file}"
+            for name, value in _read_file(file).items():
+                values[name], origin[name] = _typed(name, value, source), source
+        for key, raw in env.items():
+            if key.startswith(ENV_PREFIX):
+                name = _env_field(key)
+                if name is not None:
+                    source = f"environment variable {key}"
+                    values[name], origin[name] = _parsed(name, raw, source), source
+        for name, value in (flags or {}).items():
+            if value is not None:
+                source = f"flag --{name.replace('_', '-')}"
+                _known(name, source)
+                values[name], origin[name] = _typed(name, value, source), source
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            raise ConfigError(f"{origin.get(exc.field or '', 'defaults')}: {exc}", field=exc.field) from None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
 
+    def to_toml(self) -> str:
+        """The whole config as TOML that ``load(file=...)`` reads back unchanged."""
+        lines = ["# streamd effective configuration (streamd serve --print-config)"]
+        for name, value in self.to_dict().items():
+            # A JSON string is a valid TOML basic string; ints and finite floats match too.
+            lines.append(f"{name} = {json.dumps(value) if isinstance(value, str) else repr(value)}")
+        return "\n".join(lines) + "\n"
+
 
 _TYPES = {f.name: f.type for f in fields(BrokerConfig)}
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "Path": "a path (string)"}
 
 
-def _checked(values: Mapping[str, Any], source: str) -> dict[str, Any]:
-    unknown = sorted(set(values) - set(_TYPES))
+def _known(name: str, source: str) -> None:
+    if name not in _TYPES:
+        raise ConfigError(f"{source}: unknown setting {name!r}")
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: not valid TOML: {exc}") from None
+    unknown = sorted(set(doc) - set(_TYPES))
     if unknown:
-        raise ValueError(f"unknown setting(s) in {source}: {', '.join(unknown)}")
-    return dict(values)
+        raise ConfigError(f"config file {path}: unknown setting(s): {', '.join(unknown)}")
+    return doc
 
 
-def _coerce(name: str, value: Any) -> Any:
+def _env_field(key: str) -> str | None:
+    """The field a ``STREAMD_*`` variable sets, None for a non-config variable."""
+    name = key[len(ENV_PREFIX):].lower()
+    if name in _TYPES:
+        return name
+    if key in OTHER_ENV or key.startswith(OTHER_ENV_PREFIXES):
+        return None
+    raise ConfigError(f"unknown environment variable {key} (settings are STREAMD_<SETTING>, "
+                      f"e.g. STREAMD_FSYNC_POLICY)")
+
+
+def _typed(name: str, value: Any, source: str) -> Any:
+    """A value from TOML or a flag: already typed, so only checked (ints may be floats)."""
     kind = _TYPES[name]
-    if kind == "Path":
-        return Path(value)
-    if kind == "int":
-        return int(value)
-    if kind == "float":
-        return float(value)
-    return str(value)
+    if kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind == "Path" and isinstance(value, str):
+        value = Path(value)
+    try:
+        _check_type(name, value)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}", field=name) from None
+    return value
+
+
+def _parsed(name: str, raw: str, source: str) -> Any:
+    """A value from the environment: text, parsed by the field's type."""
+    kind = _TYPES[name]
+    try:
+        if kind == "int":
+            return int(raw.strip())
+        if kind == "float":
+            return float(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{source}: {name} must be {_TYPE_WORDS[kind]}, not {raw!r}", field=name) from None
+    return Path(raw) if kind == "Path" else raw
+
+
+def _check_type(name: str, value: Any) -> None:
+    kind = _TYPES[name]
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+        "Path": isinstance(value, Path),
+    }[kind]
+    if not ok:
+        raise ConfigError(f"{name} must be {_TYPE_WORDS[kind]}, not {value!r}", field=name)
+
+
+_POSITIVE = (
+    "default_partitions", "index_interval_bytes", "max_request_bytes", "max_topics", "max_partitions_per_topic",
+    "io_threads", "group_session_timeout_ms", "group_rebalance_timeout_ms", "group_retention_ms", "max_groups",
+    "max_group_members", "retention_check_ms", "checkpoint_interval_ms",
+)
+
+
+def _check_values(c: BrokerConfig) -> None:
+    def bad(name: str, why: str) -> ConfigError:
+        return ConfigError(f"{name} {why}, not {getattr(c, name)!r}", field=name)
+
+    for name in _POSITIVE:
+        if getattr(c, name) <= 0:
+            raise bad(name, "must be positive")
+    for name in ("shutdown_grace_s", "shutdown_drain_s"):
+        value = getattr(c, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise bad(name, "must be a number of seconds >= 0")
+    if c.log_level.upper() not in LOG_LEVELS:
+        raise bad("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+    if c.log_format not in LOG_FORMATS:
+        raise bad("log_format", f"must be one of {', '.join(LOG_FORMATS)}")
+    if bool(c.tls_cert_file) != bool(c.tls_key_file):
+        raise ConfigError("tls_cert_file and tls_key_file go together", field="tls_key_file")
+    if c.tls_client_ca_file and not c.tls_cert_file:
+        raise ConfigError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file",
+                          field="tls_client_ca_file")
+    host, sep, port = c.listen.rpartition(":")
+    if not (sep and host and port.isdigit() and int(port) <= 65535):
+        raise bad("listen", "must be HOST:PORT")
+    # The topic defaults follow the same rules as a CreateTopic request's settings.
+    try:
+        TopicSettings(**{f.name: getattr(c, f.name) for f in fields(TopicSettings)}).validate()
+    except InvalidArgument as exc:
+        name = exc.field.removeprefix("config.")
+        raise ConfigError(f"{name} {str(exc).split(': ', 1)[1]}, not {getattr(c, name)!r}", field=name) from None

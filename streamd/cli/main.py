@@ -10,14 +10,16 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from google.protobuf import json_format
 
 from streamd.client import Admin, Consumer, Producer, StreamdError
 from streamd.client.admin import COMPRESSION, FSYNC
-from streamd.config import BrokerConfig
+from streamd.config import CONFIG_ENV, BrokerConfig
 
 from . import groups as groups_cmd
 from . import inspect as inspect_cmd
@@ -48,24 +50,41 @@ def parse_time(text: str) -> int:
 
 
 # -- serve --------------------------------------------------------------------
+#: ``streamd serve`` flags for the common settings (every setting can come from the
+#: config file or a STREAMD_* variable); each is the setting's name with dashes.
+SERVE_FLAGS = {
+    "data_dir": str, "listen": str, "fsync_policy": str, "segment_bytes": int, "retention_ms": int,
+    "default_partitions": int, "shutdown_grace_s": float, "shutdown_drain_s": float,
+    "log_level": str, "log_format": str,
+    "tls_cert_file": str, "tls_key_file": str, "tls_client_ca_file": str, "auth_file": str,
+}
+SERVE_ALIASES = {"fsync_policy": ["--fsync"], "tls_cert_file": ["--tls-cert"], "tls_key_file": ["--tls-key"],
+                 "tls_client_ca_file": ["--tls-client-ca"]}
+SERVE_HELP = {
+    "data_dir": "data directory (default ./data)",
+    "listen": "HOST:PORT (default 127.0.0.1:50051)",
+    "fsync_policy": "default topic fsync policy: always | interval | never",
+    "shutdown_grace_s": "seconds in-flight RPCs get to finish on SIGTERM/SIGINT (default 10)",
+    "shutdown_drain_s": "seconds a stopping broker keeps answering NOT_SERVING/UNAVAILABLE (default 0)",
+    "log_level": "DEBUG | INFO | WARNING | ERROR | CRITICAL",
+    "log_format": "text (default) | json (one object per line)",
+    "tls_cert_file": "server certificate chain (PEM): serve TLS",
+    "tls_key_file": "server private key (PEM)",
+    "tls_client_ca_file": "CA (PEM) client certificates must chain to: mutual TLS",
+    "auth_file": "principals, tokens and allow rules (TOML; see README, Security)",
+}
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from streamd.server import run
 
-    flags = {
-        "data_dir": args.data_dir,
-        "listen": args.listen,
-        "fsync_policy": args.fsync,
-        "segment_bytes": args.segment_bytes,
-        "retention_ms": args.retention_ms,
-        "log_level": args.log_level,
-        "tls_cert_file": args.tls_cert,
-        "tls_key_file": args.tls_key,
-        "tls_client_ca_file": args.tls_client_ca,
-        "auth_file": args.auth_file,
-    }
-    config = BrokerConfig.load(flags=flags, file=args.config)
+    flags = {name: getattr(args, name) for name in SERVE_FLAGS}
+    if flags["data_dir"] is not None:
+        flags["data_dir"] = Path(flags["data_dir"])
+    config_file = args.config or os.environ.get(CONFIG_ENV) or None
+    config = BrokerConfig.load(flags=flags, file=Path(config_file) if config_file else None)
     if args.print_config:
-        print(json.dumps(config.to_dict(), indent=2))
+        sys.stdout.write(config.to_toml())
         return 0
     from streamd.broker.broker import DataDirLocked
 
@@ -237,18 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run a broker")
-    p.add_argument("--data-dir")
-    p.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:50051)")
-    p.add_argument("--config", type=lambda s: __import__("pathlib").Path(s), help="TOML config file")
-    p.add_argument("--fsync", choices=["always", "interval", "never"], help="default topic fsync policy")
-    p.add_argument("--segment-bytes", type=int)
-    p.add_argument("--retention-ms", type=int)
-    p.add_argument("--log-level")
-    p.add_argument("--print-config", action="store_true", help="print the effective config and exit")
-    p.add_argument("--tls-cert", help="server certificate chain (PEM): serve TLS")
-    p.add_argument("--tls-key", help="server private key (PEM)")
-    p.add_argument("--tls-client-ca", help="CA (PEM) client certificates must chain to: mutual TLS")
-    p.add_argument("--auth-file", help="principals, tokens and allow rules (TOML; see README, Security)")
+    for name, kind in SERVE_FLAGS.items():
+        flag = "--" + name.replace("_", "-")
+        aliases = SERVE_ALIASES.get(name, [])
+        p.add_argument(flag, *aliases, dest=name, type=kind, help=SERVE_HELP.get(name))
+    p.add_argument("--config", help=f"TOML config file (default ${CONFIG_ENV})")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the effective config as TOML (usable as --config) and exit")
     p.set_defaults(func=cmd_serve)
 
     auth = sub.add_parser("auth", help="tokens for the auth file").add_subparsers(dest="auth_command", required=True)

@@ -117,14 +117,14 @@ def test_the_cli_prints_a_token_and_auth_file_lines_with_its_hash(capsys):
 
 
 def test_serve_flags_set_tls_and_auth(capsys, tmp_path):
-    import json
+    import tomllib
 
     from streamd.cli.main import main
 
     argv = ["serve", "--data-dir", str(tmp_path), "--tls-cert", "c.pem", "--tls-key", "k.pem",
             "--tls-client-ca", "ca.pem", "--auth-file", "auth.toml", "--print-config"]
     assert main(argv) == 0
-    config = json.loads(capsys.readouterr().out)
+    config = tomllib.loads(capsys.readouterr().out)
     assert (config["tls_cert_file"], config["tls_key_file"], config["tls_client_ca_file"], config["auth_file"]) == (
         "c.pem", "k.pem", "ca.pem", "auth.toml")
 
