@@ -404,6 +404,10 @@ class Coordinator:
                 changed = True
         if changed:
             g.generation = new_generation
+            log.info("group %s: rebalanced to generation %d (%d member(s), %d partition(s) assigned)",
+                     g.name, new_generation, len(g.members), sum(len(m.assigned) for m in g.members.values()),
+                     extra={"event": "rebalance", "group": g.name, "generation": new_generation,
+                            "members": len(g.members)})
             for m in g.members.values():
                 m.changed.set()
 

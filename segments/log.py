@@ -28,6 +28,7 @@ and reading while a worker thread flushes.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 import os
 import shutil
@@ -155,7 +156,8 @@ class PartitionLog:
             log.warning("%s: last append time %d is after now %d; append times stay at it "
                         "until the clock catches up", name, plog._last_time, now_ms)
         if loaded.report is not None:
-            log.warning("%s: recovered after an unclean shutdown: %s", name, loaded.report)
+            log.warning("%s: recovered after an unclean shutdown: %s", name, loaded.report,
+                        extra={"event": "recovery", "partition_log": name, **dataclasses.asdict(loaded.report)})
         plog.checkpoint()
         return plog
 

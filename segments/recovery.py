@@ -133,7 +133,8 @@ def load(directory: Path, *, index_interval_bytes: int, name: str) -> LoadResult
     if clean:
         if _tail_ends_at_file_end(directory, bases[-1], index_interval_bytes):
             return LoadResult(bases, None, state)
-        log.warning("%s: clean-shutdown marker present but the last segment is damaged", name)
+        log.warning("%s: clean-shutdown marker present but the last segment is damaged", name,
+                    extra={"event": "recovery", "partition_log": name})
     report = _recover(directory, bases, state, index_interval_bytes, name)
     return LoadResult(bases, report, state)
 
@@ -255,7 +256,7 @@ def _recover(directory: Path, bases: list[int], state: PartitionState | None, in
         log_path = _paths(directory, base)[0]
         cut = _file_data_end(log_path)
         log.warning("%s: deleting segment %s after the end of the valid log (%d bytes)",
-                    name, log_path, cut)
+                    name, log_path, cut, extra={"event": "recovery", "partition_log": name, "bytes_truncated": cut})
         totals.bytes_truncated += cut
         totals.deleted += 1
         for path in _paths(directory, base):
@@ -299,7 +300,8 @@ def _scan_segment(directory: Path, base: int, position: int, expected: int, last
         os.close(fd)
     if cut:
         log.warning("%s: truncated %s at position %d, cutting %d bytes of invalid data",
-                    name, log_path, valid_end, cut)
+                    name, log_path, valid_end, cut,
+                    extra={"event": "recovery", "partition_log": name, "position": valid_end, "bytes_truncated": cut})
     totals.scanned += 1
     totals.bytes_scanned += valid_end - position
     totals.bytes_truncated += cut

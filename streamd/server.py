@@ -1,8 +1,20 @@
 """The one place that wires configuration, broker, gRPC services and health.
 
-``Server`` owns the lifecycle: open the broker (lock + recovery) -> serve -> on stop,
-report NOT_SERVING, refuse new work with UNAVAILABLE, let in-flight RPCs finish
-within the grace period, flush and close every log cleanly.
+``Server`` owns the lifecycle: open the broker (lock + recovery) -> serve -> stop.
+
+A graceful stop (SIGTERM or SIGINT), in order:
+
+1. health reports NOT_SERVING for the server and every service;
+2. every new streamd RPC is refused with UNAVAILABLE / ``BROKER_UNAVAILABLE``
+   (health checks and reflection are still answered);
+3. long polls (Fetch, Receive) answer at once with what they have, long-lived
+   streams (Subscribe, ProduceStream, ReceiveStream, JoinGroup) end with
+   UNAVAILABLE, and the RPCs in flight finish, a produce awaiting its fsync
+   included; the broker waits for them, and for ``shutdown_drain_s``, at most
+   ``shutdown_grace_s`` from the signal (a second signal stops waiting);
+4. the listener closes, RPCs still running are cancelled;
+5. queue state, logs and offsets are flushed and closed cleanly (each partition
+   marked clean), so the next start recovers nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ from grpc_reflection.v1alpha import reflection
 from consumer_groups.coordinator import Coordinator
 from consumer_groups.offsets import OffsetStore
 from consumer_groups.queue_store import QueueStore
+from streamd import __version__, logs
 from streamd._malloc import tune_malloc
 from streamd.auth import Authority
 from streamd.broker.broker import Broker
@@ -32,7 +45,7 @@ from streamd.clock import Clock, SystemClock
 from streamd.config import BrokerConfig
 from streamd.service.group_service import GroupService, expire_groups
 from streamd.service.guard import Guard
-from streamd.service.handlers import generic_handler
+from streamd.service.handlers import Admission, generic_handler
 from streamd.service.log_service import REQUEST_VIEWS, LogService
 from streamd.service.queue_service import QueueService
 from streamd.service.topic_service import TopicService
@@ -78,9 +91,11 @@ class Server:
             default_rebalance_timeout_ms=config.group_rebalance_timeout_ms,
         )
         self.health = HealthServicer()
+        self.admission = Admission()
         self.grpc: grpc.aio.Server | None = None
         self.port: int | None = None
         self._stopped = asyncio.Event()
+        self._hurry = asyncio.Event()
 
     def _partition_count(self, topic: str) -> int:
         t = self.broker.topics.get(topic)
@@ -113,12 +128,14 @@ class Server:
         if self.config.auth_file:
             clock = self.broker.clock
             guard = Guard(Authority.load(Path(self.config.auth_file)), clock=lambda: clock.now_ms() / 1000)
+        gate = self.admission
         self.grpc.add_generic_rpc_handlers(
             [
-                generic_handler(SERVICES[0], TopicService(self.broker, groups, self.queues), guard=guard),
-                generic_handler(SERVICES[1], LogService(self.broker), REQUEST_VIEWS, guard=guard),
-                generic_handler(SERVICES[2], groups, guard=guard),
-                generic_handler(SERVICES[3], QueueService(self.queues), guard=guard),
+                generic_handler(SERVICES[0], TopicService(self.broker, groups, self.queues), admission=gate,
+                                guard=guard),
+                generic_handler(SERVICES[1], LogService(self.broker), REQUEST_VIEWS, admission=gate, guard=guard),
+                generic_handler(SERVICES[2], groups, admission=gate, guard=guard),
+                generic_handler(SERVICES[3], QueueService(self.queues), admission=gate, guard=guard),
             ]
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -155,36 +172,79 @@ class Server:
         for name in [""] + [s.full_name for s in SERVICES]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         host = self.config.listen.rsplit(":", 1)[0]
-        log.info("streamd serving on %s:%d, data in %s", host, self.port, self.config.data_dir)
+        listen = f"{host}:{self.port}"
+        log.info(
+            "streamd %s serving on %s, data in %s", __version__, listen, self.config.data_dir,
+            extra={"event": "start", "version": __version__, "listen": listen, "data_dir": str(self.config.data_dir)},
+        )
         return self.port
 
-    async def stop(self) -> None:
-        """Graceful stop: NOT_SERVING, refuse new RPCs, finish in-flight ones, close logs."""
+    async def stop(self, *, why: str = "stop requested") -> None:
+        """Graceful stop, in the order of the module docstring. Idempotent."""
         if self._stopped.is_set():
             return
         self._stopped.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.shutdown_grace_s
+        log.info(
+            "stopping (%s): health NOT_SERVING, refusing new work, up to %g s for %d RPC(s) in flight",
+            why, self.config.shutdown_grace_s, self.admission.in_flight,
+            extra={"event": "stopping", "reason": why, "in_flight": self.admission.in_flight},
+        )
         await self.health.enter_graceful_shutdown()
-        # Wake parked subscribers and long polls so they end with UNAVAILABLE.
+        self.admission.close()
+        # Wake parked long polls (they answer) and streams (they end with UNAVAILABLE).
         self.broker.stop_accepting()
         self.coordinator.shutdown()
+        await self._drain(loop.time() + self.config.shutdown_drain_s, deadline)
         if self.grpc is not None:
-            await self.grpc.stop(self.config.shutdown_grace_s)
+            left = self.admission.in_flight
+            await self.grpc.stop(0 if self._hurry.is_set() else max(0.0, deadline - loop.time()))
+            if left:
+                log.warning("cancelled %d RPC(s) still running after the grace period", left)
         if self.queues is not None:
             await self.queues.close()
         await self.broker.close()
         if self.store is not None:
             await self.store.close()
         self.executor.shutdown(wait=True)
-        log.info("streamd stopped cleanly")
+        log.info("streamd stopped cleanly: data flushed, every partition closed", extra={"event": "stop"})
+
+    async def _drain(self, drain_until: float, deadline: float) -> None:
+        """Wait for the RPCs in flight and the drain time, until the deadline or a hurry."""
+        loop = asyncio.get_running_loop()
+        hurry = asyncio.ensure_future(self._hurry.wait())
+        try:
+            idle = asyncio.ensure_future(self.admission.idle())
+            await asyncio.wait([idle, hurry], timeout=max(0.0, deadline - loop.time()),
+                               return_when=asyncio.FIRST_COMPLETED)
+            idle.cancel()
+            pause = min(drain_until, deadline) - loop.time()
+            if pause > 0 and not hurry.done():
+                await asyncio.wait([hurry], timeout=pause)
+        finally:
+            hurry.cancel()
+
+    def hurry(self) -> None:
+        """Stop waiting for in-flight RPCs and the drain time (a second signal)."""
+        if not self._hurry.is_set():
+            log.warning("second stop signal: not waiting for RPCs in flight")
+            self._hurry.set()
 
     async def serve_forever(self) -> None:
         await self.start()
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
+        stop: asyncio.Future[str] = loop.create_future()
+
+        def signalled(sig: signal.Signals) -> None:
+            if stop.done():
+                self.hurry()
+            else:
+                stop.set_result(sig.name)
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await self.stop()
+            loop.add_signal_handler(sig, signalled, sig)
+        await self.stop(why=await stop)
 
 
 def _loopback(listen: str) -> bool:
@@ -212,9 +272,6 @@ def server_credentials(config: BrokerConfig) -> grpc.ServerCredentials | None:
 
 
 def run(config: BrokerConfig) -> None:
+    logs.configure(level=config.log_level, log_format=config.log_format)
     tune_malloc()
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
     asyncio.run(Server(config).serve_forever())

@@ -130,7 +130,13 @@ class Broker:
                 continue
             meta = TopicMeta.read(entry)
             self.topics[meta.name] = self._open_topic(meta, entry)
-        log.info("loaded %d topics from %s", len(self.topics), self.data_dir)
+        parts = self.all_partitions()
+        recovered = sum(1 for p in parts if p.log.recovery is not None)
+        log.info(
+            "loaded %d topic(s), %d partition(s) from %s: %s", len(self.topics), len(parts), self.data_dir,
+            f"{recovered} recovered after an unclean shutdown" if recovered else "clean, nothing to recover",
+            extra={"event": "loaded", "topics": len(self.topics), "partitions": len(parts), "recovered": recovered},
+        )
 
     def start_background(self, *, checkpoint_interval_ms: int, retention_check_ms: int) -> None:
         """Serve, and start interval fsync, recovery-point checkpoints and retention."""
@@ -270,7 +276,8 @@ class Broker:
             os.rename(final, graveyard / _scratch_name(name))
             raise
         self.topics[name] = topic
-        log.info("created topic %s with %d partitions %s", name, partition_count, settings)
+        log.info("created topic %s with %d partitions %s", name, partition_count, settings,
+                 extra={"event": "topic_created", "topic": name, "partitions": partition_count})
         return topic
 
     async def delete_topic(self, name: str) -> None:
@@ -288,7 +295,7 @@ class Broker:
         os.rename(topic.directory, target)
         _fsync_dir(self.data_dir)
         await loop.run_in_executor(self.executor, shutil.rmtree, target)
-        log.info("deleted topic %s", name)
+        log.info("deleted topic %s", name, extra={"event": "topic_deleted", "topic": name})
 
     # -- produce -------------------------------------------------------------
     async def produce(
@@ -407,7 +414,10 @@ class Broker:
         part = self.partition(name, partition)
         if offset >= part.high_watermark and max_wait_ms > 0:
             await part.wait_for_data(offset, min(max_wait_ms, MAX_WAIT_MS) / 1000)
-            self._check_open(part)
+            if part.closed and self.state == "serving":
+                raise TopicNotFound(part.topic)  # deleted while we waited
+            # Stopping: answer now with what there is (nothing new can arrive); the
+            # logs are closed only once the RPCs in flight have ended.
         return self.read(name, partition, offset, max_records=max_records, max_bytes=max_bytes)
 
     def offset_for(self, name: str, partition: int, *, position: str | None = None, timestamp_ms: int | None = None) -> int:
@@ -490,6 +500,8 @@ class Broker:
                     log.info(
                         "retention deleted %d segment(s) of %s/%d; log start offset now %d",
                         len(deleted), topic.meta.name, part.index, part.log.log_start_offset,
+                        extra={"event": "retention", "topic": topic.meta.name, "partition": part.index,
+                               "segments": len(deleted), "log_start_offset": part.log.log_start_offset},
                     )
 
     async def _each(self, part: Partition, what: str, work):

@@ -162,7 +162,8 @@ class QueueEngine:
             if out or remaining <= 0:
                 return out
             await self._wait(g, remaining)
-            self.broker.check_serving()
+            if self.broker.state != "serving":
+                return []  # stopping: a long poll in flight answers now, empty
             if self.store.groups.get((name, topic)) is not g:
                 raise QueueGroupNotFound(name, topic)
 
@@ -243,7 +244,7 @@ class QueueEngine:
         """Until new records, a due timer or a settlement may make records available."""
         event = self._changed.setdefault((g.name, g.topic), asyncio.Event())
         event.clear()
-        waits = [asyncio.ensure_future(event.wait())]
+        waits = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(asyncio.shield(self.broker.stopping()))]
         t = self.broker.topics.get(g.topic)
         if t is not None:
             for p, q in g.partitions.items():

@@ -10,11 +10,15 @@ responses with protobuf. We register each method ourselves instead:
   record batches as bytes;
 - a handler may return ``bytes`` that already are the serialized response (Fetch and
   Subscribe return stored frames without re-encoding them);
-- every exception goes through ``streamd.service.errors``, the one status table.
+- every exception goes through ``streamd.service.errors``, the one status table;
+- an ``Admission`` admits every RPC while the broker serves and none once it stops
+  (UNAVAILABLE / ``BROKER_UNAVAILABLE``), and counts those in flight so a graceful
+  stop can wait for them. Health checks and reflection are not ours and stay open.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +27,44 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
+from streamd.broker.errors import BrokerUnavailable
+
 from .errors import MalformedRequest, rich_status
+
+
+class Admission:
+    """The gate every streamd RPC passes: open while serving, shut once stopping.
+
+    Not thread-safe: used on the server's event loop only.
+    """
+
+    def __init__(self) -> None:
+        self.accepting = True
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        if not self.accepting:
+            raise BrokerUnavailable("stopping")
+        self.in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    def close(self) -> None:
+        """Refuse every RPC from now on; those in flight go on."""
+        self.accepting = False
+
+    async def idle(self) -> None:
+        """Return once no RPC is in flight."""
+        await self._idle.wait()
+
+
+OPEN = Admission()  # for servicers registered without a gate of their own
 
 
 def _serialize(response: Message | bytes) -> bytes:
@@ -44,9 +85,12 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     await context.abort_with_status(rich_status(exc))
 
 
-def _unary(impl, parse, name: str, guard):
+def _unary(impl, parse, gate: Admission, name: str, guard):
     async def handler(raw: bytes, context: grpc.aio.ServicerContext):
+        entered = False
         try:
+            gate.enter()
+            entered = True
             request = parse(raw)
             if guard is None:
                 return await impl(request, context)
@@ -59,13 +103,19 @@ def _unary(impl, parse, name: str, guard):
             raise
         except Exception as exc:  # the one place errors become statuses
             await _abort(context, exc)
+        finally:
+            if entered:
+                gate.leave()
 
     return handler
 
 
-def _server_stream(impl, parse, name: str, guard):
+def _server_stream(impl, parse, gate: Admission, name: str, guard):
     async def handler(raw: bytes, context: grpc.aio.ServicerContext):
+        entered = False
         try:
+            gate.enter()
+            entered = True
             request = parse(raw)
             if guard is not None:
                 guard.check(guard.principal(context), name, request)
@@ -75,11 +125,14 @@ def _server_stream(impl, parse, name: str, guard):
             raise
         except Exception as exc:
             await _abort(context, exc)
+        finally:
+            if entered:
+                gate.leave()
 
     return handler
 
 
-def _bidi_stream_writer(impl, parse, name: str, guard):
+def _bidi_stream_writer(impl, parse, gate: Admission, name: str, guard):
     """For a coroutine ``impl(read, context)`` that answers with ``context.write``;
     ``read()`` returns the next parsed request, or None at the end of the stream."""
 
@@ -95,7 +148,10 @@ def _bidi_stream_writer(impl, parse, name: str, guard):
                 guard.check_stream_message(principal, name, message, len(raw))
             return message
 
+        entered = False
         try:
+            gate.enter()
+            entered = True
             if guard is not None:
                 principal = guard.principal(context)
             await impl(read, context)
@@ -103,6 +159,9 @@ def _bidi_stream_writer(impl, parse, name: str, guard):
             raise
         except Exception as exc:
             await _abort(context, exc)
+        finally:
+            if entered:
+                gate.leave()
 
     return handler
 
@@ -111,12 +170,15 @@ def generic_handler(
     service: ServiceDescriptor,
     servicer: Any,
     request_types: dict[str, type[Message]] | None = None,
+    *,
+    admission: Admission = OPEN,
     guard=None,
 ) -> grpc.GenericRpcHandler:
     """A handler for every method of ``service`` implemented by ``servicer``.
 
     ``request_types`` overrides the message a method's request is parsed as;
-    ``guard`` (``streamd.service.guard.Guard``) authenticates and authorizes each call.
+    ``admission`` is the gate each call passes; ``guard``
+    (``streamd.service.guard.Guard``) authenticates and authorizes each call.
     """
     request_types = request_types or {}
     handlers = {}
@@ -126,18 +188,18 @@ def generic_handler(
         parse = _parser(message_cls)
         if method.client_streaming and method.server_streaming:
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                _bidi_stream_writer(impl, parse, method.name, guard), response_serializer=_serialize
+                _bidi_stream_writer(impl, parse, admission, method.name, guard), response_serializer=_serialize
             )
         elif method.server_streaming:
             assert inspect.isasyncgenfunction(impl), method.name
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                _server_stream(impl, parse, method.name, guard), response_serializer=_serialize
+                _server_stream(impl, parse, admission, method.name, guard), response_serializer=_serialize
             )
         elif method.client_streaming:
             raise NotImplementedError(f"client streaming {method.full_name}")
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _unary(impl, parse, method.name, guard), response_serializer=_serialize
+                _unary(impl, parse, admission, method.name, guard), response_serializer=_serialize
             )
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 

@@ -7,7 +7,7 @@ import asyncio
 from consumer_groups.queue import PartitionQueue, QueueConfig
 from consumer_groups.queue_store import QueueGroup
 from consumer_groups.retry import RetryPolicy
-from streamd.broker.errors import InvalidArgument
+from streamd.broker.errors import BrokerUnavailable, InvalidArgument
 from streamd.broker.queues import Leased, QueueEngine
 from streamd.v1 import streamd_pb2 as pb
 
@@ -128,13 +128,16 @@ class QueueService:
         # once the credit it granted is used up.
         reader = asyncio.create_task(credits())
         try:
+            stopping = self.engine.broker.stopping()
             while credit > 0 or not reader.done():
                 if reader.done() and reader.exception() is not None:
                     reader.result()
+                if stopping.done():
+                    raise BrokerUnavailable("stopping")
                 if credit <= 0:
                     more.clear()
                     waiter = asyncio.ensure_future(more.wait())
-                    await asyncio.wait([waiter, reader], return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait([waiter, reader, stopping], return_when=asyncio.FIRST_COMPLETED)
                     waiter.cancel()
                     continue
                 wait = pb.ReceiveRequest()
