@@ -1,6 +1,7 @@
-"""``streamd`` subcommands: serve, topics, produce, consume, offsets, groups, queue, replay, inspect.
+"""``streamd`` subcommands: serve, health, topics, produce, consume, offsets, groups, queue, replay, inspect.
 
-Exit codes: 0 success, 1 error (one line on stderr), 2 usage error (argparse).
+Exit codes: 0 success, 1 error (one line on stderr), 2 usage error (argparse);
+``streamd health`` has its own (0 SERVING, 1 not serving, 2 unreachable).
 The server address comes from ``--server``, else ``STREAMD_SERVER``, else
 127.0.0.1:50051.
 """
@@ -22,6 +23,7 @@ from streamd.client.admin import COMPRESSION, FSYNC
 from streamd.config import CONFIG_ENV, BrokerConfig
 
 from . import groups as groups_cmd
+from . import health as health_cmd
 from . import inspect as inspect_cmd
 from . import queue as queue_cmd
 from . import replay as replay_cmd
@@ -324,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_offsets)
     groups_cmd.add_parser(sub)
+    health_cmd.add_parser(sub)
     inspect_cmd.add_parser(sub)
     queue_cmd.add_parser(sub)
     replay_cmd.add_parser(sub)
