@@ -153,12 +153,16 @@ class BrokerConfig:
         """The whole config as TOML that ``load(file=...)`` reads back unchanged."""
         lines = ["# streamd effective configuration (streamd serve --print-config)"]
         for name, value in self.to_dict().items():
+            if value is None:  # TOML has no null: left out, it stays unset (None)
+                continue
             # A JSON string is a valid TOML basic string; ints and finite floats match too.
             lines.append(f"{name} = {json.dumps(value) if isinstance(value, str) else repr(value)}")
         return "\n".join(lines) + "\n"
 
 
-_TYPES = {f.name: f.type for f in fields(BrokerConfig)}
+#: Field name -> "int" | "float" | "str" | "Path"; ``OPTIONAL`` fields may also be None.
+_TYPES = {f.name: str(f.type).removesuffix(" | None") for f in fields(BrokerConfig)}
+OPTIONAL = frozenset(f.name for f in fields(BrokerConfig) if str(f.type).endswith(" | None"))
 _TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "Path": "a path (string)"}
 
 
@@ -207,6 +211,8 @@ def _typed(name: str, value: Any, source: str) -> Any:
 def _parsed(name: str, raw: str, source: str) -> Any:
     """A value from the environment: text, parsed by the field's type."""
     kind = _TYPES[name]
+    if name in OPTIONAL and raw == "":
+        return None
     try:
         if kind == "int":
             return int(raw.strip())
@@ -219,12 +225,14 @@ def _parsed(name: str, raw: str, source: str) -> Any:
 
 def _check_type(name: str, value: Any) -> None:
     kind = _TYPES[name]
+    if value is None and name in OPTIONAL:
+        return
     ok = {
         "int": isinstance(value, int) and not isinstance(value, bool),
         "float": isinstance(value, (int, float)) and not isinstance(value, bool),
         "str": isinstance(value, str),
         "Path": isinstance(value, Path),
-    }[kind]
+    }.get(kind, True)  # a kind not listed here is not checked
     if not ok:
         raise ConfigError(f"{name} must be {_TYPE_WORDS[kind]}, not {value!r}", field=name)
 
