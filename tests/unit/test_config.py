@@ -20,6 +20,10 @@ STRINGS = {
     "log_level": "DEBUG",
     "log_format": "json",
     "metrics_listen": "127.0.0.1:9999",
+    "tls_cert_file": "/etc/streamd/tls.pem",
+    "tls_key_file": "/etc/streamd/tls.key",
+    "tls_client_ca_file": "/etc/streamd/clients-ca.pem",
+    "auth_file": "/etc/streamd/auth.toml",
 }
 
 
