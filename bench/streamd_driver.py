@@ -33,7 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def serve_argv(data_dir: str, *extra: str):
     def argv(port: int) -> list[str]:
         return [sys.executable, "-m", "streamd", "serve", "--data-dir", data_dir,
-                "--listen", f"127.0.0.1:{port}", "--log-level", "WARNING", *extra]
+                "--listen", f"127.0.0.1:{port}", "--metrics-listen", "127.0.0.1:0", "--log-level", "WARNING",
+                *extra]
 
     return argv
 

@@ -153,6 +153,9 @@ class Coordinator:
         self.empty_since_ms: dict[str, int] = {}
         #: Groups whose offsets an operator is resetting (member commits refused).
         self.resetting: set[str] = set()
+        #: Rebalances (new target assignments) per group since start-up; kept while the
+        #: group is empty, forgotten with its offsets (``forget``).
+        self.rebalances: dict[str, int] = {}
         self._ids = itertools.count(1)
 
     # -- membership -----------------------------------------------------------
@@ -361,7 +364,13 @@ class Coordinator:
             member.owned_since.pop(tp, None)
         member.revoking.clear()
 
+    def forget(self, group: str) -> None:
+        """The group's offsets expired: drop what is kept of an empty group."""
+        self.empty_since_ms.pop(group, None)
+        self.rebalances.pop(group, None)
+
     def _rebalance(self, g: ConsumerGroup) -> None:
+        self.rebalances[g.name] = self.rebalances.get(g.name, 0) + 1
         counts = {t: self.partition_count(t) for t in g.topics()}
         current = {tp: m.member_id for m in g.members.values() for tp in m.assigned | m.revoking}
         g.target = assign({m.member_id: m.topics for m in g.members.values()}, counts, current)

@@ -147,6 +147,8 @@ class QueueStats:
     redelivered: int = 0
     dead_lettered: int = 0
     lost_to_retention: int = 0
+    #: Leases that ran out before a settle, since start-up (not persisted: a metric).
+    lease_expired: int = 0
 
 
 class PartitionQueue:
@@ -448,6 +450,7 @@ class PartitionQueue:
                 for offset in (due + a + self.base).tolist():
                     self._failed(offset, now, delay_ms=None, reason="lease expired")
                     expired.append(self.entry(offset))
+                self.stats.lease_expired += len(due)
             else:
                 due = np.flatnonzero((state == WAITING) & (self._visible[a:b] == when))
                 if len(due):

@@ -60,6 +60,8 @@ class ConfigError(ValueError):
 class BrokerConfig:
     data_dir: Path = Path("./data")
     listen: str = "127.0.0.1:50051"
+    #: Prometheus ``/metrics`` over HTTP (HOST:PORT); an empty string turns metrics off.
+    metrics_listen: str = "127.0.0.1:9464"
     #: Topic defaults, used where CreateTopic leaves a setting out.
     default_partitions: int = 1
     retention_ms: int = 7 * DAY_MS
@@ -259,6 +261,10 @@ def _check_values(c: BrokerConfig) -> None:
         raise bad("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
     if c.log_format not in LOG_FORMATS:
         raise bad("log_format", f"must be one of {', '.join(LOG_FORMATS)}")
+    if c.metrics_listen:
+        host, sep, port = c.metrics_listen.rpartition(":")
+        if not (sep and port.isdigit() and int(port) <= 65535):
+            raise bad("metrics_listen", "must be HOST:PORT or empty")
     if bool(c.tls_cert_file) != bool(c.tls_key_file):
         raise ConfigError("tls_cert_file and tls_key_file go together", field="tls_key_file")
     if c.tls_client_ca_file and not c.tls_cert_file:

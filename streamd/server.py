@@ -43,6 +43,10 @@ from streamd.broker.queues import TICK_MS, QueueEngine
 from streamd.broker.topic import TopicSettings
 from streamd.clock import Clock, SystemClock
 from streamd.config import BrokerConfig
+from streamd.metrics.exporter import MetricsExporter
+from streamd.metrics.grpc_interceptor import MetricsInterceptor
+from streamd.metrics.instruments import FSYNC_BUCKETS_SECONDS, Histogram, Traffic
+from streamd.metrics.snapshot import Sources
 from streamd.service.group_service import GroupService, expire_groups
 from streamd.service.guard import Guard
 from streamd.service.handlers import Admission, generic_handler
@@ -70,6 +74,8 @@ class Server:
     def __init__(self, config: BrokerConfig, *, clock: Clock | None = None) -> None:
         self.config = config
         self.executor = ThreadPoolExecutor(config.io_threads, thread_name_prefix="streamd-io")
+        self.traffic = Traffic()
+        self.fsync_seconds = Histogram(FSYNC_BUCKETS_SECONDS)
         self.broker = Broker(
             config.data_dir,
             defaults=topic_defaults(config),
@@ -78,6 +84,7 @@ class Server:
             index_interval_bytes=config.index_interval_bytes,
             max_topics=config.max_topics,
             max_partitions_per_topic=config.max_partitions_per_topic,
+            on_fsync=self.fsync_seconds.observe,
         )
         self.clock = self.broker.clock
         self.store: OffsetStore | None = None
@@ -94,6 +101,9 @@ class Server:
         self.admission = Admission()
         self.grpc: grpc.aio.Server | None = None
         self.port: int | None = None
+        self.metrics: MetricsExporter | None = None
+        #: Where /metrics is served (None: metrics off).
+        self.metrics_port: int | None = None
         self._stopped = asyncio.Event()
         self._hurry = asyncio.Event()
 
@@ -117,7 +127,9 @@ class Server:
         self.queues = QueueEngine(self.broker, queue_store)
         await self.queues.purge_missing_topics()
         limit = self.config.max_request_bytes
+        interceptor = MetricsInterceptor() if self.config.metrics_listen else None
         self.grpc = grpc.aio.server(
+            interceptors=[interceptor] if interceptor is not None else None,
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", limit),
@@ -133,7 +145,8 @@ class Server:
             [
                 generic_handler(SERVICES[0], TopicService(self.broker, groups, self.queues), admission=gate,
                                 guard=guard),
-                generic_handler(SERVICES[1], LogService(self.broker), REQUEST_VIEWS, admission=gate, guard=guard),
+                generic_handler(SERVICES[1], LogService(self.broker, self.traffic), REQUEST_VIEWS, admission=gate,
+                                guard=guard),
                 generic_handler(SERVICES[2], groups, admission=gate, guard=guard),
                 generic_handler(SERVICES[3], QueueService(self.queues), admission=gate, guard=guard),
             ]
@@ -151,6 +164,10 @@ class Server:
         if guard is None and not _loopback(self.config.listen):
             log.warning("!!! no auth_file: anyone who can reach %s can read, write and delete everything "
                         "(set auth_file, and TLS) !!!", self.config.listen)
+        if interceptor is not None:
+            sources = Sources(self.broker, self.traffic, self.fsync_seconds, interceptor.rpcs, groups, self.queues)
+            self.metrics = MetricsExporter(sources, loop)
+            self.metrics_port = self.metrics.start(self.config.metrics_listen)
         await self.grpc.start()
         self.broker.start_background(
             checkpoint_interval_ms=self.config.checkpoint_interval_ms,
@@ -202,6 +219,8 @@ class Server:
             await self.grpc.stop(0 if self._hurry.is_set() else max(0.0, deadline - loop.time()))
             if left:
                 log.warning("cancelled %d RPC(s) still running after the grace period", left)
+        if self.metrics is not None:
+            await loop.run_in_executor(self.executor, self.metrics.stop)
         if self.queues is not None:
             await self.queues.close()
         await self.broker.close()

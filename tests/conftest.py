@@ -27,6 +27,7 @@ class RunningServer:
     def __init__(self, data_dir: Path, *, clock=None, port: int = 0, **overrides) -> None:
         """``port``: a fixed port, so a restarted broker is found by clients connected
         to the old one (0: any free port)."""
+        overrides.setdefault("metrics_listen", "127.0.0.1:0")  # never the fixed default port
         self.config = BrokerConfig(data_dir=data_dir, listen=f"127.0.0.1:{port}", **overrides)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -98,7 +99,7 @@ class ServerProcess:
         port = free_port()
         self.address = f"127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "streamd", "serve", "--data-dir", str(self.data_dir),
-               "--listen", self.address, *self.extra]
+               "--listen", self.address, "--metrics-listen", "127.0.0.1:0", *self.extra]
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(self.env or {}))
         self.log_path = self.data_dir.parent / f"server-{port}.log"
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -98,8 +98,11 @@ class Broker:
         index_interval_bytes: int = 4096,
         max_topics: int = 10_000,
         max_partitions_per_topic: int = 1_000,
+        on_fsync=None,
     ) -> None:
+        """``on_fsync(seconds)``: called on the event loop after each log fsync."""
         self.data_dir = Path(data_dir)
+        self.on_fsync = on_fsync
         self.defaults = defaults.validate()
         self.clock = clock
         self.executor = executor
@@ -219,7 +222,7 @@ class Broker:
             parts.append(
                 Partition(
                     meta.name, p, plog, executor=self.executor, fsync_always=s.fsync_policy == "always",
-                    producers=producers, snapshot_covers=covers, dedup=dedup,
+                    producers=producers, snapshot_covers=covers, dedup=dedup, on_fsync=self.on_fsync,
                 )
             )
 
@@ -497,6 +500,8 @@ class Broker:
                 )
                 deleted = await self._each(part, "retention", loop.run_in_executor(self.executor, job))
                 if deleted:
+                    part.retention_deleted_segments += len(deleted)
+                    part.retention_deleted_bytes += sum(d.size_bytes for d in deleted)
                     log.info(
                         "retention deleted %d segment(s) of %s/%d; log start offset now %d",
                         len(deleted), topic.meta.name, part.index, part.log.log_start_offset,

@@ -16,6 +16,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 
 from segments import PartitionLog
@@ -37,7 +39,10 @@ class Partition:
         producers: ProducerStateTable | None = None,
         snapshot_covers: int = -1,
         dedup: DedupWindow | None = None,
+        on_fsync: Callable[[float], None] | None = None,
     ) -> None:
+        """``on_fsync(seconds)`` is told, on the event loop, how long each group-commit
+        fsync took (in its worker thread)."""
         self.topic = topic
         self.index = index
         self.log = log
@@ -56,6 +61,10 @@ class Partition:
         self.closed = False
         #: When the interval-fsync job last flushed this partition (broker clock).
         self.last_flush_ms = 0
+        self._on_fsync = on_fsync
+        #: Since start-up (metrics): segments and bytes retention deleted.
+        self.retention_deleted_segments = 0
+        self.retention_deleted_bytes = 0
 
     # -- writing -------------------------------------------------------------
     def append(
@@ -132,12 +141,19 @@ class Partition:
     async def _flush(self) -> int:
         try:
             loop = asyncio.get_running_loop()
-            flushed = await loop.run_in_executor(self._executor, self.log.flush)
+            flushed, seconds = await loop.run_in_executor(self._executor, self._timed_flush)
         finally:
             self._flush_task = None
+        if self._on_fsync is not None:
+            self._on_fsync(seconds)
         if self.wait_for_durability:
             self._wake()
         return flushed
+
+    def _timed_flush(self) -> tuple[int, float]:
+        start = time.perf_counter()
+        flushed = self.log.flush()
+        return flushed, time.perf_counter() - start
 
     @property
     def high_watermark(self) -> int:

@@ -55,7 +55,7 @@ def parse_time(text: str) -> int:
 #: ``streamd serve`` flags for the common settings (every setting can come from the
 #: config file or a STREAMD_* variable); each is the setting's name with dashes.
 SERVE_FLAGS = {
-    "data_dir": str, "listen": str, "fsync_policy": str, "segment_bytes": int, "retention_ms": int,
+    "data_dir": str, "listen": str, "metrics_listen": str, "fsync_policy": str, "segment_bytes": int, "retention_ms": int,
     "default_partitions": int, "shutdown_grace_s": float, "shutdown_drain_s": float,
     "log_level": str, "log_format": str,
     "tls_cert_file": str, "tls_key_file": str, "tls_client_ca_file": str, "auth_file": str,
@@ -65,6 +65,7 @@ SERVE_ALIASES = {"fsync_policy": ["--fsync"], "tls_cert_file": ["--tls-cert"], "
 SERVE_HELP = {
     "data_dir": "data directory (default ./data)",
     "listen": "HOST:PORT (default 127.0.0.1:50051)",
+    "metrics_listen": "Prometheus /metrics over HTTP, HOST:PORT (default 127.0.0.1:9464; '' turns it off)",
     "fsync_policy": "default topic fsync policy: always | interval | never",
     "shutdown_grace_s": "seconds in-flight RPCs get to finish on SIGTERM/SIGINT (default 10)",
     "shutdown_drain_s": "seconds a stopping broker keeps answering NOT_SERVING/UNAVAILABLE (default 0)",

@@ -185,7 +185,8 @@ class GroupService:
         return response
 
     # -- inspection -------------------------------------------------------------
-    def _group_topics(self, group: str) -> set[str]:
+    def group_topics(self, group: str) -> set[str]:
+        """Topics the group has offsets in or members subscribed to (that exist)."""
         g = self.coordinator.groups.get(group)
         topics = {t for t, _ in self.store.offsets(group)}
         if g is not None:
@@ -211,12 +212,14 @@ class GroupService:
                 )
                 owners.update({tp: m.member_id for tp in m.assigned | m.revoking})
         now = self.broker.clock.now_ms()
-        for topic in sorted(self._group_topics(request.group)):
+        for topic in sorted(self.group_topics(request.group)):
             for p in range(len(self.broker.topics[topic].partitions)):
-                d.partitions.append(self._lag(topic, p, committed.get((topic, p)), owners.get((topic, p), ""), now))
+                d.partitions.append(self.partition_lag(topic, p, committed.get((topic, p)), owners.get((topic, p), ""), now))
         return pb.DescribeGroupResponse(group=d)
 
-    def _lag(self, topic: str, p: int, committed, owner: str, now: int) -> pb.PartitionLag:
+    def partition_lag(self, topic: str, p: int, committed, owner: str, now: int) -> pb.PartitionLag:
+        """Lag of a group at ``committed`` (None: nothing committed) on one partition:
+        records to the high watermark and the age of the first of them."""
         part = self.broker.partition(topic, p)
         start, end = part.log.log_start_offset, part.high_watermark
         position = max(committed.offset, start) if committed is not None else start
@@ -245,7 +248,7 @@ class GroupService:
                 group=name,
                 state=STATES[g.state] if g is not None else pb.GROUP_STATE_EMPTY,
                 member_count=len(g.members) if g is not None else 0,
-                topics=sorted(self._group_topics(name)),
+                topics=sorted(self.group_topics(name)),
             )
         return response
 
@@ -300,7 +303,7 @@ class GroupService:
 
     def _reset_partitions(self, request: pb.ResetOffsetsRequest) -> list[TopicPartition]:
         if request.all_topics:
-            topics = self._group_topics(request.group)
+            topics = self.group_topics(request.group)
             if not topics:
                 raise GroupNotFound(request.group)
             return [(t, p) for t in sorted(topics) for p in range(len(self.broker.topics[t].partitions))]
@@ -400,7 +403,7 @@ async def expire_groups(coordinator: Coordinator, store: OffsetStore, *, retenti
         if now - last > retention_ms:
             log.info("group %s: no members for %d ms; deleting its offsets", group, now - last)
             await store.delete_group(group)
-            coordinator.empty_since_ms.pop(group, None)
+            coordinator.forget(group)
     for group in list(coordinator.empty_since_ms):  # emptied without ever committing
         if not coordinator.live_members(group) and not store.offsets(group) and store.undo_offsets(group) is None:
-            del coordinator.empty_since_ms[group]
+            coordinator.forget(group)

@@ -21,6 +21,7 @@ import signal
 
 from streamd.broker.broker import Broker, ProduceResult, ReadOut
 from streamd.broker.errors import BrokerUnavailable, InvalidArgument
+from streamd.metrics.instruments import Traffic
 from streamd.v1 import streamd_pb2 as pb
 from streamd.wire_pb2 import RawProduceRequest, RawProduceStreamRequest
 
@@ -110,13 +111,21 @@ async def _stream_answer(request_id: int, results, durable: asyncio.Future, cras
 
 
 class LogService:
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, traffic: Traffic | None = None) -> None:
         self.broker = broker
+        #: Records and bytes in and out per topic (metrics); counted per request.
+        self.traffic = traffic if traffic is not None else Traffic()
         self._crash = _crash_hook()
 
     def _append(self, request: RawProduceRequest):
         batches = [(p.partition, list(p.batches)) for p in request.partitions]
-        return self.broker.append(request.topic, batches, list(request.records))
+        results, durable = self.broker.append(request.topic, batches, list(request.records))
+        # Appended records (a retried batch answered as a duplicate is not appended
+        # again) and the request's batch and record bytes as sent.
+        records = sum(r.record_count for r in results if not r.duplicate)
+        nbytes = sum(len(b) for _, raws in batches for b in raws) + sum(map(len, request.records))
+        self.traffic.produced(request.topic, records, nbytes)
+        return results, durable
 
     async def Produce(self, request: RawProduceRequest, context) -> pb.ProduceResponse:
         results, durable = self._append(request)
@@ -192,6 +201,7 @@ class LogService:
             max_bytes=max_bytes,
             max_wait_ms=request.max_wait_ms,
         )
+        self.traffic.fetched(request.topic, out.next_offset - request.offset, len(out.data))
         return _frames_response(out)
 
     async def ListOffsets(self, request: pb.ListOffsetsRequest, context) -> pb.ListOffsetsResponse:
@@ -228,5 +238,13 @@ class LogService:
         else:
             latest = which == "position" and request.position == pb.OFFSET_SPEC_LATEST
             offset = self.broker.offset_for(topic, p, position="latest" if latest else "earliest")
-        async for out in self.broker.subscribe(topic, p, offset, max_records=max_records, max_bytes=max_bytes):
-            yield _frames_response(out)
+        traffic = self.traffic.topic(topic)
+        traffic.subscribers += 1
+        try:
+            async for out in self.broker.subscribe(topic, p, offset, max_records=max_records, max_bytes=max_bytes):
+                traffic.records_fetched += out.next_offset - offset
+                traffic.bytes_fetched += len(out.data)
+                offset = out.next_offset
+                yield _frames_response(out)
+        finally:
+            traffic.subscribers -= 1

@@ -87,11 +87,7 @@ class QueueService:
         d = pb.QueueGroupDescription(
             group=g.name, topic=g.topic, config=config_to_pb(g.config, g.topic), created_ms=g.created_ms
         )
-        now = self.broker.clock.now_ms()
-        topic = self.broker.topics.get(g.topic)
-        for p, q in sorted(g.partitions.items()):
-            end = topic.partitions[p].high_watermark if topic is not None and p < len(topic.partitions) else 0
-            d.partitions.append(_stats(q, end, now, self.engine.oldest_append_ms(g, q)))
+        d.partitions.extend(partition_stats(self.engine, g, self.broker.clock.now_ms()))
         return d
 
     # -- receive -------------------------------------------------------------------
@@ -285,6 +281,16 @@ def _fill(response, leased: list[Leased]) -> None:
             record, append_time = records[offset]
             add(partition=part.partition, offset=offset, record=record, append_time_ms=append_time,
                 lease_id=lease.lease_id, delivery_count=deliveries, lease_expires_ms=lease.expires_ms)
+
+
+def partition_stats(engine: QueueEngine, g: QueueGroup, now: int) -> list[pb.QueuePartitionStats]:
+    """Per partition of ``g``: backlog, in flight, settled counts, oldest unacked age."""
+    topic = engine.broker.topics.get(g.topic)
+    out = []
+    for p, q in sorted(g.partitions.items()):
+        end = topic.partitions[p].high_watermark if topic is not None and p < len(topic.partitions) else 0
+        out.append(_stats(q, end, now, engine.oldest_append_ms(g, q)))
+    return out
 
 
 def _stats(q: PartitionQueue, end: int, now: int, oldest_ms: int | None) -> pb.QueuePartitionStats:

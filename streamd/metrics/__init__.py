@@ -1,0 +1,7 @@
+"""Prometheus metrics: plain loop-owned instruments (``instruments``), an RPC
+interceptor (``grpc_interceptor``), a scrape-time snapshot of broker state
+(``snapshot``), its metric families (``collector``) and the HTTP endpoint
+(``exporter``). ``streamd.server`` wires them.
+
+Kept import-free here: the service layer imports ``instruments`` alone.
+"""
