@@ -4,7 +4,8 @@ Names follow Prometheus conventions (``streamd_`` prefix, base units, ``_total``
 counters); labels are topic, partition and group (and go-grpc-prometheus' grpc_*
 labels for RPCs), never offsets or ids. Consumer-group names mirror kafka_exporter's
 ``kafka_consumergroup_*`` with the ``streamd_`` prefix, so its dashboards adapt by a
-rename.
+rename (except ``kafka_consumergroup_lag_sum``: promtool rejects a gauge named
+``_sum``; ``sum by (group, topic) (streamd_consumergroup_lag)`` is the same).
 
 ``StreamdCollector.collect`` runs on the HTTP server's thread and gets its data from
 the event loop (``snapshot`` explains why).
@@ -185,11 +186,6 @@ def _groups(snap: Snapshot) -> Iterator[Metric]:
                   (([r.group, r.topic, r.partition], r.lag) for r in gp))
     yield _family(g, "streamd_consumergroup_lag_seconds", "Age of the oldest record the group has not committed "
                   "past (0 without lag).", _GTP, (([r.group, r.topic, r.partition], r.lag_seconds) for r in gp))
-    sums: dict[tuple[str, str], int] = {}
-    for r in gp:
-        sums[(r.group, r.topic)] = sums.get((r.group, r.topic), 0) + r.lag
-    yield _family(g, "streamd_consumergroup_lag_sum", "Lag of the group summed over the topic's partitions.",
-                  ["group", "topic"], ((list(k), v) for k, v in sorted(sums.items())))
 
 
 def _queues(snap: Snapshot) -> Iterator[Metric]:
