@@ -44,8 +44,8 @@ from streamd.broker.topic import TopicSettings
 from streamd.clock import Clock, SystemClock
 from streamd.config import BrokerConfig
 from streamd.metrics.exporter import MetricsExporter
-from streamd.metrics.grpc_interceptor import MetricsInterceptor
 from streamd.metrics.instruments import FSYNC_BUCKETS_SECONDS, Histogram, Traffic
+from streamd.metrics.rpc_metrics import RpcMetrics
 from streamd.metrics.snapshot import Sources
 from streamd.service.group_service import GroupService, expire_groups
 from streamd.service.guard import Guard
@@ -127,9 +127,8 @@ class Server:
         self.queues = QueueEngine(self.broker, queue_store)
         await self.queues.purge_missing_topics()
         limit = self.config.max_request_bytes
-        interceptor = MetricsInterceptor() if self.config.metrics_listen else None
+        rpc_metrics = RpcMetrics() if self.config.metrics_listen else None
         self.grpc = grpc.aio.server(
-            interceptors=[interceptor] if interceptor is not None else None,
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", limit),
@@ -140,15 +139,13 @@ class Server:
         if self.config.auth_file:
             clock = self.broker.clock
             guard = Guard(Authority.load(Path(self.config.auth_file)), clock=lambda: clock.now_ms() / 1000)
-        gate = self.admission
+        wiring = {"admission": self.admission, "guard": guard, "rpc_metrics": rpc_metrics}
         self.grpc.add_generic_rpc_handlers(
             [
-                generic_handler(SERVICES[0], TopicService(self.broker, groups, self.queues), admission=gate,
-                                guard=guard),
-                generic_handler(SERVICES[1], LogService(self.broker, self.traffic), REQUEST_VIEWS, admission=gate,
-                                guard=guard),
-                generic_handler(SERVICES[2], groups, admission=gate, guard=guard),
-                generic_handler(SERVICES[3], QueueService(self.queues), admission=gate, guard=guard),
+                generic_handler(SERVICES[0], TopicService(self.broker, groups, self.queues), **wiring),
+                generic_handler(SERVICES[1], LogService(self.broker, self.traffic), REQUEST_VIEWS, **wiring),
+                generic_handler(SERVICES[2], groups, **wiring),
+                generic_handler(SERVICES[3], QueueService(self.queues), **wiring),
             ]
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -164,8 +161,8 @@ class Server:
         if guard is None and not _loopback(self.config.listen):
             log.warning("!!! no auth_file: anyone who can reach %s can read, write and delete everything "
                         "(set auth_file, and TLS) !!!", self.config.listen)
-        if interceptor is not None:
-            sources = Sources(self.broker, self.traffic, self.fsync_seconds, interceptor.rpcs, groups, self.queues)
+        if rpc_metrics is not None:
+            sources = Sources(self.broker, self.traffic, self.fsync_seconds, rpc_metrics.rpcs, groups, self.queues)
             self.metrics = MetricsExporter(sources, loop)
             self.metrics_port = self.metrics.start(self.config.metrics_listen)
         await self.grpc.start()

@@ -173,12 +173,14 @@ def generic_handler(
     *,
     admission: Admission = OPEN,
     guard=None,
+    rpc_metrics=None,
 ) -> grpc.GenericRpcHandler:
     """A handler for every method of ``service`` implemented by ``servicer``.
 
     ``request_types`` overrides the message a method's request is parsed as;
     ``admission`` is the gate each call passes; ``guard``
-    (``streamd.service.guard.Guard``) authenticates and authorizes each call.
+    (``streamd.service.guard.Guard``) authenticates and authorizes each call;
+    ``rpc_metrics`` (``streamd.metrics.rpc_metrics.RpcMetrics``) counts them.
     """
     request_types = request_types or {}
     handlers = {}
@@ -201,6 +203,8 @@ def generic_handler(
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
                 _unary(impl, parse, admission, method.name, guard), response_serializer=_serialize
             )
+    if rpc_metrics is not None:
+        handlers = {name: rpc_metrics.wrap(f"/{service.full_name}/{name}", h) for name, h in handlers.items()}
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 

@@ -1,4 +1,8 @@
-"""A grpc.aio server interceptor counting RPCs the way go-grpc-prometheus does.
+"""Counting RPCs the way go-grpc-prometheus does, by wrapping each method's handler
+when it is registered (``RpcMetrics.wrap``; ``streamd.service.handlers`` calls it).
+Not a grpc.aio server interceptor: the interceptor machinery itself cost about 15 µs
+per call (7% of one-record produce throughput); a wrapped handler costs about 1 µs.
+Health checks and reflection are not counted.
 
 Exported (by ``streamd.metrics.collector``) under go-grpc-prometheus' names and labels,
 so dashboards built for Go gRPC servers work unchanged:
@@ -118,28 +122,16 @@ def _wrap_stream(behavior, stats: RpcStats):
     return stream
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts and times every RPC with a known method (unknown methods pass through:
-    their names come from clients and must not become label values)."""
+class RpcMetrics:
+    """Counts and times every RPC of the methods it wrapped."""
 
     def __init__(self) -> None:
         #: "/pkg.Service/Method" -> stats; read by the snapshot (on the loop).
         self.rpcs: dict[str, RpcStats] = {}
-        self._wrapped: dict[str, tuple[object, object]] = {}
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(method, handler)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
-
-    def _wrap(self, method: str, handler):
+    def wrap(self, method: str, handler):
+        """``handler`` (a ``grpc.RpcMethodHandler``) counted as ``method``
+        ("/pkg.Service/Method")."""
         service, _, name = method.lstrip("/").rpartition("/")
         stats = self.rpcs.get(method)
         if stats is None:
