@@ -98,6 +98,9 @@ class BrokerConfig:
     tls_key_file: str = ""
     #: Mutual TLS: clients must present a certificate signed by this CA (PEM file).
     tls_client_ca_file: str = ""
+    #: Concurrent RPCs (HTTP/2 streams) one client connection may have open; more
+    #: wait on the client's side until one ends.
+    max_concurrent_streams: int = 100
     #: Principals, tokens and allow rules (``streamd.auth``, TOML); empty: no
     #: authentication (open: fine on loopback, warned about anywhere else).
     auth_file: str = ""
@@ -242,7 +245,7 @@ def _check_type(name: str, value: Any) -> None:
 _POSITIVE = (
     "default_partitions", "index_interval_bytes", "max_request_bytes", "max_topics", "max_partitions_per_topic",
     "io_threads", "group_session_timeout_ms", "group_rebalance_timeout_ms", "group_retention_ms", "max_groups",
-    "max_group_members", "retention_check_ms", "checkpoint_interval_ms",
+    "max_group_members", "retention_check_ms", "checkpoint_interval_ms", "max_concurrent_streams",
 )
 
 

@@ -133,6 +133,7 @@ class Server:
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
+                ("grpc.max_concurrent_streams", self.config.max_concurrent_streams),
             ]
         )
         guard = None

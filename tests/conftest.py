@@ -24,11 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 class RunningServer:
     """A Server on its own event-loop thread, listening on 127.0.0.1:<free port>."""
 
-    def __init__(self, data_dir: Path, *, clock=None, port: int = 0, **overrides) -> None:
+    def __init__(self, data_dir: Path, *, clock=None, port: int = 0, listen_host: str = "127.0.0.1",
+                 **overrides) -> None:
         """``port``: a fixed port, so a restarted broker is found by clients connected
         to the old one (0: any free port)."""
         overrides.setdefault("metrics_listen", "127.0.0.1:0")  # never the fixed default port
-        self.config = BrokerConfig(data_dir=data_dir, listen=f"127.0.0.1:{port}", **overrides)
+        self.config = BrokerConfig(data_dir=data_dir, listen=f"{listen_host}:{port}", **overrides)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
