@@ -252,10 +252,26 @@ def cmd_new_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_security(args: argparse.Namespace) -> None:
+    """The global TLS and token flags, for every client this command makes (they read
+    the environment; see ``streamd.client._channel``)."""
+    for flag, env in (("tls_ca", "STREAMD_TLS_CA"), ("tls_client_cert", "STREAMD_TLS_CERT"),
+                      ("tls_client_key", "STREAMD_TLS_KEY")):
+        if getattr(args, flag, None):
+            os.environ[env] = getattr(args, flag)
+    if getattr(args, "token_file", None):
+        with open(args.token_file) as fh:
+            os.environ["STREAMD_TOKEN"] = fh.read().strip()
+
+
 # -- parser ---------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamd", description="streamd: event log and work queue")
     parser.add_argument("--server", help="broker address (default $STREAMD_SERVER or 127.0.0.1:50051)")
+    parser.add_argument("--tls-ca", help="CA (PEM) that signed the broker's certificate: talk TLS ($STREAMD_TLS_CA)")
+    parser.add_argument("--tls-client-cert", help="this client's certificate (PEM), for mutual TLS ($STREAMD_TLS_CERT)")
+    parser.add_argument("--tls-client-key", help="this client's private key (PEM) ($STREAMD_TLS_KEY)")
+    parser.add_argument("--token-file", help="file holding the bearer token (else $STREAMD_TOKEN)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run a broker")
@@ -336,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _client_security(args)
     try:
         return args.func(args)
     except BrokenPipeError:

@@ -6,8 +6,13 @@
 batch_max_bytes), route them with the documented partitioner, optionally compress
 with lz4, and resolve a future per record. ``Consumer``/``AsyncConsumer`` read by
 offset or time, pull (Fetch) or push (Subscribe).
+
+Every client takes ``security=Security(tls=True, ca_file=..., cert_file=...,
+key_file=..., token=...)``; without it, ``STREAMD_TLS_CA``/``_CERT``/``_KEY``/
+``_SERVER_NAME`` and ``STREAMD_TOKEN`` from the environment apply.
 """
 
+from ._channel import Security
 from .admin import Admin
 from .consumer import AsyncConsumer, Consumer
 from .errors import ProduceError, StreamdError
@@ -23,5 +28,6 @@ __all__ = [
     "ProduceError",
     "Producer",
     "RecordMetadata",
+    "Security",
     "StreamdError",
 ]

@@ -118,13 +118,15 @@ def aio_channel(server: str | None = None, *, security: Security | None = None,
 class SyncClient:
     """A blocking client over its own channel (or one it is given)."""
 
-    def __init__(self, server: str | None = None, *, channel: grpc.Channel | None = None) -> None:
+    def __init__(self, server: str | None = None, *, channel: grpc.Channel | None = None,
+                 security: Security | None = None) -> None:
+        """``security``: TLS files and token (default: from ``STREAMD_TLS_*``/``STREAMD_TOKEN``)."""
         from streamd._malloc import tune_malloc
         from streamd.v1 import streamd_pb2_grpc as rpc
 
         tune_malloc()
         self._own_channel = channel is None
-        self._channel = channel or sync_channel(server)
+        self._channel = channel or sync_channel(server, security=security)
         self._topics = rpc.TopicServiceStub(self._channel)
         self._log = rpc.LogServiceStub(self._channel)
         self._groups = rpc.GroupServiceStub(self._channel)

@@ -23,7 +23,7 @@ from streamd._malloc import tune_malloc
 from streamd.v1 import streamd_pb2 as pb
 from streamd.v1 import streamd_pb2_grpc as rpc
 
-from ._channel import SyncClient, aio_channel
+from ._channel import Security, SyncClient, aio_channel
 from .errors import StreamdError
 from .records import ConsumerRecord, decode_batches, iter_batch
 
@@ -57,8 +57,9 @@ def fetch_future(
 
 
 class Consumer(SyncClient):
-    def __init__(self, server: str | None = None, *, channel: grpc.Channel | None = None) -> None:
-        super().__init__(server, channel=channel)
+    def __init__(self, server: str | None = None, *, channel: grpc.Channel | None = None,
+                 security: Security | None = None) -> None:
+        super().__init__(server, channel=channel, security=security)
         self.positions: dict[tuple[str, int], int] = {}
         self.ends: dict[tuple[str, int], int] = {}
 
@@ -224,10 +225,11 @@ class Consumer(SyncClient):
 class AsyncConsumer:
     """asyncio flavour: ``fetch`` and a merged multi-partition ``subscribe``."""
 
-    def __init__(self, server: str | None = None, *, channel: grpc.aio.Channel | None = None) -> None:
+    def __init__(self, server: str | None = None, *, channel: grpc.aio.Channel | None = None,
+                 security: Security | None = None) -> None:
         tune_malloc()
         self._own_channel = channel is None
-        self._channel = channel or aio_channel(server)
+        self._channel = channel or aio_channel(server, security=security)
         self._log = rpc.LogServiceStub(self._channel)
         self._topics = rpc.TopicServiceStub(self._channel)
 

@@ -39,7 +39,7 @@ import grpc
 
 from streamd.v1 import streamd_pb2 as pb
 
-from ._channel import SyncClient
+from ._channel import Security, SyncClient
 from .consumer import fetch_future
 from .errors import StreamdError
 from .records import ConsumerRecord, iter_batch
@@ -125,6 +125,7 @@ class GroupConsumer(SyncClient):
         server: str | None = None,
         *,
         channel: grpc.Channel | None = None,
+        security: Security | None = None,
         instance_id: str = "",
         client_id: str = "",
         session_timeout_ms: int = 0,
@@ -141,7 +142,7 @@ class GroupConsumer(SyncClient):
             raise ValueError("delivery must be 'at-least-once' or 'at-most-once'")
         if start not in ("earliest", "latest"):
             raise ValueError("start must be 'earliest' or 'latest'")
-        super().__init__(server, channel=channel)
+        super().__init__(server, channel=channel, security=security)
         self.group = group
         self.topics = [topics] if isinstance(topics, str) else list(topics)
         self._join_request = pb.MemberJoin(

@@ -34,7 +34,7 @@ from streamd.partitioner import key_partition
 from streamd.v1 import streamd_pb2 as pb
 from streamd.v1 import streamd_pb2_grpc as rpc
 
-from ._channel import aio_channel
+from ._channel import Security, aio_channel
 from ._sender import DEFAULT_RETRIES, DEFAULT_RETRY_BACKOFF_MS, Sender
 from .errors import StreamdError
 from .records import Headers, RecordMetadata, add_record, encode_batch, values_record_set
@@ -74,12 +74,13 @@ class AsyncProducer:
         retries: int = DEFAULT_RETRIES,
         retry_backoff_ms: float = DEFAULT_RETRY_BACKOFF_MS,
         channel: grpc.aio.Channel | None = None,
+        security: Security | None = None,
     ) -> None:
         if compression not in ("none", "lz4"):
             raise ValueError("compression must be 'none' or 'lz4'")
         tune_malloc()
         self._own_channel = channel is None
-        self._channel = channel or aio_channel(server, extra_options=_RECONNECT_OPTIONS)
+        self._channel = channel or aio_channel(server, security=security, extra_options=_RECONNECT_OPTIONS)
         self._topics = rpc.TopicServiceStub(self._channel)
         self._sender = Sender(self._channel, idempotent=idempotent, retries=retries,
                               retry_backoff_ms=retry_backoff_ms, max_in_flight=max_in_flight)

@@ -32,7 +32,7 @@ import grpc
 from streamd.v1 import streamd_pb2 as pb
 from streamd.v1 import streamd_pb2_grpc as rpc
 
-from ._channel import SyncClient, aio_channel
+from ._channel import Security, SyncClient, aio_channel
 from .errors import StreamdError
 from .records import RecordFields, batch_records
 
@@ -167,6 +167,7 @@ class QueueReceiver(SyncClient):
         server: str | None = None,
         *,
         channel: grpc.Channel | None = None,
+        security: Security | None = None,
         create: bool | dict = False,
         max_records: int = 100,
         max_wait_ms: int = 1000,
@@ -177,7 +178,7 @@ class QueueReceiver(SyncClient):
     ) -> None:
         """``create``: create the queue group if it does not exist (a dict: with this
         config, see ``queue_config``)."""
-        super().__init__(server, channel=channel)
+        super().__init__(server, channel=channel, security=security)
         self._queues = rpc.QueueServiceStub(self._channel)
         self.group, self.topic = group, topic
         self.max_records, self.max_wait_ms, self.lease_ms = max_records, max_wait_ms, lease_ms
@@ -475,9 +476,10 @@ class AsyncQueueReceiver:
     ``process`` round), and ``process`` with a concurrency limit."""
 
     def __init__(self, group: str, topic: str, server: str | None = None, *, channel=None,
-                 max_records: int = 100, max_wait_ms: int = 1000, lease_ms: int | None = None) -> None:
+                 security: Security | None = None, max_records: int = 100, max_wait_ms: int = 1000,
+                 lease_ms: int | None = None) -> None:
         self._own_channel = channel is None
-        self._channel = channel or aio_channel(server)
+        self._channel = channel or aio_channel(server, security=security)
         self._queues = rpc.QueueServiceStub(self._channel)
         self.group, self.topic = group, topic
         self.max_records, self.max_wait_ms, self.lease_ms = max_records, max_wait_ms, lease_ms

@@ -128,3 +128,25 @@ def test_a_client_certificate_names_its_principal_and_a_token_rides_on_tls(make_
         with pytest.raises(Error) as err:
             admin.create_topic("mine", 1)
         assert (err.value.code, err.value.reason) == ("PERMISSION_DENIED", "PERMISSION_DENIED")
+
+
+def test_clients_and_the_cli_take_tls_files_directly(make_server, certs, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from streamd.client import Security as PublicSecurity
+
+    server = tls_server(make_server, certs, mutual=True)
+    files = {"ca_file": str(certs / "ca.pem"), "cert_file": str(certs / "worker-1.pem"),
+             "key_file": str(certs / "worker-1.key")}
+    with Admin(server.address, security=PublicSecurity(tls=True, **files)) as admin:
+        admin.create_topic("direct", 1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMD_")}
+    base = [sys.executable, "-m", "streamd", "--server", server.address]
+    flags = ["--tls-ca", files["ca_file"], "--tls-client-cert", files["cert_file"], "--tls-client-key",
+             files["key_file"]]
+    ok = subprocess.run(base + flags + ["topics", "list"], env=env, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "direct" in ok.stdout, ok.stderr
+    plain = subprocess.run(base + ["topics", "list"], env=env, capture_output=True, text=True, timeout=60)
+    assert plain.returncode != 0
