@@ -68,6 +68,7 @@ from streamd.errors import StructuredError
 OPERATIONS = ("produce", "consume", "describe", "admin")
 TOPIC, GROUP = "topic", "group"
 ANY = "*"
+MEMO_LIMIT = 10_000
 
 
 class AuthFileError(ValueError):
@@ -145,6 +146,9 @@ class Authority:
                 if self._by_hash.setdefault(h, name) != name:
                     raise AuthFileError(f"one token hash is listed for two principals ({name!r})")
         self.rules = rules
+        #: (principal, operation, kind, name) -> allowed: rules never change after
+        #: loading, so answers are memoized (the hot path asks the same few questions).
+        self._answers: dict[tuple[str, str, str, str], bool] = {}
 
     @classmethod
     def load(cls, path: Path) -> Authority:
@@ -215,7 +219,13 @@ class Authority:
         return common_name if common_name in self.principals else None
 
     def allows(self, principal: str, operation: str, kind: str, name: str) -> bool:
-        return any(rule.allows(principal, operation, kind, name) for rule in self.rules)
+        question = (principal, operation, kind, name)
+        answer = self._answers.get(question)
+        if answer is None:
+            if len(self._answers) >= MEMO_LIMIT:  # names come from clients: keep it bounded
+                self._answers.clear()
+            answer = self._answers[question] = any(rule.allows(*question) for rule in self.rules)
+        return answer
 
     def missing(self, principal: str, needs: Iterable[tuple[str, str, str]]) -> tuple[str, str, str] | None:
         """The first (operation, kind, name) of ``needs`` the principal may not do."""

@@ -160,3 +160,12 @@ def test_produce_quotas_are_token_buckets_per_principal():
 def test_a_malformed_quota_is_refused(quota, why):
     with pytest.raises(AuthFileError, match=why):
         Authority.parse({"quota": [quota]})
+
+
+def test_answers_are_memoized_within_a_bound(monkeypatch):
+    monkeypatch.setattr(auth, "MEMO_LIMIT", 3)
+    a = authority()
+    for i in range(10):  # client-chosen names: the memo never holds more than the limit
+        assert not a.allows("orders-api", "produce", TOPIC, f"other-{i}")
+        assert len(a._answers) <= 3
+    assert a.allows("orders-api", "produce", TOPIC, "orders") and a.allows("orders-api", "produce", TOPIC, "orders")
