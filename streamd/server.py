@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ipaddress
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +36,7 @@ from consumer_groups.offsets import OffsetStore
 from consumer_groups.queue_store import QueueStore
 from streamd import __version__, logs
 from streamd._malloc import tune_malloc
+from streamd.addresses import is_loopback
 from streamd.auth import Authority
 from streamd.broker.broker import Broker
 from streamd.broker.queues import TICK_MS, QueueEngine
@@ -159,7 +159,7 @@ class Server:
             self.port = self.grpc.add_secure_port(self.config.listen, credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.listen}")
-        if guard is None and not _loopback(self.config.listen):
+        if guard is None and not is_loopback(self.config.listen):
             log.warning("!!! no auth_file: anyone who can reach %s can read, write and delete everything "
                         "(set auth_file, and TLS) !!!", self.config.listen)
         if rpc_metrics is not None:
@@ -262,16 +262,6 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, signalled, sig)
         await self.stop(why=await stop)
-
-
-def _loopback(listen: str) -> bool:
-    host = listen.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def server_credentials(config: BrokerConfig) -> grpc.ServerCredentials | None:

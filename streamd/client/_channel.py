@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from streamd.addresses import is_loopback
+
 DEFAULT_SERVER = "127.0.0.1:50051"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 OPTIONS = [
@@ -72,7 +74,7 @@ def _credentials(security: Security, address: str) -> grpc.ChannelCredentials | 
     if security.tls:
         creds = security.credentials()
     elif security.token:
-        if not _loopback(address):
+        if not is_loopback(address):
             raise ValueError(f"a token is sent only over TLS (set STREAMD_TLS_CA) or to a loopback broker, "
                              f"not in plain text to {address}")
         creds = grpc.local_channel_credentials(grpc.LocalConnectionType.LOCAL_TCP)
@@ -81,18 +83,6 @@ def _credentials(security: Security, address: str) -> grpc.ChannelCredentials | 
     if security.token:
         creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(security.token))
     return creds
-
-
-def _loopback(address: str) -> bool:
-    import ipaddress
-
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def sync_channel(server: str | None = None, *, security: Security | None = None) -> grpc.Channel:

@@ -36,11 +36,11 @@ def test_a_connection_gets_at_most_max_concurrent_streams(make_server):
 
 
 def test_serving_beyond_loopback_without_auth_is_warned_about(tmp_path, caplog):
-    from streamd.server import _loopback
+    from streamd.addresses import is_loopback
     from tests.conftest import RunningServer
 
-    assert _loopback("127.0.0.1:1") and _loopback("localhost:1") and _loopback("[::1]:1")
-    assert not _loopback("0.0.0.0:1") and not _loopback("10.0.0.1:1") and not _loopback("example.com:1")
+    assert is_loopback("127.0.0.1:1") and is_loopback("localhost:1") and is_loopback("[::1]:1")
+    assert not is_loopback("0.0.0.0:1") and not is_loopback("10.0.0.1:1") and not is_loopback("example.com:1")
     with caplog.at_level(logging.WARNING, logger="streamd.server"):
         # Listening on every address (this test still talks to 127.0.0.1 only).
         server = RunningServer(tmp_path / "data", listen_host="0.0.0.0")
