@@ -44,9 +44,10 @@ Produce quotas, per principal (``*``: each principal without its own)::
     principal = "orders-api"
     produce_bytes_per_s = 10485760
 
-A principal over its rate gets RESOURCE_EXHAUSTED / ``QUOTA_EXCEEDED`` with
-``retry_after_ms`` (and a ``google.rpc.RetryInfo``); nothing of that request is
-appended. The bucket holds one second of the rate; a request larger than that passes
+A unary Produce over the principal's rate gets RESOURCE_EXHAUSTED /
+``QUOTA_EXCEEDED`` with ``retry_after_ms`` (and a ``google.rpc.RetryInfo``); nothing
+of that request is appended. A ProduceStream (the SDK's way) is throttled instead:
+its next request waits until the quota allows it. The bucket holds one second of the rate; a request larger than that passes
 when the bucket is full and leaves it in debt.
 
 ``needs_of(method, request)`` says what each RPC needs, from the request itself
@@ -278,6 +279,8 @@ class ProduceQuotas:
         self.authority = authority
         self.clock = clock  # seconds, monotonic
         self._buckets: dict[str, tuple[float, float]] = {}  # principal -> (tokens, at)
+        #: Stream messages held back until their quota allowed them (``Guard``).
+        self.throttled = 0
 
     def charge(self, principal: str, size: int) -> None:
         """Take ``size`` bytes from the principal's bucket, or raise QuotaExceeded."""

@@ -102,6 +102,7 @@ class Server:
         self.grpc: grpc.aio.Server | None = None
         self.port: int | None = None
         self.metrics: MetricsExporter | None = None
+        self.grpc_guard: Guard | None = None
         #: Where /metrics is served (None: metrics off).
         self.metrics_port: int | None = None
         self._stopped = asyncio.Event()
@@ -140,6 +141,7 @@ class Server:
         if self.config.auth_file:
             clock = self.broker.clock
             guard = Guard(Authority.load(Path(self.config.auth_file)), clock=lambda: clock.now_ms() / 1000)
+        self.grpc_guard = guard
         wiring = {"admission": self.admission, "guard": guard, "rpc_metrics": rpc_metrics}
         self.grpc.add_generic_rpc_handlers(
             [

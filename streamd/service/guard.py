@@ -5,16 +5,27 @@ metadata, else the common name of a verified client certificate), checks what th
 method needs against the allow rules before the servicer runs, and filters the
 answers of the List methods to what the caller may describe. Streams are checked
 per message that names resources: each ProduceStream request, JoinGroup's ``join``,
-ReceiveStream's ``open``.
+ReceiveStream's ``open``. A unary Produce over its quota is refused
+(RESOURCE_EXHAUSTED, with when to retry); a ProduceStream over it is throttled.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
 
-from streamd.auth import GROUP, TOPIC, Authority, PermissionDenied, ProduceQuotas, Unauthenticated, needs_of
+from streamd.auth import (
+    GROUP,
+    TOPIC,
+    Authority,
+    PermissionDenied,
+    ProduceQuotas,
+    QuotaExceeded,
+    Unauthenticated,
+    needs_of,
+)
 
 #: Streams: the field of each message that names the resources to check.
 STREAM_PARTS = {"ProduceStream": "request", "JoinGroup": "join", "ReceiveStream": "open"}
@@ -59,6 +70,19 @@ class Guard:
         part = STREAM_PARTS.get(method)
         if part is not None and message.HasField(part):
             self.check(principal, method, getattr(message, part), size)
+
+    async def admit_stream_message(self, principal: str, method: str, message, size: int = 0) -> None:
+        """``check_stream_message``, except that a stream over its produce quota is
+        throttled rather than refused: the message waits until the quota allows it
+        (as Kafka throttles a producer), and since the stream reads nothing meanwhile,
+        the producer's in-flight window fills and it slows down."""
+        while True:
+            try:
+                self.check_stream_message(principal, method, message, size)
+                return
+            except QuotaExceeded as exc:
+                self.quotas.throttled += 1
+                await asyncio.sleep(exc.retry_after_ms / 1000)
 
     def filter(self, principal: str, method: str, response) -> None:
         listed = LISTS.get(method)

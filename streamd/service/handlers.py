@@ -145,7 +145,7 @@ def _bidi_stream_writer(impl, parse, gate: Admission, name: str, guard):
                 return None
             message = parse(raw)
             if guard is not None:
-                guard.check_stream_message(principal, name, message, len(raw))
+                await guard.admit_stream_message(principal, name, message, len(raw))
             return message
 
         entered = False

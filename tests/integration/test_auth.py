@@ -160,3 +160,24 @@ def test_a_principal_over_its_produce_quota_is_told_when_to_retry(make_server, t
         assert stubs.produce_values("t", 0, [b"y"]).base_offset == 1
     finally:
         stubs.close()
+
+
+def test_a_produce_stream_over_its_quota_is_throttled_not_failed(make_server, tmp_path, monkeypatch):
+    from streamd.client import Producer
+
+    path = tmp_path / "auth.toml"
+    path.write_text(f'[[principal]]\nname = "p"\ntoken_sha256 = ["{PRODUCER_HASH}"]\n'
+                    '[[allow]]\nprincipal = "p"\noperations = ["admin"]\ntopics = ["*"]\n'
+                    '[[quota]]\nprincipal = "p"\nproduce_bytes_per_s = 40000\n')
+    server = make_server(auth_file=str(path))  # the real clock: the bucket refills as time passes
+    monkeypatch.setenv("STREAMD_TOKEN", PRODUCER)
+    stubs = Stubs(server.address, token=PRODUCER)
+    try:
+        stubs.create("t", 1)
+        with Producer(server.address) as producer:  # ~80 KB: 2 s of quota
+            offsets = [producer.send_batch("t", 0, [b"x" * 1000] * 10).offset for _ in range(8)]
+        assert offsets == list(range(0, 80, 10))  # every batch, in order, none failed
+        guard = server.server.grpc_guard
+        assert guard.quotas.throttled > 0  # and the stream was held back on the way
+    finally:
+        stubs.close()
