@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 from streamd.cli.main import main
 from streamd.client import Admin, Producer
 from streamd.client.queue import QueueReceiver
+from tests.conftest import wait_until
 
 
 def test_queue_commands_and_redrive(server, capsys):
@@ -27,10 +26,7 @@ def test_queue_commands_and_redrive(server, capsys):
             else:
                 msg.ack()
         r.flush()
-        deadline = time.monotonic() + 10
-        while sum(p.dead_lettered for p in r.describe().partitions) < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        assert wait_until(lambda: sum(p.dead_lettered for p in r.describe().partitions) >= 2)
     assert main(base + ["queue", "stats", "mailers"]) == 0
     out = capsys.readouterr().out
     assert "DEAD-LETTERED" in out and "OLDEST-UNACKED" in out

@@ -344,12 +344,8 @@ def test_records_deleted_by_retention_before_delivery_are_counted(make_server):
         create(stubs)
         for i in range(40):
             produce(stubs, "jobs", [{"value": b"x" * 200}])
-        import time
-
-        deadline = time.monotonic() + 10
-        while stubs.log.ListOffsets(pb.ListOffsetsRequest(topic="jobs")).offsets[0].log_start_offset == 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        assert wait_until(lambda: stubs.log.ListOffsets(pb.ListOffsetsRequest(topic="jobs")).offsets[0]
+                          .log_start_offset > 0)
         got = receive(stubs, 100)
         s = stats(stubs)
         assert s.lost_to_retention > 0 and got[0].offset == s.lost_to_retention
