@@ -65,8 +65,8 @@ from bench.group_members import (
     _throughput_member,
     read_records,
 )
-from bench.harness import emit, log, median_of, payload, start_server
-from bench.streamd_driver import ROOT, serve_argv
+from bench.harness import emit, log, median_of, payload
+from bench.streamd_driver import section_broker
 
 # --------------------------------------------------------------------------- throughput
 
@@ -307,15 +307,9 @@ def run(workdir: str, quick: bool, *, repeat: int | None = None, **overrides) ->
         overrides["reassign_repeat"] = repeat
     params = Params.for_run(quick, repeat=repeat, **overrides)
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding gRPC channels
-    server = start_server("streamd", serve_argv(os.path.join(workdir, "data")),
-                          os.path.join(workdir, "streamd.log"), cwd=ROOT)
-    address = f"127.0.0.1:{server.port}"
-    try:
-        with Admin(address) as admin:
-            runs = throughput(ctx, admin, address, params)
-            rounds = reassignment(ctx, admin, address, params)
-    finally:
-        server.stop()
+    with section_broker(workdir) as (_, address), Admin(address) as admin:
+        runs = throughput(ctx, admin, address, params)
+        rounds = reassignment(ctx, admin, address, params)
     return summarize(runs, rounds, params)
 
 

@@ -31,7 +31,7 @@ from multiprocessing.connection import Connection
 
 from bench.group_members import _Fleet
 from bench.harness import payload, require, start_server
-from bench.queue_workers import Params
+from bench.queue_workers import Params, serve_commands
 
 FIELD = b"v"
 
@@ -52,29 +52,6 @@ def _start_fleet(ctx, target, params: Params, *args) -> _Fleet:
     fleet.send(("warm",))
     fleet.collect("ready", params.workers, 60)
     return fleet
-
-
-def _serve_commands(conn: Connection, deadline: float, warm, run) -> None:
-    """The worker side of the protocol: ("warm",) -> ("ready",), ("run", spec) -> ("done", result)."""
-    try:
-        while time.time() < deadline:
-            if not conn.poll(0.05):
-                continue
-            command = conn.recv()
-            if command[0] == "warm":
-                warm()
-                conn.send(("ready",))
-            elif command[0] == "run":
-                conn.send(("done", run(command[1])))
-            else:
-                return
-    except (EOFError, BrokenPipeError):
-        pass
-    except Exception as e:
-        try:
-            conn.send(("error", repr(e)))
-        except OSError:
-            pass
 
 
 # --------------------------------------------------------------------------- Redis Streams
@@ -105,7 +82,7 @@ def _redis_worker(conn: Connection, index: int, port: int, deadline: float) -> N
         return {"records": got, "acked": acked, "last_ack_time": last}
 
     try:
-        _serve_commands(conn, deadline, r.ping, run)
+        serve_commands(conn, deadline, r.ping, run)
     finally:
         r.close()
 
@@ -167,7 +144,7 @@ def _nats_worker(conn: Connection, index: int, port: int, deadline: float) -> No
     runner = asyncio.Runner()
     nc = runner.run(nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=5, allow_reconnect=False))
     try:
-        _serve_commands(conn, deadline, lambda: runner.run(nc.flush(5)),
+        serve_commands(conn, deadline, lambda: runner.run(nc.flush(5)),
                         lambda spec: runner.run(_nats_drain(nc, spec)))
     finally:
         runner.run(nc.close())

@@ -133,28 +133,38 @@ def _streamd_worker(conn: Connection, index: int, address: str, deadline: float)
 
     channel = sync_channel(address)
     stub = rpc.QueueServiceStub(channel)
+
+    def run(spec: dict) -> dict:
+        tally = _run(stub, pb, grpc, spec, address)
+        return {k: v for k, v in vars(tally).items() if k != "ends"}
+
+    try:
+        serve_commands(conn, deadline, lambda: stub.ListQueueGroups(pb.ListQueueGroupsRequest()), run)
+    finally:
+        channel.close()
+
+
+def serve_commands(conn: Connection, deadline: float, warm, run) -> None:
+    """The worker side of the protocol: ("warm",) -> ("ready",), ("run", spec) -> ("done", result)."""
     try:
         while time.time() < deadline:
             if not conn.poll(0.05):
                 continue
             command = conn.recv()
             if command[0] == "warm":
-                stub.ListQueueGroups(pb.ListQueueGroupsRequest())
+                warm()
                 conn.send(("ready",))
             elif command[0] == "run":
-                tally = _run(stub, pb, grpc, command[1], address)
-                conn.send(("done", {k: v for k, v in vars(tally).items() if k != "ends"}))
+                conn.send(("done", run(command[1])))
             else:
                 return
     except (EOFError, BrokenPipeError):
-        pass  # the benchmark went away
+        pass
     except Exception as e:
         try:
             conn.send(("error", repr(e)))
         except OSError:
             pass
-    finally:
-        channel.close()
 
 
 def _run(stub, pb, grpc, spec: dict, address: str) -> _Tally:

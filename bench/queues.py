@@ -59,9 +59,9 @@ from dataclasses import asdict, replace
 
 from bench.group_members import _Fleet
 from bench.groups import _fill
-from bench.harness import Skip, emit, log, start_server
+from bench.harness import Skip, emit, log
 from bench.queue_workers import Params, _streamd_worker, streamd_run
-from bench.streamd_driver import ROOT, serve_argv
+from bench.streamd_driver import section_broker
 
 TARGET_BATCHED_RECORDS_PER_S = 350_000
 TARGET_REDELIVERY_MEDIAN_MS = 50
@@ -276,18 +276,12 @@ def run(workdir: str, quick: bool, *, repeat: int | None = None, peers: bool = T
 
     params = Params.for_run(quick, repeat=repeat, **overrides)
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding gRPC channels
-    server = start_server("streamd", serve_argv(os.path.join(workdir, "data")),
-                          os.path.join(workdir, "streamd.log"), cwd=ROOT)
-    address = f"127.0.0.1:{server.port}"
-    try:
-        with Admin(address) as admin:
-            runs, profile = streamd_section(ctx, server, admin, address, params)
-            redelivery = {}
-            for how in ("nack", "expiry"):
-                redelivery[how] = queue_redelivery.measure(address, admin, how, params)
-                log(f"queues: redelivery after {how}: {redelivery[how]}")
-    finally:
-        server.stop()
+    with section_broker(workdir) as (server, address), Admin(address) as admin:
+        runs, profile = streamd_section(ctx, server, admin, address, params)
+        redelivery = {}
+        for how in ("nack", "expiry"):
+            redelivery[how] = queue_redelivery.measure(address, admin, how, params)
+            log(f"queues: redelivery after {how}: {redelivery[how]}")
     peer_results = peers_section(ctx, workdir, params) if peers else {}
     return summarize(runs, peer_results, redelivery, profile, params)
 

@@ -10,6 +10,7 @@ streamd-only section (``bench/streamd_extra.py``) measures ``fsync=always``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import sys
@@ -37,6 +38,18 @@ def serve_argv(data_dir: str, *extra: str):
                 *extra]
 
     return argv
+
+
+@contextlib.contextmanager
+def section_broker(workdir: str):
+    """One ``streamd serve`` process for a streamd-only section (data and log under
+    ``workdir``), stopped on the way out: (server, address)."""
+    server = start_server("streamd", serve_argv(os.path.join(workdir, "data")),
+                          os.path.join(workdir, "streamd.log"), cwd=ROOT)
+    try:
+        yield server, f"127.0.0.1:{server.port}"
+    finally:
+        server.stop()
 
 
 class Streamd(Driver):
