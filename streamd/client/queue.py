@@ -135,14 +135,19 @@ def _ranges(items: list[tuple[tuple[int, int, int], object]], action: int,
     return out
 
 
-def _refused(results) -> tuple[int, str]:
-    """How many acks the answer refused, and the first reason."""
-    count, reason = 0, ""
+def _log_acks(group: str, topic: str, count: int, results: list | StreamdError) -> None:
+    """Log what became of a batch of ``count`` acks: the Settle failed (``results`` is
+    the error), or it refused some (those records will come again)."""
+    if isinstance(results, StreamdError):
+        log.warning("queue %s/%s: %d ack(s) not delivered: %s", group, topic, count, results)
+        return
+    refused, reason = 0, ""
     for r in results:
         if r.HasField("error"):
-            count += r.refused or 1
+            refused += r.refused or 1
             reason = reason or r.error.reason
-    return count, reason
+    if refused:
+        log.info("queue %s/%s: %d ack(s) refused (%s); those records will come again", group, topic, refused, reason)
 
 
 def queue_config(**kw) -> pb.QueueGroupConfig:
@@ -304,12 +309,8 @@ class QueueReceiver(SyncClient):
         try:
             results = self._send([], ack_ranges(batch))
         except StreamdError as err:  # the leases will expire and the records come again
-            log.warning("queue %s/%s: %d ack(s) not delivered: %s", self.group, self.topic, len(batch), err)
-            return
-        refused, reason = _refused(results)
-        if refused:
-            log.info("queue %s/%s: %d ack(s) refused (%s); those records will come again",
-                     self.group, self.topic, refused, reason)
+            results = err
+        _log_acks(self.group, self.topic, len(batch), results)
 
     # -- worker pool -------------------------------------------------------------------
     def process(
@@ -544,12 +545,8 @@ class AsyncQueueReceiver:
         try:
             results = await self._send([], ack_ranges(batch))
         except StreamdError as err:  # the leases expire and the records come again
-            log.warning("queue %s/%s: %d ack(s) not delivered: %s", self.group, self.topic, len(batch), err)
-            return
-        refused, reason = _refused(results)
-        if refused:
-            log.info("queue %s/%s: %d ack(s) refused (%s); those records will come again",
-                     self.group, self.topic, refused, reason)
+            results = err
+        _log_acks(self.group, self.topic, len(batch), results)
 
     async def _send(self, settlements, ranges=()) -> list[pb.SettleResult]:
         request = pb.SettleRequest(group=self.group, topic=self.topic, settlements=settlements, ranges=ranges)
