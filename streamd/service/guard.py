@@ -90,10 +90,6 @@ class Guard:
             return
         field, name, kind = listed
         entries = getattr(response, field)
-        keep = [e for e in entries if self.authority.allows(principal, "describe", kind, getattr(e, name))]
-        if len(keep) != len(entries):
-            kept = [type(e)() for e in keep]
-            for new, old in zip(kept, keep):
-                new.CopyFrom(old)
-            del entries[:]
-            entries.extend(kept)
+        for i in reversed(range(len(entries))):
+            if not self.authority.allows(principal, "describe", kind, getattr(entries[i], name)):
+                del entries[i]
