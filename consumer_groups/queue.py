@@ -129,12 +129,7 @@ class Lease:
         """(first_offset, last_offset, deliveries) of consecutive offsets with the same
         delivery count."""
         o, d = self.offsets, self.deliveries
-        if len(o) and o[-1] - o[0] == len(o) - 1 and d[0] == d[-1] and (d == d[0]).all():
-            return [(int(o[0]), int(o[-1]), int(d[0]))]
-        cuts = np.flatnonzero((np.diff(o) != 1) | (np.diff(d) != 0)) + 1
-        starts = np.concatenate(([0], cuts))
-        ends = np.concatenate((cuts, [len(o)])) - 1
-        return [(int(o[a]), int(o[b]), int(d[a])) for a, b in zip(starts, ends)]
+        return [(int(o[a]), int(o[b]), int(d[a])) for a, b in run_bounds(o, d)]
 
     def records(self) -> list[tuple[int, int]]:
         """(offset, deliveries) of each record."""
@@ -358,15 +353,6 @@ class PartitionQueue:
         self._push_timer(expires, lease_id, int(offsets[0]), int(offsets[-1]))
         return Lease(lease_id, expires, offsets, d)
 
-    def has_available(self) -> bool:
-        lo, hi = self._hint - self.base, self.scan_offset - self.base
-        found = np.flatnonzero(self._state[lo:hi] == AVAILABLE)
-        if not len(found):
-            self._hint = self.scan_offset
-            return False
-        self._hint = self.base + lo + int(found[0])
-        return True
-
     def next_timer_ms(self) -> int | None:
         return self._timers[0][0] if self._timers else None
 
@@ -492,11 +478,11 @@ class PartitionQueue:
         """Settled (acked or dead-lettered), as far as this window knows."""
         return offset < self.start_offset or self._state_of(offset) == SETTLED or offset in self.settled_ahead
 
-    def settled_above_start(self) -> list[list[int]]:
+    def settled_above_start(self) -> list[tuple[int, int]]:
         """Settled offsets above ``start_offset`` as [first, last] ranges (snapshots)."""
         a, b = self.start_offset - self.base, self.scan_offset - self.base
         done = np.flatnonzero(self._state[a:b] == SETTLED) + self.start_offset
-        return settled_ranges(done.tolist() + sorted(self.settled_ahead))
+        return offset_runs(done.tolist() + sorted(self.settled_ahead))
 
     def counts(self) -> dict[str, int]:
         a, b = self.start_offset - self.base, self.scan_offset - self.base
@@ -679,15 +665,25 @@ class PartitionQueue:
         self.settled_ahead.difference_update([o for o in self.settled_ahead if first <= o <= last])
 
 
-def settled_ranges(offsets: Iterable[int]) -> list[list[int]]:
-    """Compress a set of offsets into sorted [first, last] ranges (for snapshots)."""
-    out: list[list[int]] = []
-    for o in sorted(offsets):
-        if out and out[-1][1] == o - 1:
-            out[-1][1] = o
-        else:
-            out.append([o, o])
-    return out
+def run_bounds(offsets: np.ndarray, values: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """Index bounds ``(a, b)`` (inclusive) of the runs of consecutive ascending
+    ``offsets`` (that also share their ``values``, if given)."""
+    n = len(offsets)
+    if not n:
+        return []
+    if offsets[-1] - offsets[0] == n - 1 and (values is None or (values == values[0]).all()):
+        return [(0, n - 1)]  # one run: the usual case
+    breaks = np.diff(offsets) != 1
+    if values is not None:
+        breaks |= np.diff(values) != 0
+    cuts = np.flatnonzero(breaks) + 1
+    return list(zip(np.concatenate(([0], cuts)).tolist(), (np.concatenate((cuts, [n])) - 1).tolist()))
+
+
+def offset_runs(offsets: Iterable[int] | np.ndarray) -> list[tuple[int, int]]:
+    """Ascending offsets as (first, last) runs of consecutive offsets."""
+    o = np.asarray(offsets if isinstance(offsets, np.ndarray) else list(offsets), dtype=np.int64)
+    return [(int(o[a]), int(o[b])) for a, b in run_bounds(o)]
 
 
 def expand_ranges(ranges: Iterable[Iterable[int]]) -> set[int]:

@@ -38,7 +38,17 @@ from pathlib import Path
 import numpy as np
 
 from .journal import DEFAULT_COMPACT_BYTES, Journal
-from .queue import DEAD_LETTERING, MAX_IN_FLIGHT, WAITING, Entry, Lease, PartitionQueue, QueueConfig, expand_ranges
+from .queue import (
+    DEAD_LETTERING,
+    MAX_IN_FLIGHT,
+    WAITING,
+    Entry,
+    Lease,
+    PartitionQueue,
+    QueueConfig,
+    expand_ranges,
+    offset_runs,
+)
 from .retry import RetryPolicy
 
 JOURNAL_NAME = "queues.journal"
@@ -121,7 +131,7 @@ class QueueStore:
 
     def settled(self, group: QueueGroup, partition: int, offsets: list[int] | np.ndarray, *, kind: str = "a"):
         """Settled offsets (ascending runs are written as ranges)."""
-        return self._journal.write(self._op("set", group, partition, k=kind, r=offset_ranges(offsets)))
+        return self._journal.write(self._op("set", group, partition, k=kind, r=offset_runs(offsets)))
 
     def sought(self, group: QueueGroup, partition: int, start: int):
         return self._journal.write(self._op("seek", group, partition, start=start))
@@ -187,17 +197,6 @@ class QueueStore:
         if q is None:
             return  # written for a group deleted just before (a dead letter finishing late)
         handler(q, op)
-
-
-def offset_ranges(offsets) -> list[list[int]]:
-    """Ascending offsets as [first, last] ranges of consecutive offsets."""
-    o = np.asarray(offsets, dtype=np.int64)
-    if not len(o):
-        return []
-    cuts = np.flatnonzero(np.diff(o) != 1) + 1
-    starts = np.concatenate(([0], cuts))
-    ends = np.concatenate((cuts, [len(o)])) - 1
-    return [[int(o[a]), int(o[b])] for a, b in zip(starts.tolist(), ends.tolist())]
 
 
 def _remember(q: PartitionQueue, offset: int, **changes) -> None:

@@ -37,7 +37,7 @@ import numpy as np
 
 from consumer_groups.coordinator import check_group_name
 from consumer_groups.errors import LeaseExpired, QueueGroupExists, QueueGroupNotFound
-from consumer_groups.queue import DEAD_LETTERING, Lease, PartitionQueue, QueueConfig, check_lease_ms
+from consumer_groups.queue import DEAD_LETTERING, Lease, PartitionQueue, QueueConfig, check_lease_ms, offset_runs
 from consumer_groups.queue_store import QueueGroup, QueueStore
 from segments import OffsetOutOfRange
 from segments.batch import iter_headers
@@ -221,7 +221,7 @@ class QueueEngine:
         frames: list[bytes] = []
         seen: set[int] = set()
         size = 0
-        for lo, hi in _runs(offsets):
+        for lo, hi in offset_runs(offsets):
             position = lo
             while position <= hi:
                 data = self.broker.read(topic, partition, position, max_records=hi - position + 1,
@@ -519,15 +519,6 @@ class QueueEngine:
             task.cancel()
         await asyncio.gather(*self._dead_letter_tasks, return_exceptions=True)
         await self.store.close()
-
-
-def _runs(offsets: np.ndarray) -> list[tuple[int, int]]:
-    """Ascending offsets as (first, last) runs of consecutive offsets."""
-    if len(offsets) and offsets[-1] - offsets[0] == len(offsets) - 1:
-        return [(int(offsets[0]), int(offsets[-1]))]
-    cuts = np.flatnonzero(np.diff(offsets) != 1) + 1
-    starts, ends = np.concatenate(([0], cuts)), np.concatenate((cuts, [len(offsets)])) - 1
-    return [(int(offsets[a]), int(offsets[b])) for a, b in zip(starts.tolist(), ends.tolist())]
 
 
 def _decoded(frames: bytes, offsets: np.ndarray, budget: int, *, first: bool) -> tuple[dict, int, int]:
