@@ -28,6 +28,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from streamd.addresses import split_address
 from streamd.broker.errors import InvalidArgument
 from streamd.broker.topic import TopicSettings
 
@@ -264,18 +265,18 @@ def _check_values(c: BrokerConfig) -> None:
         raise bad("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
     if c.log_format not in LOG_FORMATS:
         raise bad("log_format", f"must be one of {', '.join(LOG_FORMATS)}")
-    if c.metrics_listen:
-        host, sep, port = c.metrics_listen.rpartition(":")
-        if not (sep and port.isdigit() and int(port) <= 65535):
-            raise bad("metrics_listen", "must be HOST:PORT or empty")
+    for name in ("listen", "metrics_listen"):
+        address = getattr(c, name)
+        if address or name == "listen":
+            try:
+                split_address(address)
+            except ValueError:
+                raise bad(name, "must be HOST:PORT" + (" or empty" if name == "metrics_listen" else "")) from None
     if bool(c.tls_cert_file) != bool(c.tls_key_file):
         raise ConfigError("tls_cert_file and tls_key_file go together", field="tls_key_file")
     if c.tls_client_ca_file and not c.tls_cert_file:
         raise ConfigError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file",
                           field="tls_client_ca_file")
-    host, sep, port = c.listen.rpartition(":")
-    if not (sep and host and port.isdigit() and int(port) <= 65535):
-        raise bad("listen", "must be HOST:PORT")
     # The topic defaults follow the same rules as a CreateTopic request's settings.
     try:
         TopicSettings(**{f.name: getattr(c, f.name) for f in fields(TopicSettings)}).validate()

@@ -16,6 +16,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, make_wsgi_app
 
+from streamd.addresses import split_address
+
 from .collector import StreamdCollector
 from .snapshot import Sources
 
@@ -23,11 +25,11 @@ log = logging.getLogger("streamd.metrics")
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:9464`` for IPv6) -> (host, port); ValueError otherwise."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"metrics_listen must be HOST:PORT (or empty to disable), not {listen!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    """``metrics_listen`` -> (host, port); ValueError otherwise."""
+    try:
+        return split_address(listen)
+    except ValueError:
+        raise ValueError(f"metrics_listen must be HOST:PORT (or empty to disable), not {listen!r}") from None
 
 
 class MetricsExporter:
