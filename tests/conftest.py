@@ -167,3 +167,22 @@ def wait_until(predicate, timeout: float = 10, interval: float = 0.02):
         if value or time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """Mount small real filesystems (see tests/fs.py): ``small_fs(64 << 20, kind="ext4")``
+    returns a directory on one; all are unmounted when the test ends."""
+    import contextlib
+
+    from tests.fs import small_filesystem
+
+    with contextlib.ExitStack() as stack:
+        count = 0
+
+        def mount(size_bytes: int, *, kind: str = "tmpfs") -> Path:
+            nonlocal count
+            count += 1
+            return stack.enter_context(small_filesystem(tmp_path / f"fs{count}", size_bytes, kind=kind))
+
+        yield mount
