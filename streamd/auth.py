@@ -18,6 +18,9 @@ namespace here). Operations:
 - ``admin``: create and delete topics and groups, reset and seek offsets (implies
   all of the above on what it matches).
 
+Each RPC needs its operation on every resource it names: a queue group is named by
+(group, topic), so every queue RPC is checked on both.
+
 The auth file (TOML, ``auth_file`` in the broker config)::
 
     [[principal]]
@@ -252,23 +255,27 @@ _NEEDS: dict[str, tuple[tuple[str, str, str], ...]] = {
     "Subscribe": (("consume", TOPIC, "topic"),),
     "JoinGroup": (("consume", GROUP, "group"), ("consume", TOPIC, "topics")),  # the first message's join
     "CommitOffsets": (("consume", GROUP, "group"), ("consume", TOPIC, "offsets.topic")),
-    "FetchOffsets": (("describe", GROUP, "group"),),
+    "FetchOffsets": (("describe", GROUP, "group"), ("describe", TOPIC, "partitions.topic")),
     "DescribeGroup": (("describe", GROUP, "group"),),
     "ListGroups": (),  # filtered
     "DeleteGroup": (("admin", GROUP, "group"),),
-    "ResetOffsets": (("admin", GROUP, "group"),),
-    "CreateQueueGroup": (("admin", GROUP, "group"), ("consume", TOPIC, "topic")),
-    "DeleteQueueGroup": (("admin", GROUP, "group"),),
-    "DescribeQueueGroup": (("describe", GROUP, "group"),),
-    "ListQueueGroups": (),  # filtered
+    "ResetOffsets": (("admin", GROUP, "group"), ("consume", TOPIC, "partitions.topic")),
+    # A queue group is named by (group, topic): every queue RPC is checked on both, so
+    # a grant on group "mailers" of topic "orders" reaches no "mailers" of another topic.
+    # Its dead letters are produced to its dead-letter topic: the creator must be allowed to.
+    "CreateQueueGroup": (("admin", GROUP, "group"), ("consume", TOPIC, "topic"),
+                         ("produce", TOPIC, "@dead_letter_topic")),
+    "DeleteQueueGroup": (("admin", GROUP, "group"), ("consume", TOPIC, "topic")),
+    "DescribeQueueGroup": (("describe", GROUP, "group"), ("describe", TOPIC, "topic")),
+    "ListQueueGroups": (),  # filtered: each entry needs describe on its group and its topic
     "Receive": (("consume", GROUP, "group"), ("consume", TOPIC, "topic")),
     "ReceiveStream": (("consume", GROUP, "group"), ("consume", TOPIC, "topic")),  # the open message
-    "Ack": (("consume", GROUP, "group"),),
-    "Nack": (("consume", GROUP, "group"),),
-    "Extend": (("consume", GROUP, "group"),),
-    "Reject": (("consume", GROUP, "group"),),
-    "Settle": (("consume", GROUP, "group"),),
-    "SeekQueueGroup": (("admin", GROUP, "group"),),
+    "Ack": (("consume", GROUP, "group"), ("consume", TOPIC, "topic")),
+    "Nack": (("consume", GROUP, "group"), ("consume", TOPIC, "topic")),
+    "Extend": (("consume", GROUP, "group"), ("consume", TOPIC, "topic")),
+    "Reject": (("consume", GROUP, "group"), ("consume", TOPIC, "topic")),
+    "Settle": (("consume", GROUP, "group"), ("consume", TOPIC, "topic")),
+    "SeekQueueGroup": (("admin", GROUP, "group"), ("consume", TOPIC, "topic")),
 }
 
 
@@ -312,8 +319,19 @@ def methods() -> Iterator[str]:
     return iter(_NEEDS)
 
 
+def _dead_letter_topic(request) -> list[str]:
+    """The topic a CreateQueueGroup's dead letters go to (the default: ``<topic>.dlq``)."""
+    return [request.config.dead_letter_topic or f"{request.topic}.dlq"]
+
+
+#: Resources a request names that no one field holds: "@name" in a rule.
+_DERIVED = {"@dead_letter_topic": _dead_letter_topic}
+
+
 def _names(message, path: str) -> list[str]:
     """The values at ``path`` (dotted; repeated fields fan out) of a message."""
+    if path in _DERIVED:
+        return _DERIVED[path](message)
     values = [message]
     for part in path.split("."):
         nxt = []

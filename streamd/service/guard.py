@@ -31,9 +31,15 @@ from streamd.auth import (
 STREAM_PARTS = {"ProduceStream": "request", "JoinGroup": "join", "ReceiveStream": "open"}
 #: Methods whose request bytes count against the principal's produce quota.
 PRODUCING = ("Produce", "ProduceStream")
-#: List answers: (repeated field, name field, kind) filtered to what may be described.
-LISTS = {"ListTopics": ("topics", "name", TOPIC), "ListGroups": ("groups", "group", GROUP),
-         "ListQueueGroups": ("groups", "group", GROUP)}
+#: Answers filtered to what may be described: (repeated field, ((kind, name field), ...));
+#: an entry stays only if the caller may describe every resource it names.
+LISTS = {
+    "ListTopics": ("topics", ((TOPIC, "name"),)),
+    "ListGroups": ("groups", ((GROUP, "group"),)),
+    "ListQueueGroups": ("groups", ((GROUP, "group"), (TOPIC, "topic"))),
+    # Offsets of every topic of a group (an empty request): only the topics it may see.
+    "FetchOffsets": ("offsets", ((TOPIC, "topic"),)),
+}
 
 
 class Guard:
@@ -88,8 +94,10 @@ class Guard:
         listed = LISTS.get(method)
         if listed is None or isinstance(response, bytes):
             return
-        field, name, kind = listed
+        field, resources = listed
         entries = getattr(response, field)
+        allows = self.authority.allows
         for i in reversed(range(len(entries))):
-            if not self.authority.allows(principal, "describe", kind, getattr(entries[i], name)):
+            entry = entries[i]
+            if not all(allows(principal, "describe", kind, getattr(entry, name)) for kind, name in resources):
                 del entries[i]

@@ -181,3 +181,126 @@ def test_a_produce_stream_over_its_quota_is_throttled_not_failed(make_server, tm
         assert guard.quotas.throttled > 0  # and the stream was held back on the way
     finally:
         stubs.close()
+
+
+LEAD, LEAD_HASH = new_token()
+
+
+@pytest.fixture
+def two_queues(make_server, tmp_path):
+    """Queue group "mailers" on "orders" and on "secret"; "mailer" may consume topic
+    "orders" and group "mailers"; "lead" is admin of group "mailers" and topic "orders"."""
+    path = tmp_path / "auth.toml"
+    path.write_text(f"""
+[[principal]]
+name = "ops"
+token_sha256 = ["{ADMIN_HASH}"]
+[[principal]]
+name = "mailer"
+token_sha256 = ["{WORKER_HASH}"]
+[[principal]]
+name = "lead"
+token_sha256 = ["{LEAD_HASH}"]
+[[allow]]
+principal = "ops"
+operations = ["admin"]
+topics = ["*"]
+groups = ["*"]
+[[allow]]
+principal = "mailer"
+operations = ["consume"]
+topics = ["orders"]
+groups = ["mailers"]
+[[allow]]
+principal = "lead"
+operations = ["admin"]
+topics = ["orders", "orders.dlq"]
+groups = ["mailers"]
+""")
+    server = make_server(auth_file=str(path))
+    stubs = {name: Stubs(server.address, token=token) for name, token in
+             (("ops", ADMIN), ("mailer", WORKER), ("lead", LEAD))}
+    ops = stubs["ops"]
+    for topic in ("orders", "secret"):
+        ops.create(topic, 1)
+        ops.queues.CreateQueueGroup(pb.CreateQueueGroupRequest(group="mailers", topic=topic))
+        ops.produce_values(topic, 0, [b"a", b"b", b"c"])
+    try:
+        yield stubs
+    finally:
+        for s in stubs.values():
+            s.close()
+
+
+def _queue_calls(lease: pb.LeaseRef, topic: str) -> dict[str, tuple]:
+    """Each queue RPC naming group "mailers" on ``topic`` (stub attribute, request)."""
+    g = {"group": "mailers", "topic": topic}
+    rng = pb.SettleRange(partition=0, first_offset=lease.offset, last_offset=lease.offset, lease_id=lease.lease_id,
+                         action=pb.SETTLE_ACTION_ACK)
+    return {
+        "DescribeQueueGroup": ("DescribeQueueGroup", pb.DescribeQueueGroupRequest(**g)),
+        "Receive": ("Receive", pb.ReceiveRequest(**g, max_records=10, max_wait_ms=0)),
+        "Ack": ("Ack", pb.AckRequest(**g, lease=lease)),
+        "Nack": ("Nack", pb.NackRequest(**g, lease=lease, delay_ms=0)),
+        "Extend": ("Extend", pb.ExtendRequest(**g, lease=lease, lease_ms=60_000)),
+        "Reject": ("Reject", pb.RejectRequest(**g, lease=lease, reason="x")),
+        "Settle": ("Settle", pb.SettleRequest(**g, ranges=[rng])),
+        "SeekQueueGroup": ("SeekQueueGroup", pb.SeekQueueGroupRequest(**g, offset=0, execute=True)),
+        "DeleteQueueGroup": ("DeleteQueueGroup", pb.DeleteQueueGroupRequest(**g)),
+        "CreateQueueGroup": ("CreateQueueGroup", pb.CreateQueueGroupRequest(**g)),
+    }
+
+
+@pytest.mark.parametrize("rpc_name", list(_queue_calls(pb.LeaseRef(), "t")))
+def test_every_queue_rpc_checks_the_topic_as_well_as_the_group(two_queues, rpc_name):
+    ops = two_queues["ops"]
+    # ops holds a lease on "secret": a refused call must leave it exactly as it is.
+    [held] = ops.queues.Receive(pb.ReceiveRequest(group="mailers", topic="secret", max_records=1)).records
+    lease = pb.LeaseRef(partition=0, offset=held.offset, lease_id=held.lease_id)
+    before = ops.queues.DescribeQueueGroup(pb.DescribeQueueGroupRequest(group="mailers", topic="secret")).group
+    # "lead" may administer the group: for the admin RPCs it is the topic that refuses.
+    who = "lead" if rpc_name in ("SeekQueueGroup", "DeleteQueueGroup", "CreateQueueGroup") else "mailer"
+    method, request = _queue_calls(lease, "secret")[rpc_name]
+    code, reason, meta = refused(getattr(two_queues[who].queues, method), request)
+    assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED")
+    assert (meta["principal"], meta["resource"]) == (who, "topic:secret")
+    after = ops.queues.DescribeQueueGroup(pb.DescribeQueueGroupRequest(group="mailers", topic="secret")).group
+    for stats in (*before.partitions, *after.partitions):
+        stats.ClearField("oldest_unacked_ms")  # an age: it grows by itself
+    assert after.partitions == before.partitions  # nothing leased, settled, moved or deleted
+    # The same call on the topic the grant names passes the guard (it may still fail
+    # on its own terms, e.g. a lease of another topic, or an existing group).
+    method, request = _queue_calls(lease, "orders")[rpc_name]
+    try:
+        getattr(two_queues[who].queues, method)(request)
+    except grpc.RpcError as err:
+        assert err.code() != grpc.StatusCode.PERMISSION_DENIED, err
+
+
+def test_queue_group_lists_and_group_offsets_show_only_what_both_names_allow(two_queues):
+    mailer, ops = two_queues["mailer"], two_queues["ops"]
+    listed = mailer.queues.ListQueueGroups(pb.ListQueueGroupsRequest()).groups
+    assert [(g.group, g.topic) for g in listed] == [("mailers", "orders")]
+    assert len(ops.queues.ListQueueGroups(pb.ListQueueGroupsRequest()).groups) == 2
+    commits = [pb.OffsetCommit(topic=t, partition=0, offset=1) for t in ("orders", "secret")]
+    ops.groups.CommitOffsets(pb.CommitOffsetsRequest(group="mailers", offsets=commits))
+    got = mailer.groups.FetchOffsets(pb.FetchOffsetsRequest(group="mailers")).offsets
+    assert [o.topic for o in got] == ["orders"]
+    named = pb.FetchOffsetsRequest(group="mailers", partitions=[pb.TopicPartitions(topic="secret", partitions=[0])])
+    code, _, meta = refused(mailer.groups.FetchOffsets, named)
+    assert code == grpc.StatusCode.PERMISSION_DENIED and meta["resource"] == "topic:secret"
+    reset = pb.ResetOffsetsRequest(group="mailers", partitions=[pb.TopicPartitions(topic="secret")], offset=0,
+                                   execute=True)
+    code, _, meta = refused(two_queues["lead"].groups.ResetOffsets, reset)
+    assert code == grpc.StatusCode.PERMISSION_DENIED and meta["resource"] == "topic:secret"
+    assert ops.groups.FetchOffsets(named).offsets[0].offset == 1
+
+
+def test_a_queue_group_may_dead_letter_only_into_a_topic_its_creator_may_produce_to(two_queues):
+    lead, ops = two_queues["lead"], two_queues["ops"]
+    ops.queues.DeleteQueueGroup(pb.DeleteQueueGroupRequest(group="mailers", topic="orders"))
+    into_secret = pb.CreateQueueGroupRequest(group="mailers", topic="orders",
+                                             config=pb.QueueGroupConfig(dead_letter_topic="secret"))
+    code, _, meta = refused(lead.queues.CreateQueueGroup, into_secret)
+    assert code == grpc.StatusCode.PERMISSION_DENIED and meta["resource"] == "topic:secret"
+    lead.queues.CreateQueueGroup(pb.CreateQueueGroupRequest(group="mailers", topic="orders"))  # orders.dlq: allowed

@@ -94,6 +94,11 @@ def test_what_rpcs_need_comes_from_their_requests():
     assert needs_of("CommitOffsets", commit) == [("consume", GROUP, "g"), ("consume", TOPIC, "t")]
     assert needs_of("Receive", pb.ReceiveRequest(group="q", topic="t")) == [
         ("consume", GROUP, "q"), ("consume", TOPIC, "t")]
+    for method in ("Ack", "Nack", "Extend", "Reject", "Settle"):  # queue RPCs name the topic too
+        assert needs_of(method, getattr(pb, f"{method}Request")(group="q", topic="t")) == [
+            ("consume", GROUP, "q"), ("consume", TOPIC, "t")]
+    assert needs_of("DescribeQueueGroup", pb.DescribeQueueGroupRequest(group="q", topic="t")) == [
+        ("describe", GROUP, "q"), ("describe", TOPIC, "t")]
     assert needs_of("InitProducer", pb.InitProducerRequest()) == []
     a = authority()
     assert a.missing("worker-1", needs_of("Receive", pb.ReceiveRequest(group="mailers", topic="orders"))) is None
