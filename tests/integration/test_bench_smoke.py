@@ -66,3 +66,17 @@ def test_bench_queues_quick_acks_every_record_once_and_times_redelivery():
     for peer in queues["peers"].values():  # a peer that cannot run here is skipped, never wrong
         assert peer["status"] in ("ok", "skipped"), peer
         assert peer["status"] == "skipped" or peer["correct"], peer
+
+
+def test_bench_ab_runs_both_versions_interleaved_and_prints_ratios():
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.ab", "--before", str(ROOT), "--after", str(ROOT), "--rounds", "1",
+         "--records", "3000"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    doc = json.loads(result.stdout)
+    for workload in ("consume", "queue"):
+        for version in ("before", "after"):
+            assert len(doc["workloads"][workload][version]["runs"]) == 1
+        assert doc["after_vs_before"][workload] > 0
