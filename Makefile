@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DATA_DIR ?= ./data
 LISTEN ?= 127.0.0.1:50051
 
-.PHONY: install run test bench proto clean
+.PHONY: install run test test-fast check bench proto clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,13 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The inner loop: unit and property tests only (seconds, no servers).
+test-fast: install
+	$(BIN)/python -m pytest -q tests/unit tests/property
+
+check: install
+	$(BIN)/ruff check .
 
 bench: install
 	$(BIN)/python -m bench
