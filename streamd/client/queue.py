@@ -34,7 +34,7 @@ from streamd.v1 import streamd_pb2_grpc as rpc
 
 from ._channel import Security, SyncClient, aio_channel
 from .errors import StreamdError
-from .records import RecordFields, batch_records
+from .records import RecordFields, record_runs
 
 log = logging.getLogger("streamd.client.queue")
 
@@ -83,19 +83,17 @@ class Message(RecordFields):
 
 def _messages(topic: str, reply, receiver, lease_s: float, received: float) -> list[Message]:
     """Messages of a Receive answer: the batched form (``partitions``: stored batches
-    and leased ranges) and the per-record form (``records``)."""
+    and leased ranges, cut by ``record_runs``: only the leased offsets, each once, in
+    offset order per partition) and the per-record form (``records``)."""
     out = []
     deadline = received + lease_s
     for part in reply.partitions:
         p = part.partition
-        batches = [(b.base_offset, b.append_time_ms, batch_records(b).records) for b in part.batches]
-        for leased in part.leased:
-            for base, append_time, records in batches:
-                first = max(leased.first_offset, base)
-                last = min(leased.last_offset, base + len(records) - 1)
-                d, lease_id, expires = leased.delivery_count, leased.lease_id, leased.lease_expires_ms
-                out += [Message(topic, p, offset, rec, append_time, d, lease_id, expires, receiver, deadline, lease_s)
-                        for offset, rec in enumerate(records[first - base:last - base + 1], first)]
+        ranges = [(r.first_offset, r.last_offset, r) for r in part.leased]
+        for leased, first, append_time, records in record_runs(part.batches, ranges):
+            d, lease_id, expires = leased.delivery_count, leased.lease_id, leased.lease_expires_ms
+            out += [Message(topic, p, offset, rec, append_time, d, lease_id, expires, receiver, deadline, lease_s)
+                    for offset, rec in enumerate(records, first)]
     for r in reply.records:
         out.append(Message(topic, r.partition, r.offset, r.record, r.append_time_ms, r.delivery_count, r.lease_id,
                            r.lease_expires_ms, receiver, deadline, lease_s))
