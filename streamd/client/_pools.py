@@ -93,6 +93,8 @@ class ThreadPool:
         until = None
         seen = 0
         while any(t.is_alive() for t in self._threads):
+            if self.r._stop_requested and not self.halt.is_set():
+                self.halt.set()  # stop() on the main thread (see QueueReceiver.stop)
             if len(signals) > seen:
                 seen = len(signals)
                 if seen > 1:

@@ -323,9 +323,12 @@ class QueueReceiver(SyncClient):
         """Make ``process`` return (the one running, or else the next one), as a
         signal does: see ``process``. Thread-safe: call it from a handler, another
         thread or a signal handler."""
-        self._stop_requested = True  # no lock: safe from a signal handler
+        self._stop_requested = True
         halt = self._halt
-        if halt is not None:
+        # On the main thread this may be a signal handler, which must not take the
+        # event's lock (the thread it interrupted may hold it): the pool's wait loop
+        # sees the flag within a tenth of a second.
+        if halt is not None and threading.current_thread() is not threading.main_thread():
             halt.set()
 
     def close(self) -> None:

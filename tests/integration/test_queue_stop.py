@@ -201,6 +201,22 @@ def test_stop_from_a_handler_returns_after_the_handlers_running(server):
         assert sum(p.in_flight for p in r.describe().partitions) == 0
 
 
+def test_stop_from_the_main_thread_stops_a_pool_running_in_another(server):
+    fill(server.address)
+    with QueueReceiver("stop", "jobs", server.address, max_records=4) as r:
+        handled = threading.Event()
+        result: list[int] = []
+        pool = threading.Thread(target=lambda: result.append(r.process(lambda m: handled.set(), workers=2)))
+        pool.start()
+        assert handled.wait(30)
+        r.stop()
+        pool.join(30)
+        assert not pool.is_alive() and result[0] >= 1
+        parts = r.describe().partitions
+        assert sum(p.acked for p in parts) == result[0]
+        assert sum(p.in_flight for p in parts) == 0
+
+
 def test_stop_from_another_thread_stops_the_asyncio_pool(server):
     fill(server.address)
     handled: list = []
