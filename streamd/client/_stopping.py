@@ -5,7 +5,8 @@ While a pool runs on the main thread, SIGINT and SIGTERM (``STOP_SIGNALS``) no l
 raise ``KeyboardInterrupt`` or end the process: the first asks the pool to stop (stop
 receiving, let the handlers in flight finish, hand back what was not started, flush
 the acks), a second one stops waiting for the handlers, as the broker does with its
-own shutdown. The previous handlers are put back when the pool returns.
+own shutdown. The previous handlers are put back when the pool returns; a signal
+ignored when the pool starts (SIG_IGN, as for a shell's background job) stays ignored.
 
 A signal handler here only appends to a list (no lock: it runs on the main thread
 between two bytecodes, possibly while that thread holds a lock the stop would take);
@@ -45,6 +46,8 @@ def caught_signals(signals: Sequence[int]) -> Iterator[list[int]]:
     previous = {}
     try:
         for sig in signals:
+            if signal.getsignal(sig) is signal.SIG_IGN:
+                continue  # ignored on purpose (a background job's SIGINT): left so
             previous[sig] = signal.signal(sig, lambda signum, _frame: caught.append(signum))
         yield caught
     finally:
@@ -63,6 +66,8 @@ def loop_signals(loop: asyncio.AbstractEventLoop, signals: Sequence[int],
     if signals and _on_main_thread():
         for sig in signals:
             previous = signal.getsignal(sig)
+            if previous is signal.SIG_IGN:
+                continue
             try:
                 loop.add_signal_handler(sig, callback, sig)
             except (NotImplementedError, RuntimeError, ValueError):

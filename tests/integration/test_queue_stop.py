@@ -201,6 +201,26 @@ def test_stop_from_a_handler_returns_after_the_handlers_running(server):
         assert sum(p.in_flight for p in r.describe().partitions) == 0
 
 
+def test_the_pool_takes_the_signals_while_it_runs_but_leaves_an_ignored_one_alone(server):
+    fill(server.address)
+    seen: list = []
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        int_before = signal.getsignal(signal.SIGINT)
+        with QueueReceiver("stop", "jobs", server.address) as r:
+            def handle(msg) -> None:
+                seen.append((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)))
+                r.stop()
+
+            r.process(handle, workers=1)
+        during_int, during_term = seen[0]
+        assert during_int is not int_before and during_term is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is int_before
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_stop_from_the_main_thread_stops_a_pool_running_in_another(server):
     fill(server.address)
     with QueueReceiver("stop", "jobs", server.address, max_records=4) as r:
