@@ -95,14 +95,13 @@ class _Tally:
         every leased record's value, as a worker would."""
         import numpy as np
 
-        from streamd.client.records import batch_records
+        from streamd.client.records import record_runs
 
         n = 0
         for part in partitions:
             counts = self.seen.get(part.partition)
             view = np.frombuffer(counts, np.uint8) if counts is not None else None
             values = 0
-            batches = [(b.base_offset, batch_records(b).records) for b in part.batches]
             for r in part.leased:
                 first, last = r.first_offset, r.last_offset
                 n += last - first + 1
@@ -113,10 +112,9 @@ class _Tally:
                 else:
                     window = view[first:last + 1]
                     window += window < 255
-                for base, records in batches:
-                    lo, hi = max(first, base), min(last, base + len(records) - 1)
-                    for rec in records[lo - base:hi - base + 1] if lo <= hi else ():
-                        values += len(rec.value)
+            for _, _, _, records in record_runs(part.batches, [(r.first_offset, r.last_offset, None) for r in part.leased]):
+                for rec in records:
+                    values += len(rec.value)
         self.records += n
         return n
 

@@ -41,7 +41,7 @@ from consumer_groups.queue import DEAD_LETTERING, Lease, PartitionQueue, QueueCo
 from consumer_groups.queue_store import QueueGroup, QueueStore
 from segments import OffsetOutOfRange
 from segments.batch import iter_headers
-from streamd.client.records import batch_records
+from streamd.client.records import batch_records, record_runs
 from streamd.v1 import streamd_pb2 as pb
 from streamd.wire_pb2 import DeliveryTimesSet
 
@@ -310,11 +310,9 @@ class QueueEngine:
 
     def _read_one(self, topic: str, partition: int, offset: int) -> tuple[pb.Record, int]:
         out = self.broker.read(topic, partition, offset, max_records=1, max_bytes=1)
-        for batch in pb.FetchResponse.FromString(out.data).batches:
-            i = offset - batch.base_offset
-            records = batch_records(batch).records
-            if 0 <= i < len(records):
-                return records[i], batch.append_time_ms
+        for _, _, append_time, records in record_runs(pb.FetchResponse.FromString(out.data).batches,
+                                                      ((offset, offset, None),)):
+            return records[0], append_time
         raise OffsetOutOfRange(offset, out.log_start_offset, out.log_end_offset, name=f"{topic}/{partition}")
 
     # -- settling ---------------------------------------------------------------------
@@ -525,13 +523,11 @@ def _decoded(frames: bytes, offsets: np.ndarray, budget: int, *, first: bool) ->
     """The records at ``offsets`` decoded from ``frames`` (offset -> (Record,
     append_time_ms)), up to ``budget`` bytes of records (at least one when
     ``first``), how many of the offsets that is and the bytes they take."""
-    wanted = set(offsets.tolist())
     found: dict[int, tuple[pb.Record, int]] = {}
-    for batch in pb.FetchResponse.FromString(frames).batches:
-        append_time = batch.append_time_ms
-        for i, r in enumerate(batch_records(batch).records, batch.base_offset):
-            if i in wanted:
-                found[i] = (r, append_time)
+    runs = ((first, last, None) for first, last in offset_runs(offsets))
+    for _, first, append_time, records in record_runs(pb.FetchResponse.FromString(frames).batches, runs):
+        for i, r in enumerate(records, first):
+            found[i] = (r, append_time)
     out: dict[int, tuple[pb.Record, int]] = {}
     size = 0
     for offset in offsets.tolist():

@@ -14,7 +14,10 @@
   record will come again), as SQS does.
 - ``process(handler, workers=N)`` runs a pool of threads; each message's lease is
   extended automatically while its handler runs (at two thirds of the lease), so a
-  slow handler does not lose its record to another worker.
+  slow handler does not lose its record to another worker. ``stop()`` (from any
+  thread or a handler), or SIGINT / SIGTERM when it runs on the main thread, stops it
+  cleanly: the handlers running finish, the messages not started are handed back at
+  once, the acks are flushed (see ``_pools``).
 - ``AsyncQueueReceiver`` is the asyncio flavour, with ``process(handler,
   concurrency=N)`` for coroutine handlers.
 """
@@ -25,7 +28,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import grpc
 
@@ -33,8 +36,11 @@ from streamd.v1 import streamd_pb2 as pb
 from streamd.v1 import streamd_pb2_grpc as rpc
 
 from ._channel import Security, SyncClient, aio_channel
+from ._pools import AsyncPool, ThreadPool
+from ._settle import ack_ranges, extend_ranges
+from ._stopping import DEFAULT_STOP_GRACE_S, STOP_SIGNALS
 from .errors import StreamdError
-from .records import RecordFields, batch_records
+from .records import RecordFields, record_runs
 
 log = logging.getLogger("streamd.client.queue")
 
@@ -83,55 +89,20 @@ class Message(RecordFields):
 
 def _messages(topic: str, reply, receiver, lease_s: float, received: float) -> list[Message]:
     """Messages of a Receive answer: the batched form (``partitions``: stored batches
-    and leased ranges) and the per-record form (``records``)."""
+    and leased ranges, cut by ``record_runs``: only the leased offsets, each once, in
+    offset order per partition) and the per-record form (``records``)."""
     out = []
     deadline = received + lease_s
     for part in reply.partitions:
         p = part.partition
-        batches = [(b.base_offset, b.append_time_ms, batch_records(b).records) for b in part.batches]
-        for leased in part.leased:
-            for base, append_time, records in batches:
-                first = max(leased.first_offset, base)
-                last = min(leased.last_offset, base + len(records) - 1)
-                d, lease_id, expires = leased.delivery_count, leased.lease_id, leased.lease_expires_ms
-                out += [Message(topic, p, offset, rec, append_time, d, lease_id, expires, receiver, deadline, lease_s)
-                        for offset, rec in enumerate(records[first - base:last - base + 1], first)]
+        ranges = [(r.first_offset, r.last_offset, r) for r in part.leased]
+        for leased, first, append_time, records in record_runs(part.batches, ranges):
+            d, lease_id, expires = leased.delivery_count, leased.lease_id, leased.lease_expires_ms
+            out += [Message(topic, p, offset, rec, append_time, d, lease_id, expires, receiver, deadline, lease_s)
+                    for offset, rec in enumerate(records, first)]
     for r in reply.records:
         out.append(Message(topic, r.partition, r.offset, r.record, r.append_time_ms, r.delivery_count, r.lease_id,
                            r.lease_expires_ms, receiver, deadline, lease_s))
-    return out
-
-
-def ack_ranges(acks: list[tuple[int, int, int]]) -> list[pb.SettleRange]:
-    """(partition, offset, lease_id) acks as SettleRanges: consecutive offsets of one
-    lease make one range (a batch of acks is usually a handful of ranges)."""
-    return [r for r, _ in _ranges([(a, a) for a in set(acks)], pb.SETTLE_ACTION_ACK)]
-
-
-def extend_ranges(messages: list[Message]) -> list[tuple[pb.SettleRange, list[Message]]]:
-    """Lease extensions for ``messages`` (each by its own lease length) as
-    SettleRanges, each with the messages it covers."""
-    keyed = [((m.partition, m.offset, m.lease_id), m) for m in messages]
-    by_length: dict[int, list] = {}
-    for item in keyed:
-        by_length.setdefault(int(item[1].lease_s * 1000), []).append(item)
-    return [pair for ms, items in by_length.items() for pair in _ranges(items, pb.SETTLE_ACTION_EXTEND, ms)]
-
-
-def _ranges(items: list[tuple[tuple[int, int, int], object]], action: int,
-            delay_ms: int | None = None) -> list[tuple[pb.SettleRange, list]]:
-    """((partition, offset, lease_id), payload) items as ranges of consecutive offsets
-    of one lease, each with the payloads it covers."""
-    out: list[tuple[pb.SettleRange, list]] = []
-    last = None
-    for (p, offset, lease_id), payload in sorted(items, key=lambda i: (i[0][0], i[0][2], i[0][1])):
-        if last is not None and (last.partition, last.lease_id) == (p, lease_id) and last.last_offset == offset - 1:
-            last.last_offset = offset
-            out[-1][1].append(payload)
-            continue
-        last = pb.SettleRange(partition=p, first_offset=offset, last_offset=offset, lease_id=lease_id,
-                              action=action, delay_ms=delay_ms)
-        out.append((last, [payload]))
     return out
 
 
@@ -195,6 +166,8 @@ class QueueReceiver(SyncClient):
         self._closed = False
         self._send_lock = threading.Lock()
         self._group_lease_s: float | None = None
+        self._halt: threading.Event | None = None  # the stop event of the process() running
+        self._stop_requested = False
         self._flusher = threading.Thread(target=self._flush_loop, name="streamd-acks", daemon=True)
         self._flusher.start()
         if create:
@@ -321,70 +294,42 @@ class QueueReceiver(SyncClient):
         auto_extend: bool = True,
         stop: threading.Event | None = None,
         max_messages: int | None = None,
+        stop_grace_s: float = DEFAULT_STOP_GRACE_S,
+        stop_signals: Sequence[int] = STOP_SIGNALS,
     ) -> int:
-        """Run ``handler`` on every message with ``workers`` threads until ``stop`` is
-        set (or ``max_messages`` were handled). Return: ack; exception: nack with the
-        exception as the reason. Returns how many messages were handled."""
-        stop = stop or threading.Event()
-        counter = _Counter(max_messages, stop)
-        extender = _Extender(self) if auto_extend else None
-        threads = [
-            threading.Thread(target=self._work, args=(handler, stop, counter, extender), name=f"streamd-worker-{i}")
-            for i in range(workers)
-        ]
-        for t in threads:
-            t.start()
+        """Run ``handler`` on every message with ``workers`` threads until stopped:
+        by ``stop()``, by the ``stop`` event, after ``max_messages`` handled, or (when
+        called on the main thread) by one of ``stop_signals`` (``()``: leave signals
+        alone). Return: ack; exception: nack with the exception as the reason.
+
+        Stopping: no more receives (one in flight answers within half a second), the
+        handlers running finish, for up to ``stop_grace_s`` (a second signal stops
+        waiting; their leases then lapse and the records come again after them), the
+        messages received but not started are nacked with no delay (they go to
+        another worker at once), the acks are flushed. Returns how many messages were
+        handled."""
+        halt = stop or threading.Event()
+        self._halt = halt
+        if self._stop_requested:
+            halt.set()
         try:
-            for t in threads:
-                while t.is_alive():
-                    t.join(0.2)
+            pool = ThreadPool(self, handler, workers=workers, auto_extend=auto_extend, halt=halt,
+                              max_messages=max_messages)
+            return pool.run(stop_grace_s, stop_signals)
         finally:
-            stop.set()
-            if extender is not None:
-                extender.stop()
-            self.flush()
-        return counter.done
+            self._halt, self._stop_requested = None, False
 
-    def _work(self, handler, stop: threading.Event, counter: _Counter, extender: _Extender | None) -> None:
-        while not stop.is_set():
-            try:
-                messages = self.receive(max_wait_ms=min(self.max_wait_ms, 500))
-            except StreamdError as err:
-                log.warning("queue %s/%s: receive failed: %s", self.group, self.topic, err)
-                stop.wait(0.5)
-                continue
-            if extender is not None:
-                for msg in messages:  # the whole batch: those waiting their turn keep their lease
-                    extender.watch(msg)
-            for i, msg in enumerate(messages):
-                if stop.is_set():  # hand the rest back at once rather than let them expire
-                    for rest in messages[i:]:
-                        self._safe(lambda m=rest: self.nack(m, delay_ms=0, reason="worker stopping"))
-                        if extender is not None:
-                            extender.forget(rest)
-                    break
-                if msg.lease_id and time.monotonic() >= msg.deadline:
-                    log.info("queue %s/%s: lease of %d/%d expired before its turn; skipped",
-                             self.group, self.topic, msg.partition, msg.offset)
-                    if extender is not None:
-                        extender.forget(msg)
-                    continue
-                try:
-                    handler(msg)
-                except Exception as exc:
-                    self._safe(lambda m=msg, e=exc: self.nack(m, reason=f"{type(e).__name__}: {e}"[:1000]))
-                else:
-                    self.ack(msg)
-                finally:
-                    if extender is not None:
-                        extender.forget(msg)
-                counter.add()
-
-    def _safe(self, call: Callable[[], object]) -> None:
-        try:
-            call()
-        except StreamdError as err:
-            log.info("queue %s/%s: %s", self.group, self.topic, err)
+    def stop(self) -> None:
+        """Make ``process`` return (the one running, or else the next one), as a
+        signal does: see ``process``. Thread-safe: call it from a handler, another
+        thread or a signal handler."""
+        self._stop_requested = True
+        halt = self._halt
+        # On the main thread this may be a signal handler, which must not take the
+        # event's lock (the thread it interrupted may hold it): the pool's wait loop
+        # sees the flag within a tenth of a second.
+        if halt is not None and threading.current_thread() is not threading.main_thread():
+            halt.set()
 
     def close(self) -> None:
         with self._lock:
@@ -394,75 +339,6 @@ class QueueReceiver(SyncClient):
             self._flushed.notify_all()
         self._flusher.join(30)
         super().close()
-
-
-class _Counter:
-    def __init__(self, limit: int | None, stop: threading.Event) -> None:
-        self.limit, self.stop, self.done = limit, stop, 0
-        self._lock = threading.Lock()
-
-    def add(self) -> None:
-        with self._lock:
-            self.done += 1
-            if self.limit is not None and self.done >= self.limit:
-                self.stop.set()
-
-
-class _Extender:
-    """Extends the leases of received messages not yet settled, when a third of the
-    lease is left, by the lease's length (deadlines by this process's monotonic clock)."""
-
-    def __init__(self, receiver: QueueReceiver) -> None:
-        self.receiver = receiver
-        self._watched: dict[int, Message] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="streamd-extender", daemon=True)
-        self._thread.start()
-
-    def watch(self, msg: Message) -> None:
-        if msg.lease_id:
-            with self._lock:
-                self._watched[id(msg)] = msg
-
-    def forget(self, msg: Message) -> None:
-        with self._lock:
-            self._watched.pop(id(msg), None)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            now = time.monotonic()
-            with self._lock:
-                due = [m for m in self._watched.values() if m.deadline - now < m.lease_s / 3]
-            if due:
-                self._extend(due)
-
-    def _extend(self, due: list[Message]) -> None:
-        """One Settle of extension ranges; a range with refused offsets is retried
-        message by message, so exactly the lost leases are forgotten."""
-        ranges = extend_ranges(due)
-        sent = time.monotonic()
-        try:
-            results = self.receiver._send([], [r for r, _ in ranges])
-        except StreamdError as err:
-            log.info("%d lease(s) not extended: %s", len(due), err)
-            return  # tried again on the next round while their leases last
-        for (_, messages), result in zip(ranges, results):
-            if not result.refused and not result.HasField("error"):
-                for msg in messages:
-                    msg.lease_expires_ms = result.lease_expires_ms
-                    msg.deadline = sent + msg.lease_s
-                continue
-            for msg in messages:
-                try:
-                    self.receiver.extend(msg, int(msg.lease_s * 1000))
-                except StreamdError as err:
-                    log.info("lease of %s/%d@%d not extended: %s", msg.topic, msg.partition, msg.offset, err)
-                    self.forget(msg)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
 
 
 def _code(number: int) -> tuple:
@@ -486,6 +362,8 @@ class AsyncQueueReceiver:
         self.max_records, self.max_wait_ms, self.lease_ms = max_records, max_wait_ms, lease_ms
         self._pending: list[tuple[int, int, int]] = []  # acks: (partition, offset, lease_id)
         self._group_lease_s: float | None = None
+        self._pool: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None  # process() running
+        self._stop_requested = False
 
     async def __aenter__(self) -> AsyncQueueReceiver:
         return self
@@ -581,75 +459,36 @@ class AsyncQueueReceiver:
     async def process(
         self, handler: Callable[[Message], Awaitable[object]], *, concurrency: int = 16,
         stop: asyncio.Event | None = None, max_messages: int | None = None,
+        stop_grace_s: float = DEFAULT_STOP_GRACE_S, stop_signals: Sequence[int] = STOP_SIGNALS,
     ) -> int:
         """Handle messages with up to ``concurrency`` handlers at once: ack on return,
-        nack on exception. Returns how many were handled."""
-        stop = stop or asyncio.Event()
-        limit = asyncio.Semaphore(concurrency)
-        done = 0
-
-        async def run(msg: Message) -> None:
-            nonlocal done
-            try:
-                await handler(msg)
-            except Exception as exc:
-                try:
-                    await self.settle(msg, "nack", reason=f"{type(exc).__name__}: {exc}"[:1000])
-                except StreamdError as err:
-                    log.info("nack failed: %s", err)
-            else:
-                self.ack(msg)
-            finally:
-                limit.release()
-                done += 1
-                if max_messages is not None and done >= max_messages:
-                    stop.set()
-
-        tasks: set[asyncio.Task] = set()
-        watched: dict[int, Message] = {}
-
-        async def extend_leases() -> None:
-            while True:
-                await asyncio.sleep(0.05)
-                now = time.monotonic()
-                due = [m for m in watched.values() if m.deadline - now < m.lease_s / 3]
-                if due:
-                    for msg in await self._extend(due):
-                        watched.pop(id(msg), None)
-
-        async def tracked(msg: Message) -> None:
-            try:
-                await run(msg)
-            finally:
-                watched.pop(id(msg), None)
-
-        extender = asyncio.create_task(extend_leases())
+        nack on exception, until stopped: by ``stop()``, the ``stop`` event, after
+        ``max_messages``, or (on a loop running on the main thread) by one of
+        ``stop_signals``. Stopping is as for ``QueueReceiver.process``, except that
+        handlers still running when the wait ends are cancelled and their messages
+        nacked with no delay. Returns how many were handled."""
+        loop = asyncio.get_running_loop()
+        pool = AsyncPool(self, handler, concurrency=concurrency, stop=stop or asyncio.Event(),
+                         max_messages=max_messages)
+        self._pool = (loop, pool.stop)
+        if self._stop_requested:
+            pool.stop.set()
         try:
-            while not stop.is_set():
-                try:
-                    messages = await self.receive(min(self.max_records, concurrency), max_wait_ms=200)
-                except StreamdError as err:
-                    log.warning("queue %s/%s: receive failed: %s", self.group, self.topic, err)
-                    await asyncio.sleep(0.5)
-                    continue
-                for msg in messages:
-                    if msg.lease_id:
-                        watched[id(msg)] = msg
-                for msg in messages:
-                    await limit.acquire()
-                    task = asyncio.create_task(tracked(msg))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                await self.flush()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            return await pool.run(stop_grace_s, stop_signals)
         finally:
-            extender.cancel()
-            await asyncio.gather(extender, return_exceptions=True)
-            for task in list(tasks):
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await self.flush()
-        return done
+            self._pool, self._stop_requested = None, False
+
+    def stop(self) -> None:
+        """Make ``process`` return (the one running, or else the next one). Safe from
+        any thread, a handler or a signal handler."""
+        self._stop_requested = True
+        pool = self._pool
+        if pool is not None:
+            loop, event = pool
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # the loop is closed: nothing runs any more
+                pass
 
     async def close(self) -> None:
         await self.flush()

@@ -1,0 +1,429 @@
+"""Worker pools of the queue receivers: ``QueueReceiver.process`` (``ThreadPool``: N
+threads, each receiving and handling a batch at a time) and
+``AsyncQueueReceiver.process`` (``AsyncPool``: one receive loop feeding up to N handler
+tasks). A handler's return acks its message, an exception nacks it; the leases of the
+messages received are extended while they wait and run (``Extender``).
+
+Stopping (``stop()``, the ``stop`` event, ``max_messages``, or a signal: see
+``_stopping``), in this order:
+
+1. no new receive; one in flight is let finish (at most its half-second long poll):
+   cancelling it could lose records the broker leased for an answer never read, until
+   their leases end;
+2. the messages received but not started are nacked with no delay, in one Settle of
+   ranges, so another worker has them at once (a delivery was counted when they were
+   leased, as SQS and Kafka share groups count it);
+3. the handlers running finish, for up to the grace period, or until a second signal;
+   then the pool stops waiting: a thread cannot be cancelled, so its record stays
+   leased until the lease ends (it is no longer extended); a task is cancelled and its
+   message nacked with no delay;
+4. the acks are flushed, and ``process`` returns how many messages were handled.
+
+A message waiting its turn sits in its worker's deque; both the worker and a pool that
+gives up on it take messages with ``popleft`` (atomic), so each is handled or handed
+back, never both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
+
+from ._settle import extend_ranges, log_release, release_ranges
+from ._stopping import caught_signals, loop_signals, signal_name
+from .errors import StreamdError
+
+if TYPE_CHECKING:
+    from .queue import AsyncQueueReceiver, Message, QueueReceiver
+
+log = logging.getLogger("streamd.client.queue")
+
+#: The reason given with the nacks of messages handed back by a stopping pool.
+STOPPING = "worker stopping"
+#: The longest a worker thread's receive waits for records (so a stop is seen soon).
+RECEIVE_WAIT_MS = 500
+#: How long handlers cancelled by a stopping asyncio pool get to unwind.
+CANCEL_WAIT_S = 5.0
+
+
+class ThreadPool:
+    """One ``QueueReceiver.process`` run: ``workers`` threads, the stop event
+    (``halt``), the count of messages handled (the run stops at ``max_messages``) and
+    each worker's messages received but not started."""
+
+    def __init__(self, receiver: QueueReceiver, handler: Callable[[Message], object], *, workers: int,
+                 auto_extend: bool, halt: threading.Event, max_messages: int | None) -> None:
+        self.r, self.handler, self.halt = receiver, handler, halt
+        self.limit, self.done = max_messages, 0
+        self.auto_extend = auto_extend
+        self.extender: Extender | None = None
+        self._lock = threading.Lock()
+        self._held: dict[int, deque[Message]] = {}
+        self._threads = [
+            # daemon: a handler the pool gave up on does not keep the process alive
+            threading.Thread(target=self._work, name=f"streamd-worker-{i}", daemon=True) for i in range(workers)
+        ]
+
+    def run(self, grace_s: float, signals: Sequence[int]) -> int:
+        """Handle messages until stopped; how many were handled."""
+        try:
+            if self.auto_extend:
+                self.extender = Extender(self.r)
+            with caught_signals(signals) as caught:
+                for t in self._threads:
+                    t.start()
+                self._wait(caught, grace_s)
+        finally:
+            self.halt.set()
+            self._release(self._give_up())
+            if self.extender is not None:
+                self.extender.stop()
+            self.r.flush()
+        return self.done
+
+    def _wait(self, signals: list[int], grace_s: float) -> None:
+        """Until the workers are done; after a stop, until ``grace_s`` passed or a
+        second signal came."""
+        where = f"queue {self.r.group}/{self.r.topic}"
+        until = None
+        seen = 0
+        while any(t.is_alive() for t in self._threads):
+            if self.r._stop_requested and not self.halt.is_set():
+                self.halt.set()  # stop() on the main thread (see QueueReceiver.stop)
+            if len(signals) > seen:
+                seen = len(signals)
+                if seen > 1:
+                    log.warning("%s: %s again: not waiting for the handlers running; their records come again "
+                                "when their leases end", where, signal_name(signals[-1]))
+                    return
+                log.info("%s: %s: stopping (again to stop waiting for the handlers)", where, signal_name(signals[0]))
+                self.halt.set()
+            if self.halt.is_set() and until is None:
+                until = time.monotonic() + grace_s
+            if until is not None and time.monotonic() >= until:
+                log.warning("%s: handlers still running after %.0f s; not waiting for them (their records come "
+                            "again when their leases end)", where, grace_s)
+                return
+            alive = next((t for t in self._threads if t.is_alive()), None)
+            if alive is not None:
+                alive.join(0.1)
+
+    def _work(self) -> None:
+        r, halt, extender = self.r, self.halt, self.extender
+        while not halt.is_set():
+            try:
+                messages = r.receive(max_wait_ms=min(r.max_wait_ms, RECEIVE_WAIT_MS))
+            except StreamdError as err:
+                if halt.is_set():
+                    break  # cut short by the stop (the channel closing): not a failure
+                log.warning("queue %s/%s: receive failed: %s", r.group, r.topic, err)
+                halt.wait(0.5)
+                continue
+            except ValueError:  # grpc: the channel is closed (under a worker the pool gave up on)
+                if halt.is_set():
+                    break
+                raise
+            if extender is not None:
+                for msg in messages:  # the whole batch: those waiting their turn keep their lease
+                    extender.watch(msg)
+            waiting = self._hold(messages)
+            try:
+                self._handle(waiting)
+            finally:
+                # Stopping: hand the rest back at once rather than let them expire.
+                self._release(self._let_go(waiting))
+
+    def _handle(self, waiting: deque[Message]) -> None:
+        """Handle the messages of ``waiting`` one by one until it is empty or the pool
+        stops."""
+        r, extender = self.r, self.extender
+        while not self.halt.is_set():
+            try:
+                msg = waiting.popleft()
+            except IndexError:
+                return
+            if msg.lease_id and time.monotonic() >= msg.deadline:
+                log.info("queue %s/%s: lease of %d/%d expired before its turn; skipped",
+                         r.group, r.topic, msg.partition, msg.offset)
+                if extender is not None:
+                    extender.forget(msg)
+                continue
+            try:
+                self.handler(msg)
+            except Exception as exc:
+                try:
+                    r.nack(msg, reason=f"{type(exc).__name__}: {exc}"[:1000])
+                except StreamdError as err:
+                    log.info("queue %s/%s: %s", r.group, r.topic, err)
+            else:
+                try:
+                    r.ack(msg)
+                except StreamdError as err:  # closed: the pool gave up on this handler
+                    log.info("queue %s/%s: %s", r.group, r.topic, err)
+            finally:
+                if extender is not None:
+                    extender.forget(msg)
+            self._add()
+
+    def _add(self) -> None:
+        with self._lock:
+            self.done += 1
+            if self.limit is not None and self.done >= self.limit:
+                self.halt.set()
+
+    def _hold(self, messages: list[Message]) -> deque[Message]:
+        waiting = deque(messages)
+        with self._lock:
+            self._held[id(waiting)] = waiting
+        return waiting
+
+    def _let_go(self, waiting: deque[Message]) -> list[Message]:
+        """The messages of ``waiting`` not taken (emptying it); it is no longer held."""
+        with self._lock:
+            self._held.pop(id(waiting), None)
+        return _drain(waiting)
+
+    def _give_up(self) -> list[Message]:
+        """Every worker's messages not started (the pool is not waiting for them)."""
+        with self._lock:
+            held, self._held = list(self._held.values()), {}
+        return [m for waiting in held for m in _drain(waiting)]
+
+    def _release(self, messages: list[Message]) -> None:
+        """Nack ``messages`` (not started) with no delay, in one Settle of ranges."""
+        if self.extender is not None:
+            for msg in messages:
+                self.extender.forget(msg)
+        ranges = release_ranges(messages, STOPPING)
+        if not ranges:
+            return
+        try:
+            results: list | StreamdError = self.r._send([], ranges)
+        except StreamdError as err:
+            results = err
+        except ValueError as err:  # grpc: the channel is closed (a worker the pool gave up on)
+            results = StreamdError("CANCELLED", "CLOSED", str(err))
+        log_release(self.r.group, self.r.topic, len(messages), results)
+
+
+def _drain(waiting: deque[Message]) -> list[Message]:
+    out = []
+    while True:
+        try:
+            out.append(waiting.popleft())
+        except IndexError:
+            return out
+
+
+class Extender:
+    """Extends the leases of received messages not yet settled, when a third of the
+    lease is left, by the lease's length (deadlines by this process's monotonic clock)."""
+
+    def __init__(self, receiver: QueueReceiver) -> None:
+        self.receiver = receiver
+        self._watched: dict[int, Message] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="streamd-extender", daemon=True)
+        self._thread.start()
+
+    def watch(self, msg: Message) -> None:
+        if msg.lease_id:
+            with self._lock:
+                self._watched[id(msg)] = msg
+
+    def forget(self, msg: Message) -> None:
+        with self._lock:
+            self._watched.pop(id(msg), None)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            now = time.monotonic()
+            with self._lock:
+                due = [m for m in self._watched.values() if m.deadline - now < m.lease_s / 3]
+            if due:
+                self._extend(due)
+
+    def _extend(self, due: list[Message]) -> None:
+        """One Settle of extension ranges; a range with refused offsets is retried
+        message by message, so exactly the lost leases are forgotten."""
+        ranges = extend_ranges(due)
+        sent = time.monotonic()
+        try:
+            results = self.receiver._send([], [r for r, _ in ranges])
+        except StreamdError as err:
+            log.info("%d lease(s) not extended: %s", len(due), err)
+            return  # tried again on the next round while their leases last
+        for (_, messages), result in zip(ranges, results):
+            if not result.refused and not result.HasField("error"):
+                for msg in messages:
+                    msg.lease_expires_ms = result.lease_expires_ms
+                    msg.deadline = sent + msg.lease_s
+                continue
+            for msg in messages:
+                try:
+                    self.receiver.extend(msg, int(msg.lease_s * 1000))
+                except StreamdError as err:
+                    log.info("lease of %s/%d@%d not extended: %s", msg.topic, msg.partition, msg.offset, err)
+                    self.forget(msg)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+class AsyncPool:
+    """One ``AsyncQueueReceiver.process`` run: a receive loop feeding handler tasks
+    (at most ``concurrency`` at once), the lease extender, and the stop."""
+
+    def __init__(self, receiver: AsyncQueueReceiver, handler: Callable[[Message], Awaitable[object]], *,
+                 concurrency: int, stop: asyncio.Event, max_messages: int | None) -> None:
+        self.r, self.handler, self.concurrency = receiver, handler, concurrency
+        self.stop, self.max_messages, self.done = stop, max_messages, 0
+        self.abandon = asyncio.Event()
+        self.limit = asyncio.Semaphore(concurrency)
+        self.tasks: dict[asyncio.Task, Message] = {}
+        self.watched: dict[int, Message] = {}
+        self.signals = 0
+
+    def signalled(self, signum: int) -> None:
+        self.signals += 1
+        where = f"queue {self.r.group}/{self.r.topic}: {signal_name(signum)}"
+        if self.signals == 1:
+            log.info("%s: stopping (again to stop waiting for the handlers)", where)
+            self.stop.set()
+        else:
+            log.warning("%s again: cancelling the handlers running", where)
+            self.abandon.set()
+
+    async def run(self, grace_s: float, signals: Sequence[int]) -> int:
+        """Handle messages until stopped; how many were handled."""
+        extender = asyncio.create_task(self._extend_leases())
+        try:
+            with loop_signals(asyncio.get_running_loop(), signals, self.signalled):
+                await self._receive_loop()
+                await self._finish(grace_s)
+        finally:
+            extender.cancel()
+            await asyncio.gather(extender, return_exceptions=True)
+            await self._give_up()
+            await self.r.flush()
+        return self.done
+
+    async def _receive_loop(self) -> None:
+        r = self.r
+        while not self.stop.is_set():
+            try:
+                messages = await r.receive(min(r.max_records, self.concurrency), max_wait_ms=200)
+            except StreamdError as err:
+                if self.stop.is_set():
+                    return  # cut short by the stop: not a failure
+                log.warning("queue %s/%s: receive failed: %s", r.group, r.topic, err)
+                await asyncio.sleep(0.5)
+                continue
+            for msg in messages:
+                if msg.lease_id:
+                    self.watched[id(msg)] = msg
+            for i, msg in enumerate(messages):
+                if not await self._slot():
+                    await self._release(messages[i:])
+                    break
+                task = asyncio.create_task(self._handle(msg))
+                self.tasks[task] = msg
+                task.add_done_callback(self._finished)
+            await r.flush()
+
+    async def _slot(self) -> bool:
+        """Wait for a free handler slot; False when the pool stops first."""
+        if self.stop.is_set():
+            return False
+        if not self.limit.locked():
+            await self.limit.acquire()
+            return True
+        acquire = asyncio.ensure_future(self.limit.acquire())
+        stopped = asyncio.ensure_future(self.stop.wait())
+        await asyncio.wait((acquire, stopped), return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not acquire.done():
+            acquire.cancel()
+        await asyncio.gather(acquire, stopped, return_exceptions=True)
+        if acquire.cancelled():
+            return False
+        if self.stop.is_set():
+            self.limit.release()
+            return False
+        return True
+
+    async def _handle(self, msg: Message) -> None:
+        try:
+            await self.handler(msg)
+        except Exception as exc:
+            try:
+                await self.r.settle(msg, "nack", reason=f"{type(exc).__name__}: {exc}"[:1000])
+            except StreamdError as err:
+                log.info("nack failed: %s", err)
+        else:
+            self.r.ack(msg)
+        self.done += 1
+        if self.max_messages is not None and self.done >= self.max_messages:
+            self.stop.set()
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self.limit.release()
+        msg = self.tasks.pop(task, None)
+        if msg is not None:
+            self.watched.pop(id(msg), None)
+
+    async def _finish(self, grace_s: float) -> None:
+        """Wait for the handlers running: up to ``grace_s``, or until a second signal."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + grace_s
+        abandon = asyncio.ensure_future(self.abandon.wait())
+        try:
+            while self.tasks and not self.abandon.is_set():
+                left = until - loop.time()
+                if left <= 0:
+                    log.warning("queue %s/%s: %d handler(s) still running after %.0f s: cancelled",
+                                self.r.group, self.r.topic, len(self.tasks), grace_s)
+                    return
+                await asyncio.wait((*self.tasks, abandon), timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            abandon.cancel()
+            await asyncio.gather(abandon, return_exceptions=True)
+
+    async def _give_up(self) -> None:
+        """Cancel the handlers still running and hand their messages back at once."""
+        running = dict(self.tasks)
+        if not running:
+            return
+        for task in running:
+            task.cancel()
+        await asyncio.wait(running, timeout=CANCEL_WAIT_S)
+        await self._release([m for t, m in running.items() if t.cancelled()])
+
+    async def _release(self, messages: list[Message]) -> None:
+        """Nack ``messages`` (not started) with no delay, in one Settle of ranges."""
+        for msg in messages:
+            self.watched.pop(id(msg), None)
+        ranges = release_ranges(messages, STOPPING)
+        if not ranges:
+            return
+        try:
+            results: list | StreamdError = await self.r._send([], ranges)
+        except StreamdError as err:
+            results = err
+        log_release(self.r.group, self.r.topic, len(messages), results)
+
+    async def _extend_leases(self) -> None:
+        while True:
+            await asyncio.sleep(0.05)
+            now = time.monotonic()
+            due = [m for m in self.watched.values() if m.deadline - now < m.lease_s / 3]
+            if due:
+                for msg in await self.r._extend(due):
+                    self.watched.pop(id(msg), None)
