@@ -70,17 +70,20 @@ class Message(RecordFields):
         return (f"Message(topic={self.topic!r}, partition={self.partition}, offset={self.offset}, "
                 f"delivery_count={self.delivery_count}, key={self.key!r}, value={self.value[:64]!r})")
 
+    # Settling goes through the receiver that handed the message out. A message of an
+    # AsyncQueueReceiver gets coroutines back from nack/extend/reject: ``await msg.nack()``
+    # (its ack is queued, as with the blocking receiver, and needs no await).
     def ack(self) -> None:
         self._receiver.ack(self)
 
-    def nack(self, *, delay_ms: int | None = None, reason: str = "") -> None:
-        self._receiver.nack(self, delay_ms=delay_ms, reason=reason)
+    def nack(self, *, delay_ms: int | None = None, reason: str = ""):
+        return self._receiver.nack(self, delay_ms=delay_ms, reason=reason)
 
-    def extend(self, lease_ms: int) -> int:
+    def extend(self, lease_ms: int):
         return self._receiver.extend(self, lease_ms)
 
-    def reject(self, reason: str = "") -> None:
-        self._receiver.reject(self, reason=reason)
+    def reject(self, reason: str = ""):
+        return self._receiver.reject(self, reason=reason)
 
     @property
     def lease(self) -> pb.LeaseRef:
@@ -409,12 +412,28 @@ class AsyncQueueReceiver:
         if msg.lease_id:
             self._pending.append((msg.partition, msg.offset, msg.lease_id))
 
-    async def settle(self, msg: Message, action: str, *, delay_ms: int | None = None, reason: str = "") -> None:
+    async def settle(self, msg: Message, action: str, *, delay_ms: int | None = None,
+                     reason: str = "") -> pb.SettleResult:
         s = pb.Settlement(lease=msg.lease, action=ACTIONS[action], delay_ms=delay_ms, reason=reason)
         [result] = await self._send([s])
         if result.HasField("error"):
             e = result.error
             raise StreamdError(grpc.StatusCode(_code(e.code)).name, e.reason, e.message, dict(e.metadata))
+        return result
+
+    async def nack(self, msg: Message, *, delay_ms: int | None = None, reason: str = "") -> None:
+        await self.settle(msg, "nack", delay_ms=delay_ms, reason=reason)
+
+    async def extend(self, msg: Message, lease_ms: int) -> int:
+        """The lease now ends ``lease_ms`` from now; returns its end (broker clock, ms)."""
+        sent = time.monotonic()
+        result = await self.settle(msg, "extend", delay_ms=lease_ms)
+        msg.lease_expires_ms = result.lease_expires_ms
+        msg.deadline, msg.lease_s = sent + lease_ms / 1000, lease_ms / 1000
+        return result.lease_expires_ms
+
+    async def reject(self, msg: Message, *, reason: str = "") -> None:
+        await self.settle(msg, "reject", reason=reason)
 
     async def flush(self) -> None:
         batch, self._pending = self._pending, []

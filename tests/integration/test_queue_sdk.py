@@ -127,3 +127,30 @@ def test_async_process_extends_leases_of_slow_handlers(server):
     assert dict(calls) == {0: 1}
     with QueueReceiver("aslow", "jobs", server.address) as r:
         assert sum(p.acked for p in r.describe().partitions) == 1
+
+
+def test_async_messages_settle_themselves(server):
+    fill(server.address, "jobs", 4, partitions=1)
+
+    async def scenario() -> None:
+        async with AsyncQueueReceiver("self", "jobs", server.address, max_wait_ms=2000) as r:
+            await r.create(exist_ok=True, max_deliveries=5)
+            first = await r.receive(4)
+            assert [m.offset for m in first] == [0, 1, 2, 3]
+            ack, nack, extend, reject = first
+            ack.ack()
+            await nack.nack(delay_ms=0, reason="later")
+            expires = await extend.extend(60_000)
+            assert expires == extend.lease_expires_ms > first[0].lease_expires_ms
+            await reject.reject(reason="poison")
+            await r.flush()
+            again = await r.receive(4)
+            assert [(m.offset, m.delivery_count) for m in again] == [(1, 2)]  # only the nacked one
+            again[0].ack()
+            extend.ack()
+            await r.flush()
+        with QueueReceiver("self", "jobs", server.address) as sync:
+            d = sync.describe()
+            assert sum(p.acked for p in d.partitions) == 3 and sum(p.dead_lettered for p in d.partitions) == 1
+
+    asyncio.run(scenario())
