@@ -62,9 +62,9 @@ def test_leases_of_slow_handlers_are_extended_automatically(server):
 
     def slow(msg) -> None:
         deliveries.append((msg.offset, msg.delivery_count))
-        time.sleep(0.8)  # far past the 300 ms lease
+        time.sleep(2.0)  # twice the lease (a third of it, 333 ms, is the margin the extender keeps)
 
-    with QueueReceiver("slow", "jobs", server.address, create={"lease_ms": 300}, max_records=1) as r:
+    with QueueReceiver("slow", "jobs", server.address, create={"lease_ms": 1000}, max_records=1) as r:
         handled = r.process(slow, workers=2, max_messages=4)
         assert handled == 4
         assert sorted(deliveries) == [(0, 1), (1, 1), (2, 1), (3, 1)]  # nobody got a record twice
