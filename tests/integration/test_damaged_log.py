@@ -211,7 +211,8 @@ def test_cli_consume_and_replay_stop_or_skip(server, stubs, tmp_path, capsys):
     assert main(base + ["consume", "t", "--exit-at-end"]) == 1
     out, err = capsys.readouterr()
     assert out.split() == [f"v{i:05d}" for i in range(first)]
-    assert f"t/0: offsets {first}..{last} cannot be read" in err and "--skip-corrupt" in err
+    assert f"streamd: DATA_LOSS CORRUPT_BATCH: t/0: offsets {first}..{last} cannot be read" in err
+    assert "(--skip-corrupt reads on past them)" in err
     assert main(base + ["consume", "t", "--exit-at-end", "--skip-corrupt"]) == 0
     out, err = capsys.readouterr()
     assert out.split() == [f"v{i:05d}" for i in range(RECORDS) if not first <= i <= last]
@@ -228,9 +229,11 @@ def test_cli_consume_and_replay_stop_or_skip(server, stubs, tmp_path, capsys):
     assert f"skipping damaged offsets {first}..{last}" in err and f"skipped {last - first + 1} damaged" in err
 
 
-def test_queue_group_skips_damaged_records_counts_them_and_goes_on(server, stubs, tmp_path):
+def test_queue_group_skips_damaged_records_counts_them_and_goes_on(make_server, tmp_path):
     from .test_queues import create, receive, stats
 
+    running = make_server()
+    stubs = Stubs(running.address)
     _produce(stubs)
     bad = _damage(tmp_path / "data", "sealed", "middle", "base")
     first, last = bad.base_offset, bad.next_offset - 1
@@ -242,7 +245,19 @@ def test_queue_group_skips_damaged_records_counts_them_and_goes_on(server, stubs
             break
     assert sorted(got) == [i for i in range(RECORDS) if not first <= i <= last]
     s = stats(stubs, "workers", "t")
-    assert s.lost_to_corruption == last - first + 1 and s.backlog == 0 and s.in_flight == 0
+    assert (s.lost_to_corruption, s.backlog, s.in_flight, s.start_offset) == (last - first + 1, 0, 0, RECORDS)
+    stubs.close()
+    running.stop()
+    # After a restart the skip is remembered: counted once, nothing delivered again.
+    running = make_server()
+    stubs = Stubs(running.address)
+    try:
+        s = stats(stubs, "workers", "t")
+        assert (s.lost_to_corruption, s.start_offset) == (last - first + 1, RECORDS)
+        assert receive(stubs, 500, "workers", "t", max_wait_ms=100) == []
+        assert stats(stubs, "workers", "t").lost_to_corruption == last - first + 1
+    finally:
+        stubs.close()
 
 
 def test_list_offsets_by_time_does_not_trust_a_damaged_header(make_server, tmp_path, capsys):
