@@ -217,7 +217,7 @@ class Segment:
 
     def activate(self, capacity_bytes: int) -> None:
         """Make a loaded segment the active one: preallocate, map writable, find the
-        end of its data. Raises CorruptBatch if its frames do not fill the file."""
+        end of its data (damage in it is found by the walks, as in a sealed segment)."""
         self._unmap()
         self._close_indexes()
         if self._fd is None:

@@ -354,7 +354,7 @@ def _plan(consumer: Consumer, args: argparse.Namespace) -> tuple[list[PartitionR
         partitions = wanted
 
     def offsets_for_time(timestamp_ms: int) -> dict[int, int]:
-        return {o.partition: o.offset for o in consumer.list_offsets(args.topic, timestamp_ms=timestamp_ms)}
+        return consumer.offsets_for_time(args.topic, timestamp_ms)
 
     log_start = {p: b[0] for p, b in bounds.items()}
     log_end = {p: b[1] for p, b in bounds.items()}

@@ -113,12 +113,29 @@ class Consumer(SyncClient):
     def seek_to_time(self, topic: str, timestamp_ms: int, partitions: Iterable[int] | None = None) -> None:
         """Move to the first record appended at or after ``timestamp_ms``."""
         parts = [p for (t, p) in self.positions if t == topic] if partitions is None else list(partitions)
-        reply = self._call(
-            self._log.ListOffsets,
-            pb.ListOffsetsRequest(topic=topic, partitions=parts, timestamp_ms=timestamp_ms),
-        )
-        for o in reply.offsets:
-            self.positions[(topic, o.partition)] = o.offset
+        for p, offset in self.offsets_for_time(topic, timestamp_ms, parts).items():
+            self.positions[(topic, p)] = offset
+
+    def offsets_for_time(self, topic: str, timestamp_ms: int, partitions: Iterable[int] | None = None) -> dict[int, int]:
+        """Per partition (all when None or empty), the first offset appended at or
+        after ``timestamp_ms``. Where that may lie in damaged records (their append
+        times are unknown) the broker answers DATA_LOSS: ``CorruptRecordsError``, or
+        with ``skip_corrupt`` the offset after them (logged)."""
+        parts = list(partitions or [])
+        out: dict[int, int] = {}
+        for _ in range(len(parts) or self.partition_count(topic)):
+            request = pb.ListOffsetsRequest(topic=topic, partitions=parts, timestamp_ms=timestamp_ms)
+            try:
+                reply = self._call(self._log.ListOffsets, request)
+            except CorruptRecordsError as err:
+                out[err.partition] = skip_past(err, self.skip_corrupt)
+                parts = [p for p in (parts or range(self.partition_count(topic))) if p != err.partition]
+                if not parts:
+                    break
+                continue
+            out.update((o.partition, o.offset) for o in reply.offsets)
+            break
+        return out
 
     def seek_to_beginning(self, topic: str) -> None:
         self.assign(topic, [p for (t, p) in self.positions if t == topic] or None, start="beginning")

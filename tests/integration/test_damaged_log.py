@@ -338,3 +338,26 @@ def test_sealed_segment_cut_in_half_is_reported_and_reads_answer_data_loss(make_
         assert f"skipping damaged offsets {cut}..{next_base - 1}" in skipped.stderr
     finally:
         stubs.close()
+
+
+def test_seek_to_time_into_damage_raises_or_starts_after_it(make_server, tmp_path):
+    clock = FakeClock(1_700_000_000_000)
+    running = make_server(clock=clock)
+    stubs = Stubs(running.address)
+    try:
+        start = clock.now_ms()
+        _produce(stubs, clock=clock)
+        bad = _damage(tmp_path / "data", "sealed", "middle", "crc")
+        when = start + 10 * (bad.base_offset // PER_BATCH)
+        with Consumer(running.address) as consumer:
+            consumer.assign("t")
+            with pytest.raises(CorruptRecordsError) as caught:
+                consumer.seek_to_time("t", when)
+            assert caught.value.first_offset == bad.base_offset
+        with Consumer(running.address, skip_corrupt=True) as consumer:
+            consumer.assign("t")
+            consumer.seek_to_time("t", when)
+            assert consumer.positions[("t", 0)] == bad.next_offset
+            assert next(consumer.records(exit_at_end=True)).offset == bad.next_offset
+    finally:
+        stubs.close()
