@@ -10,6 +10,7 @@ range (never a server path or byte position), and can go on after it.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import subprocess
@@ -229,7 +230,7 @@ def test_cli_consume_and_replay_stop_or_skip(server, stubs, tmp_path, capsys):
     assert f"skipping damaged offsets {first}..{last}" in err and f"skipped {last - first + 1} damaged" in err
 
 
-def test_queue_group_skips_damaged_records_counts_them_and_goes_on(make_server, tmp_path):
+def test_queue_group_skips_damaged_records_counts_them_and_goes_on(make_server, tmp_path, capsys):
     from .test_queues import create, receive, stats
 
     running = make_server()
@@ -256,6 +257,8 @@ def test_queue_group_skips_damaged_records_counts_them_and_goes_on(make_server, 
         assert (s.lost_to_corruption, s.start_offset) == (last - first + 1, RECORDS)
         assert receive(stubs, 500, "workers", "t", max_wait_ms=100) == []
         assert stats(stubs, "workers", "t").lost_to_corruption == last - first + 1
+        assert main(["--server", running.address, "queue", "stats", "workers", "--topic", "t", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)[0]["partitions"][0]["lost_to_corruption"] == str(last - first + 1)
     finally:
         stubs.close()
 
