@@ -142,6 +142,8 @@ class QueueStats:
     redelivered: int = 0
     dead_lettered: int = 0
     lost_to_retention: int = 0
+    #: Records a damaged log made unreadable before the group settled them.
+    lost_to_corruption: int = 0
     #: Leases that ran out before a settle, since start-up (not persisted: a metric).
     lease_expired: int = 0
 
@@ -296,6 +298,41 @@ class PartitionQueue:
         self.settled_ahead = {o for o in self.settled_ahead if o >= self.scan_offset}
         for o in [o for o in self.remembered if o < self.scan_offset]:
             del self.remembered[o]
+
+    def skip_damaged(self, first: int, last: int) -> list[tuple[int, int]]:
+        """Offsets ``first .. last`` cannot be read (a damaged log): their records are
+        lost to this group, counted in ``lost_to_corruption`` (never silent), and
+        settled, so the window moves on. Those in the window go at once; those not yet
+        admitted go if the window can span them (always once it is empty), else on a
+        later call. Returns the (first, last) ranges settled, for the journal."""
+        done: list[tuple[int, int]] = []
+        lost = 0
+        a, b = max(first, self.start_offset), min(last, self.scan_offset - 1)
+        if a <= b:
+            gone = np.flatnonzero(self._state[a - self.base:b - self.base + 1] != SETTLED) + a
+            for offset in gone.tolist():
+                self._drop(offset)
+            lost += len(gone)
+            done.append((a, b))
+            self._advance()
+        if first <= self.scan_offset <= last:
+            scan = self.scan_offset
+            ahead = last + 1 - scan
+            if self.start_offset == scan:
+                self._restart_at(last + 1)
+            elif last + 1 - self.start_offset <= self.config.max_in_flight * SPAN_FACTOR:
+                self._reserve(last + 1)
+                self._state[scan - self.base:last + 1 - self.base] = SETTLED
+                self.scan_offset = last + 1
+            else:
+                ahead = 0
+            if ahead:
+                lost += ahead - sum(1 for o in self.settled_ahead if scan <= o <= last)
+                self.forget(scan, last)
+                done.append((scan, last))
+                self._advance()
+        self.stats.lost_to_corruption += lost
+        return done
 
     # -- leasing ---------------------------------------------------------------
     def lease(self, n: int, now: int, lease_ms: int) -> Lease | None:

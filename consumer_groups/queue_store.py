@@ -14,8 +14,10 @@ was taken) gives the same state::
                                             (acked / dead-lettered; offsets and/or ranges): durable
     {"op":"seek","g":G,"t":T,"p":P,"start":offset}                                  durable
     {"op":"skip","g":G,"t":T,"p":P,"start":offset,"lost":n}                        lazy
+    {"op":"bad","g":G,"t":T,"p":P,"r":[[first,last],..],"lost":n}                   lazy
+                                            (offsets a damaged log made unreadable: settled)
     {"op":"part","g":G,"t":T,"p":P,"start":S,"settled":[[a,b],..],"known":[[o,d,vis,reason,first,last,dead],..],
-     "stats":[acked,redelivered,dead_lettered,lost]}                                 snapshot
+     "stats":[acked,redelivered,dead_lettered,lost,lost_to_corruption]}              snapshot
 
 Durability: settling (acks, dead-letter decisions, nacks, seeks) is fsynced before it
 is acknowledged; deliveries and lease expiries are written at once but fsynced with
@@ -139,6 +141,10 @@ class QueueStore:
     def skipped(self, group: QueueGroup, partition: int, start: int, lost: int) -> None:
         self._journal.write(self._op("skip", group, partition, start=start, lost=lost), durable=False)
 
+    def damaged(self, group: QueueGroup, partition: int, ranges: list[tuple[int, int]], lost: int) -> None:
+        self._journal.write(self._op("bad", group, partition, r=[list(r) for r in ranges], lost=lost),
+                            durable=False)
+
     def check(self) -> None:
         """Raise ``JournalFailed`` once the journal failed: state changes would no
         longer be durable, so the queue groups stop changing until a restart."""
@@ -173,7 +179,7 @@ class QueueStore:
                 s = q.stats
                 ops.append(self._op(
                     "part", group, p, start=q.start_offset, settled=q.settled_above_start(), known=known,
-                    stats=[s.acked, s.redelivered, s.dead_lettered, s.lost_to_retention],
+                    stats=[s.acked, s.redelivered, s.dead_lettered, s.lost_to_retention, s.lost_to_corruption],
                 ))
         return ops
 
@@ -258,15 +264,31 @@ def _replay_skip(q: PartitionQueue, op: dict) -> None:
     q.move_to(int(op["start"]))
 
 
+def _replay_bad(q: PartitionQueue, op: dict) -> None:
+    q.stats.lost_to_corruption += int(op["lost"])
+    for lo, hi in op["r"]:
+        lo, hi = int(lo), int(hi)
+        if hi < lo or hi - lo > 10_000_000:
+            raise ValueError(f"bad range {lo}..{hi}")
+        q.forget(lo, hi)
+        if lo <= q.start_offset:
+            if hi >= q.start_offset:
+                q.move_to(hi + 1)
+        else:
+            q.settled_ahead.update(range(lo, hi + 1))
+    _advance(q)
+
+
 def _replay_part(q: PartitionQueue, op: dict) -> None:
     q.seek(int(op["start"]))
     q.settled_ahead = {o for o in expand_ranges(op["settled"]) if o >= q.start_offset}
     for o, d, vis, reason, first, last, dead in op["known"]:
         _remember(q, int(o), d=int(d), vis=int(vis), reason=str(reason), first=int(first), last=int(last),
                   dead=bool(dead))
-    acked, redelivered, dead_lettered, lost = op["stats"]
+    acked, redelivered, dead_lettered, lost, *newer = op["stats"]  # 4 fields before lost_to_corruption
     q.stats.acked, q.stats.redelivered = int(acked), int(redelivered)
     q.stats.dead_lettered, q.stats.lost_to_retention = int(dead_lettered), int(lost)
+    q.stats.lost_to_corruption = int(newer[0]) if newer else 0
     _advance(q)
 
 
@@ -279,5 +301,5 @@ def _advance(q: PartitionQueue) -> None:
 
 _REPLAY = {
     "dlv": _replay_dlv, "rty": _replay_rty, "dlq": _replay_dlq, "set": _replay_set,
-    "seek": _replay_seek, "skip": _replay_skip, "part": _replay_part,
+    "seek": _replay_seek, "skip": _replay_skip, "part": _replay_part, "bad": _replay_bad,
 }

@@ -10,6 +10,7 @@ from .checkpoint import fsync_directory, write_atomic
 from .errors import (
     BatchTooLarge,
     CorruptBatch,
+    CorruptRecords,
     InvalidBatch,
     LogClosed,
     LogFailed,
@@ -20,6 +21,7 @@ from .index import OffsetIndex, TimeIndex
 from .log import (
     DEFAULT_INDEX_INTERVAL_BYTES,
     AppendInfo,
+    DamagedOffsets,
     DeletedSegment,
     LogStats,
     PartitionLog,
@@ -33,6 +35,8 @@ __all__ = [
     "AppendInfo",
     "BatchTooLarge",
     "CorruptBatch",
+    "CorruptRecords",
+    "DamagedOffsets",
     "DeletedSegment",
     "InvalidBatch",
     "LogClosed",

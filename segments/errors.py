@@ -4,7 +4,10 @@ The tree::
 
     StorageError                 root: everything ``segments`` raises on purpose
     +-- OffsetOutOfRange         a read below log_start_offset or past log_end_offset
-    +-- CorruptBatch             a stored frame that fails to parse (or its CRC) on read
+    +-- CorruptBatch             a stored frame that fails to parse (or its CRC): names a file
+    |                            and a byte position, for the broker's own log only
+    +-- CorruptRecords           offsets first..last of a partition cannot be read (a corrupt
+    |                            batch, a truncated segment); readers go on at next_offset
     +-- LogClosed                an operation on a closed PartitionLog
     +-- LogFailed                an fsync failed: the log refuses work until reopened
     +-- InvalidBatch             an append the log cannot store (bad record count)
@@ -57,6 +60,42 @@ class CorruptBatch(StorageError):
         self.position = position
         self.reason = reason
         super().__init__(f"corrupt batch in {path} at position {position}: {reason}")
+
+
+class CorruptRecords(StorageError):
+    """Offsets ``first_offset .. last_offset`` of a partition cannot be read: a stored
+    batch failed its checksum or its header is garbled, or a segment file ends before
+    its last offset. ``next_offset`` (= ``last_offset + 1``) is the first offset after
+    them that can be read again. The message names offsets only, never a file or a
+    byte position (``PartitionLog`` logs those on the broker)."""
+
+    def __init__(
+        self,
+        first_offset: int,
+        last_offset: int,
+        cause: str,
+        *,
+        topic: str | None = None,
+        partition: int | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.first_offset = first_offset
+        self.last_offset = last_offset
+        self.next_offset = last_offset + 1
+        self.cause = cause
+        self.topic = topic
+        self.partition = partition
+        self.name = name
+        where = f"{name}: " if name else ""
+        super().__init__(
+            f"{where}offsets {first_offset}..{last_offset} cannot be read ({cause}); "
+            f"the next readable offset is {self.next_offset}"
+        )
+
+    def named(self, *, topic: str | None, partition: int | None, name: str | None) -> CorruptRecords:
+        """The same error naming the partition it is in."""
+        return CorruptRecords(self.first_offset, self.last_offset, self.cause, topic=topic,
+                              partition=partition, name=name)
 
 
 class LogFailed(StorageError):

@@ -231,6 +231,16 @@ class OffsetIndex(_Index):
     def last_position(self) -> int | None:
         return int(self._array[self.count - 1]["position"]) if self.count else None
 
+    def entry_after(self, position: int) -> tuple[int, int] | None:
+        """(base offset, position) of the first entry after byte ``position``, if any
+        (where a scan past damage at ``position`` may stop)."""
+        pos = self._array["position"][: self.count]
+        i = int(np.searchsorted(pos, position, side="right"))
+        if i >= self.count:
+            return None
+        entry = self._array[i]
+        return self.base_offset + int(entry["relative_offset"]), int(entry["position"])
+
     def truncate_to_position(self, position: int) -> None:
         """Drop the entries at or after byte ``position`` (writable only)."""
         pos = self._array["position"][: self.count]

@@ -17,6 +17,14 @@ is written with ``pwrite`` (its preallocation is sparse) and index files, writte
 through memmaps, are preallocated with real blocks (``posix_fallocate``). A failed
 fsync fails the log (``LogFailed``) until the broker restarts and recovers.
 
+Damage: a read returns the good frames up to a damaged stretch (``segments.damage``)
+and raises ``CorruptRecords`` (its offset range, no file names) when it starts there;
+so does a time lookup whose answer may lie in one. It never answers nothing below
+the log end. Opening checks the end of every sealed segment against the next one's
+base offset (a few preads each: ``damage.check_tail``), so a file cut short is
+reported at start-up; ``damaged()`` lists what was found, then and by reads since,
+and each range is logged once (with the file and byte position) as it is found.
+
 Time is never read from a clock here: callers pass ``append_time_ms``/``now_ms``.
 
 Thread-safety: every public method may be called from any thread. One lock guards the
@@ -40,7 +48,8 @@ from typing import NamedTuple
 from . import recovery
 from .batch import MAX_FRAME_BYTES, encode_frame, read_header
 from .checkpoint import fsync_directory
-from .errors import BatchTooLarge, InvalidBatch, LogClosed, LogFailed, OffsetOutOfRange
+from .damage import DamagedRange
+from .errors import BatchTooLarge, CorruptRecords, InvalidBatch, LogClosed, LogFailed, OffsetOutOfRange
 from .index import MAX_POSITION, MAX_RELATIVE_OFFSET
 from .recovery import PartitionState, RecoveryPoint, RecoveryReport
 from .segment import Segment
@@ -72,6 +81,14 @@ class LogStats(NamedTuple):
     size_bytes: int
     oldest_timestamp_ms: int  # append time of the first batch; 0 when empty
     newest_timestamp_ms: int  # append time of the last batch; 0 when empty
+
+
+class DamagedOffsets(NamedTuple):
+    """Offsets ``first_offset .. last_offset`` cannot be read (``cause`` says why)."""
+
+    first_offset: int
+    last_offset: int
+    cause: str
 
 
 class DeletedSegment(NamedTuple):
@@ -115,6 +132,7 @@ class PartitionLog:
         self._failed: LogFailed | None = None
         self._lock = threading.Lock()  # structure: segments, maps, offsets
         self._io_lock = threading.Lock()  # one flush/checkpoint/close at a time
+        self._reported: set[tuple[int, int]] = set()  # (segment base, position) logged
 
     @classmethod
     def open(cls, directory: Path | str, *, segment_bytes: int, segment_ms: int,
@@ -135,6 +153,8 @@ class PartitionLog:
         state = loaded.state
         segments = [Segment.load(directory, b, index_interval_bytes=index_interval_bytes)
                     for b in loaded.base_offsets]
+        for seg, successor in zip(segments, segments[1:]):
+            seg.set_end_offset(successor.base_offset)
         try:
             if segments:
                 segments[-1].activate(segment_bytes)
@@ -158,6 +178,10 @@ class PartitionLog:
         if loaded.report is not None:
             log.warning("%s: recovered after an unclean shutdown: %s", name, loaded.report,
                         extra={"event": "recovery", "partition_log": name, **dataclasses.asdict(loaded.report)})
+        for seg in segments[:-1]:
+            found = seg.check_tail()
+            if found is not None:
+                plog._report(seg, found)
         plog.checkpoint()
         return plog
 
@@ -227,6 +251,7 @@ class PartitionLog:
         except BaseException:
             new.discard()  # the roll did not happen; the next append tries again
             raise
+        old.set_end_offset(new.base_offset)
         self._segments.append(new)
         self._bases.append(new.base_offset)
         self._active = new
@@ -245,7 +270,10 @@ class PartitionLog:
                 return ReadResult(b"", offset, offset, 0, 0)
             i = bisect.bisect_right(self._bases, offset) - 1
             seg = self._segments[i]
-            position = seg.find_position(offset)
+            try:
+                position = seg.find_position(offset)
+            except CorruptRecords as exc:
+                raise self._corrupt(seg, exc) from None
             chunks, total_bytes, batches, records, next_offset = [], 0, 0, 0, offset
             while True:
                 part = seg.read(position, max_bytes=max_bytes, max_records=max_records,
@@ -256,6 +284,10 @@ class PartitionLog:
                     batches += part.batch_count
                     records += part.record_count
                     next_offset = part.next_offset
+                if part.damage is not None:
+                    if not batches:  # the damage is where this read starts
+                        raise self._corrupt(seg, part.damage)
+                    break  # the good frames before it now; the next read reports it
                 i += 1
                 # Go on to the next segment only if this one was read to its end.
                 reached_end = part.batch_count and part.next_offset == (
@@ -263,21 +295,54 @@ class PartitionLog:
                 if i == len(self._segments) or not reached_end:
                     break
                 seg, position = self._segments[i], 0
+            if not batches:  # never "nothing" below the log end: a reader would wait forever
+                end = self._bases[i] if i < len(self._segments) else self._log_end
+                raise self._corrupt(seg, CorruptRecords(offset, max(offset, end - 1),
+                                                        "no stored batch holds the offset"))
             data = b"".join(chunks)
-            first_offset = read_header(data, 0, len(data)).base_offset if data else offset
-            return ReadResult(data, first_offset, next_offset if batches else offset, batches,
-                              records)
+            first_offset = read_header(data, 0, len(data)).base_offset
+            return ReadResult(data, first_offset, next_offset, batches, records)
 
     def offset_for_time(self, timestamp_ms: int) -> int:
         """First offset of the first batch appended at or after ``timestamp_ms``;
-        ``log_end_offset`` if there is none."""
+        ``log_end_offset`` if there is none. CorruptRecords if it may lie in a damaged
+        range (whose append times are not known)."""
         with self._lock:
             self._check_open()
             i = bisect.bisect_left(self._segments, timestamp_ms, key=_newest_or_max)
-            if i == len(self._segments):
-                return self._log_end
-            found = self._segments[i].find_time(timestamp_ms)
-            return self._log_end if found is None else found
+            if i > 0 and self._segments[i - 1].tail_damage is not None:
+                i -= 1  # its newest time is a lower bound: the answer may be in its tail
+            pending, pending_in = None, self._segments[-1]
+            for seg in self._segments[i:]:
+                try:
+                    found, tail = seg.time_lookup(timestamp_ms, pending)
+                except CorruptRecords as exc:
+                    raise self._corrupt(pending_in if pending is not None and exc.first_offset
+                                        == pending.first_offset else seg, exc) from None
+                if found is not None:
+                    return found
+                if tail is not pending:
+                    pending, pending_in = tail, seg
+            if pending is not None:
+                raise self._corrupt(pending_in, pending)
+            return self._log_end
+
+    def damaged(self) -> list[DamagedOffsets]:
+        """The damaged ranges found so far (at start-up and by reads), in offset order;
+        overlapping finds (the start-up check reads headers only, a read then finds the
+        CRC failure of the frame before) are merged."""
+        with self._lock:
+            self._check_open()
+            found = sorted((d.first_offset, d.last_offset, d.cause) for seg in self._segments
+                           for d in seg.damage_found() if d.last_offset >= self._log_start)
+        merged: list[DamagedOffsets] = []
+        for first, last, cause in found:
+            if merged and first <= merged[-1].last_offset:
+                if last > merged[-1].last_offset:
+                    merged[-1] = merged[-1]._replace(last_offset=last)
+                continue
+            merged.append(DamagedOffsets(first, last, cause))
+        return merged
 
     def describe(self) -> LogStats:
         with self._lock:
@@ -448,6 +513,31 @@ class PartitionLog:
             raise LogClosed(self.directory, self.name)
         if self._failed is not None:
             raise self._failed
+
+    def _corrupt(self, seg: Segment, damage: DamagedRange | CorruptRecords) -> CorruptRecords:
+        """The error for a damaged range of ``seg``, named; the range is logged once,
+        with what only the broker's operator needs (file, byte position)."""
+        if isinstance(damage, DamagedRange):
+            self._report(seg, damage)
+            damage = CorruptRecords(damage.first_offset, damage.last_offset, damage.cause)
+        else:
+            for found in seg.damage_found():
+                if found.first_offset == damage.first_offset:
+                    self._report(seg, found)
+        return damage.named(topic=self.topic, partition=self.partition, name=self.name)
+
+    def _report(self, seg: Segment, damage: DamagedRange) -> None:
+        key = (seg.base_offset, damage.position)
+        if key in self._reported:
+            return
+        self._reported.add(key)
+        log.warning(
+            "%s: offsets %d..%d cannot be read (%s): %s is damaged from byte %d; reads of them answer "
+            "DATA_LOSS", self.name, damage.first_offset, damage.last_offset, damage.cause, seg.log_path,
+            damage.position,
+            extra={"event": "log_damaged", "partition_log": self.name, "first_offset": damage.first_offset,
+                   "last_offset": damage.last_offset, "cause": damage.cause, "segment": str(seg.log_path),
+                   "position": damage.position})
 
     def _check_range(self, offset: int) -> None:
         if not self._log_start <= offset <= self._log_end:

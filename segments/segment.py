@@ -21,6 +21,14 @@ offset, the first is ``base_offset``), append times never decrease, a sealed seg
 not empty, every position fits in uint32. Indexes are validated when first loaded and
 rebuilt from the log (header scan) if missing or garbled.
 
+Damage (``segments.damage``): every walk over the frames checks that each continues
+the offsets, so a frame that does not (or fails its CRC where it is served or trusted)
+is a ``DamagedRange``, found once and remembered by position. Reads return the good
+frames before it and report it (``SegmentRead.damage``); lookups of an offset in it
+raise ``CorruptRecords``; walks go on at its resume position. A sealed segment knows
+its end offset (the next segment's base offset, set by ``PartitionLog``), so a file
+that ends early is a damaged range too.
+
 Not thread-safe: ``PartitionLog`` serializes every call. Nothing here keeps a
 ``memoryview`` of a map: reads copy (``mmap`` slicing returns ``bytes``).
 """
@@ -36,9 +44,12 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import damage as damages
 from .batch import BatchHeader, crc_ok, iter_headers, read_header
-from .errors import CorruptBatch, StorageError
+from .damage import CHECKSUM, HEADER, TRUNCATED, DamagedRange
+from .errors import CorruptBatch, CorruptRecords, StorageError
 from .index import (
+    MAX_RELATIVE_OFFSET,
     OFFSET_ENTRY,
     TIME_ENTRY,
     OffsetIndex,
@@ -102,11 +113,17 @@ def build_index_entries(
     return np.array(offsets, dtype=OFFSET_ENTRY), np.array(times, dtype=TIME_ENTRY)
 
 
+def _always(header: BatchHeader) -> bool:
+    return True
+
+
 class SegmentRead(NamedTuple):
     data: bytes
     batch_count: int
     record_count: int
     next_offset: int
+    #: The damaged stretch the read stopped at (its good frames before it are ``data``).
+    damage: DamagedRange | None = None
 
 
 class Segment:
@@ -131,6 +148,15 @@ class Segment:
         self._first_time: int | None = None
         self._last_time: int | None = None
         self._last_entry_position: int | None = None
+        #: Sealed: the offset after the segment's last record (the next segment's base).
+        self._end_offset: int | None = None
+        self._damaged: dict[int, DamagedRange] = {}  # by position where the damage starts
+        #: The damaged range the segment's data ends with, if any (its newest time is then
+        #: not known: ``last_append_time_ms`` is that of the last good frame).
+        self.tail_damage: DamagedRange | None = None
+        #: Rebuilt from the log in this process: an entry that disagrees with the log is
+        #: then damage in the log, not a garbled index.
+        self._index_trusted = False
 
     # -- opening and state changes -------------------------------------------------
 
@@ -163,9 +189,35 @@ class Segment:
         seg._size = os.stat(seg.log_path).st_size
         return seg
 
+    def set_end_offset(self, offset: int) -> None:
+        """A sealed segment's end offset: the next segment's base offset."""
+        self._end_offset = offset
+
+    def check_tail(self) -> DamagedRange | None:
+        """The start-up check of a sealed segment (``damage.check_tail``: a few preads,
+        no map): the damaged range its data ends with, if any, remembered for reads."""
+        end = self._end_offset
+        if end is None or self._writable:
+            return None
+        if not self._size:
+            found = damages.DamagedRange(self.base_offset, end - 1, 0, 0, TRUNCATED) if end > self.base_offset else None
+        else:
+            check = damages.check_tail(self.log_path, self.index_path, size=self._size, base_offset=self.base_offset,
+                                       end_offset=end)
+            found = check.damage
+        if found is not None:
+            self._damaged[found.position] = found
+            if found.resume_position >= self._size:
+                self.tail_damage = found
+        return found
+
+    def damage_found(self) -> list[DamagedRange]:
+        """The damaged ranges found so far (at start-up and by reads), by position."""
+        return [self._damaged[p] for p in sorted(self._damaged)]
+
     def activate(self, capacity_bytes: int) -> None:
         """Make a loaded segment the active one: preallocate, map writable, find the
-        end of its data. Raises CorruptBatch if its frames do not fill the file."""
+        end of its data (damage in it is found by the walks, as in a sealed segment)."""
         self._unmap()
         self._close_indexes()
         if self._fd is None:
@@ -271,8 +323,8 @@ class Segment:
         if self._first_time is None and self._size:
             self._ensure_map()
             header = read_header(self._map, 0, self._size)
-            if header is None:
-                raise CorruptBatch(self.log_path, 0, "no valid frame at the start")
+            if header is None or header.base_offset != self.base_offset:
+                return None  # a damaged first batch: not known (reads report the damage)
             self._first_time = header.append_time_ms
         return self._first_time
 
@@ -324,73 +376,181 @@ class Segment:
         self._capacity = capacity_bytes
 
     def find_position(self, offset: int) -> int:
-        """Byte position of the frame containing ``offset`` (``size`` if past the end)."""
+        """Byte position of the frame containing ``offset`` (``size`` if past the end).
+        CorruptRecords if ``offset`` lies in a damaged range."""
         self._ensure_indexes()
-        assert self._offset_index is not None
-        try:
-            return self._scan_from_index(offset)
-        except CorruptBatch as exc:
-            # A damaged index entry (cheap checks at load time do not read every one)
-            # points between frames; the index is a cache, so rebuild it and retry. If
-            # the log itself is damaged, the rebuild raises CorruptBatch (DATA_LOSS).
-            self.rebuild_indexes(f"lookup of offset {offset} hit {exc}")
-            return self._scan_from_index(offset)
-
-    def _scan_from_index(self, offset: int) -> int:
-        assert self._offset_index is not None
-        _, position = self._offset_index.lookup(offset)
-        for header in self._headers(position):
-            if header.next_offset > offset:
-                return header.position
+        expected, position = self._lookup(offset)
+        for item in self._walk(position, expected):
+            if type(item) is DamagedRange:
+                if offset <= item.last_offset:
+                    raise CorruptRecords(item.first_offset, item.last_offset, item.cause)
+                continue
+            if item.next_offset > offset:
+                return item.position
         return self._size
 
     def read(self, position: int, *, max_bytes: int, max_records: int, taken_bytes: int,
              taken_records: int) -> SegmentRead:
-        """Whole frames from ``position``: the first one if nothing is taken yet, then
-        more while the running totals stay below ``max_bytes`` and ``max_records``."""
+        """Whole frames from ``position`` (a frame start, from ``find_position`` or 0):
+        the first one if nothing is taken yet, then more while the running totals stay
+        below ``max_bytes`` and ``max_records``, up to the first damaged stretch."""
         end, records, next_offset = position, 0, self.base_offset
         taken: list[BatchHeader] = []
-        for header in self._headers(position):
+        stop = None
+        for item in self._walk(position, self._offset_at(position)):
+            if type(item) is DamagedRange:
+                stop = item
+                break
             total_bytes = taken_bytes + end - position
             if (total_bytes or taken_records or taken) and not (
-                total_bytes + header.size <= max_bytes and taken_records + records < max_records
+                total_bytes + item.size <= max_bytes and taken_records + records < max_records
             ):
                 break
-            end = header.end
-            taken.append(header)
-            records += header.record_count
-            next_offset = header.next_offset
+            end = item.end
+            taken.append(item)
+            records += item.record_count
+            next_offset = item.next_offset
         data = self._map[position:end] if end > position and self._map is not None else b""
         # Never serve a batch that no longer matches its checksum (bit rot, a torn
-        # page): the copy is checked, so what is verified is what is sent.
-        for header in taken:
+        # page): the copy is checked, so what is verified is what is sent. The good
+        # frames before it still go out.
+        for k, header in enumerate(taken):
             if not crc_ok(data, header._replace(position=header.position - position)):
-                raise CorruptBatch(self.log_path, header.position, "checksum mismatch")
-        return SegmentRead(data, len(taken), records, next_offset)
+                stop = self.damage_at(header.position, header.base_offset, CHECKSUM)
+                data, taken = data[: header.position - position], taken[:k]
+                records = sum(h.record_count for h in taken)
+                next_offset = taken[-1].next_offset if taken else self.base_offset
+                break
+        return SegmentRead(data, len(taken), records, next_offset, stop)
 
     def find_time(self, timestamp_ms: int) -> int | None:
         """Base offset of the first batch appended at or after ``timestamp_ms``; None
-        if every batch here is older."""
+        if every batch here is older. CorruptRecords if the answer may lie in a
+        damaged range (its append times are not known)."""
+        found, pending = self.time_lookup(timestamp_ms)
+        if found is None and pending is not None:
+            raise CorruptRecords(pending.first_offset, pending.last_offset, pending.cause)
+        return found
+
+    def time_lookup(self, timestamp_ms: int,
+                    pending: DamagedRange | None = None) -> tuple[int | None, DamagedRange | None]:
+        """(``find_time``'s answer or None, a damaged range at the end of the walk that
+        may hold the answer). ``pending``: such a range just before this segment (the
+        previous segment's tail); a batch here older than ``timestamp_ms`` clears it
+        (append times never decrease), the first batch here being the answer makes
+        the answer ambiguous: CorruptRecords."""
         self._ensure_indexes()
-        assert self._offset_index is not None and self._time_index is not None
-        start = self._time_index.lookup(timestamp_ms)
-        _, position = self._offset_index.lookup(start)
-        for header in self._headers(position):
-            if header.append_time_ms >= timestamp_ms:
-                return header.base_offset
-        return None
+        assert self._time_index is not None
+        expected, position = self._lookup(self._time_index.lookup(timestamp_ms))
+        answer = self._time_walk(position, expected, timestamp_ms, None if position else pending)
+        if answer is None:  # the index said the batch there is older, its header says not
+            answer = self._time_walk(0, self.base_offset, timestamp_ms, pending)
+        assert answer is not None
+        return answer
 
-    # -- internals -------------------------------------------------------------------
+    def _time_walk(self, position: int, expected: int, timestamp_ms: int,
+                   pending: DamagedRange | None) -> tuple[int | None, DamagedRange | None] | None:
+        """Walk from an indexed batch older than ``timestamp_ms`` (or the start); None if
+        the one at ``position`` > 0 is not older (an index that disagrees with the log)."""
+        first = True
+        # Every batch walked must match its checksum (about one index interval of bytes
+        # is checked): the times of the one returned and of the one before it decide
+        # the answer, and a damaged batch's time is not known.
+        for item in self._walk(position, expected, check=_always):
+            if type(item) is DamagedRange:
+                pending, first = item, False
+                continue
+            if item.append_time_ms >= timestamp_ms:
+                if first and position:
+                    return None
+                if pending is not None:
+                    raise CorruptRecords(pending.first_offset, pending.last_offset, pending.cause)
+                return item.base_offset, None
+            pending, first = None, False
+        return None, pending
 
-    def _headers(self, position: int) -> Iterator[BatchHeader]:
-        """Headers from ``position`` to the end of the data; CorruptBatch if a frame in
-        between does not parse."""
+    # -- damage ------------------------------------------------------------------------
+
+    def _walk(self, position: int, expected: int, *,
+              check=None) -> Iterator[BatchHeader | DamagedRange]:
+        """From the frame at ``position`` (which must start at offset ``expected``) to
+        the end of the data: the header of each frame that continues the offsets (and,
+        where ``check(header)`` is true, matches its CRC), and a ``DamagedRange`` for
+        each stretch that does not, after which the walk goes on where frames resume.
+        Ends with the range of missing offsets if the data ends before the end offset.
+
+        A header is yielded only once the next frame (or the end offset) agrees with
+        its length and record count, or its CRC vouches for them: a flipped count or
+        length would otherwise pass as good and blame the intact frame after it."""
         self._ensure_map()
-        for header in walk_frames(self._map, position, self._size):
-            yield header
-            position = header.end
-        if position != self._size:
-            raise CorruptBatch(self.log_path, position, "frame header does not parse")
+        buf, limit, end = self._map, self._size, self._end()
+        header = read_header(buf, position, limit) if position < limit else None
+        while position < limit:
+            if header is not None and header.base_offset == expected and (
+                    check is None or not check(header) or crc_ok(buf, header)):
+                after = header.end
+                following = read_header(buf, after, limit) if after < limit else None
+                if (following.base_offset == header.next_offset if following is not None
+                        else after == limit and (end is None or header.next_offset == end)) \
+                        or crc_ok(buf, header):
+                    yield header
+                    position, expected, header = after, header.next_offset, following
+                    continue
+                cause = CHECKSUM
+            else:
+                cause = CHECKSUM if header is not None and header.base_offset == expected else HEADER
+            found = self.damage_at(position, expected, cause)
+            if found is None:  # bytes after the last frame that hold no offset
+                return
+            yield found
+            position, expected = found.resume_position, found.next_offset
+            header = read_header(buf, position, limit) if position < limit else None
+        if end is not None and expected < end:
+            found = self.damage_at(position, expected, TRUNCATED)
+            if found is not None:
+                yield found
+
+    def damage_at(self, position: int, expected: int, cause: str) -> DamagedRange | None:
+        """The damaged range starting at ``position`` (see ``segments.damage.locate``)."""
+        known = self._damaged.get(position)
+        if known is not None and known.first_offset == expected:
+            return known
+        self._ensure_map()
+        index = self._offset_index
+        end = self._end()
+        found = damages.locate(self._map, position, expected, limit=self._size, end_offset=end,
+                               next_entry=index.entry_after(position) if index is not None else None, cause=cause)
+        if found is not None and end is not None:  # with the end unknown the extent is a guess
+            self._damaged[position] = found
+        return found
+
+    def _end(self) -> int | None:
+        return self._next_offset if self._writable else self._end_offset
+
+    def _offset_at(self, position: int) -> int:
+        """The base offset of the frame at ``position`` (a frame start a lookup found)."""
+        if position == 0 or position >= self._size:
+            return self.base_offset
+        self._ensure_map()
+        header = read_header(self._map, position, self._size)
+        if header is None:
+            raise CorruptBatch(self.log_path, position, "read from a position where no frame starts")
+        return header.base_offset
+
+    def _lookup(self, offset: int) -> tuple[int, int]:
+        """(offset, position) of the index entry to walk from for ``offset``. An entry
+        whose frame names another offset means a garbled index (rebuilt once), or,
+        once rebuilt, damage in the log (the walk reports it)."""
+        assert self._offset_index is not None
+        expected, position = self._offset_index.lookup(offset)
+        if position and not self._index_trusted:
+            self._ensure_map()
+            header = read_header(self._map, position, self._size)
+            if header is None or header.base_offset != expected:
+                self.rebuild_indexes(f"the entry for offset {expected} points at byte {position}, "
+                                     "where no frame of that offset starts")
+                expected, position = self._offset_index.lookup(offset)
+        return expected, position
 
     def _ensure_map(self) -> None:
         if self._map is None and self._size:
@@ -438,11 +598,17 @@ class Segment:
         assert self._offset_index is not None and self._time_index is not None
         log.warning("rebuilding indexes of %s: %s", self.log_path, reason)
         self._ensure_map()
-        headers = list(self._headers(0))
+        # Damaged stretches get no entry; entry 0 stays (0, 0), the walks' start.
+        headers = [h for h in self._walk(0, self.base_offset) if type(h) is not DamagedRange]
         offsets, times = build_index_entries(iter(headers), self.base_offset, self._interval)
+        if self._size and (not headers or headers[0].position):
+            offsets = np.concatenate([np.array([(0, 0)], dtype=offsets.dtype), offsets])
+            first_time = headers[0].append_time_ms if headers else 0
+            times = np.concatenate([np.array([(first_time, 0, 0)], dtype=times.dtype), times])
         self._offset_index.replace(offsets)
         self._time_index.replace(times)
         self._last_entry_position = self._offset_index.last_position()
+        self._index_trusted = True
 
     def _spot_check(self, offsets: np.ndarray, times: np.ndarray) -> str | None:
         """Whether the last entry points at the frame it claims (one header read)."""
@@ -460,12 +626,31 @@ class Segment:
         return None
 
     def _load_tail(self) -> None:
-        """Find the last batch (next offset, newest append time) from the last entry."""
+        """Find the last batch (next offset, newest append time) from the last entry.
+        The newest time is that of the last frame that matches its checksum, found
+        from the segment's start if none after the last entry does (a damaged tail);
+        None if no frame does (then time lookups treat the segment as unknown)."""
         self._ensure_indexes()
         assert self._offset_index is not None
-        position = self._offset_index.last_position() or 0
-        last = None
-        for last in self._headers(position):
-            pass
-        self._next_offset = last.next_offset if last else self.base_offset
-        self._last_time = last.append_time_ms if last else None
+        start = self._lookup(self.base_offset + MAX_RELATIVE_OFFSET)
+        good: list[BatchHeader] = []
+        last: BatchHeader | DamagedRange | None = None
+        for expected, position in (start, (self.base_offset, 0)):
+            good, last = [], None
+            for last in self._walk(position, expected):
+                if type(last) is DamagedRange:
+                    good = []
+                else:
+                    good.append(last)
+            if position == start[1]:
+                walked_to = last.next_offset if last is not None else self.base_offset
+                self._next_offset = walked_to if self._writable or self._end_offset is None else self._end_offset
+                self.tail_damage = last if type(last) is DamagedRange else None
+            while good and not crc_ok(self._map, good[-1]):
+                found = self.damage_at(good[-1].position, good[-1].base_offset, CHECKSUM)
+                if position == start[1]:
+                    self.tail_damage = found
+                good.pop()
+            if good or not position:
+                break
+        self._last_time = good[-1].append_time_ms if good else None

@@ -209,6 +209,8 @@ class Broker:
                 index_interval_bytes=self.index_interval_bytes,
                 now_ms=now,
                 name=f"{meta.name}/{p}",
+                topic=meta.name,
+                partition=p,
             )
             try:
                 producers, covers = producer_state.load(plog, now_ms=now)

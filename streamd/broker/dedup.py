@@ -29,7 +29,7 @@ from collections import deque
 
 import lz4.frame
 
-from segments import PartitionLog
+from segments import CorruptRecords, PartitionLog
 from streamd.v1 import streamd_pb2 as pb
 
 from .log_scan import iter_batches
@@ -91,7 +91,11 @@ class DedupWindow:
         """Load the keys of the batches appended within the window; batches read."""
         since = now_ms - self.window_ms
         read = 0
-        for header, body in iter_batches(plog, plog.offset_for_time(since)):
+        try:
+            start = plog.offset_for_time(since)
+        except CorruptRecords as exc:  # the window may start in damage: scan from before it
+            start = exc.first_offset
+        for header, body in iter_batches(plog, start):
             if header.append_time_ms < since:
                 continue
             keys = stored_keys(bytes(body))

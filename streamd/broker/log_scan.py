@@ -4,14 +4,16 @@
 Frames come from ``PartitionLog.read`` (the public read path, a few MiB at a time)
 and are never decoded beyond what the caller asks: ``producer_fields`` picks the two
 idempotence fields out of a stored body with a small protobuf tag walk, without
-copying the records.
+copying the records. A damaged range (``CorruptRecords``) is skipped: the state is
+rebuilt from the batches that can be read (the log already reported the damage), so a
+damaged segment never keeps a partition from opening.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from segments import PartitionLog
+from segments import CorruptRecords, PartitionLog
 from segments.batch import HEADER_SIZE, BatchHeader, iter_headers
 
 SCAN_CHUNK_BYTES = 4 * 1024 * 1024
@@ -25,7 +27,11 @@ def iter_batches(plog: PartitionLog, from_offset: int) -> Iterator[tuple[BatchHe
     producer's part of the frame (see ``segments.batch``), valid until the next item."""
     offset = max(from_offset, plog.log_start_offset)
     while offset < plog.log_end_offset:
-        res = plog.read(offset, max_bytes=SCAN_CHUNK_BYTES, max_records=_ALL_RECORDS)
+        try:
+            res = plog.read(offset, max_bytes=SCAN_CHUNK_BYTES, max_records=_ALL_RECORDS)
+        except CorruptRecords as exc:
+            offset = exc.next_offset
+            continue
         if not res.batch_count:
             return
         view = memoryview(res.data)

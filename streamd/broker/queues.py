@@ -20,6 +20,12 @@ Glue between the pure ``consumer_groups.queue.PartitionQueue`` state, its
   record is settled once that append is durable. Nothing else waits for it.
 - ``tick()`` (every ``TICK_MS``) expires leases, releases due retries and wakes
   receivers; retention that overtook a partition's window is counted as lost.
+- **Damaged records** (a read answers ``CorruptRecords``: a corrupt batch, a
+  truncated segment): their offsets are settled as lost, counted
+  (``lost_to_corruption`` in stats, a metric) and logged with the range, and the group
+  goes on after them, as with retention. They are not dead-lettered: a dead letter
+  would carry no record, only the provenance the log line and the counter already
+  give. A partition never stalls or spins on them.
 
 Runs on the event loop; no awaits inside a state change.
 """
@@ -39,7 +45,7 @@ from consumer_groups.coordinator import check_group_name
 from consumer_groups.errors import LeaseExpired, QueueGroupExists, QueueGroupNotFound
 from consumer_groups.queue import DEAD_LETTERING, Lease, PartitionQueue, QueueConfig, check_lease_ms, offset_runs
 from consumer_groups.queue_store import QueueGroup, QueueStore
-from segments import OffsetOutOfRange
+from segments import CorruptRecords, OffsetOutOfRange
 from segments.batch import iter_headers
 from streamd.client.records import batch_records, record_runs
 from streamd.v1 import streamd_pb2 as pb
@@ -210,6 +216,8 @@ class QueueEngine:
                 # Retention deleted records under us (it runs off the loop): count them
                 # as lost and go on with the other partitions.
                 self._skip_retained(g, q)
+            except CorruptRecords as exc:  # records of the window became unreadable
+                self._skip_damaged(g, q, exc)
         self._start_dead_letters(g)
         return out, writes
 
@@ -272,7 +280,13 @@ class QueueEngine:
         self._skip_retained(g, q)
         end = part.high_watermark
         while q.scan_offset < end and q.room() > 0:
-            out = self.broker.read(g.topic, q.partition, q.scan_offset, max_records=q.room(), max_bytes=READ_BYTES)
+            try:
+                out = self.broker.read(g.topic, q.partition, q.scan_offset, max_records=q.room(),
+                                       max_bytes=READ_BYTES)
+            except CorruptRecords as exc:
+                if not self._skip_damaged(g, q, exc):
+                    return  # the window must drain before it can span the damage
+                continue
             if not out.data:
                 return
             for batch in pb.FetchResponse.FromString(out.data).batches:
@@ -293,6 +307,24 @@ class QueueEngine:
             if lost:
                 log.warning("queue group %s: retention deleted %d undelivered record(s) of %s/%d",
                             g.name, lost, g.topic, q.partition)
+
+    def _skip_damaged(self, g: QueueGroup, q: PartitionQueue, exc: CorruptRecords) -> bool:
+        """Settle the records of a damaged range as lost (counted, journaled, logged);
+        whether ``scan_offset`` moved past it."""
+        before = q.stats.lost_to_corruption
+        done = q.skip_damaged(exc.first_offset, exc.last_offset)
+        lost = q.stats.lost_to_corruption - before
+        if done:
+            self.store.damaged(g, q.partition, done, lost)
+        if lost:
+            log.warning("queue group %s: offsets %d..%d of %s/%d cannot be read (%s); %d record(s) not yet "
+                        "settled are lost to the group and skipped", g.name, exc.first_offset, exc.last_offset,
+                        g.topic, q.partition, exc.cause, lost,
+                        extra={"event": "queue_records_damaged", "group": g.name, "topic": g.topic,
+                               "partition": q.partition, "first_offset": exc.first_offset,
+                               "last_offset": exc.last_offset, "lost": lost})
+        self._wake(g)
+        return q.scan_offset > exc.last_offset
 
     def oldest_append_ms(self, g: QueueGroup, q: PartitionQueue) -> int | None:
         """Append time of the oldest unsettled record, from the window or, when the
@@ -468,6 +500,11 @@ class QueueEngine:
             target = self._dead_letter_topic(g)
             _, durable = self.broker.append(target, [], [letter.SerializeToString()])
             await durable
+        except CorruptRecords as exc:  # the record is gone: lost, not retried forever
+            self._dead_letter_backoff.pop(key, None)
+            if q.epoch == epoch and self._live(g):
+                self._skip_damaged(g, q, exc)
+            return
         except Exception as exc:
             delay = min(60.0, self._dead_letter_backoff.get(key, 0.5) * 2)
             self._dead_letter_backoff[key] = delay

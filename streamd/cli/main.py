@@ -9,16 +9,18 @@ The server address comes from ``--server``, else ``STREAMD_SERVER``, else
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
+import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from google.protobuf import json_format
 
-from streamd.client import Admin, Consumer, Producer, StreamdError
+from streamd.client import Admin, Consumer, CorruptRecordsError, Producer, StreamdError
 from streamd.client.admin import COMPRESSION, FSYNC
 from streamd.config import CONFIG_ENV, BrokerConfig
 
@@ -156,6 +158,10 @@ def cmd_topics_describe(args: argparse.Namespace) -> int:
         for p in t.partitions
     ]
     print(table(["PARTITION", "LOG-START", "LOG-END", "SEGMENTS", "BYTES", "OLDEST", "NEWEST"], rows))
+    for p in t.partitions:
+        for d in p.damaged:
+            print(f"damaged: partition {p.partition} offsets {d.first_offset}..{d.last_offset} cannot be read "
+                  f"({d.cause})")
     return 0
 
 
@@ -207,11 +213,26 @@ def _start(consumer: Consumer, topic: str, partitions, start: str) -> None:
                 consumer.seek(t, p, offset)
 
 
+@contextlib.contextmanager
+def client_warnings() -> Iterator[None]:
+    """The SDK's warnings (e.g. damaged records skipped) as ``streamd: warning: ...``
+    lines on stderr while a command runs."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("streamd: warning: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    logger = logging.getLogger("streamd.client")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
 def cmd_consume(args: argparse.Namespace) -> int:
     fmt = args.format
     count = 0
     out = sys.stdout
-    with Consumer(args.server) as consumer:
+    with Consumer(args.server, skip_corrupt=args.skip_corrupt) as consumer, client_warnings():
         _start(consumer, args.topic, None if args.partition is None else [args.partition], args.from_)
         try:
             for record in consumer.records(exit_at_end=args.exit_at_end):
@@ -221,6 +242,10 @@ def cmd_consume(args: argparse.Namespace) -> int:
                     break
         except KeyboardInterrupt:
             pass
+        except CorruptRecordsError as exc:
+            out.flush()
+            print(f"streamd: {exc} (--skip-corrupt reads on past them)", file=sys.stderr)
+            return 1
         finally:
             out.flush()
     return 0
@@ -335,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="%s\\n",
                    help="kcat tokens: %%t %%p %%o %%k %%s %%T %%h, escapes \\n \\t (default '%%s\\n')")
     p.add_argument("--json", action="store_true", help="one JSON object per record")
+    p.add_argument("--skip-corrupt", action="store_true",
+                   help="go on past records the broker cannot read (a damaged log), with a warning naming "
+                        "them, instead of stopping with an error")
     p.set_defaults(func=cmd_consume)
 
     p = sub.add_parser("offsets", help="earliest/latest offsets per partition")

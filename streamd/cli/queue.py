@@ -82,7 +82,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         for p in g.partitions:
             rows.append([g.group, g.topic, p.partition, p.start_offset, p.log_end_offset, p.backlog, p.in_flight,
                          p.waiting, p.acked, p.redelivered, p.dead_lettered, format_age(p.oldest_unacked_ms),
-                         p.lost_to_retention])
+                         p.lost_to_retention + p.lost_to_corruption])
     print(table(["GROUP", "TOPIC", "PARTITION", "START", "LOG-END", "BACKLOG", "IN-FLIGHT", "WAITING", "ACKED",
                  "REDELIVERED", "DEAD-LETTERED", "OLDEST-UNACKED", "LOST"], rows))
     return 0

@@ -34,7 +34,8 @@ from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from streamd.client import Consumer, Producer, StreamdError
+from streamd.client import Consumer, CorruptRecordsError, Producer, StreamdError
+from streamd.client.consumer import skip_past
 from streamd.client.producer import DEFAULT_BATCH_MAX_BYTES
 from streamd.client.records import ConsumerRecord, add_record
 from streamd.partitioner import key_partition
@@ -75,6 +76,7 @@ class ReplayState:
     position: dict[int, int]
     read: int = 0
     matched: int = 0
+    skipped: int = 0  # damaged offsets passed over (--skip-corrupt)
     started: float = field(default_factory=time.monotonic)
 
 
@@ -83,10 +85,15 @@ def _fetch_range(consumer: Consumer, topic: str, rng: PartitionRange, state: Rep
     empty; ``EMPTY_FETCH_LIMIT`` empty rounds in a row end it with ReplayError."""
     position, empty = rng.start, 0
     while position < rng.stop:
-        records, reply = consumer.fetch(
-            topic, rng.partition, position, max_records=FETCH_MAX_RECORDS,
-            max_wait_ms=EMPTY_FETCH_WAIT_MS if empty else 0,
-        )
+        try:
+            records, reply = consumer.fetch(
+                topic, rng.partition, position, max_records=FETCH_MAX_RECORDS,
+                max_wait_ms=EMPTY_FETCH_WAIT_MS if empty else 0,
+            )
+        except CorruptRecordsError as err:  # damaged records: stop, or skip them (--skip-corrupt)
+            position = skip_past(err, consumer.skip_corrupt)
+            state.skipped += min(position, rng.stop) - max(err.first_offset, rng.start)
+            continue
         if not records:
             empty += 1
             if empty >= EMPTY_FETCH_LIMIT:
@@ -329,6 +336,8 @@ def resume_command(args: argparse.Namespace, ranges: list[PartitionRange], front
     argv += ["--into", args.into] if args.into else ["--output", args.output]
     if args.rate is not None:
         argv += ["--rate", f"{args.rate:g}/s"]
+    if getattr(args, "skip_corrupt", False):
+        argv += ["--skip-corrupt"]
     return shlex.join(argv + ["--resume", _offsets_text(frontier)])
 
 
@@ -345,7 +354,7 @@ def _plan(consumer: Consumer, args: argparse.Namespace) -> tuple[list[PartitionR
         partitions = wanted
 
     def offsets_for_time(timestamp_ms: int) -> dict[int, int]:
-        return {o.partition: o.offset for o in consumer.list_offsets(args.topic, timestamp_ms=timestamp_ms)}
+        return consumer.offsets_for_time(args.topic, timestamp_ms)
 
     log_start = {p: b[0] for p, b in bounds.items()}
     log_end = {p: b[1] for p, b in bounds.items()}
@@ -360,6 +369,8 @@ def _plan(consumer: Consumer, args: argparse.Namespace) -> tuple[list[PartitionR
 def _summary(state: ReplayState, written: int, next_offsets: Mapping[int, int] | None) -> str:
     elapsed = time.monotonic() - state.started
     line = f"replay: read {state.read}, matched {state.matched}, written {written} in {elapsed:.2f}s"
+    if state.skipped:
+        line += f", skipped {state.skipped} damaged"
     if next_offsets is None:
         return line + " (dry run)"
     return f"{line}; next offsets {_offsets_text(next_offsets) or '-'}"
@@ -436,7 +447,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print("streamd replay: --from OFFSET|DATETIME is required (or --resume)", file=sys.stderr)
         return 2
     wanted = RecordFilter(None if args.key is None else args.key.encode(), tuple(args.header))
-    with Consumer(args.server) as consumer:
+    from .main import client_warnings  # here, not at the top: main imports this module
+
+    with Consumer(args.server, skip_corrupt=args.skip_corrupt) as consumer, client_warnings():
         ranges, notes = _plan(consumer, args)
         for note in notes:
             print(f"streamd: replay: {note}", file=sys.stderr)
@@ -513,5 +526,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--rate", type=_rate, metavar="N/s", help="at most N records per second")
     p.add_argument("--dry-run", action="store_true", help="print the plan per partition and write nothing")
     p.add_argument("--resume", metavar="P:OFF,...", help="start these partitions here (overrides --from)")
+    p.add_argument("--skip-corrupt", action="store_true",
+                   help="go on past records the broker cannot read (a damaged log), with a warning, instead "
+                        "of stopping there (the resume command then starts at them)")
     p.set_defaults(func=cmd_replay)
     return p

@@ -9,11 +9,21 @@ Positions move with ``seek``, ``seek_to_time``, ``seek_to_beginning``, ``seek_to
 
 ``AsyncConsumer`` offers the same on asyncio, and merges Subscribe streams of several
 partitions into one async iterator with a bounded queue.
+
+Damaged records (the broker answers DATA_LOSS / CORRUPT_BATCH with the offset range
+it cannot read): the records before them are handed out, then ``records()``,
+``poll()`` and ``subscribe()`` raise ``CorruptRecordsError`` (topic, partition,
+first_offset, last_offset, next_offset) with the position left at the damage, as
+Kafka's consumer does with a CorruptRecordException: the caller decides. With
+``skip_corrupt=True`` they go on at ``next_offset`` instead and log a warning naming
+the range (logger ``streamd.client.consumer``). ``fetch()`` is one plain Fetch and
+always raises.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 
@@ -24,10 +34,24 @@ from streamd.v1 import streamd_pb2 as pb
 from streamd.v1 import streamd_pb2_grpc as rpc
 
 from ._channel import Security, SyncClient, aio_channel
-from .errors import StreamdError
+from .errors import CorruptRecordsError, StreamdError
 from .records import ConsumerRecord, decode_batches, iter_batch
 
+log = logging.getLogger("streamd.client.consumer")
+
 DEFAULT_MAX_WAIT_MS = 500
+
+
+def skip_past(err: CorruptRecordsError, skip: bool) -> int:
+    """Where to go on after damaged records: ``err.next_offset`` (logged) when
+    skipping, else ``err`` is raised."""
+    if not skip:
+        raise err
+    log.warning("%s/%d: skipping damaged offsets %d..%d the broker cannot read; going on at %d",
+                err.topic, err.partition, err.first_offset, err.last_offset, err.next_offset,
+                extra={"event": "corrupt_records_skipped", "topic": err.topic, "partition": err.partition,
+                       "first_offset": err.first_offset, "last_offset": err.last_offset})
+    return err.next_offset
 
 
 def _start_fields(offset: int | None, timestamp_ms: int | None, position: str | None) -> dict:
@@ -58,8 +82,11 @@ def fetch_future(
 
 class Consumer(SyncClient):
     def __init__(self, server: str | None = None, *, channel: grpc.Channel | None = None,
-                 security: Security | None = None) -> None:
+                 security: Security | None = None, skip_corrupt: bool = False) -> None:
+        """``skip_corrupt``: go on past damaged records (logged) instead of raising
+        ``CorruptRecordsError`` (see the module docstring)."""
         super().__init__(server, channel=channel, security=security)
+        self.skip_corrupt = skip_corrupt
         self.positions: dict[tuple[str, int], int] = {}
         self.ends: dict[tuple[str, int], int] = {}
 
@@ -86,12 +113,29 @@ class Consumer(SyncClient):
     def seek_to_time(self, topic: str, timestamp_ms: int, partitions: Iterable[int] | None = None) -> None:
         """Move to the first record appended at or after ``timestamp_ms``."""
         parts = [p for (t, p) in self.positions if t == topic] if partitions is None else list(partitions)
-        reply = self._call(
-            self._log.ListOffsets,
-            pb.ListOffsetsRequest(topic=topic, partitions=parts, timestamp_ms=timestamp_ms),
-        )
-        for o in reply.offsets:
-            self.positions[(topic, o.partition)] = o.offset
+        for p, offset in self.offsets_for_time(topic, timestamp_ms, parts).items():
+            self.positions[(topic, p)] = offset
+
+    def offsets_for_time(self, topic: str, timestamp_ms: int, partitions: Iterable[int] | None = None) -> dict[int, int]:
+        """Per partition (all when None or empty), the first offset appended at or
+        after ``timestamp_ms``. Where that may lie in damaged records (their append
+        times are unknown) the broker answers DATA_LOSS: ``CorruptRecordsError``, or
+        with ``skip_corrupt`` the offset after them (logged)."""
+        parts = list(partitions or [])
+        out: dict[int, int] = {}
+        for _ in range(len(parts) or self.partition_count(topic)):
+            request = pb.ListOffsetsRequest(topic=topic, partitions=parts, timestamp_ms=timestamp_ms)
+            try:
+                reply = self._call(self._log.ListOffsets, request)
+            except CorruptRecordsError as err:
+                out[err.partition] = skip_past(err, self.skip_corrupt)
+                parts = [p for p in (parts or range(self.partition_count(topic))) if p != err.partition]
+                if not parts:
+                    break
+                continue
+            out.update((o.partition, o.offset) for o in reply.offsets)
+            break
+        return out
 
     def seek_to_beginning(self, topic: str) -> None:
         self.assign(topic, [p for (t, p) in self.positions if t == topic] or None, start="beginning")
@@ -125,12 +169,20 @@ class Consumer(SyncClient):
         """Fetch once from each assigned partition; long-poll only when all are idle."""
         out: list[ConsumerRecord] = []
         for key, offset in list(self.positions.items()):
-            records, reply = self.fetch(*key, offset, max_records=max_records)
+            try:
+                records, reply = self.fetch(*key, offset, max_records=max_records)
+            except CorruptRecordsError as err:
+                self.positions[key] = skip_past(err, self.skip_corrupt)
+                continue
             self._advance(key, reply)
             out.extend(records)
         if not out and max_wait_ms > 0 and len(self.positions) == 1:
             key, offset = next(iter(self.positions.items()))
-            records, reply = self.fetch(*key, offset, max_records=max_records, max_wait_ms=max_wait_ms)
+            try:
+                records, reply = self.fetch(*key, offset, max_records=max_records, max_wait_ms=max_wait_ms)
+            except CorruptRecordsError as err:
+                self.positions[key] = skip_past(err, self.skip_corrupt)
+                return out
             self._advance(key, reply)
             out.extend(records)
         elif not out and max_wait_ms > 0:
@@ -164,7 +216,12 @@ class Consumer(SyncClient):
             while True:
                 got = 0
                 for key in keys:
-                    reply = self._result(inflight[key])
+                    try:
+                        reply = self._result(inflight[key])
+                    except CorruptRecordsError as err:
+                        self.positions[key] = skip_past(err, self.skip_corrupt)
+                        inflight[key] = self._fetch_future(key, self.positions[key], wait, max_bytes)
+                        continue
                     start = self.positions[key]
                     self._advance(key, reply)
                     inflight[key] = self._fetch_future(key, self.positions[key], wait, max_bytes)
@@ -205,29 +262,37 @@ class Consumer(SyncClient):
         max_bytes: int = 0,
     ) -> Iterator[ConsumerRecord]:
         """Records pushed by the broker from a start position on, tailing forever."""
-        request = pb.SubscribeRequest(
-            topic=topic, partition=partition, max_bytes=max_bytes, **_start_fields(offset, timestamp_ms, position)
-        )
-        call = self._log.Subscribe(request)
+        start_fields = _start_fields(offset, timestamp_ms, position)
         start = offset or 0
-        try:
-            for message in call:
-                for batch in message.batches:
-                    yield from iter_batch(batch, topic, partition, start)
-                start = message.next_offset
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.CANCELLED:
-                raise StreamdError.from_rpc_error(err) from None
-        finally:
-            call.cancel()
+        while True:
+            request = pb.SubscribeRequest(topic=topic, partition=partition, max_bytes=max_bytes, **start_fields)
+            call = self._log.Subscribe(request)
+            try:
+                for message in call:
+                    for batch in message.batches:
+                        yield from iter_batch(batch, topic, partition, start)
+                    start = message.next_offset
+                return
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.CANCELLED:
+                    return
+                error = StreamdError.from_rpc_error(err)
+                if not (isinstance(error, CorruptRecordsError) and self.skip_corrupt):
+                    raise error from None
+                start = skip_past(error, True)
+                start_fields = {"offset": start}
+            finally:
+                call.cancel()
 
 
 class AsyncConsumer:
     """asyncio flavour: ``fetch`` and a merged multi-partition ``subscribe``."""
 
     def __init__(self, server: str | None = None, *, channel: grpc.aio.Channel | None = None,
-                 security: Security | None = None) -> None:
+                 security: Security | None = None, skip_corrupt: bool = False) -> None:
+        """``skip_corrupt``: as ``Consumer``'s, for ``subscribe``."""
         tune_malloc()
+        self.skip_corrupt = skip_corrupt
         self._own_channel = channel is None
         self._channel = channel or aio_channel(server, security=security)
         self._log = rpc.LogServiceStub(self._channel)
@@ -266,35 +331,28 @@ class AsyncConsumer:
             partitions = range(reply.topic.partition_count)
         partitions = list(partitions)
         if len(partitions) == 1:  # no merging needed: read the stream directly
-            request = pb.SubscribeRequest(
-                topic=topic, partition=partitions[0], **_start_fields(offset, timestamp_ms, position)
-            )
-            start = offset or 0
-            call = self._log.Subscribe(request)
-            try:
-                async for message in call:
-                    for batch in message.batches:
-                        for record in iter_batch(batch, topic, partitions[0], start):
-                            yield record
-                    start = message.next_offset
-            except grpc.RpcError as err:
-                raise StreamdError.from_rpc_error(err) from None
-            finally:
-                call.cancel()
+            async for record in self._stream(topic, partitions[0], _start_fields(offset, timestamp_ms, position),
+                                             offset or 0):
+                yield record
             return
         queue: asyncio.Queue = asyncio.Queue(queue_size)
 
         async def pump(partition: int) -> None:
-            request = pb.SubscribeRequest(
-                topic=topic, partition=partition, **_start_fields(offset, timestamp_ms, position)
-            )
-            start = offset or 0
-            try:
-                async for message in self._log.Subscribe(request):
-                    await queue.put(list(decode_batches(message.batches, topic, partition, start)))
-                    start = message.next_offset
-            except grpc.RpcError as err:
-                await queue.put(StreamdError.from_rpc_error(err))
+            start_fields, start = _start_fields(offset, timestamp_ms, position), offset or 0
+            while True:
+                request = pb.SubscribeRequest(topic=topic, partition=partition, **start_fields)
+                try:
+                    async for message in self._log.Subscribe(request):
+                        await queue.put(list(decode_batches(message.batches, topic, partition, start)))
+                        start = message.next_offset
+                    return
+                except grpc.RpcError as err:
+                    error = StreamdError.from_rpc_error(err)
+                    if not (isinstance(error, CorruptRecordsError) and self.skip_corrupt):
+                        await queue.put(error)
+                        return
+                    start = skip_past(error, True)
+                    start_fields = {"offset": start}
 
         tasks = [asyncio.create_task(pump(p)) for p in partitions]
         try:
@@ -308,3 +366,24 @@ class AsyncConsumer:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _stream(self, topic: str, partition: int, start_fields: dict, start: int) -> AsyncIterator[ConsumerRecord]:
+        """One partition's Subscribe stream, resubscribed past damaged records when
+        skipping them."""
+        while True:
+            call = self._log.Subscribe(pb.SubscribeRequest(topic=topic, partition=partition, **start_fields))
+            try:
+                async for message in call:
+                    for batch in message.batches:
+                        for record in iter_batch(batch, topic, partition, start):
+                            yield record
+                    start = message.next_offset
+                return
+            except grpc.RpcError as err:
+                error = StreamdError.from_rpc_error(err)
+                if not (isinstance(error, CorruptRecordsError) and self.skip_corrupt):
+                    raise error from None
+                start = skip_past(error, True)
+                start_fields = {"offset": start}
+            finally:
+                call.cancel()

@@ -2,6 +2,8 @@
 
     StreamdError                 any failure reported by the broker or the transport
     ├── ProduceError             a produce request was refused (e.g. RECORD_TOO_LARGE)
+    ├── CorruptRecordsError      DATA_LOSS / CORRUPT_BATCH: offsets first..last of a
+    │                            partition cannot be read; reading goes on at next_offset
     └── (grpc.RpcError stays as the ``cause`` of transport failures)
 
 Each carries the gRPC ``code`` name, the stable ``reason`` from google.rpc.ErrorInfo
@@ -37,8 +39,28 @@ class StreamdError(Exception):
                 if detail.Unpack(info):
                     reason, metadata = info.reason, dict(info.metadata)
         details = err.details() if hasattr(err, "details") else str(err)
+        if cls is StreamdError and reason == CorruptRecordsError.REASON and "next_offset" in metadata:
+            return CorruptRecordsError(code.name, reason, details or "", metadata)
         return cls(code.name, reason, details or "", metadata)
 
 
 class ProduceError(StreamdError):
     pass
+
+
+class CorruptRecordsError(StreamdError):
+    """Offsets ``first_offset .. last_offset`` of ``topic``/``partition`` are damaged on
+    the broker (a batch failed its checksum, a segment file was cut short) and cannot be
+    read; the records after them can, from ``next_offset``. Consumers stop here by
+    default; with ``skip_corrupt=True`` they go on at ``next_offset`` and log a warning."""
+
+    REASON = "CORRUPT_BATCH"
+
+    def __init__(self, code: str, reason: str, message: str, metadata: dict[str, str] | None = None) -> None:
+        super().__init__(code, reason, message, metadata)
+        m = self.metadata
+        self.topic = m.get("topic", "")
+        self.partition = int(m.get("partition", "0"))
+        self.first_offset = int(m["first_offset"])
+        self.last_offset = int(m["last_offset"])
+        self.next_offset = int(m["next_offset"])

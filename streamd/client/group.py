@@ -24,6 +24,12 @@ records are handed out. With ``auto_commit_interval_ms=None`` call ``commit()``.
 A commit that the broker refuses as stale (the partition moved, or an operator reset
 fenced the generation) is dropped: the partition's new owner, or the reset, decides
 where reading continues.
+
+Damaged records (DATA_LOSS / CORRUPT_BATCH): the records before them are handed out,
+then ``records()`` raises ``CorruptRecordsError`` (and again on each call while the
+partition stays there). With ``skip_corrupt=True`` the member goes on at the range's
+``next_offset``, logs a warning, and counts the range as processed, so the next
+commit moves past it and the partition's next owner does not stop there either.
 """
 
 from __future__ import annotations
@@ -40,8 +46,8 @@ import grpc
 from streamd.v1 import streamd_pb2 as pb
 
 from ._channel import Security, SyncClient
-from .consumer import fetch_future
-from .errors import StreamdError
+from .consumer import fetch_future, skip_past
+from .errors import CorruptRecordsError, StreamdError
 from .records import ConsumerRecord, iter_batch
 
 log = logging.getLogger("streamd.client.group")
@@ -137,6 +143,7 @@ class GroupConsumer(SyncClient):
         on_revoke: Callback | None = None,
         max_wait_ms: int = 200,
         max_bytes: int = 0,
+        skip_corrupt: bool = False,
     ) -> None:
         if delivery not in ("at-least-once", "at-most-once"):
             raise ValueError("delivery must be 'at-least-once' or 'at-most-once'")
@@ -154,6 +161,7 @@ class GroupConsumer(SyncClient):
         self.auto_commit_s = None if auto_commit_interval_ms is None else auto_commit_interval_ms / 1000
         self.on_assign, self.on_revoke = on_assign, on_revoke
         self.max_wait_ms, self.max_bytes = max_wait_ms, max_bytes
+        self.skip_corrupt = skip_corrupt
         self.member_id, self.generation = "", 0
         #: Partitions owned now; next offset to fetch; next offset after the last
         #: processed record; last committed offset.
@@ -359,6 +367,12 @@ class GroupConsumer(SyncClient):
 
     def _fetch_failed(self, tp: TopicPartition, error: StreamdError) -> None:
         if tp not in self.assigned:
+            return
+        if isinstance(error, CorruptRecordsError) and self.skip_corrupt:
+            offset = skip_past(error, True)
+            if self.processed.get(tp) == self.positions[tp]:  # everything before it was processed
+                self.processed[tp] = max(self.processed[tp], offset)
+            self._refetch(tp, offset)
             return
         if error.code == "OUT_OF_RANGE":
             # Retention passed our position (or the offset was never valid): restart

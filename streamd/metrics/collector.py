@@ -165,6 +165,9 @@ def _storage(snap: Snapshot) -> Iterator[Metric]:
         ("streamd_log_recovery_truncated_bytes",
          "Bytes of torn or corrupt tail cut by crash recovery when this broker opened the partition.",
          "recovery_truncated_bytes", g),
+        ("streamd_log_damaged_offsets",
+         "Offsets found unreadable (corrupt batches, segment files cut short) since the broker opened the "
+         "partition; reads of them answer DATA_LOSS.", "damaged_offsets", g),
     ]
     for name, doc, attr, kind in rows:
         yield _family(kind, name, doc, _PT, (([p.topic, p.partition], getattr(p, attr)) for p in ps))
@@ -203,6 +206,8 @@ def _queues(snap: Snapshot) -> Iterator[Metric]:
          "lease_expired", c),
         ("streamd_queue_lost_to_retention_total", "Records retention deleted before the group settled them.",
          "lost_to_retention", c),
+        ("streamd_queue_lost_to_corruption_total",
+         "Records a damaged log made unreadable before the group settled them (skipped).", "lost_to_corruption", c),
         ("streamd_queue_oldest_unacked_age_seconds", "Age of the oldest record not yet settled.",
          "oldest_unacked_seconds", g),
     ]

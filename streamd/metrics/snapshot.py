@@ -41,6 +41,7 @@ class PartitionRow:
     retention_deleted_segments: int
     retention_deleted_bytes: int
     recovery_truncated_bytes: int
+    damaged_offsets: int = 0
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class QueueRow:
     lease_expired: int
     lost_to_retention: int
     oldest_unacked_seconds: float
+    lost_to_corruption: int = 0
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ def take(src: Sources) -> Snapshot:
                 part.topic, part.index, stats.log_start_offset, stats.log_end_offset, part.high_watermark,
                 stats.segment_count, stats.size_bytes, part.retention_deleted_segments,
                 part.retention_deleted_bytes, report.bytes_truncated if report is not None else 0,
+                sum(d.last_offset - d.first_offset + 1 for d in part.log.damaged()),
             ))
     for r in (src.rpcs or {}).values():
         snap.rpcs.append(RpcRow(r.service, r.method, r.type, r.started, dict(r.handled), r.seconds.copy()))
@@ -165,5 +168,6 @@ def _queues(engine, snap: Snapshot) -> None:
             snap.queues.append(QueueRow(
                 g.name, g.topic, s.partition, s.backlog, s.in_flight, s.waiting, s.acked, s.redelivered,
                 s.dead_lettered, q.stats.lease_expired, s.lost_to_retention, s.oldest_unacked_ms / 1000,
+                s.lost_to_corruption,
             ))
 

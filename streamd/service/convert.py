@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from segments import LogStats
+from segments import DamagedOffsets, LogStats
 from streamd.broker.errors import InvalidArgument
 from streamd.broker.topic import TopicMeta, TopicSettings
 from streamd.v1 import streamd_pb2 as pb
@@ -59,8 +59,10 @@ def settings_to_pb(s: TopicSettings) -> pb.TopicConfig:
     )
 
 
-def partition_to_pb(index: int, stats: LogStats) -> pb.PartitionDescription:
+def partition_to_pb(index: int, stats: LogStats, damaged: list[DamagedOffsets] = ()) -> pb.PartitionDescription:
     return pb.PartitionDescription(
+        damaged=[pb.DamagedRange(first_offset=d.first_offset, last_offset=d.last_offset, cause=d.cause)
+                 for d in damaged],
         partition=index,
         log_start_offset=stats.log_start_offset,
         log_end_offset=stats.log_end_offset,
@@ -71,11 +73,12 @@ def partition_to_pb(index: int, stats: LogStats) -> pb.PartitionDescription:
     )
 
 
-def topic_to_pb(meta: TopicMeta, stats: list[LogStats]) -> pb.TopicDescription:
+def topic_to_pb(meta: TopicMeta, stats: list[LogStats],
+                damaged: list[list[DamagedOffsets]] | None = None) -> pb.TopicDescription:
     return pb.TopicDescription(
         name=meta.name,
         partition_count=meta.partition_count,
         config=settings_to_pb(meta.settings),
-        partitions=[partition_to_pb(i, s) for i, s in enumerate(stats)],
+        partitions=[partition_to_pb(i, s, damaged[i] if damaged else ()) for i, s in enumerate(stats)],
         created_ms=meta.created_ms,
     )

@@ -44,6 +44,7 @@ STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     broker_errors.BrokerUnavailable: grpc.StatusCode.UNAVAILABLE,
     segments.OffsetOutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     segments.CorruptBatch: grpc.StatusCode.DATA_LOSS,
+    segments.CorruptRecords: grpc.StatusCode.DATA_LOSS,
     segments.LogClosed: grpc.StatusCode.UNAVAILABLE,
     segments.LogFailed: grpc.StatusCode.UNAVAILABLE,
     segments.InvalidBatch: grpc.StatusCode.INVALID_ARGUMENT,
@@ -101,8 +102,13 @@ def reason_and_metadata(exc: BaseException) -> tuple[str, dict[str, str]]:
             "log_start_offset": str(exc.log_start_offset),
             "log_end_offset": str(exc.log_end_offset),
         }
+    if isinstance(exc, segments.CorruptRecords):
+        # What a reader needs to skip the damage (and nothing about the broker's files).
+        fields = {"topic": exc.topic, "partition": exc.partition, "first_offset": exc.first_offset,
+                  "last_offset": exc.last_offset, "next_offset": exc.next_offset}
+        return "CORRUPT_BATCH", {k: str(v) for k, v in fields.items() if v is not None}
     if isinstance(exc, segments.CorruptBatch):
-        return "CORRUPT_BATCH", {"position": str(getattr(exc, "position", ""))}
+        return "CORRUPT_BATCH", {}
     if isinstance(exc, (segments.LogFailed, JournalFailed)):
         return "STORAGE_FAILED", {}
     if isinstance(exc, segments.LogClosed):
@@ -121,6 +127,10 @@ def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str, str, dict[str, 
         log.error("unexpected error", exc_info=exc)
         return grpc.StatusCode.INTERNAL, "INTERNAL", "internal error; see the broker log", {}
     reason, metadata = reason_and_metadata(exc)
+    if isinstance(exc, segments.CorruptBatch):
+        # Names a file and a byte position: for the broker's log, not for clients.
+        log.error("corrupt stored batch: %s", exc)
+        return code, reason, "a stored batch is corrupt; see the broker log", metadata
     return code, reason, str(exc), metadata
 
 

@@ -22,7 +22,7 @@ from consumer_groups.errors import (
     NothingToUndo,
 )
 from consumer_groups.offsets import OffsetStore
-from segments import OffsetOutOfRange
+from segments import CorruptRecords, OffsetOutOfRange
 from segments.batch import iter_headers
 from streamd.broker.broker import Broker
 from streamd.broker.errors import BrokerUnavailable, InvalidArgument
@@ -228,6 +228,8 @@ class GroupService:
         if lag:
             try:
                 out = self.broker.read(topic, p, position, max_records=1, max_bytes=1)
+            except CorruptRecords:  # the log reported it; lag in records is still right
+                pass
             except Exception as exc:  # lag in records is still worth showing
                 log.warning("lag time of %s/%d: %s", topic, p, exc)
             else:

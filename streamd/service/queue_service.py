@@ -301,4 +301,5 @@ def _stats(q: PartitionQueue, end: int, now: int, oldest_ms: int | None) -> pb.Q
         acked=q.stats.acked, redelivered=q.stats.redelivered, dead_lettered=q.stats.dead_lettered,
         oldest_unacked_ms=max(0, now - oldest_ms) if oldest_ms is not None else 0,
         lost_to_retention=q.stats.lost_to_retention, log_end_offset=end,
+        lost_to_corruption=q.stats.lost_to_corruption,
     )

@@ -146,7 +146,7 @@ class TopicConfig(_message.Message):
     def __init__(self, retention_ms: _Optional[int] = ..., retention_bytes: _Optional[int] = ..., segment_bytes: _Optional[int] = ..., segment_ms: _Optional[int] = ..., max_record_bytes: _Optional[int] = ..., fsync_policy: _Optional[_Union[FsyncPolicy, str]] = ..., fsync_interval_ms: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., dedup_window_ms: _Optional[int] = ...) -> None: ...
 
 class PartitionDescription(_message.Message):
-    __slots__ = ("partition", "log_start_offset", "log_end_offset", "segment_count", "size_bytes", "oldest_timestamp_ms", "newest_timestamp_ms")
+    __slots__ = ("partition", "log_start_offset", "log_end_offset", "segment_count", "size_bytes", "oldest_timestamp_ms", "newest_timestamp_ms", "damaged")
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     LOG_START_OFFSET_FIELD_NUMBER: _ClassVar[int]
     LOG_END_OFFSET_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +154,7 @@ class PartitionDescription(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     OLDEST_TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
     NEWEST_TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    DAMAGED_FIELD_NUMBER: _ClassVar[int]
     partition: int
     log_start_offset: int
     log_end_offset: int
@@ -161,7 +162,18 @@ class PartitionDescription(_message.Message):
     size_bytes: int
     oldest_timestamp_ms: int
     newest_timestamp_ms: int
-    def __init__(self, partition: _Optional[int] = ..., log_start_offset: _Optional[int] = ..., log_end_offset: _Optional[int] = ..., segment_count: _Optional[int] = ..., size_bytes: _Optional[int] = ..., oldest_timestamp_ms: _Optional[int] = ..., newest_timestamp_ms: _Optional[int] = ...) -> None: ...
+    damaged: _containers.RepeatedCompositeFieldContainer[DamagedRange]
+    def __init__(self, partition: _Optional[int] = ..., log_start_offset: _Optional[int] = ..., log_end_offset: _Optional[int] = ..., segment_count: _Optional[int] = ..., size_bytes: _Optional[int] = ..., oldest_timestamp_ms: _Optional[int] = ..., newest_timestamp_ms: _Optional[int] = ..., damaged: _Optional[_Iterable[_Union[DamagedRange, _Mapping]]] = ...) -> None: ...
+
+class DamagedRange(_message.Message):
+    __slots__ = ("first_offset", "last_offset", "cause")
+    FIRST_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LAST_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CAUSE_FIELD_NUMBER: _ClassVar[int]
+    first_offset: int
+    last_offset: int
+    cause: str
+    def __init__(self, first_offset: _Optional[int] = ..., last_offset: _Optional[int] = ..., cause: _Optional[str] = ...) -> None: ...
 
 class TopicDescription(_message.Message):
     __slots__ = ("name", "partition_count", "config", "partitions", "created_ms")
@@ -957,7 +969,7 @@ class SettleResult(_message.Message):
     def __init__(self, error: _Optional[_Union[StreamError, _Mapping]] = ..., lease_expires_ms: _Optional[int] = ..., settled: _Optional[int] = ..., refused: _Optional[int] = ...) -> None: ...
 
 class QueuePartitionStats(_message.Message):
-    __slots__ = ("partition", "start_offset", "backlog", "in_flight", "waiting", "acked", "redelivered", "dead_lettered", "oldest_unacked_ms", "lost_to_retention", "log_end_offset")
+    __slots__ = ("partition", "start_offset", "backlog", "in_flight", "waiting", "acked", "redelivered", "dead_lettered", "oldest_unacked_ms", "lost_to_retention", "log_end_offset", "lost_to_corruption")
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     START_OFFSET_FIELD_NUMBER: _ClassVar[int]
     BACKLOG_FIELD_NUMBER: _ClassVar[int]
@@ -969,6 +981,7 @@ class QueuePartitionStats(_message.Message):
     OLDEST_UNACKED_MS_FIELD_NUMBER: _ClassVar[int]
     LOST_TO_RETENTION_FIELD_NUMBER: _ClassVar[int]
     LOG_END_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LOST_TO_CORRUPTION_FIELD_NUMBER: _ClassVar[int]
     partition: int
     start_offset: int
     backlog: int
@@ -980,7 +993,8 @@ class QueuePartitionStats(_message.Message):
     oldest_unacked_ms: int
     lost_to_retention: int
     log_end_offset: int
-    def __init__(self, partition: _Optional[int] = ..., start_offset: _Optional[int] = ..., backlog: _Optional[int] = ..., in_flight: _Optional[int] = ..., waiting: _Optional[int] = ..., acked: _Optional[int] = ..., redelivered: _Optional[int] = ..., dead_lettered: _Optional[int] = ..., oldest_unacked_ms: _Optional[int] = ..., lost_to_retention: _Optional[int] = ..., log_end_offset: _Optional[int] = ...) -> None: ...
+    lost_to_corruption: int
+    def __init__(self, partition: _Optional[int] = ..., start_offset: _Optional[int] = ..., backlog: _Optional[int] = ..., in_flight: _Optional[int] = ..., waiting: _Optional[int] = ..., acked: _Optional[int] = ..., redelivered: _Optional[int] = ..., dead_lettered: _Optional[int] = ..., oldest_unacked_ms: _Optional[int] = ..., lost_to_retention: _Optional[int] = ..., log_end_offset: _Optional[int] = ..., lost_to_corruption: _Optional[int] = ...) -> None: ...
 
 class QueueGroupDescription(_message.Message):
     __slots__ = ("group", "topic", "config", "partitions", "created_ms")

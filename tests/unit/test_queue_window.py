@@ -48,3 +48,22 @@ def test_timers_of_settled_leases_do_not_pile_up_until_they_expire():
         lease = q.lease(1, NOW + i, 12 * 3600 * 1000)
         q.ack_range(i, i, lease.lease_id, NOW + i)
     assert len(q._timers) < 5_000
+
+
+def test_damaged_records_are_settled_as_lost_in_the_window_and_ahead_of_it():
+    q = PartitionQueue(0, 0, QueueConfig(max_in_flight=10), rng=random.Random(1))
+    q.admit_run(0, 10, NOW)
+    lease = q.lease(3, NOW, 30_000)  # 0..2 leased, 3..9 available
+    # 5..14 unreadable: 5..9 are in the window, 10..14 not admitted yet.
+    assert q.skip_damaged(5, 14) == [(5, 9), (10, 14)]
+    assert q.stats.lost_to_corruption == 10 and q.scan_offset == 15
+    assert sorted(q.pick(10).tolist()) == [3, 4]  # nothing damaged is handed out
+    q.ack_range(0, 2, lease.lease_id, NOW)
+    again = restarted(q)
+    assert again.stats.lost_to_corruption == 10 and again.settled_ahead == set(range(5, 15))
+    # Wider than the window can span while records before it are unsettled: later.
+    assert q.skip_damaged(15, 15 + 10 * 20) == []
+    assert q.scan_offset == 15
+    q.ack_range(3, 4, q.lease(2, NOW, 30_000).lease_id, NOW)
+    assert q.skip_damaged(15, 15 + 10 * 20) == [(15, 215)]  # an empty window restarts past it
+    assert q.start_offset == q.scan_offset == 216 and q.stats.lost_to_corruption == 211
