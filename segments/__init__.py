@@ -10,11 +10,14 @@ from .checkpoint import fsync_directory, write_atomic
 from .errors import (
     BatchTooLarge,
     CorruptBatch,
+    DiskFull,
     InvalidBatch,
     LogClosed,
     LogFailed,
     OffsetOutOfRange,
     StorageError,
+    disk_full_as,
+    is_disk_full,
 )
 from .index import OffsetIndex, TimeIndex
 from .log import (
@@ -34,6 +37,7 @@ __all__ = [
     "BatchTooLarge",
     "CorruptBatch",
     "DeletedSegment",
+    "DiskFull",
     "InvalidBatch",
     "LogClosed",
     "LogFailed",
@@ -47,6 +51,8 @@ __all__ = [
     "Segment",
     "StorageError",
     "TimeIndex",
+    "disk_full_as",
     "fsync_directory",
+    "is_disk_full",
     "write_atomic",
 ]
