@@ -650,13 +650,21 @@ class Broker:
                 work.close()
             return None
         try:
-            return await work
+            result = await work
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             if not part.closed:
-                _log_failure(f"{what} of {part.topic}/{part.index}", exc)
+                quiet = is_disk_full(exc) and what in part.failing_jobs  # said once, until it works again
+                if is_disk_full(exc):
+                    part.failing_jobs.add(what)
+                if not quiet:
+                    _log_failure(f"{what} of {part.topic}/{part.index}", exc)
             return None
+        if what in part.failing_jobs:
+            part.failing_jobs.discard(what)
+            log.info("%s of %s/%d works again", what, part.topic, part.index)
+        return result
 
 
 def _note_refusal(part: Partition, exc: BaseException) -> None:

@@ -79,6 +79,8 @@ class Partition:
         self.disk_full = False
         #: The broker's reopening of this partition's failed log, while it runs.
         self.repair: asyncio.Future | None = None
+        #: Background jobs whose last run found no room (logged once until they work).
+        self.failing_jobs: set[str] = set()
 
     # -- writing -------------------------------------------------------------
     def append(

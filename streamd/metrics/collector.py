@@ -165,6 +165,10 @@ def _storage(snap: Snapshot) -> Iterator[Metric]:
         ("streamd_log_recovery_truncated_bytes",
          "Bytes of torn or corrupt tail cut by crash recovery when this broker opened the partition.",
          "recovery_truncated_bytes", g),
+        ("streamd_log_disk_full_refusals_total",
+         "Produce requests refused (DISK_FULL) because the filesystem had no room.", "disk_full_refusals", c),
+        ("streamd_log_disk_full",
+         "1 while the partition's last append was refused for lack of space, else 0.", "disk_full", g),
     ]
     for name, doc, attr, kind in rows:
         yield _family(kind, name, doc, _PT, (([p.topic, p.partition], getattr(p, attr)) for p in ps))

@@ -20,6 +20,7 @@ from tests.conftest import wait_until
 from tests.full_disk import DISK_FULL, ballast_dirs, fill_into, produce_until_full, read_all
 
 from .helpers import Stubs, error_info
+from .test_metrics import samples, scrape, value
 
 KiB = 1 << 10
 
@@ -88,6 +89,8 @@ def test_a_full_disk_answers_disk_full_stores_all_or_nothing_and_recovers_withou
     acked, errors = produce_until_full(server.address, "t", partitions=2, records=800)
     assert errors and set(errors) == {DISK_FULL}, set(errors)
     assert read_all(server.address, "t") == acked
+    found = samples(scrape(server))
+    assert sum(value(found, "streamd_log_disk_full_refusals_total", topic="t", partition=p) for p in (0, 1)) > 0
 
     # All or none: a request's batches for one partition, and a request's partitions.
     ballast.release()
@@ -123,6 +126,7 @@ def test_a_full_disk_answers_disk_full_stores_all_or_nothing_and_recovers_withou
     with Producer(server.address) as producer:
         meta = producer.send_and_wait("t", b"after", partition=1)
     acked[(1, meta.offset)] = b"after"
+    assert value(samples(scrape(server)), "streamd_log_disk_full", topic="t", partition=1) == 0
     stubs.groups.CommitOffsets(pb.CommitOffsetsRequest(group="g", offsets=[pb.OffsetCommit(topic="t", partition=0, offset=7)]))
     assert stubs.queues.Settle(_nacks(leased[-2:])).results  # the journal was rewritten from memory
     assert read_all(server.address, "t") == acked
