@@ -57,7 +57,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .batch import HEADER_SIZE, BatchHeader, claimed_frame_size
-from .checkpoint import TEMP_SUFFIX, remove_durable, write_atomic
+from .checkpoint import TEMP_SUFFIX, fsync_directory, remove_durable, write_atomic
 from .errors import is_disk_full
 from .index import OffsetIndex, TimeIndex, check_entries
 from .segment import (
@@ -152,6 +152,7 @@ def load(directory: Path, *, index_interval_bytes: int, name: str) -> LoadResult
         log.warning("%s: clean-shutdown marker present but the last segment is damaged", name,
                     extra={"event": "recovery", "partition_log": name})
     report = _recover(directory, bases, state, index_interval_bytes, name)
+    fsync_directory(directory)  # segment files made since the last good fsync, and the deletions
     return LoadResult(bases, report, state)
 
 
