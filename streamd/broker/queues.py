@@ -148,6 +148,8 @@ class QueueEngine:
         partition that had some."""
         self.broker.check_serving()
         g = self.group(name, topic)
+        if g.config.at_most_once:  # handing out is settling: not while the journal cannot take it
+            await self.store.ready()
         n = _receive_count(max_records)
         try:
             lease = check_lease_ms(lease_ms) if lease_ms is not None else g.config.lease_ms
