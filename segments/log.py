@@ -135,6 +135,9 @@ class PartitionLog:
         #: The lowest offset undone (``undo_appends``) since the running flush took
         #: its snapshot: that flush may have synced bytes since zeroed.
         self._undone_to: int | None = None
+        #: Where the last append started and the last append time before it, so that
+        #: undoing it puts the time back exactly.
+        self._last_append: tuple[int, int] = (self._log_end, self._last_time)
         self._lock = threading.Lock()  # structure: segments, maps, offsets
         self._io_lock = threading.Lock()  # one flush/checkpoint/close at a time
 
@@ -239,6 +242,7 @@ class PartitionLog:
             except OSError as exc:  # not a context manager: see append_batches
                 raise self._disk_full(exc, 1, len(frame)) from exc
             self._dirty.add(self._active)
+            self._last_append = (base, self._last_time)
             self._log_end = base + record_count
             self._last_time = when
             return AppendInfo(base, when, len(frame))
@@ -276,6 +280,7 @@ class PartitionLog:
             except OSError as exc:  # not a context manager: this is the hot path
                 raise self._disk_full(exc, len(frames), size) from exc
             self._dirty.add(self._active)
+            self._last_append = (base, self._last_time)
             self._log_end = offset
             self._last_time = when
             return [AppendInfo(o, when, len(frame)) for frame, o, _ in frames]
@@ -315,10 +320,11 @@ class PartitionLog:
                 self._failed = LogFailed(self.directory, exc, self.name)
                 raise
             self._log_end = offset
-            # The newest batch left sets the time; with none left (retention took the
-            # rest) the undone time stays, which only keeps append times monotonic.
-            self._last_time = next((s.last_append_time_ms or 0 for s in reversed(self._segments) if s.size),
-                                   self._last_time)
+            if self._last_append[0] == offset:  # the last append, as the broker undoes
+                self._last_time = self._last_append[1]
+            else:  # the newest batch left sets the time (none left: the time stays)
+                self._last_time = next((s.last_append_time_ms or 0 for s in reversed(self._segments) if s.size),
+                                       self._last_time)
             self._dirty.add(seg)
             self._flushed = min(self._flushed, offset)
             self._undone_to = offset if self._undone_to is None else min(self._undone_to, offset)
