@@ -25,9 +25,17 @@ Invariants:
 - Recovery replays frames up to the first one that is torn, fails its CRC, does not
   decode or is refused by ``apply`` (KeyError/TypeError/ValueError), truncates the
   file there (fsynced) and logs what it cut.
-- A failed write, fsync or compaction fails the callers of that flush, and the journal
-  refuses every later write with ``JournalFailed`` (the file's state is unknown;
-  reopening recovers).
+- A failed write, fsync or compaction fails the callers of that flush (``DiskFull``
+  when there was no room, else ``JournalFailed``) and the calls queued behind it.
+  The file's state is then unknown (a failed fsync may have dropped pages, or kept
+  them marked clean, of earlier frames too), so it is never appended to again:
+  before the next durable write (or ``ready``) the flusher rewrites it whole from the
+  owner's ``snapshot()`` (``write_atomic``: a new file, fsynced, renamed over it), which
+  makes the disk hold exactly the owner's state, then goes on. Until that works
+  (space returns) every durable write fails with the rewrite's error; operations
+  written lazily meanwhile are dropped, as the rewrite will hold their effect (the
+  owner's state has it, or, for owners that change state only once an operation is
+  durable, the operation never took effect).
 
 Not thread-safe: open it before serving (blocking I/O), then use one event loop.
 """
@@ -47,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from segments.checkpoint import TEMP_SUFFIX, fsync_directory, write_atomic
+from segments.errors import DiskFull, is_disk_full
 
 log = logging.getLogger("streamd.journal")
 
@@ -55,7 +64,7 @@ FRAME_HEADER = struct.Struct("<II")
 
 
 class JournalFailed(OSError):
-    """An earlier write failed or the journal is closed; it takes no more writes."""
+    """A write failed (other than for lack of space), or the journal is closed."""
 
 
 class Journal:
@@ -79,6 +88,7 @@ class Journal:
         self._pending: list[tuple[bytes, asyncio.Future | None, dict, Callable | None]] = []
         self._flusher: asyncio.Future[None] | None = None
         self._failed: BaseException | None = None
+        self._rewrite_wanted = False  # ``ready`` asks the flusher to rewrite a failed file
         self._closed = False
         self._fd = self._open()
         self.size = self._recover(apply)
@@ -91,9 +101,9 @@ class Journal:
         with the result of ``then(op)``, which the flusher calls right after the fsync
         and before any compaction (so an owner that changes its state only once an
         operation is durable is never snapshotted without it). Raises
-        ``JournalFailed`` at once when the journal takes no more writes."""
-        if (refusal := self._refusal()) is not None:
-            raise refusal
+        ``JournalFailed`` at once when the journal is closed."""
+        if self._closed:
+            raise self._closed_error()
         future = asyncio.get_running_loop().create_future() if durable else None
         self._pending.append((encode_frame(op), future, op, then))
         if self._flusher is None:
@@ -101,9 +111,26 @@ class Journal:
         return future
 
     def check(self) -> None:
-        """Raise ``JournalFailed`` if the journal takes no more writes."""
-        if (refusal := self._refusal()) is not None:
-            raise refusal
+        """Raise ``JournalFailed`` if the journal is closed."""
+        if self._closed:
+            raise self._closed_error()
+
+    async def ready(self) -> None:
+        """Return once the journal takes writes: after a failure, once the flusher
+        rewrote it from the snapshot (module docstring); raises that rewrite's error
+        (``DiskFull``, ``JournalFailed``) if it still cannot. Owners that change their
+        state before writing call this first, so that nothing changes while the
+        journal cannot take it."""
+        self.check()
+        if self._failed is None:
+            return
+        self._rewrite_wanted = True
+        if self._flusher is None:
+            self._flusher = asyncio.ensure_future(self._flush_pending())
+        while self._flusher is not None:
+            await asyncio.shield(self._flusher)
+        if self._failed is not None:
+            raise self._error(self._failed)
 
     async def close(self) -> None:
         """Refuse new writes, wait for queued ones, close the file. Idempotent."""
@@ -114,19 +141,30 @@ class Journal:
             os.close(self._fd)
             self._fd = -1
 
-    def _refusal(self) -> JournalFailed | None:
-        if self._failed is not None:
-            return JournalFailed(errno.EIO, f"journal {self.path} failed earlier: {self._failed!r}")
-        if self._closed:
-            return JournalFailed(errno.EBADF, f"journal {self.path} is closed")
-        return None
+    def _closed_error(self) -> JournalFailed:
+        return JournalFailed(errno.EBADF, f"journal {self.path.name} is closed")
+
+    def _error(self, exc: BaseException) -> Exception:
+        """What callers of a failed flush (and the calls behind it) get."""
+        if is_disk_full(exc):
+            return exc if isinstance(exc, DiskFull) else DiskFull(f"write {self.path.name}", cause=exc)
+        code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
+        return JournalFailed(code, f"journal {self.path.name} failed to write ({exc}); "
+                                   "it is rewritten from memory with the next write")
 
     # -- the flusher (one at a time) ----------------------------------------
     async def _flush_pending(self) -> None:
         loop = asyncio.get_running_loop()
         batch: list[tuple[bytes, asyncio.Future | None, dict, Callable | None]] = []
         try:
-            while self._pending:
+            while True:
+                if self._failed is not None:
+                    if not (self._rewrite_wanted or any(future is not None for _, future, _, _ in self._pending)):
+                        self._pending = []  # lazy only: the rewrite will hold their effect
+                        break
+                    await self._rewrite_failed(loop)
+                if not self._pending:
+                    break
                 batch, self._pending = self._pending, []
                 data = b"".join(frame for frame, *_ in batch)
                 sync = any(future is not None for _, future, _, _ in batch)
@@ -143,8 +181,12 @@ class Journal:
             # A failed compaction fails the journal too: the rename may have happened,
             # and appending to the old file would then lose data.
             self._failed = exc
-            log.error("journal %s failed, refusing further writes: %r", self.path, exc)
-            error = exc if isinstance(exc, Exception) else JournalFailed(errno.EIO, repr(exc))
+            self._rewrite_wanted = False
+            if is_disk_full(exc):
+                log.warning("journal %s: %s; durable writes fail until there is room", self.path, exc)
+            else:
+                log.error("journal %s failed; it is rewritten from memory with the next write: %r", self.path, exc)
+            error = self._error(exc)
             for _, future, _, _ in batch:
                 if future is not None:
                     _settle(future, exc=error)
@@ -159,7 +201,18 @@ class Journal:
                 batch, self._pending = self._pending, []
                 for _, future, _, _ in batch:
                     if future is not None:
-                        _settle(future, exc=self._refusal())
+                        _settle(future, exc=self._error(self._failed))
+
+    async def _rewrite_failed(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Replace a failed journal's file by the owner's snapshot (module docstring)."""
+        self._rewrite_wanted = False
+        snapshot = b"".join(encode_frame(op) for op in self._snapshot())  # on the loop, with the state
+        self._fd = await loop.run_in_executor(self._executor, self._rewrite, snapshot)
+        self.size = len(snapshot)
+        self._compact_threshold = max(self._compact_bytes, 2 * len(snapshot))
+        self._failed = None
+        log.warning("journal %s: rewritten from memory (%d bytes) after the failure; taking writes again",
+                    self.path, self.size)
 
     async def _compact(self, loop: asyncio.AbstractEventLoop) -> None:
         # Encoded on the loop, where the owner's state lives; written in the executor.
@@ -173,7 +226,8 @@ class Journal:
     def _rewrite(self, snapshot: bytes) -> int:
         write_atomic(self.path, snapshot)
         fd = _open_journal(self.path)
-        os.close(self._fd)
+        if self._fd >= 0:
+            os.close(self._fd)
         return fd
 
     # -- open and recovery ---------------------------------------------------

@@ -10,11 +10,14 @@ Owns ``DIR/offsets.journal``, a ``consumer_groups.journal.Journal`` whose operat
 
 State is the result of replaying the operations in order. A write call returns only
 once its operation is fsynced, and memory changes only then, in operation order, so
-readers never see what a crash could take back. A failed write fails its callers,
-leaves memory unchanged, and the store refuses further writes (``OffsetStoreFailed``);
-reopening recovers. A failed call's operation may still reappear after a restart: not
-acknowledged does not mean not applied. Snapshots for compaction are one commit
-operation per group plus one undo operation per undo record.
+readers never see what a crash could take back. A failed write fails its callers
+(``segments.DiskFull`` when there was no room, else ``OffsetStoreFailed``) and leaves
+memory unchanged; the next write first rewrites the journal from memory (see
+``journal``), so the store works again by itself once the disk has room, holding
+exactly what was acknowledged. A failed call's operation may still reappear after a
+crash before that rewrite: not acknowledged does not mean not applied. Snapshots (for
+compaction and that rewrite) are one commit operation per group plus one undo
+operation per undo record.
 
 Not thread-safe: construct it before serving (open does blocking I/O) and call every
 method from one event loop thread. Reads are plain in-memory lookups.
@@ -39,7 +42,7 @@ TopicPartition = tuple[str, int]
 
 
 class OffsetStoreFailed(JournalFailed):
-    """An earlier write failed or the store is closed; the journal takes no more writes."""
+    """A write failed (other than for lack of space), or the store is closed."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,14 @@ lease in flight at a crash is void after it, and its record is delivered again.
 After a restart each partition starts with its window empty at ``start_offset``;
 records are admitted from the log again and pick up what ``remembered`` holds for
 them (delivery counts, retry times, reasons, pending dead letters).
+
+A failed write (a full disk) fails the calls waiting for it; the journal is then
+rewritten from this state (the snapshot) before it takes more (``journal``), so disk
+and memory agree again once there is room. Callers change memory before they write,
+so they ``await ready()`` first: while the journal cannot be rewritten, nothing
+changes and the call fails (DISK_FULL). Only the changes of the call whose write
+failed are in memory and not on disk; the rewrite stores them (``create`` and
+``delete`` put memory back instead, so a failed one can be retried as it was).
 """
 
 from __future__ import annotations
@@ -101,12 +109,23 @@ class QueueStore:
 
     # -- writes (the callers changed memory already) -----------------------------------
     async def create(self, group: QueueGroup) -> None:
-        self.groups[(group.name, group.topic)] = group
-        await self._journal.write(self._create_op(group))
+        key = (group.name, group.topic)
+        self.groups[key] = group
+        try:
+            await self._journal.write(self._create_op(group))
+        except BaseException:
+            if self.groups.get(key) is group:  # not created: the name stays free
+                del self.groups[key]
+            raise
 
     async def delete(self, group: QueueGroup) -> None:
-        self.groups.pop((group.name, group.topic), None)
-        await self._journal.write({"op": "delete", "g": group.name, "t": group.topic})
+        key = (group.name, group.topic)
+        self.groups.pop(key, None)
+        try:
+            await self._journal.write({"op": "delete", "g": group.name, "t": group.topic})
+        except BaseException:
+            self.groups.setdefault(key, group)  # not deleted: still there
+            raise
 
     def delivered(self, group: QueueGroup, partition: int, lease: Lease, now: int) -> None:
         """Deliveries, as runs of consecutive offsets with the same count and times
@@ -146,9 +165,13 @@ class QueueStore:
                             durable=False)
 
     def check(self) -> None:
-        """Raise ``JournalFailed`` once the journal failed: state changes would no
-        longer be durable, so the queue groups stop changing until a restart."""
+        """Raise ``JournalFailed`` if the store is closed."""
         self._journal.check()
+
+    async def ready(self) -> None:
+        """Before a change to the state: return once the journal takes writes (after a
+        failure: once it was rewritten from this state), else raise why not."""
+        await self._journal.ready()
 
     async def close(self) -> None:
         await self._journal.close()

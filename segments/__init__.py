@@ -11,11 +11,14 @@ from .errors import (
     BatchTooLarge,
     CorruptBatch,
     CorruptRecords,
+    DiskFull,
     InvalidBatch,
     LogClosed,
     LogFailed,
     OffsetOutOfRange,
     StorageError,
+    disk_full_as,
+    is_disk_full,
 )
 from .index import OffsetIndex, TimeIndex
 from .log import (
@@ -38,6 +41,7 @@ __all__ = [
     "CorruptRecords",
     "DamagedOffsets",
     "DeletedSegment",
+    "DiskFull",
     "InvalidBatch",
     "LogClosed",
     "LogFailed",
@@ -51,6 +55,8 @@ __all__ = [
     "Segment",
     "StorageError",
     "TimeIndex",
+    "disk_full_as",
     "fsync_directory",
+    "is_disk_full",
     "write_atomic",
 ]

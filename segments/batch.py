@@ -112,6 +112,16 @@ def read_header(buf, position: int, limit: int) -> BatchHeader | None:
     return BatchHeader(position, length + 6, crc, base, append, count)
 
 
+def claimed_frame_size(buf, position: int, limit: int) -> int | None:
+    """The size the frame at ``position`` claims by its tag and length prefix (6
+    bytes, the rest unchecked), or None if no frame starts there or fewer than 6
+    bytes are left before ``limit``: how much to read to check the frame whole."""
+    if position + 6 > limit or buf[position] != FRAME_TAG:
+        return None
+    length = _unvarint5(bytes(buf[position + 1 : position + 6]))
+    return None if length is None else length + 6
+
+
 def iter_headers(buf, position: int = 0, limit: int | None = None) -> Iterator[BatchHeader]:
     """Headers of consecutive well-formed frames from ``position``; stops at the first
     position that does not hold one (end of data, zero fill or garbage)."""

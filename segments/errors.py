@@ -10,6 +10,8 @@ The tree::
     |                            batch, a truncated segment); readers go on at next_offset
     +-- LogClosed                an operation on a closed PartitionLog
     +-- LogFailed                an fsync failed: the log refuses work until reopened
+    +-- DiskFull                 no space (ENOSPC/EDQUOT, a short write); also an OSError:
+                                 nothing of the operation was stored
     +-- InvalidBatch             an append the log cannot store (bad record count)
     +-- BatchTooLarge            a frame over ``batch.MAX_FRAME_BYTES``
 
@@ -19,7 +21,18 @@ Messages name the partition when the log was opened with ``name``/``topic``/``pa
 
 from __future__ import annotations
 
+import contextlib
+import errno
+from collections.abc import Iterator
 from pathlib import Path
+
+#: The errnos that mean "no room": out of blocks or inodes, or over a quota.
+DISK_FULL_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT))
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the filesystem has no room (``DiskFull`` or a raw OSError)."""
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
 
 
 class StorageError(Exception):
@@ -100,14 +113,36 @@ class CorruptRecords(StorageError):
 
 class LogFailed(StorageError):
     """An fsync of the partition log failed. After a failed fsync Linux may have
-    dropped the dirty pages, so a retry could "succeed" without the data: the log
-    refuses appends and flushes until the broker restarts and recovers from disk."""
+    dropped the dirty pages (or kept them, marked clean, though they never reached the
+    disk), so a retry could "succeed" without the data: the log refuses every call
+    until it is opened again, which recovers it from disk (``recovery``: what it
+    keeps past the last good fsync is checked and written again). The broker does
+    that by itself (``Broker``'s repair job), no restart needed."""
 
     def __init__(self, directory: Path | str, cause: BaseException, name: str | None = None) -> None:
         self.directory = Path(directory)
         self.name = name
         self.cause = cause
-        super().__init__(f"partition log {name or directory} failed to fsync ({cause}); restart the broker")
+        super().__init__(f"partition log {name or directory} failed to fsync ({cause}); "
+                         "it is recovered from disk before it takes more work")
+
+
+class DiskFull(StorageError, OSError):
+    """The filesystem had no room for ``what`` (e.g. "append 3 batches", "roll to a new
+    segment"). Raised before anything of the operation is visible: a write that
+    failed part-way is undone first. ``errno`` is ENOSPC (or EDQUOT), so code that
+    checks an OSError's errno sees it as one; ``cause`` is the original error."""
+
+    def __init__(self, what: str, *, name: str | None = None, cause: BaseException | None = None) -> None:
+        code = cause.errno if isinstance(cause, OSError) and cause.errno in DISK_FULL_ERRNOS else errno.ENOSPC
+        where = f" for {name}" if name else ""
+        OSError.__init__(self, code, f"no space left on the data directory's filesystem to {what}{where}")
+        self.what = what
+        self.name = name
+        self.cause = cause
+
+    def __str__(self) -> str:
+        return self.strerror or "disk full"
 
 
 class LogClosed(StorageError):
@@ -134,3 +169,17 @@ class BatchTooLarge(StorageError):
         self.size = size
         self.max_bytes = max_bytes
         super().__init__(f"batch frame of {size} bytes exceeds the limit of {max_bytes} bytes")
+
+
+@contextlib.contextmanager
+def disk_full_as(what: str, *, name: str | None = None) -> Iterator[None]:
+    """Turn an OSError that says the disk is full, raised inside the block, into
+    ``DiskFull(what)``; other errors pass unchanged."""
+    try:
+        yield
+    except DiskFull:
+        raise
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFull(what, name=name, cause=exc) from exc
+        raise

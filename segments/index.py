@@ -23,12 +23,15 @@ A writable index (the active segment's) is a ``numpy.memmap`` preallocated to a
 capacity and trimmed to its used entries by ``trim``; a read-only index maps the
 trimmed file. Entries past the capacity are skipped: a sparser index is still correct.
 Indexes are caches: ``check_entries`` finds garbled ones and the segment rebuilds them
-from the log. Not thread-safe: the owning ``PartitionLog`` serializes access.
+from the log. A rebuilt read-only index that cannot be saved (a full disk) is kept in
+memory and its file left as it was (invalid or missing): the next load rebuilds it
+again. Not thread-safe: the owning ``PartitionLog`` serializes access.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from pathlib import Path
 from typing import ClassVar
@@ -37,6 +40,9 @@ import numpy as np
 
 from .batch import HEADER_SIZE
 from .checkpoint import write_atomic
+from .errors import is_disk_full
+
+log = logging.getLogger(__name__)
 
 OFFSET_ENTRY = np.dtype([("relative_offset", "<u4"), ("position", "<u4")])
 TIME_ENTRY = np.dtype([("timestamp_ms", "<i8"), ("relative_offset", "<u4"), ("pad", "<u4")])
@@ -118,11 +124,16 @@ class _Index:
             self._map_read_only(max(file_size, 0) // esize)
         else:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            file_size = os.fstat(self._fd).st_size
-            length = max(capacity, file_size // esize)
-            if file_size != length * esize:
-                _allocate(self._fd, length * esize)
-            self._array = np.memmap(self.path, dtype=self.ENTRY, mode="r+", shape=(length,))
+            try:
+                file_size = os.fstat(self._fd).st_size
+                length = max(capacity, file_size // esize)
+                if file_size != length * esize:
+                    _allocate(self._fd, length * esize)
+                self._array = np.memmap(self.path, dtype=self.ENTRY, mode="r+", shape=(length,))
+            except BaseException:  # e.g. ENOSPC preallocating: no descriptor left behind
+                os.close(self._fd)
+                self._fd = None
+                raise
         #: False if the file was missing or not a whole number of entries.
         self.file_ok = file_size >= 0 and file_size % esize == 0
         self.count = used_entries(self._array["relative_offset"], has_data=data_size > 0)
@@ -161,8 +172,15 @@ class _Index:
             self.count = n
         else:
             self._unmap()
-            self.write_file(self.path, entries)
-            self._map_read_only(len(entries))
+            try:
+                self.write_file(self.path, entries)
+            except OSError as exc:
+                if not is_disk_full(exc):
+                    raise
+                log.warning("no space to save the rebuilt index %s; serving it from memory", self.path.name)
+                self._array = np.array(entries, dtype=self.ENTRY)
+            else:
+                self._map_read_only(len(entries))
             self.count = len(entries)
 
     @classmethod

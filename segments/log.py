@@ -12,10 +12,20 @@ segment written since the last flush and advances ``flushed_offset`` (everything
 it survives a power loss); ``checkpoint`` persists that point as the recovery point, so
 a crash recovery scans only what came after it.
 
-A full disk is an OSError (ENOSPC) from the append or the roll, never SIGBUS: the log
-is written with ``pwrite`` (its preallocation is sparse) and index files, written
-through memmaps, are preallocated with real blocks (``posix_fallocate``). A failed
-fsync fails the log (``LogFailed``) until the broker restarts and recovers.
+Full disks. No room is ``DiskFull`` (an OSError, ENOSPC), never SIGBUS, and it leaves
+the log as it was: ``append_batches`` stores a request's batches for the partition
+all or none (one segment, a roll first if due, blocks reserved for all of them before
+the first byte is written: ``segment``), and ``undo_appends`` takes back the batches
+of a request that failed later on (another partition). Index files, written through
+memmaps, are preallocated with real blocks (``posix_fallocate``). A log opened on a
+full disk serves reads; if there is no room to make its last segment active, every
+append tries again and answers DiskFull until there is (``writable``). Nothing of
+opening needs free space (``recovery``); a ``partition.json`` that cannot be saved is
+logged and saved with the next checkpoint.
+
+A failed fsync fails the log (``LogFailed``): never retried, since the kernel may
+have dropped the pages or marked them clean. Opening the directory again recovers it
+(the owner does, in-process: the broker's repair job).
 
 Damage: a read returns the good frames up to a damaged stretch (``segments.damage``)
 and raises ``CorruptRecords`` (its offset range, no file names) when it starts there;
@@ -41,7 +51,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -49,7 +59,17 @@ from . import recovery
 from .batch import MAX_FRAME_BYTES, encode_frame, read_header
 from .checkpoint import fsync_directory
 from .damage import DamagedRange
-from .errors import BatchTooLarge, CorruptRecords, InvalidBatch, LogClosed, LogFailed, OffsetOutOfRange
+from .errors import (
+    BatchTooLarge,
+    CorruptRecords,
+    DiskFull,
+    InvalidBatch,
+    LogClosed,
+    LogFailed,
+    OffsetOutOfRange,
+    disk_full_as,
+    is_disk_full,
+)
 from .index import MAX_POSITION, MAX_RELATIVE_OFFSET
 from .recovery import PartitionState, RecoveryPoint, RecoveryReport
 from .segment import Segment
@@ -130,6 +150,12 @@ class PartitionLog:
         self._dir_dirty = False
         self._closed = False
         self._failed: LogFailed | None = None
+        #: The lowest offset undone (``undo_appends``) since the running flush took
+        #: its snapshot: that flush may have synced bytes since zeroed.
+        self._undone_to: int | None = None
+        #: Where the last append started and the last append time before it, so that
+        #: undoing it puts the time back exactly.
+        self._last_append: tuple[int, int] = (self._log_end, self._last_time)
         self._lock = threading.Lock()  # structure: segments, maps, offsets
         self._io_lock = threading.Lock()  # one flush/checkpoint/close at a time
         self._reported: set[tuple[int, int]] = set()  # (segment base, position) logged
@@ -157,12 +183,11 @@ class PartitionLog:
             seg.set_end_offset(successor.base_offset)
         try:
             if segments:
-                segments[-1].activate(segment_bytes)
+                _activate(segments[-1], segment_bytes, name)
             else:
                 start = max(state.log_start_offset, state.recovery_point.offset
                             if state.recovery_point else 0) if state else 0
-                segments.append(Segment.create(directory, start, capacity_bytes=segment_bytes,
-                                               index_interval_bytes=index_interval_bytes))
+                segments.append(_first_segment(directory, start, segment_bytes, index_interval_bytes, name))
                 fsync_directory(directory)
         except BaseException:
             for seg in segments:
@@ -182,7 +207,10 @@ class PartitionLog:
             found = seg.check_tail()
             if found is not None:
                 plog._report(seg, found)
-        plog.checkpoint()
+        try:
+            plog.checkpoint()
+        except DiskFull as exc:  # recovery already made the log durable; the next checkpoint saves this
+            log.warning("%s: %s", name, exc, extra={"event": "disk_full", "partition_log": name})
         return plog
 
     # -- properties ------------------------------------------------------------------
@@ -205,11 +233,22 @@ class PartitionLog:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def failed(self) -> bool:
+        """An fsync failed: the log refuses every call until opened again."""
+        return self._failed is not None
+
+    @property
+    def writable(self) -> bool:
+        """Whether the last segment is active (False: opened on a full disk; the next
+        append tries again)."""
+        return self._active.is_active
+
     # -- append and read ---------------------------------------------------------------
 
     def append(self, body: bytes, *, record_count: int, append_time_ms: int) -> AppendInfo:
-        """Store one batch at ``log_end_offset``. The append time is made monotonic:
-        ``max(append_time_ms, last append time)``."""
+        """Store one batch at ``log_end_offset``: ``append_batches`` of one, written
+        out, as this is the hot path."""
         if not 0 < record_count <= MAX_RECORD_COUNT:
             raise InvalidBatch(f"record_count {record_count} is not in 1..{MAX_RECORD_COUNT}")
         with self._lock:
@@ -221,16 +260,101 @@ class PartitionLog:
                                      record_count=record_count)
             except ValueError:
                 raise BatchTooLarge(len(body), MAX_FRAME_BYTES) from None
-            if self._should_roll(len(frame), base, when):
-                self._roll(len(frame))
-            elif not self._active.fits(len(frame)):  # empty, and the frame is big
-                self._active.grow(len(frame))
-            self._active.append(frame, base_offset=base, append_time_ms=when,
-                                record_count=record_count)
+            try:
+                self._make_room(len(frame), base, when)
+                self._active.append(frame, base_offset=base, append_time_ms=when,
+                                    record_count=record_count)
+            except OSError as exc:  # not a context manager: see append_batches
+                raise self._disk_full(exc, 1, len(frame)) from exc
             self._dirty.add(self._active)
+            self._last_append = (base, self._last_time)
             self._log_end = base + record_count
             self._last_time = when
             return AppendInfo(base, when, len(frame))
+
+    def append_batches(self, batches: Sequence[tuple[bytes, int]], *,
+                       append_time_ms: int) -> list[AppendInfo]:
+        """Store ``batches`` (body, record count) at ``log_end_offset``, in order, all
+        or none (module docstring: they go into one segment, so ``undo_appends`` can
+        take them back). The append time is made monotonic, ``max(append_time_ms,
+        last append time)``, the same for each. DiskFull: nothing was stored."""
+        for _, record_count in batches:
+            if not 0 < record_count <= MAX_RECORD_COUNT:
+                raise InvalidBatch(f"record_count {record_count} is not in 1..{MAX_RECORD_COUNT}")
+        if not batches:
+            return []
+        with self._lock:
+            self._check_open()
+            base = self._log_end
+            when = max(append_time_ms, self._last_time)
+            frames, offset, size = [], base, 0
+            for body, record_count in batches:
+                try:
+                    frame = encode_frame(body, base_offset=offset, append_time_ms=when,
+                                         record_count=record_count)
+                except ValueError:
+                    raise BatchTooLarge(len(body), MAX_FRAME_BYTES) from None
+                frames.append((frame, offset, record_count))
+                offset += record_count
+                size += len(frame)
+            if size > MAX_FRAME_BYTES:  # positions in the index are uint32
+                raise BatchTooLarge(size, MAX_FRAME_BYTES)
+            try:
+                self._make_room(size, frames[-1][1], when)
+                self._active.append_frames(frames, size, append_time_ms=when)
+            except OSError as exc:  # not a context manager: this is the hot path
+                raise self._disk_full(exc, len(frames), size) from exc
+            self._dirty.add(self._active)
+            self._last_append = (base, self._last_time)
+            self._log_end = offset
+            self._last_time = when
+            return [AppendInfo(o, when, len(frame)) for frame, o, _ in frames]
+
+    def _disk_full(self, exc: OSError, batches: int, size: int) -> OSError:
+        """What an append that failed with ``exc`` raises: DiskFull if it had no room."""
+        if is_disk_full(exc) and not isinstance(exc, DiskFull):
+            return DiskFull(f"append {batches} batch(es) of {size} bytes", name=self.name, cause=exc)
+        return exc
+
+    def _make_room(self, size: int, last_base: int, when: int) -> None:
+        """Make the active segment able to take ``size`` more bytes: activate it (if
+        opened on a full disk), roll, or grow an empty one for a big frame."""
+        if not self._active.is_active:
+            self._active.activate(self._segment_bytes)
+            log.info("%s: segment %d is writable again", self.name, self._active.base_offset)
+        if self._should_roll(size, last_base, when):
+            self._roll(size)
+        elif not self._active.fits(size):  # empty, and the frames are big
+            self._active.grow(size)
+
+    def undo_appends(self, offset: int) -> None:
+        """Take back the batches at or after ``offset``, which one ``append_batches``
+        call stored (so they are all in the active segment): the owner's request
+        failed later on, on another partition. Their bytes are zeroed (and fsynced
+        with the next flush). If the undo itself fails, the log fails (``LogFailed``)."""
+        with self._lock:
+            self._check_open()
+            if offset >= self._log_end:
+                return
+            seg = self._active
+            if offset < seg.base_offset:
+                raise ValueError(f"offset {offset} is before the active segment {seg.base_offset}")
+            try:
+                seg.truncate_to(offset)
+            except BaseException as exc:
+                self._failed = LogFailed(self.directory, exc, self.name)
+                raise
+            self._log_end = offset
+            if self._last_append[0] == offset:  # the last append, as the broker undoes
+                self._last_time = self._last_append[1]
+            else:  # the newest batch left sets the time (none left: the time stays)
+                self._last_time = next((s.last_append_time_ms or 0 for s in reversed(self._segments) if s.size),
+                                       self._last_time)
+            self._dirty.add(seg)
+            self._flushed = min(self._flushed, offset)
+            self._undone_to = offset if self._undone_to is None else min(self._undone_to, offset)
+            if self._recovery_point.offset > offset:
+                self._recovery_point = RecoveryPoint(seg.base_offset, seg.size, offset)
 
     def _should_roll(self, frame_size: int, base: int, when: int) -> bool:
         seg = self._active
@@ -368,6 +492,7 @@ class PartitionLog:
             target = self._log_end
             point = RecoveryPoint(self._active.base_offset, self._active.size, target)
             segments, dir_dirty = set(self._dirty), self._dir_dirty
+            self._undone_to = None
             fds: list[int] = []
             try:
                 for seg in segments:
@@ -397,7 +522,9 @@ class PartitionLog:
             for seg in segments:
                 if seg is not self._active and seg not in self._dirty:
                     seg.release_fds()
-            if target >= self._flushed:  # flushes are serialized, so this always holds
+            if self._undone_to is not None:  # what is past it now is not what was synced
+                self._flushed = max(self._flushed, min(target, self._undone_to))
+            elif target >= self._flushed:  # flushes are serialized, so this always holds
                 self._flushed = target
                 self._recovery_point = point
             return self._flushed
@@ -408,7 +535,8 @@ class PartitionLog:
             with self._lock:
                 self._check_open()
                 state = PartitionState(self._log_start, self._recovery_point)
-            recovery.write_state(self.directory, state)
+            with disk_full_as("save partition.json", name=self.name):
+                recovery.write_state(self.directory, state)
 
     # -- retention -------------------------------------------------------------------
 
@@ -492,8 +620,10 @@ class PartitionLog:
                     os.close(fd)
                 for seg in self._segments:
                     seg.close()
-            recovery.write_state(self.directory, state)
-            recovery.mark_clean_shutdown(self.directory)
+            # No room for these: no clean-shutdown mark, so the next start recovers.
+            with disk_full_as("save partition.json on close", name=self.name):
+                recovery.write_state(self.directory, state)
+                recovery.mark_clean_shutdown(self.directory)
 
     def delete(self) -> None:
         """Close and remove the whole directory (topic deletion)."""
@@ -509,10 +639,10 @@ class PartitionLog:
     # -- helpers -----------------------------------------------------------------------
 
     def _check_open(self) -> None:
+        if self._failed is not None:  # first: a failed log stays failed once released
+            raise self._failed
         if self._closed:
             raise LogClosed(self.directory, self.name)
-        if self._failed is not None:
-            raise self._failed
 
     def _corrupt(self, seg: Segment, damage: DamagedRange | CorruptRecords) -> CorruptRecords:
         """The error for a damaged range of ``seg``, named; the range is logged once,
@@ -544,6 +674,11 @@ class PartitionLog:
             raise OffsetOutOfRange(offset, self._log_start, self._log_end, topic=self.topic,
                                    partition=self.partition, name=self.name)
 
+    def abandon(self) -> None:
+        """Drop maps and descriptors without flushing or marking a clean shutdown: the
+        files are left as a crash would leave them, to be opened again (a failed log)."""
+        self._release()
+
     def _release(self) -> None:
         """Drop maps and descriptors without flushing or marking a clean shutdown: the
         files are left as a crash would leave them (for tests)."""
@@ -555,6 +690,29 @@ class PartitionLog:
     def __repr__(self) -> str:
         return (f"PartitionLog({self.name!r}, start={self._log_start}, end={self._log_end}, "
                 f"segments={len(self._segments)})")
+
+
+def _activate(seg: Segment, capacity_bytes: int, name: str) -> None:
+    """Make the last segment active; on a full disk leave it readable (module docstring)."""
+    try:
+        seg.activate(capacity_bytes)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        log.warning("%s: no space to make segment %d writable; serving reads, appends answer DISK_FULL "
+                    "until there is", name, seg.base_offset, extra={"event": "disk_full", "partition_log": name})
+
+
+def _first_segment(directory: Path, base_offset: int, capacity_bytes: int, interval: int, name: str) -> Segment:
+    """A new partition's first segment; on a full disk an empty one, not active yet."""
+    try:
+        return Segment.create(directory, base_offset, capacity_bytes=capacity_bytes, index_interval_bytes=interval)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        log.warning("%s: no space for a new segment; appends answer DISK_FULL until there is", name,
+                    extra={"event": "disk_full", "partition_log": name})
+        return Segment.create_empty(directory, base_offset, index_interval_bytes=interval)
 
 
 def _newest_or_max(seg: Segment) -> int:

@@ -25,24 +25,40 @@ valid frames, with trimmed, valid index files for the segments it scanned.
   indexes are checked when first loaded (``Segment``), so start-up cost does not grow
   with the size of the log.
 
+- Crash recovery writes what it kept past the start point again (the same bytes,
+  ``pread`` then ``pwrite``) before its fsync: after a failed fsync (in this process,
+  or in the one that crashed) the kernel may hold those pages clean although they
+  never reached the disk, and an fsync would then skip them. What is written again
+  was just checked, so the fsync makes exactly the recovered log durable.
+
+Files are read with ``pread``, never through a map: a crashed active segment is sparse
+(preallocated with ``ftruncate``), and a read fault on a hole of a full tmpfs needs a
+page the filesystem cannot give (SIGBUS); ``pread`` of a hole reads zeros. Nothing here
+needs free space: index files that cannot be written (ENOSPC) are removed instead
+(they are caches; the segment rebuilds them in memory when loaded), and truncating the
+cut tail gives space back. So a broker stopped on a full disk starts on it.
+
 Leftover ``*.deleted``, ``*.tmp`` and index files without a log are removed.
 Not thread-safe: runs once, before the log is shared.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
-import mmap
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from .checkpoint import TEMP_SUFFIX, remove_durable, write_atomic
+from .batch import HEADER_SIZE, BatchHeader, claimed_frame_size
+from .checkpoint import TEMP_SUFFIX, fsync_directory, remove_durable, write_atomic
+from .errors import is_disk_full
 from .index import OffsetIndex, TimeIndex, check_entries
 from .segment import (
     DELETED_SUFFIX,
@@ -136,6 +152,7 @@ def load(directory: Path, *, index_interval_bytes: int, name: str) -> LoadResult
         log.warning("%s: clean-shutdown marker present but the last segment is damaged", name,
                     extra={"event": "recovery", "partition_log": name})
     report = _recover(directory, bases, state, index_interval_bytes, name)
+    fsync_directory(directory)  # segment files made since the last good fsync, and the deletions
     return LoadResult(bases, report, state)
 
 
@@ -171,7 +188,40 @@ def _paths(directory: Path, base: int) -> tuple[Path, Path, Path]:
     return stem.with_suffix(LOG_SUFFIX), stem.with_suffix(INDEX_SUFFIX), stem.with_suffix(TIME_INDEX_SUFFIX)
 
 
-def _prefix(buf, directory: Path, base: int, position: int, interval: int) -> _Prefix | None:
+def walk_file(fd: int, position: int, limit: int, *, expected_offset: int | None = None,
+              min_time_ms: int | None = None, verify_crc: bool = False) -> Iterator[BatchHeader]:
+    """``walk_frames`` over bytes ``[position, limit)`` of the file ``fd``, read with
+    ``pread`` in windows of ``_CHUNK`` bytes (a larger frame gets a window of its
+    own), so memory stays bounded and no read goes through a map (module docstring)."""
+    size = _CHUNK
+    while position < limit:
+        want = min(size, limit - position)
+        data = os.pread(fd, want, position)
+        if len(data) < want:  # the file ends before limit
+            limit = position + len(data)
+        rel = 0
+        for header in walk_frames(data, 0, len(data), expected_offset=expected_offset,
+                                  min_time_ms=min_time_ms, verify_crc=verify_crc):
+            rel = header.end
+            if expected_offset is not None:
+                expected_offset = header.next_offset
+            if min_time_ms is not None:
+                min_time_ms = header.append_time_ms
+            yield header._replace(position=position + header.position)
+        window_end = position + len(data)
+        position += rel
+        if window_end >= limit:
+            return
+        size = _CHUNK
+        if position < window_end and window_end - position >= HEADER_SIZE:
+            # Stopped inside the window: an invalid frame, or one that goes on past it.
+            claimed = claimed_frame_size(data, rel, len(data))
+            if claimed is None or rel + claimed <= len(data):
+                return
+            size = max(_CHUNK, claimed)
+
+
+def _prefix(fd: int, directory: Path, base: int, position: int, interval: int) -> _Prefix | None:
     """Index entries for the frames before ``position`` (kept from the index files if
     valid, else rebuilt by a header walk), or None if no frame boundary is there."""
     _, index_path, time_path = _paths(directory, base)
@@ -187,16 +237,16 @@ def _prefix(buf, directory: Path, base: int, position: int, interval: int) -> _P
     if keep and check_entries(offsets, times, position) is None:
         start = int(offsets[-1]["position"])
         expected = base + int(offsets[-1]["relative_offset"])
-        headers = list(walk_frames(buf, start, position, expected_offset=expected))
+        headers = list(walk_file(fd, start, position, expected_offset=expected))
         if headers and headers[-1].end == position \
                 and headers[0].append_time_ms == int(times[-1]["timestamp_ms"]):
             last = headers[-1]
             return _Prefix(offsets, times, last.next_offset, last.append_time_ms, start)
-    return _prefix_rebuilt(buf, base, position, interval)
+    return _prefix_rebuilt(fd, base, position, interval)
 
 
-def _prefix_rebuilt(buf, base: int, position: int, interval: int) -> _Prefix | None:
-    headers = list(walk_frames(buf, 0, position, expected_offset=base))
+def _prefix_rebuilt(fd: int, base: int, position: int, interval: int) -> _Prefix | None:
+    headers = list(walk_file(fd, 0, position, expected_offset=base))
     if (headers[-1].end if headers else 0) != position:
         return None
     offsets, times = build_index_entries(iter(headers), base, interval)
@@ -211,8 +261,11 @@ def _tail_ends_at_file_end(directory: Path, base: int, interval: int) -> bool:
     size = os.stat(log_path).st_size
     if size == 0:
         return True
-    with open(log_path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mm:
-        return _prefix(mm, directory, base, size, interval) is not None
+    fd = os.open(log_path, os.O_RDONLY)
+    try:
+        return _prefix(fd, directory, base, size, interval) is not None
+    finally:
+        os.close(fd)
 
 
 def _start(directory: Path, bases: list[int], state: PartitionState | None) -> tuple[int, int, int]:
@@ -268,36 +321,33 @@ def _recover(directory: Path, bases: list[int], state: PartitionState | None, in
 
 def _scan_segment(directory: Path, base: int, position: int, expected: int, last_time: int | None,
                   interval: int, name: str, totals: _Totals) -> tuple[int, int | None]:
-    """Validate one segment from ``position``, cut it after its last valid frame and
-    write its indexes; (next offset, last append time)."""
+    """Validate one segment from ``position``, cut it after its last valid frame,
+    write what it kept again, fsync it and write its indexes; (next offset, last
+    append time)."""
     log_path, index_path, time_path = _paths(directory, base)
     fd = os.open(log_path, os.O_RDWR)
     try:
         file_size = os.fstat(fd).st_size
-        mm = mmap.mmap(fd, file_size, access=mmap.ACCESS_READ) if file_size else b""
-        try:
-            prefix = _prefix(mm, directory, base, position, interval)
-            if prefix is None or prefix.next_offset != expected:
-                position, expected = 0, base
-                prefix = _Prefix(np.zeros(0, OffsetIndex.ENTRY), np.zeros(0, TimeIndex.ENTRY),
-                                 base, None, None)
-            if position and prefix.last_time is not None:
-                last_time = prefix.last_time
-            headers = list(walk_frames(mm, position, file_size, expected_offset=expected,
-                                       min_time_ms=last_time, verify_crc=True))
-            valid_end = headers[-1].end if headers else position
-            cut = _data_end(fd, mm, valid_end, file_size) - valid_end
-        finally:
-            if isinstance(mm, mmap.mmap):
-                mm.close()
-        offsets, times = build_index_entries(iter(headers), base, interval, prefix.last_entry_position)
-        OffsetIndex.write_file(index_path, np.concatenate([prefix.offsets, offsets]))
-        TimeIndex.write_file(time_path, np.concatenate([prefix.times, times]))
+        prefix = _prefix(fd, directory, base, position, interval)
+        if prefix is None or prefix.next_offset != expected:
+            position, expected = 0, base
+            prefix = _Prefix(np.zeros(0, OffsetIndex.ENTRY), np.zeros(0, TimeIndex.ENTRY),
+                             base, None, None)
+        if position and prefix.last_time is not None:
+            last_time = prefix.last_time
+        headers = list(walk_file(fd, position, file_size, expected_offset=expected,
+                                 min_time_ms=last_time, verify_crc=True))
+        valid_end = headers[-1].end if headers else position
+        cut = _data_end(fd, valid_end, file_size) - valid_end
         if valid_end != file_size:
-            os.ftruncate(fd, valid_end)
+            os.ftruncate(fd, valid_end)  # first: it gives the preallocated tail's space back
+        _write_again(fd, position, valid_end)
         os.fsync(fd)
     finally:
         os.close(fd)
+    offsets, times = build_index_entries(iter(headers), base, interval, prefix.last_entry_position)
+    _write_indexes(index_path, time_path, np.concatenate([prefix.offsets, offsets]),
+                   np.concatenate([prefix.times, times]), name)
     if cut:
         log.warning("%s: truncated %s at position %d, cutting %d bytes of invalid data",
                     name, log_path, valid_end, cut,
@@ -311,14 +361,34 @@ def _scan_segment(directory: Path, base: int, position: int, expected: int, last
     return expected, last_time
 
 
+def _write_again(fd: int, start: int, end: int) -> None:
+    """Write bytes ``[start, end)`` over themselves (module docstring: dirty again,
+    so the next fsync really writes them). They have blocks: no space is needed."""
+    for chunk_start in range(start, end, _CHUNK):
+        data = os.pread(fd, min(_CHUNK, end - chunk_start), chunk_start)
+        if os.pwrite(fd, data, chunk_start) != len(data):
+            raise OSError(errno.EIO, f"short write rewriting {len(data)} bytes at position {chunk_start}")
+
+
+def _write_indexes(index_path: Path, time_path: Path, offsets: np.ndarray, times: np.ndarray,
+                   name: str) -> None:
+    """Write a scanned segment's index files; on a full disk remove them instead."""
+    try:
+        OffsetIndex.write_file(index_path, offsets)
+        TimeIndex.write_file(time_path, times)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        index_path.unlink(missing_ok=True)
+        time_path.unlink(missing_ok=True)
+        log.warning("%s: no space to write the indexes of %s; they are rebuilt in memory when loaded",
+                    name, index_path.stem, extra={"event": "recovery", "partition_log": name})
+
+
 def _file_data_end(path: Path) -> int:
     fd = os.open(path, os.O_RDONLY)
     try:
-        size = os.fstat(fd).st_size
-        if not size:
-            return 0
-        with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mm:
-            return _data_end(fd, mm, 0, size)
+        return _data_end(fd, 0, os.fstat(fd).st_size)
     finally:
         os.close(fd)
 
@@ -341,13 +411,14 @@ def _data_regions(fd: int, start: int, end: int):
         position = hole
 
 
-def _data_end(fd: int, buf, start: int, end: int) -> int:
+def _data_end(fd: int, start: int, end: int) -> int:
     """One past the last non-zero byte in ``[start, end)``, or ``start``: how much of
     a preallocated tail holds data (zeros and holes are not cut data)."""
     last = start
     for lo, hi in _data_regions(fd, start, end):
         for chunk_start in range(lo, hi, _CHUNK):
-            chunk = np.frombuffer(buf[chunk_start : min(hi, chunk_start + _CHUNK)], dtype=np.uint8)
+            chunk = np.frombuffer(os.pread(fd, min(hi, chunk_start + _CHUNK) - chunk_start, chunk_start),
+                                  dtype=np.uint8)
             nonzero = np.flatnonzero(chunk)
             if nonzero.size:
                 last = chunk_start + int(nonzero[-1]) + 1

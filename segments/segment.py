@@ -12,6 +12,9 @@ States:
   ``ftruncate`` (sparse) to its capacity and mapped with ``mmap`` for reads; an append
   is a ``pwrite`` at the end of the data. Bytes past ``size`` are zeros (a zero tag byte ends the data).
   The indexes are writable memmaps. File descriptors stay open for ``sync_fds``.
+- **loaded, not active**: a partition's last segment when there was no room to
+  preallocate its indexes (a full disk at start-up): readable like a sealed one,
+  ``activate`` is tried again by the next append.
 - **sealed** (``seal`` on roll or close): every file is truncated to its real size; the
   log and indexes are mapped read-only lazily, on the first read, at that size. The
   descriptors kept from the active state are closed by ``release_fds`` once synced.
@@ -29,16 +32,26 @@ raise ``CorruptRecords``; walks go on at its resume position. A sealed segment k
 its end offset (the next segment's base offset, set by ``PartitionLog``), so a file
 that ends early is a damaged range too.
 
+Full disks: an append is all or nothing. The log's blocks are reserved with
+``posix_fallocate`` ahead of the data (``RESERVE_CHUNK_BYTES`` at a time, or just what
+the append needs) before its first byte is written, so no space is an OSError
+(ENOSPC) before anything changed, and writeback never needs blocks the filesystem no
+longer has; a write that still fails part-way (a filesystem that cannot preallocate)
+is zeroed again before the error is raised. Reads touch only bytes below ``size``,
+which were written, so a read through the map never faults on a hole (on a full
+tmpfs that would be SIGBUS: a hole needs a page to be read through a shared map).
+
 Not thread-safe: ``PartitionLog`` serializes every call. Nothing here keeps a
 ``memoryview`` of a map: reads copy (``mmap`` slicing returns ``bytes``).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -47,7 +60,7 @@ import numpy as np
 from . import damage as damages
 from .batch import BatchHeader, crc_ok, iter_headers, read_header
 from .damage import CHECKSUM, HEADER, TRUNCATED, DamagedRange
-from .errors import CorruptBatch, CorruptRecords, StorageError
+from .errors import CorruptBatch, CorruptRecords, StorageError, is_disk_full
 from .index import (
     MAX_RELATIVE_OFFSET,
     OFFSET_ENTRY,
@@ -65,6 +78,10 @@ LOG_SUFFIX = ".log"
 INDEX_SUFFIX = ".index"
 TIME_INDEX_SUFFIX = ".timeindex"
 DELETED_SUFFIX = ".deleted"
+#: How far ahead of the data an active segment's blocks are reserved (one
+#: posix_fallocate per this many bytes appended, not one per append).
+RESERVE_CHUNK_BYTES = 1 << 20
+_ZEROS = bytes(1 << 16)
 
 
 def segment_name(base_offset: int) -> str:
@@ -139,6 +156,7 @@ class Segment:
         self._interval = index_interval_bytes
         self._size = 0
         self._capacity = 0
+        self._allocated = 0  # bytes of the .log with blocks: the data and what _reserve took
         self._map: mmap.mmap | None = None
         self._writable = False
         self._fd: int | None = None  # kept while active and until synced
@@ -174,6 +192,16 @@ class Segment:
         except BaseException:
             seg.discard()  # leave nothing behind that would block the next attempt
             raise
+        return seg
+
+    @classmethod
+    def create_empty(cls, directory: Path, base_offset: int, *, index_interval_bytes: int) -> Segment:
+        """A new, empty segment that is not active: only its ``.log`` file, which takes
+        no blocks (a partition opened on a full disk; ``activate`` it later)."""
+        seg = cls(directory, base_offset, index_interval_bytes=index_interval_bytes)
+        for stale in (seg.index_path, seg.time_index_path):
+            stale.unlink(missing_ok=True)
+        os.close(os.open(seg.log_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644))
         return seg
 
     def discard(self) -> None:
@@ -217,12 +245,24 @@ class Segment:
 
     def activate(self, capacity_bytes: int) -> None:
         """Make a loaded segment the active one: preallocate, map writable, find the
-        end of its data (damage in it is found by the walks, as in a sealed segment)."""
+        end of its data (damage in it is found by the walks, as in a sealed segment). If
+        the indexes cannot be preallocated (OSError, e.g. ENOSPC) the segment is left
+        loaded, not active, as it was: readable, and ``activate`` can be tried again."""
         self._unmap()
         self._close_indexes()
         if self._fd is None:
             self._fd = os.open(self.log_path, os.O_RDWR)
-        self._open_writable(max(capacity_bytes, self._size))
+        try:
+            self._open_writable(max(capacity_bytes, self._size))
+        except BaseException:
+            self._unmap()
+            self._close_indexes()
+            self._writable = False
+            self._capacity = self._size
+            os.ftruncate(self._fd, self._size)  # back to exactly its data, as loaded
+            os.close(self._fd)
+            self._fd = None
+            raise
         self._load_tail()
 
     def _open_writable(self, capacity: int) -> None:
@@ -230,6 +270,7 @@ class Segment:
         if os.fstat(self._fd).st_size < capacity:
             os.ftruncate(self._fd, capacity)
         self._capacity = capacity
+        self._allocated = self._size
         self._map = mmap.mmap(self._fd, capacity, access=mmap.ACCESS_WRITE)
         self._writable = True
         entries = index_capacity(capacity, self._interval)
@@ -338,18 +379,18 @@ class Segment:
     # -- append and read -------------------------------------------------------------
 
     def append(self, frame: bytes, *, base_offset: int, append_time_ms: int, record_count: int) -> int:
-        """Copy ``frame`` to the end of the data and index it if due; its position."""
+        """Copy ``frame`` to the end of the data and index it if due; its position.
+        ``append_frames`` of one, written out: this is the hot path."""
         position = self._size
         end = position + len(frame)
         if not self._writable or end > self._capacity:
             raise StorageError(f"segment {self.log_path} cannot take {len(frame)} more bytes")
         assert self._fd is not None and self._offset_index is not None and self._time_index is not None
-        # pwrite, not a store into the map: a full disk is then an OSError (ENOSPC)
-        # instead of SIGBUS, and no page faults are taken on the write path. The map
-        # shares the page cache, so readers see the bytes at once.
-        written = os.pwrite(self._fd, frame, position)
+        if end > self._allocated:
+            self._reserve(end)
+        written = os.pwrite(self._fd, frame, position)  # see append_frames
         if written != len(frame):
-            raise StorageError(f"short write to {self.log_path}: {written} of {len(frame)} bytes")
+            self._write_rest(frame, position, written)
         if index_due(self._last_entry_position, position, self._interval):
             if self._offset_index.append(base_offset, position):
                 self._time_index.append(append_time_ms, base_offset)
@@ -360,6 +401,113 @@ class Segment:
         self._next_offset = base_offset + record_count
         self._size = end
         return position
+
+    def append_frames(self, frames: Sequence[tuple[bytes, int, int]], size: int, *, append_time_ms: int) -> int:
+        """Copy consecutive ``frames`` (frame, base offset, record count; ``size`` bytes
+        in all) to the end of the data, all or none, and index them where due; the
+        position of the first. An OSError (ENOSPC: no room) leaves the segment as it
+        was (module docstring)."""
+        position = self._size
+        end = position + size
+        if not self._writable or end > self._capacity:
+            raise StorageError(f"segment {self.log_path} cannot take {size} more bytes")
+        assert self._fd is not None and self._offset_index is not None and self._time_index is not None
+        if end > self._allocated:
+            self._reserve(end)
+        data = frames[0][0] if len(frames) == 1 else b"".join(frame for frame, _, _ in frames)
+        # pwrite, not a store into the map: a full disk is then an OSError (ENOSPC)
+        # instead of SIGBUS, and no page faults are taken on the write path. The map
+        # shares the page cache, so readers see the bytes at once.
+        written = os.pwrite(self._fd, data, position)  # an error here: nothing was written
+        if written != size:
+            self._write_rest(data, position, written)
+        at = position
+        for frame, base_offset, _ in frames:
+            if index_due(self._last_entry_position, at, self._interval):
+                if self._offset_index.append(base_offset, at):
+                    self._time_index.append(append_time_ms, base_offset)
+                    self._last_entry_position = at
+            at += len(frame)
+        if self._first_time is None:
+            self._first_time = append_time_ms
+        self._last_time = append_time_ms
+        self._next_offset = frames[-1][1] + frames[-1][2]
+        self._size = end
+        return position
+
+    def _reserve(self, end: int) -> None:
+        """Give the log's bytes below ``end`` real blocks before they are written: a
+        whole chunk ahead if it fits, else just what is needed. OSError (ENOSPC) if
+        not even that fits; nothing is written here."""
+        assert self._fd is not None
+        ahead = min(max(end, self._allocated + RESERVE_CHUNK_BYTES), self._capacity)
+        for target in dict.fromkeys((ahead, end)):
+            try:
+                os.posix_fallocate(self._fd, self._allocated, target - self._allocated)
+            except OSError as exc:
+                if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                    self._allocated = self._capacity  # cannot preallocate here: _write undoes a failed write
+                    return
+                if not is_disk_full(exc) or target == end:
+                    raise
+                continue
+            self._allocated = target
+            return
+
+    def _write_rest(self, data: bytes, position: int, written: int) -> None:
+        """After a short pwrite of ``data`` at ``position``: write the rest, or, when
+        that fails too (ENOSPC), zero what was written and raise: nothing
+        half-appended stays in the file."""
+        assert self._fd is not None
+        try:
+            with memoryview(data) as view:
+                while written < len(data):
+                    n = os.pwrite(self._fd, view[written:], position + written)
+                    if n <= 0:
+                        raise OSError(errno.ENOSPC, f"short write: {written} of {len(data)} bytes")
+                    written += n
+        except BaseException:
+            self._zero(position, position + written)
+            raise
+
+    def _zero(self, start: int, end: int) -> None:
+        """Write zeros over ``[start, end)`` (bytes written before, so no block is needed)."""
+        assert self._fd is not None
+        while start < end:
+            n = os.pwrite(self._fd, _ZEROS[: min(len(_ZEROS), end - start)], start)
+            if n <= 0:
+                raise OSError(errno.EIO, f"could not zero {self.log_path} at {start}")
+            start += n
+
+    def truncate_to(self, offset: int) -> None:
+        """Drop the batches at or after ``offset`` from an active segment (undoing the
+        appends of a request that failed part-way): their bytes are zeroed, their
+        index entries dropped. ``offset`` must be where a batch starts."""
+        if not self._writable:
+            raise StorageError(f"segment {self.log_path} is not active")
+        assert self._offset_index is not None and self._time_index is not None
+        if offset >= self.next_offset:
+            return
+        position, last_time = 0, None
+        if offset > self.base_offset:
+            expected, start = self._offset_index.lookup(offset - 1)
+            previous = None
+            for header in self._walk(start, expected):
+                if type(header) is DamagedRange or header.base_offset >= offset:
+                    break
+                previous = header
+            if previous is None or previous.next_offset != offset:
+                raise StorageError(f"no batch of {self.log_path} starts at offset {offset}")
+            position, last_time = previous.end, previous.append_time_ms
+        self._zero(position, self._size)
+        # Damage remembered in what is dropped no longer exists (new data comes there).
+        self._damaged = {p: d for p, d in self._damaged.items() if d.resume_position <= position}
+        self._offset_index.truncate_to_position(position)
+        self._time_index.truncate_to_offset(offset)
+        self._last_entry_position = self._offset_index.last_position()
+        self._size, self._next_offset, self._last_time = position, offset, last_time
+        if not position:
+            self._first_time = None
 
     def fits(self, frame_size: int) -> bool:
         return self._writable and self._size + frame_size <= self._capacity

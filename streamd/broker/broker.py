@@ -13,6 +13,19 @@ not fit a 255-byte file name with the uuid); start-up removes @tmp and @deleted 
 
 Runs on one asyncio event loop; blocking storage work (fsync, checkpoints, removing
 directories) goes to the executor. Knows nothing of gRPC.
+
+Full disks. A produce request is appended all or none: every check happens before
+anything is appended, each partition's batches go into its log in one step (all or
+none, ``Partition.store``), and if a later partition of the request has no room the
+earlier ones are undone before the error (``segments.DiskFull``) is raised; nothing
+is recorded in producer state or dedup windows until every partition took its share.
+So DISK_FULL means nothing of the request was appended and no idempotent producer's
+sequence moved: the producer may send those sequence numbers again (with the same or
+other records). Creating a topic on a full disk leaves nothing behind. A partition
+whose fsync failed (``LogFailed``, UNAVAILABLE: its batches may or may not be kept,
+so a producer must retry them unchanged) is opened again from disk by the repair
+job every ``REPAIR_INTERVAL_MS`` until that works: recovery checks what it holds past
+the last good fsync and writes it again, and the producer state is rebuilt from it.
 """
 
 from __future__ import annotations
@@ -24,12 +37,12 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from segments import OffsetOutOfRange, PartitionLog
+from segments import DiskFull, LogFailed, OffsetOutOfRange, PartitionLog, disk_full_as, is_disk_full
 from segments.batch import iter_headers
 from streamd.clock import Clock
 from streamd.partitioner import key_partition
@@ -60,6 +73,8 @@ DELETED_DIR = "@deleted"
 MAX_WAIT_MS = 30_000
 #: How much of a topic's name its @tmp/@deleted entry keeps (only to tell whose it is).
 SCRATCH_PREFIX_CHARS = 64
+#: How often partitions whose log failed (an fsync error) are opened again.
+REPAIR_INTERVAL_MS = 1000
 
 
 class DataDirLocked(Exception):
@@ -145,6 +160,7 @@ class Broker:
         """Serve, and start interval fsync, recovery-point checkpoints and retention."""
         self.state = "serving"
         self.run_every("fsync-interval", 50, self._flush_interval_topics)
+        self.run_every("repair", REPAIR_INTERVAL_MS, self.repair_failed)
         self.run_every("checkpoint", checkpoint_interval_ms, self.checkpoint_all)
         self.run_every("retention", retention_check_ms, self.apply_retention)
 
@@ -180,9 +196,13 @@ class Broker:
             for part in topic.partitions:
                 try:
                     await part.write_snapshot(self.clock.now_ms())
-                except Exception:  # e.g. a failed log: the next start rebuilds from the log
-                    log.exception("producer snapshot of %s/%d failed", part.topic, part.index)
-                await loop.run_in_executor(self.executor, part.log.close)
+                except Exception as exc:  # e.g. a failed log: the next start rebuilds from the log
+                    _log_failure(f"producer snapshot of {part.topic}/{part.index}", exc)
+                await self._end_repair(part)
+                try:
+                    await loop.run_in_executor(self.executor, part.log.close)
+                except Exception as exc:  # no clean-shutdown mark: the next start recovers it
+                    _log_failure(f"closing {part.topic}/{part.index}", exc)
         self.topics.clear()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -201,32 +221,40 @@ class Broker:
     def _open_partitions(self, meta: TopicMeta, directory: Path, parts: list[Partition]) -> None:
         s = meta.settings
         for p in range(meta.partition_count):
-            now = self.clock.now_ms()
-            plog = PartitionLog.open(
-                directory / str(p),
-                segment_bytes=s.segment_bytes,
-                segment_ms=s.segment_ms,
-                index_interval_bytes=self.index_interval_bytes,
-                now_ms=now,
-                name=f"{meta.name}/{p}",
-                topic=meta.name,
-                partition=p,
-            )
-            try:
-                producers, covers = producer_state.load(plog, now_ms=now)
-                dedup = None
-                if s.dedup_window_ms > 0:
-                    dedup = DedupWindow(s.dedup_window_ms)
-                    dedup.rebuild(plog, now)
-            except BaseException:
-                plog.close()
-                raise
+            plog, producers, covers, dedup = self._load_partition(meta, directory / str(p), p)
             parts.append(
                 Partition(
                     meta.name, p, plog, executor=self.executor, fsync_always=s.fsync_policy == "always",
                     producers=producers, snapshot_covers=covers, dedup=dedup, on_fsync=self.on_fsync,
                 )
             )
+
+    def _load_partition(
+        self, meta: TopicMeta, directory: Path, p: int
+    ) -> tuple[PartitionLog, producer_state.ProducerStateTable, int, DedupWindow | None]:
+        """Open one partition's log (recovering it) and rebuild its state. Blocking."""
+        s = meta.settings
+        now = self.clock.now_ms()
+        plog = PartitionLog.open(
+            directory,
+            segment_bytes=s.segment_bytes,
+            segment_ms=s.segment_ms,
+            index_interval_bytes=self.index_interval_bytes,
+            now_ms=now,
+            name=f"{meta.name}/{p}",
+            topic=meta.name,
+            partition=p,
+        )
+        try:
+            producers, covers = producer_state.load(plog, now_ms=now)
+            dedup = None
+            if s.dedup_window_ms > 0:
+                dedup = DedupWindow(s.dedup_window_ms)
+                dedup.rebuild(plog, now)
+        except BaseException:
+            plog.close()
+            raise
+        return plog, producers, covers, dedup
 
     def check_serving(self) -> None:
         if self.state != "serving":
@@ -264,25 +292,42 @@ class Broker:
             raise LimitExceeded("topics", self.max_topics)
         settings = replace(self.defaults, **overrides).validate()
         meta = TopicMeta(name, partition_count, settings, self.clock.now_ms())
-        staging = self.data_dir / TMP_DIR / _scratch_name(name)
-        staging.mkdir(parents=True)
-        for p in range(partition_count):
-            (staging / str(p)).mkdir()
-        meta.write(staging)
-        final = self.data_dir / name
-        os.rename(staging, final)
-        _fsync_dir(self.data_dir)
-        try:
-            topic = self._open_topic(meta, final)
-        except BaseException:
-            # Take the directory out of the way so the name can be created again.
-            graveyard = self.data_dir / DELETED_DIR
-            graveyard.mkdir(exist_ok=True)
-            os.rename(final, graveyard / _scratch_name(name))
-            raise
+        with disk_full_as(f"create topic {name}"):
+            topic = self._create_topic_files(meta)
         self.topics[name] = topic
         log.info("created topic %s with %d partitions %s", name, partition_count, settings,
                  extra={"event": "topic_created", "topic": name, "partitions": partition_count})
+        return topic
+
+    def _create_topic_files(self, meta: TopicMeta) -> Topic:
+        """Stage the topic's directory, rename it into place, open its partitions; on
+        any failure (a full disk) nothing is left behind and the name stays free."""
+        name = meta.name
+        staging = self.data_dir / TMP_DIR / _scratch_name(name)
+        final = self.data_dir / name
+        try:
+            staging.mkdir(parents=True)
+            for p in range(meta.partition_count):
+                (staging / str(p)).mkdir()
+            meta.write(staging)
+            os.rename(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        try:
+            _fsync_dir(self.data_dir)
+            topic = self._open_topic(meta, final)
+            if not all(part.log.writable for part in topic.partitions):
+                for part in topic.partitions:
+                    part.log.close()
+                raise DiskFull(f"create topic {name}")
+        except BaseException:
+            # Take the directory out of the way (into @tmp, which exists: no new
+            # directory needed on a full disk) so the name can be created again.
+            scratch = self.data_dir / TMP_DIR / _scratch_name(name)
+            os.rename(final, scratch)
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
         return topic
 
     async def delete_topic(self, name: str) -> None:
@@ -293,6 +338,7 @@ class Broker:
             part.close()
         loop = asyncio.get_running_loop()
         for part in topic.partitions:
+            await self._end_repair(part)
             await loop.run_in_executor(self.executor, part.log.close)
         graveyard = self.data_dir / DELETED_DIR
         graveyard.mkdir(exist_ok=True)
@@ -350,12 +396,12 @@ class Broker:
         if records:
             for part, batches in self._route(topic, records):
                 plans.append(plan_partition(part, batches, request, topic=name, now_ms=now))
+        infos = self._store(plans, now)
         appended = []
         for plan in plans:
-            # Where the plan's first stored record goes: answers count from it.
-            plan.base_offset = plan.part.log.log_end_offset
-            base, count, append_time = plan.part.append(plan.batches, now_ms=now, answers=plan.batch_answers())
-            plan.base_offset = base
+            base, count, append_time = plan.part.remember(
+                plan.batches, infos[plan.part.index], base_offset=plan.base_offset, now_ms=now,
+                answers=plan.batch_answers())
             appended.append((plan, base, count, append_time))
         durable = s.fsync_policy == "always"
         results = [plan.result(base, count, t, durable) for plan, base, count, t in appended]
@@ -368,6 +414,46 @@ class Broker:
             waiter = asyncio.get_running_loop().create_future()
             waiter.set_result(None)
         return results, waiter
+
+    def _store(self, plans: list[PartitionPlan], now: int) -> dict[int, Iterator]:
+        """Put every plan's batches in the logs, all or none (module docstring): one
+        ``Partition.store`` per partition, its plans' batches in request order. Sets
+        each plan's ``base_offset`` (where its first stored record goes: answers count
+        from it); returns, per partition, what was stored, to be ``remember``ed."""
+        if len(plans) == 1:  # the usual request: one partition, nothing to undo
+            plan = plans[0]
+            part = plan.part
+            plan.base_offset = part.log.log_end_offset
+            try:
+                stored = part.store(plan.batches, now_ms=now)
+            except BaseException as exc:
+                _note_refusal(part, exc)
+                raise
+            if part.disk_full:
+                _note_room(part)
+            return {part.index: iter(stored)}
+        by_partition: dict[int, list[PartitionPlan]] = {}
+        for plan in plans:
+            by_partition.setdefault(plan.part.index, []).append(plan)
+        infos: dict[int, Iterator] = {}
+        done: list[tuple[Partition, int]] = []
+        for part_plans in by_partition.values():
+            part = part_plans[0].part
+            start = offset = part.log.log_end_offset
+            for plan in part_plans:
+                plan.base_offset = offset
+                offset += sum(b.record_count for b in plan.batches)
+            try:
+                stored = part.store([b for plan in part_plans for b in plan.batches], now_ms=now)
+            except BaseException as exc:
+                _note_refusal(part, exc)
+                _undo(done, exc)
+                raise
+            done.append((part, start))
+            infos[part.index] = iter(stored)
+            if part.disk_full:
+                _note_room(part)
+        return infos
 
     def _route(self, topic: Topic, records: list[bytes]) -> list[tuple[Partition, list[CheckedBatch]]]:
         s = topic.meta.settings
@@ -488,6 +574,53 @@ class Broker:
         for part in self.all_partitions():
             await self._each(part, "checkpoint", one(part))
 
+    async def repair_failed(self) -> None:
+        """Open again, from disk, every partition whose log failed (module docstring)."""
+        for part in self.all_partitions():
+            if part.log.failed and not part.closed:
+                await self._each(part, "repair", self._repair(part))
+
+    async def _repair(self, part: Partition) -> None:
+        failed = part.log
+        topic = self.topics.get(part.topic)
+        if topic is None or part.repair is not None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def reopen():
+            failed.abandon()  # still refuses every call (LogFailed) while this runs
+            return self._load_partition(topic.meta, failed.directory, part.index)
+
+        part.repair = loop.run_in_executor(self.executor, reopen)
+        try:
+            plog, producers, covers, dedup = await asyncio.shield(part.repair)
+        except asyncio.CancelledError:
+            raise  # part.repair stays: whoever closes the partition closes what it opened
+        except BaseException:
+            part.repair = None
+            raise
+        part.repair = None
+        if part.closed or part.log is not failed:  # deleted or stopped meanwhile
+            await loop.run_in_executor(self.executor, plog.close)
+            return
+        part.replace_log(plog, producers, covers, dedup)
+        log.warning("%s/%d: opened again after its failed fsync: %s; log end offset %d", part.topic, part.index,
+                    plog.recovery, plog.log_end_offset,
+                    extra={"event": "repaired", "topic": part.topic, "partition": part.index})
+
+    async def _end_repair(self, part: Partition) -> None:
+        """Before closing a partition: wait for a reopening of its log still running
+        (its job cannot be stopped) and close the log it opened, if not taken."""
+        job = part.repair
+        if job is None:
+            return
+        try:
+            plog = (await asyncio.shield(job))[0]
+        except Exception:
+            return
+        if part.log is not plog:
+            await asyncio.get_running_loop().run_in_executor(self.executor, plog.close)
+
     async def apply_retention(self) -> None:
         """Delete expired segments; the file work (unlink, fsync) runs in the executor."""
         now = self.clock.now_ms()
@@ -519,13 +652,63 @@ class Broker:
                 work.close()
             return None
         try:
-            return await work
+            result = await work
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
             if not part.closed:
-                log.exception("%s of %s/%d failed", what, part.topic, part.index)
+                quiet = is_disk_full(exc) and what in part.failing_jobs  # said once, until it works again
+                if is_disk_full(exc):
+                    part.failing_jobs.add(what)
+                if not quiet:
+                    _log_failure(f"{what} of {part.topic}/{part.index}", exc)
             return None
+        if what in part.failing_jobs:
+            part.failing_jobs.discard(what)
+            log.info("%s of %s/%d works again", what, part.topic, part.index)
+        return result
+
+
+def _note_refusal(part: Partition, exc: BaseException) -> None:
+    """Count (metrics) and log, once until it takes appends again, a partition that
+    had no room for an append."""
+    if not is_disk_full(exc):
+        return
+    part.disk_full_refusals += 1
+    if not part.disk_full:
+        part.disk_full = True
+        log.warning("%s/%d: %s; produce answers DISK_FULL until there is room", part.topic, part.index, exc,
+                    extra={"event": "disk_full", "topic": part.topic, "partition": part.index})
+
+
+def _note_room(part: Partition) -> None:
+    part.disk_full = False
+    log.info("%s/%d takes appends again", part.topic, part.index,
+             extra={"event": "disk_space", "topic": part.topic, "partition": part.index})
+
+
+def _undo(done: list[tuple[Partition, int]], exc: BaseException) -> None:
+    """Take back what a failed request stored in the partitions before the one that
+    refused it. If an undo fails (its log then fails: UNAVAILABLE, so the producer
+    retries unchanged), that is the error to answer."""
+    undo_failed = None
+    for part, start in reversed(done):
+        try:
+            part.undo(start)
+        except Exception as failure:
+            undo_failed = failure
+    if undo_failed is not None:
+        raise undo_failed from exc
+
+
+def _log_failure(what: str, exc: Exception) -> None:
+    """A background job's failure: a full disk (or a failed log) in one line, as it
+    repeats until there is room (or the repair job opened the log again); anything
+    else with its traceback."""
+    if is_disk_full(exc) or isinstance(exc, LogFailed):
+        log.warning("%s failed: %s", what, exc, extra={"event": "disk_full" if is_disk_full(exc) else "log_failed"})
+    else:
+        log.error("%s failed", what, exc_info=exc)
 
 
 def _scratch_name(topic: str) -> str:

@@ -11,16 +11,24 @@
 - Idempotent producers' state (``producers``) and the dedup window (``dedup``, on
   topics with one) change with each append, in the same step, so they always agree
   with the log; ``write_snapshot`` persists the producer state (``producer_state``).
+- An append is all or none: ``store`` puts a request's batches in the log in one
+  ``PartitionLog.append_batches`` (``undo`` takes them back if the request fails on
+  another partition), and only then does ``remember`` record them in the producer
+  state and the dedup window and wake readers. A refused append (DiskFull) changes
+  nothing, so an idempotent producer's sequence does not move.
+- A failed log (an fsync error) is replaced by a fresh one opened from disk
+  (``replace_log``, the broker's repair job), with the producer state and dedup
+  window rebuilt from it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 
-from segments import PartitionLog
+from segments import AppendInfo, PartitionLog
 
 from .batches import CheckedBatch
 from .dedup import DedupWindow
@@ -65,6 +73,14 @@ class Partition:
         #: Since start-up (metrics): segments and bytes retention deleted.
         self.retention_deleted_segments = 0
         self.retention_deleted_bytes = 0
+        #: Since start-up (metrics): produce requests refused for lack of space, and
+        #: whether the last append to this partition was (logged when it changes).
+        self.disk_full_refusals = 0
+        self.disk_full = False
+        #: The broker's reopening of this partition's failed log, while it runs.
+        self.repair: asyncio.Future | None = None
+        #: Background jobs whose last run found no room (logged once until they work).
+        self.failing_jobs: set[str] = set()
 
     # -- writing -------------------------------------------------------------
     def append(
@@ -74,40 +90,75 @@ class Partition:
         now_ms: int,
         answers: list[tuple[tuple[int, int], ...]] | None = None,
     ) -> tuple[int, int, int]:
-        """Append checked batches; returns (base_offset, record_count, append_time_ms).
+        """Append checked batches, all or none; returns (base_offset, record_count,
+        append_time_ms). ``store`` then ``remember``, for a request with one plan."""
+        base = self.log.log_end_offset
+        infos = self.store(batches, now_ms=now_ms)
+        return self.remember(batches, iter(infos), base_offset=base, now_ms=now_ms, answers=answers)
+
+    def store(self, batches: list[CheckedBatch], *, now_ms: int) -> list[AppendInfo]:
+        """Put the batches that hold records in the log, all or none (DiskFull, or
+        any error: none); nothing else changes until ``remember``."""
+        if len(batches) == 1:  # the usual request
+            b = batches[0]
+            return [self.log.append(b.body, record_count=b.record_count, append_time_ms=now_ms)] if b.record_count else []
+        stored = [(b.body, b.record_count) for b in batches if b.record_count]
+        return self.log.append_batches(stored, append_time_ms=now_ms)
+
+    def undo(self, offset: int) -> None:
+        """Take back what ``store`` put in the log from ``offset`` (the request failed
+        on another partition before anything of it was remembered)."""
+        self.log.undo_appends(offset)
+
+    def remember(
+        self,
+        batches: list[CheckedBatch],
+        infos: Iterator[AppendInfo],
+        *,
+        base_offset: int,
+        now_ms: int,
+        answers: list[tuple[tuple[int, int], ...]] | None = None,
+    ) -> tuple[int, int, int]:
+        """Record stored ``batches`` (``infos``: what ``store`` answered for those
+        with records, consumed in order; ``base_offset``: where the first went) in
+        the producer state and the dedup window, and wake readers; returns
+        (base_offset, record_count, append_time_ms).
 
         ``answers`` (aligned with ``batches``; None: nothing dropped) lists the
         records the dedup window dropped from each batch and the offsets answered,
         which an idempotent batch keeps so that a retry gets the same answer.
-
-        Each batch's idempotence and dedup state is recorded right after the batch
-        itself is appended: if storage fails part-way, what was appended is
-        remembered (a retry is a duplicate), what was not is not.
         """
-        log = self.log
-        base = log.log_end_offset
+        offset = base_offset
         append_time = now_ms
         count = 0
-        try:
-            for k, b in enumerate(batches):
-                if b.record_count:
-                    info = log.append(b.body, record_count=b.record_count, append_time_ms=now_ms)
-                    offset = info.base_offset
-                    append_time = info.append_time_ms
-                    count += b.record_count
-                    if b.keys is not None and self.dedup is not None:
-                        self.dedup.add(b.keys, offset, append_time)
-                else:  # the dedup window dropped every record: only the sequence moves
-                    offset = log.log_end_offset
-                if b.producer_id:
-                    meta = BatchMeta(b.base_sequence, b.sequence_count or b.record_count, offset, b.record_count,
-                                     append_time, answers[k] if answers is not None else ())
-                    self.producers.record(b.producer_id, meta, now_ms)
-        finally:
-            # Even after a storage error part-way, what was appended is visible.
-            if not self.wait_for_durability:
-                self._wake()
-        return base, count, append_time
+        for k, b in enumerate(batches):
+            where = offset
+            if b.record_count:
+                info = next(infos)
+                where, append_time = info.base_offset, info.append_time_ms
+                offset = where + b.record_count
+                count += b.record_count
+                if b.keys is not None and self.dedup is not None:
+                    self.dedup.add(b.keys, where, append_time)
+            # else: the dedup window dropped every record: only the sequence moves
+            if b.producer_id:
+                meta = BatchMeta(b.base_sequence, b.sequence_count or b.record_count, where, b.record_count,
+                                 append_time, answers[k] if answers is not None else ())
+                self.producers.record(b.producer_id, meta, now_ms)
+        if not self.wait_for_durability:
+            self._wake()
+        return base_offset, count, append_time
+
+    def replace_log(self, log: PartitionLog, producers: ProducerStateTable, snapshot_covers: int,
+                    dedup: DedupWindow | None) -> None:
+        """Take a log opened again from disk (after this one failed) with the state
+        rebuilt from it; readers are woken (what they wait for may have been cut)."""
+        self.log = log
+        self.producers = producers
+        self.dedup = dedup
+        self._snapshot_covers = snapshot_covers
+        self._snapshot_version = producers.version
+        self._wake()
 
     async def write_snapshot(self, now_ms: int) -> None:
         """Persist the producer state if it or the log moved since the last snapshot.

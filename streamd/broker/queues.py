@@ -14,7 +14,11 @@ Glue between the pure ``consumer_groups.queue.PartitionQueue`` state, its
   the log again: the stored batches holding the leased records (the batched form,
   passed through as stored) or the records decoded from them.
 - **Settling** changes memory first, then writes the journal; the answer waits for the
-  fsync (acks are never lost once acknowledged).
+  fsync (acks are never lost once acknowledged). Every change first waits for the
+  journal to take writes (``QueueStore.ready``): after a failed write (a full disk)
+  changes answer DISK_FULL, changing nothing, until the journal could be rewritten
+  from memory, and then go through; no restart needed. Receiving goes on meanwhile
+  (deliveries are written lazily).
 - **Dead letters** are produced by a background task to the group's dead-letter topic
   (created on demand with the source's partition count) with provenance headers; the
   record is settled once that append is durable. Nothing else waits for it.
@@ -96,7 +100,7 @@ class QueueEngine:
 
     # -- groups ------------------------------------------------------------------
     def group(self, name: str, topic: str) -> QueueGroup:
-        self.store.check()  # a failed journal: UNAVAILABLE/STORAGE_FAILED, not silent drift
+        self.store.check()  # closed: UNAVAILABLE/STORAGE_FAILED
         check_group_name(name)
         g = self.store.groups.get((name, topic))
         if g is None:
@@ -106,6 +110,7 @@ class QueueEngine:
     async def create(self, name: str, topic: str, config: QueueConfig) -> QueueGroup:
         self.broker.check_serving()
         check_group_name(name)
+        await self.store.ready()
         t = self.broker.topic(topic)
         if (name, topic) in self.store.groups:
             raise QueueGroupExists(name, topic)
@@ -120,6 +125,7 @@ class QueueEngine:
 
     async def delete(self, name: str, topic: str) -> None:
         g = self.group(name, topic)
+        await self.store.ready()
         for key in [k for k in self._dead_letter_backoff if k[:2] == (name, topic)]:
             del self._dead_letter_backoff[key]
         await self.store.delete(g)
@@ -148,6 +154,8 @@ class QueueEngine:
         partition that had some."""
         self.broker.check_serving()
         g = self.group(name, topic)
+        if g.config.at_most_once:  # handing out is settling: not while the journal cannot take it
+            await self.store.ready()
         n = _receive_count(max_records)
         try:
             lease = check_lease_ms(lease_ms) if lease_ms is not None else g.config.lease_ms
@@ -359,6 +367,7 @@ class QueueEngine:
         Returns once every change is durable."""
         self.broker.check_serving()
         g = self.group(name, topic)
+        await self.store.ready()
         now = self.broker.clock.now_ms()
         results: list = []
         acked: dict[int, list] = {}
@@ -541,6 +550,7 @@ class QueueEngine:
     # -- seek -------------------------------------------------------------------------------
     async def seek(self, name: str, topic: str, targets: dict[int, int]) -> None:
         g = self.group(name, topic)
+        await self.store.ready()
         writes = []
         for p, offset in targets.items():
             g.partitions[p].seek(offset)

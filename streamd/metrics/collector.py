@@ -168,6 +168,10 @@ def _storage(snap: Snapshot) -> Iterator[Metric]:
         ("streamd_log_damaged_offsets",
          "Offsets found unreadable (corrupt batches, segment files cut short) since the broker opened the "
          "partition; reads of them answer DATA_LOSS.", "damaged_offsets", g),
+        ("streamd_log_disk_full_refusals_total",
+         "Produce requests refused (DISK_FULL) because the filesystem had no room.", "disk_full_refusals", c),
+        ("streamd_log_disk_full",
+         "1 while the partition's last append was refused for lack of space, else 0.", "disk_full", g),
     ]
     for name, doc, attr, kind in rows:
         yield _family(kind, name, doc, _PT, (([p.topic, p.partition], getattr(p, attr)) for p in ps))

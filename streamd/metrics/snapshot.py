@@ -42,6 +42,8 @@ class PartitionRow:
     retention_deleted_bytes: int
     recovery_truncated_bytes: int
     damaged_offsets: int = 0
+    disk_full_refusals: int = 0
+    disk_full: int = 0
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ def take(src: Sources) -> Snapshot:
     _traffic(src.traffic, broker.topics, snap)
     for topic in list(broker.topics.values()):
         for part in topic.partitions:
-            if part.closed or part.log.closed:
+            if part.closed or part.log.closed or part.log.failed:  # failed: the repair job reopens it
                 continue
             stats = part.log.describe()
             report = part.log.recovery
@@ -128,6 +130,7 @@ def take(src: Sources) -> Snapshot:
                 stats.segment_count, stats.size_bytes, part.retention_deleted_segments,
                 part.retention_deleted_bytes, report.bytes_truncated if report is not None else 0,
                 sum(d.last_offset - d.first_offset + 1 for d in part.log.damaged()),
+                part.disk_full_refusals, int(part.disk_full),
             ))
     for r in (src.rpcs or {}).values():
         snap.rpcs.append(RpcRow(r.service, r.method, r.type, r.started, dict(r.handled), r.seconds.copy()))

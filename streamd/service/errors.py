@@ -5,11 +5,18 @@ structured fields travel as a ``google.rpc.ErrorInfo`` in the status details
 (``grpc-status-details-bin``), which every gRPC language can decode. Anything not
 in the table is a bug: INTERNAL, logged with its traceback, and the server keeps
 serving.
+
+No space on the data directory's filesystem is RESOURCE_EXHAUSTED / ``DISK_FULL``
+wherever it comes from (``segments.DiskFull``, or any OSError with ENOSPC/EDQUOT: a
+topic's files, a journal, a snapshot), and it always means that nothing of the call
+was stored (for a produce: no batch of the request was appended and no idempotent
+producer's sequence moved). A failed fsync is not DISK_FULL even when its errno is
+ENOSPC: what it covered may or may not be kept, so it answers the retryable
+UNAVAILABLE / ``STORAGE_FAILED``.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 
 import grpc
@@ -49,6 +56,7 @@ STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     segments.LogFailed: grpc.StatusCode.UNAVAILABLE,
     segments.InvalidBatch: grpc.StatusCode.INVALID_ARGUMENT,
     segments.BatchTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    segments.DiskFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     group_errors.InvalidGroupRequest: grpc.StatusCode.INVALID_ARGUMENT,
     group_errors.GroupNotFound: grpc.StatusCode.NOT_FOUND,
     group_errors.GroupNotEmpty: grpc.StatusCode.FAILED_PRECONDITION,
@@ -88,7 +96,7 @@ def status_code_for(exc: BaseException) -> grpc.StatusCode | None:
 
 
 def _disk_full(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return segments.is_disk_full(exc)
 
 
 def reason_and_metadata(exc: BaseException) -> tuple[str, dict[str, str]]:

@@ -433,10 +433,18 @@ def test_leaving_the_loop_inside_a_reply_skips_nothing(server):
             c.close()
 
 
-def test_a_failed_offset_store_answers_unavailable_and_keeps_the_topic(server, stubs):
+def test_a_failed_offset_store_answers_unavailable_and_keeps_the_topic(server, stubs, monkeypatch):
+    from consumer_groups.journal import Journal
+
     stubs.create("t", 1)
     stubs.produce_values("t", 0, [b"x"])
-    server.server.store._journal._failed = OSError(5, "injected")
+    journal = server.server.store._journal
+    journal._failed = OSError(5, "injected")
+
+    def still_failing(self, snapshot):
+        raise OSError(5, "still failing")
+
+    monkeypatch.setattr(Journal, "_rewrite", still_failing)  # the rewrite after the failure fails too
     with pytest.raises(grpc.RpcError) as err:
         commit(stubs, "g", "", 0, {("t", 0): 1})
     assert error_info(err.value)[:2] == (grpc.StatusCode.UNAVAILABLE, "STORAGE_FAILED")
@@ -445,6 +453,9 @@ def test_a_failed_offset_store_answers_unavailable_and_keeps_the_topic(server, s
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert [t.name for t in stubs.topics.ListTopics(pb.ListTopicsRequest()).topics] == ["t"]
     assert stubs.produce_values("t", 0, [b"y"]).base_offset == 1  # the rest keeps serving
+    monkeypatch.undo()  # the disk works again: so does the store, without a restart
+    commit(stubs, "g", "", 0, {("t", 0): 1})
+    assert journal._failed is None
 
 
 def test_offsets_of_a_topic_deleted_behind_the_journal_are_purged_at_start(make_server, tmp_path):

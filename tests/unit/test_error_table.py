@@ -56,3 +56,17 @@ def test_unknown_exceptions_become_internal_with_a_generic_message():
     code, reason, message, _ = to_status(RuntimeError("secret"))
     assert code == grpc.StatusCode.INTERNAL and "secret" not in message
     assert rich_status(broker_errors.TopicNotFound("t")).code == grpc.StatusCode.NOT_FOUND
+
+
+def test_no_room_is_disk_full_and_a_failed_fsync_is_retryable_even_for_enospc():
+    import errno
+
+    full = segments.DiskFull("append 2 batch(es) of 10 bytes", name="t/0",
+                             cause=OSError(errno.ENOSPC, "No space left on device"))
+    code, reason, message, _ = to_status(full)
+    assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "DISK_FULL") and "t/0" in message
+    assert to_status(OSError(errno.EDQUOT, "Disk quota exceeded"))[:2] == (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                                                           "DISK_FULL")
+    # What a failed fsync covered may or may not be kept: never DISK_FULL ("nothing stored").
+    failed = segments.LogFailed("/d", OSError(errno.ENOSPC, "No space left on device"), "t/0")
+    assert to_status(failed)[:2] == (grpc.StatusCode.UNAVAILABLE, "STORAGE_FAILED")
