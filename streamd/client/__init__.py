@@ -15,7 +15,7 @@ key_file=..., token=...)``; without it, ``STREAMD_TLS_CA``/``_CERT``/``_KEY``/
 from ._channel import Security
 from .admin import Admin
 from .consumer import AsyncConsumer, Consumer
-from .errors import ProduceError, StreamdError
+from .errors import OutcomeUnknown, ProduceError, StreamdError
 from .producer import AsyncProducer, Producer
 from .records import ConsumerRecord, RecordMetadata
 
@@ -25,6 +25,7 @@ __all__ = [
     "AsyncProducer",
     "Consumer",
     "ConsumerRecord",
+    "OutcomeUnknown",
     "ProduceError",
     "Producer",
     "RecordMetadata",
