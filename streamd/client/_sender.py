@@ -270,7 +270,7 @@ class Sender:
                 stream.waiting.clear()
             for queue in self._queues.values():
                 self._fail_all(queue, closed)
-        grace = min(self.request_timeout_s, 5.0)
+        grace = min(self.request_timeout_s, 1.0)  # a broker that answers ends the stream at once
         if stream is not None and not stream.broken:
             try:
                 await asyncio.wait_for(stream.call.done_writing(), grace)
@@ -422,6 +422,11 @@ class Sender:
     async def _write(self, queue: _PartitionQueue) -> None:
         stream = self._stream
         if stream is None or stream.broken:
+            if self._channel.get_state(try_to_connect=True) != grpc.ChannelConnectivity.READY:
+                # Not connected (a broker down, or not reached yet): write nothing, so
+                # that nothing is "maybe stored" that never left; wait for the channel.
+                self._start_reconnect(backoff=False)
+                return
             stream = self._stream = _Stream(self._log.ProduceStream())
             stream.reader = asyncio.ensure_future(self._read_answers(stream))
             self._readers.add(stream.reader)
@@ -635,23 +640,28 @@ class Sender:
                 queue.renumber(start)
             self._mark_ready(queue)
         if self.idempotent and not fatal:
-            self._reconnecting = True  # at once: nothing may be written before the backoff
-            if self._reconnect_task is None or self._reconnect_task.done():
-                self._reconnect_task = asyncio.ensure_future(self._reconnect())
+            self._start_reconnect(backoff=True)
         else:
             self._kick()
 
-    async def _reconnect(self) -> None:
-        """Back off, wait for the channel (it reconnects by itself, with its own
-        backoff) within the request timeout, then write again; repeated while the
-        writing fails again."""
+    def _start_reconnect(self, *, backoff: bool) -> None:
+        self._reconnecting = True  # at once: nothing may be written before the backoff
+        if (self._reconnect_task is None or self._reconnect_task.done()) and not self._closed:
+            self._reconnect_task = asyncio.ensure_future(self._reconnect(backoff=backoff))
+
+    async def _reconnect(self, *, backoff: bool) -> None:
+        """Back off (unless the channel was just not connected yet), wait for the
+        channel (it reconnects by itself, with its own backoff) within the request
+        timeout, then write again; repeated while the writing fails again."""
         while True:
             try:
                 if not self._unsettled:  # all given up on meanwhile
                     self._attempt = 0
                     return
-                self._attempt += 1
-                await asyncio.sleep(self._backoff_s(self._attempt))
+                if backoff:
+                    self._attempt += 1
+                    await asyncio.sleep(self._backoff_s(self._attempt))
+                backoff = True
                 try:
                     await asyncio.wait_for(self._channel.channel_ready(), self.request_timeout_s)
                 except (TimeoutError, asyncio.TimeoutError):
