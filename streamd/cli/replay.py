@@ -50,6 +50,7 @@ from .replay_select import (
     resolve_ranges,
     select,
 )
+from .timeouts import client_options, producer_options
 
 PROVENANCE_HEADERS = ("streamd-source-topic", "streamd-source-partition", "streamd-source-offset")
 ACK_WAIT_S = 30.0  # how long to wait for outstanding acknowledgements when stopping
@@ -415,7 +416,7 @@ def _report_stop(args, ranges, sink, state: ReplayState, why: str, cause: BaseEx
 
 def _open_sink(args: argparse.Namespace, close_later: list):
     if args.into:
-        producer = Producer(args.server)
+        producer = Producer(args.server, **producer_options(args))
         close_later.append(producer)
         sink = TopicSink(producer, args.into)
         close_later.append(sink)  # closed first: its writer thread uses the producer
@@ -436,7 +437,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print("streamd replay: --from OFFSET|DATETIME is required (or --resume)", file=sys.stderr)
         return 2
     wanted = RecordFilter(None if args.key is None else args.key.encode(), tuple(args.header))
-    with Consumer(args.server) as consumer:
+    with Consumer(args.server, **client_options(args)) as consumer:
         ranges, notes = _plan(consumer, args)
         for note in notes:
             print(f"streamd: replay: {note}", file=sys.stderr)
