@@ -19,6 +19,7 @@ from streamd.client import Admin
 from streamd.v1 import streamd_pb2 as pb
 
 from .format import table
+from .timeouts import client_options
 
 STATES = {pb.GROUP_STATE_EMPTY: "Empty", pb.GROUP_STATE_STABLE: "Stable", pb.GROUP_STATE_REBALANCING: "Rebalancing"}
 _DURATION = re.compile(
@@ -69,7 +70,7 @@ def parse_topic_partitions(specs: list[str]) -> dict[str, list[int]]:
 
 # -- commands ----------------------------------------------------------------------
 def cmd_list(args: argparse.Namespace) -> int:
-    with Admin(args.server) as admin:
+    with Admin(args.server, **client_options(args)) as admin:
         groups = admin.list_groups()
     if args.json:
         print(json.dumps([_json(g) for g in groups]))
@@ -80,7 +81,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
-    with Admin(args.server) as admin:
+    with Admin(args.server, **client_options(args)) as admin:
         d = admin.describe_group(args.group)
     if args.json:
         print(json.dumps(_json(d)))
@@ -111,7 +112,7 @@ def _tps(tps) -> str:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    with Admin(args.server) as admin:
+    with Admin(args.server, **client_options(args)) as admin:
         admin.delete_group(args.group)
     print(f"deleted group {args.group}")
     return 0
@@ -141,7 +142,7 @@ def cmd_reset(args: argparse.Namespace) -> int:
     partitions = None if args.all_topics else parse_topic_partitions(args.topic or [])
     if partitions is not None and not partitions and not args.undo:
         raise ValueError("name --topic T[:P,...] (repeatable) or --all-topics")
-    with Admin(args.server) as admin:
+    with Admin(args.server, **client_options(args)) as admin:
         reply = admin.reset_offsets(args.group, partitions=partitions, execute=args.execute, **_target(args))
     if args.json:
         print(json.dumps(_json(reply)))

@@ -40,9 +40,10 @@ def check(server: str | None, service: str = "", timeout_s: float = DEFAULT_TIME
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    if not args.timeout > 0:
+    timeout = DEFAULT_TIMEOUT_S if getattr(args, "timeout", None) is None else args.timeout
+    if not timeout > 0:
         raise ValueError("--timeout must be positive")
-    code, line = check(args.server, args.service, args.timeout)
+    code, line = check(args.server, args.service, timeout)
     print(line)
     return code
 
@@ -54,6 +55,7 @@ def add_parser(sub) -> None:
     p.add_argument("--server", default=argparse.SUPPRESS,
                    help="broker address (default $STREAMD_SERVER or 127.0.0.1:50051)")
     p.add_argument("--service", default="", help="a service name, e.g. streamd.v1.LogService (default: the server)")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
+    # SUPPRESS: unset here, a global --timeout (given before the subcommand) applies.
+    p.add_argument("--timeout", type=float, default=argparse.SUPPRESS, metavar="S",
                    help=f"seconds to wait for the answer (default {DEFAULT_TIMEOUT_S:g})")
     p.set_defaults(func=cmd_health)

@@ -3,7 +3,8 @@
 Exit codes: 0 success, 1 error (one line on stderr), 2 usage error (argparse);
 ``streamd health`` has its own (0 SERVING, 1 not serving, 2 unreachable).
 The server address comes from ``--server``, else ``STREAMD_SERVER``, else
-127.0.0.1:50051.
+127.0.0.1:50051. ``--timeout SECONDS`` (default 30) bounds every call to it
+(``timeouts``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from . import health as health_cmd
 from . import inspect as inspect_cmd
 from . import queue as queue_cmd
 from . import replay as replay_cmd
+from . import timeouts
 from .format import format_record, record_json, table
+from .timeouts import client_options, producer_options
 
 
 def _topic_json(t) -> dict:
@@ -103,7 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # -- topics -------------------------------------------------------------------
 def cmd_topics_create(args: argparse.Namespace) -> int:
-    with Admin(args.server) as admin:
+    with Admin(args.server, **client_options(args)) as admin:
         t = admin.create_topic(
             args.name,
             args.partitions,
@@ -122,7 +125,7 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
 
 
 def cmd_topics_list(args: argparse.Namespace) -> int:
-    with Admin(args.server) as admin:
+    with Admin(args.server, **client_options(args)) as admin:
         topics = admin.list_topics()
     if args.json:
         print(json.dumps([_topic_json(t) for t in topics]))
@@ -137,7 +140,7 @@ def cmd_topics_list(args: argparse.Namespace) -> int:
 
 
 def cmd_topics_describe(args: argparse.Namespace) -> int:
-    with Admin(args.server) as admin:
+    with Admin(args.server, **client_options(args)) as admin:
         t = admin.describe_topic(args.name)
     if args.json:
         print(json.dumps(_topic_json(t)))
@@ -166,7 +169,7 @@ def cmd_topics_describe(args: argparse.Namespace) -> int:
 
 
 def cmd_topics_delete(args: argparse.Namespace) -> int:
-    with Admin(args.server) as admin:
+    with Admin(args.server, **client_options(args)) as admin:
         admin.delete_topic(args.name)
     print(f"deleted topic {args.name}")
     return 0
@@ -175,7 +178,8 @@ def cmd_topics_delete(args: argparse.Namespace) -> int:
 # -- produce / consume / offsets -------------------------------------------------
 def cmd_produce(args: argparse.Namespace) -> int:
     futures = []
-    with Producer(args.server, linger_ms=args.linger_ms, compression=args.compression) as producer:
+    with Producer(args.server, linger_ms=args.linger_ms, compression=args.compression,
+                  **producer_options(args)) as producer:
         for line in sys.stdin.buffer:
             line = line.rstrip(b"\r\n")
             key = None
@@ -232,7 +236,8 @@ def cmd_consume(args: argparse.Namespace) -> int:
     fmt = args.format
     count = 0
     out = sys.stdout
-    with Consumer(args.server, skip_corrupt=args.skip_corrupt) as consumer, client_warnings():
+    with Consumer(args.server, skip_corrupt=args.skip_corrupt, **client_options(args)) as consumer, \
+            client_warnings():
         _start(consumer, args.topic, None if args.partition is None else [args.partition], args.from_)
         try:
             for record in consumer.records(exit_at_end=args.exit_at_end):
@@ -252,7 +257,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
 
 
 def cmd_offsets(args: argparse.Namespace) -> int:
-    with Admin(args.server) as admin:
+    with Admin(args.server, **client_options(args)) as admin:
         earliest = admin.list_offsets(args.topic)
         at = admin.list_offsets(args.topic, timestamp_ms=parse_time(args.at)) if args.at else None
     rows = []
@@ -297,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-client-cert", help="this client's certificate (PEM), for mutual TLS ($STREAMD_TLS_CERT)")
     parser.add_argument("--tls-client-key", help="this client's private key (PEM) ($STREAMD_TLS_KEY)")
     parser.add_argument("--token-file", help="file holding the bearer token (else $STREAMD_TOKEN)")
+    timeouts.add_global(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run a broker")
@@ -375,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_cmd.add_parser(sub)
     queue_cmd.add_parser(sub)
     replay_cmd.add_parser(sub)
+    timeouts.add_to_commands(parser)
     return parser
 
 

@@ -24,6 +24,7 @@ from streamd.v1 import streamd_pb2_grpc as rpc
 from .format import table
 from .groups import format_age
 from .replay import TokenBucket
+from .timeouts import client_options
 
 REDRIVE_GROUP = "streamd-redrive"
 REDRIVE_LEASE_MS = 10 * 60_000
@@ -35,7 +36,7 @@ def _json(message) -> dict:
 
 
 def _receiver(args, group: str, topic: str, **kw) -> QueueReceiver:
-    return QueueReceiver(group, topic, args.server, **kw)
+    return QueueReceiver(group, topic, args.server, **client_options(args), **kw)
 
 
 def cmd_create(args: argparse.Namespace) -> int:

@@ -51,6 +51,7 @@ from .replay_select import (
     resolve_ranges,
     select,
 )
+from .timeouts import client_options, producer_options
 
 PROVENANCE_HEADERS = ("streamd-source-topic", "streamd-source-partition", "streamd-source-offset")
 ACK_WAIT_S = 30.0  # how long to wait for outstanding acknowledgements when stopping
@@ -426,7 +427,7 @@ def _report_stop(args, ranges, sink, state: ReplayState, why: str, cause: BaseEx
 
 def _open_sink(args: argparse.Namespace, close_later: list):
     if args.into:
-        producer = Producer(args.server)
+        producer = Producer(args.server, **producer_options(args))
         close_later.append(producer)
         sink = TopicSink(producer, args.into)
         close_later.append(sink)  # closed first: its writer thread uses the producer
@@ -449,7 +450,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     wanted = RecordFilter(None if args.key is None else args.key.encode(), tuple(args.header))
     from .main import client_warnings  # here, not at the top: main imports this module
 
-    with Consumer(args.server, skip_corrupt=args.skip_corrupt) as consumer, client_warnings():
+    with Consumer(args.server, skip_corrupt=args.skip_corrupt, **client_options(args)) as consumer, \
+            client_warnings():
         ranges, notes = _plan(consumer, args)
         for note in notes:
             print(f"streamd: replay: {note}", file=sys.stderr)

@@ -15,7 +15,7 @@ key_file=..., token=...)``; without it, ``STREAMD_TLS_CA``/``_CERT``/``_KEY``/
 from ._channel import Security
 from .admin import Admin
 from .consumer import AsyncConsumer, Consumer
-from .errors import CorruptRecordsError, ProduceError, StreamdError
+from .errors import CorruptRecordsError, OutcomeUnknown, ProduceError, StreamdError
 from .producer import AsyncProducer, Producer
 from .records import ConsumerRecord, RecordMetadata
 
@@ -26,6 +26,7 @@ __all__ = [
     "Consumer",
     "ConsumerRecord",
     "CorruptRecordsError",
+    "OutcomeUnknown",
     "ProduceError",
     "Producer",
     "RecordMetadata",

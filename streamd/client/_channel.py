@@ -8,6 +8,16 @@ no CA is given), ``STREAMD_TLS_CERT`` and ``STREAMD_TLS_KEY`` (a client certific
 for mutual TLS), ``STREAMD_TOKEN`` (sent as ``authorization: Bearer <token>``), and
 ``STREAMD_TLS_SERVER_NAME`` (the name to check the broker's certificate against,
 when the address is not it).
+
+**Deadlines** (``Calls``, the one place that sets them): every unary call a client
+makes gets one, ``timeout_s`` seconds (default ``DEFAULT_TIMEOUT_S``, 30 s; a
+client's ``timeout_s=`` sets its default, a call's ``timeout_s=`` overrides it), plus
+the time the call asks the broker to wait (a long-poll Fetch's or Receive's
+``max_wait_ms``). A call without an answer in time fails with a ``StreamdError``
+``DEADLINE_EXCEEDED`` / ``TIMED_OUT`` whose message names the method, the server and
+the deadline. Streams (Subscribe, JoinGroup, ProduceStream) have no overall
+deadline: they live as long as the reader wants; the producer bounds each request
+on its stream by ``request_timeout_ms`` (``_sender``).
 """
 
 from __future__ import annotations
@@ -21,6 +31,8 @@ import grpc
 from streamd.addresses import is_loopback
 
 DEFAULT_SERVER = "127.0.0.1:50051"
+#: Seconds a unary call may take beyond what it asks the broker to wait.
+DEFAULT_TIMEOUT_S = 30.0
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -105,16 +117,88 @@ def aio_channel(server: str | None = None, *, security: Security | None = None,
     return grpc.aio.secure_channel(address, creds, options=options)
 
 
+def check_timeout(timeout_s: float, what: str = "timeout_s") -> float:
+    if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
+        raise ValueError(f"{what} must be a positive number of seconds, not {timeout_s!r}")
+    return float(timeout_s)
+
+
+def _method_name(method) -> str:
+    """``ListTopics`` for the stub method of ``/streamd.v1.TopicService/ListTopics``."""
+    raw = getattr(method, "_method", b"")
+    name = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw or "")
+    return name.rsplit("/", 1)[-1]
+
+
+class Calls:
+    """The deadline of a client's unary calls and what a missed one raises (see the
+    module docstring). ``server`` names the broker in error messages."""
+
+    __slots__ = ("server", "timeout_s")
+
+    def __init__(self, server: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.server = server
+        self.timeout_s = check_timeout(timeout_s)
+
+    def deadline(self, timeout_s: float | None = None, wait_s: float = 0.0) -> float:
+        """Seconds for one call: ``timeout_s`` (else the default) plus ``wait_s``, the
+        time the call itself asks the broker to wait."""
+        base = self.timeout_s if timeout_s is None else check_timeout(timeout_s)
+        return base + max(wait_s, 0.0)
+
+    def error(self, err: grpc.RpcError, deadline: float | None, method=None):
+        """The StreamdError for a failed call; a missed deadline says so in one line."""
+        from .errors import StreamdError
+
+        code = err.code() if hasattr(err, "code") else None
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None:
+            name = _method_name(method)
+            return StreamdError("DEADLINE_EXCEEDED", "TIMED_OUT",
+                                f"no answer{' to ' + name if name else ''} from {self.server} within {deadline:g} s")
+        return StreamdError.from_rpc_error(err)
+
+    def call(self, method, request, *, timeout_s: float | None = None, wait_s: float = 0.0, **kwargs):
+        """A blocking unary call with a deadline; StreamdError on failure."""
+        deadline = self.deadline(timeout_s, wait_s)
+        try:
+            return method(request, timeout=deadline, **kwargs)
+        except grpc.RpcError as err:
+            raise self.error(err, deadline, method) from None
+
+    def future(self, method, request, *, timeout_s: float | None = None, wait_s: float = 0.0) -> grpc.Future:
+        """A blocking stub's call as a future, with its deadline (``result`` raises
+        grpc.RpcError: pass it to ``error``)."""
+        return method.future(request, timeout=self.deadline(timeout_s, wait_s))
+
+    async def acall(self, method, request, *, timeout_s: float | None = None, wait_s: float = 0.0, **kwargs):
+        """An asyncio unary call with a deadline; StreamdError on failure."""
+        deadline = self.deadline(timeout_s, wait_s)
+        try:
+            return await method(request, timeout=deadline, **kwargs)
+        except grpc.RpcError as err:
+            raise self.error(err, deadline, method) from None
+
+
+def server_label(server: str | None, channel: object) -> str:
+    """How error messages name the broker: its address (or, for a channel given by
+    the caller, whatever address was passed along with it)."""
+    if channel is None:
+        return server_address(server)
+    return server or "the broker"
+
+
 class SyncClient:
     """A blocking client over its own channel (or one it is given)."""
 
     def __init__(self, server: str | None = None, *, channel: grpc.Channel | None = None,
-                 security: Security | None = None) -> None:
-        """``security``: TLS files and token (default: from ``STREAMD_TLS_*``/``STREAMD_TOKEN``)."""
+                 security: Security | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        """``security``: TLS files and token (default: from ``STREAMD_TLS_*``/``STREAMD_TOKEN``).
+        ``timeout_s``: the default deadline of each call (see the module docstring)."""
         from streamd._malloc import tune_malloc
         from streamd.v1 import streamd_pb2_grpc as rpc
 
         tune_malloc()
+        self._calls = Calls(server_label(server, channel), timeout_s)
         self._own_channel = channel is None
         self._channel = channel or sync_channel(server, security=security)
         self._topics = rpc.TopicServiceStub(self._channel)
@@ -131,10 +215,10 @@ class SyncClient:
         if self._own_channel:
             self._channel.close()
 
-    def _call(self, method, request):
-        from .errors import StreamdError
+    @property
+    def timeout_s(self) -> float:
+        """The default deadline of this client's calls, in seconds."""
+        return self._calls.timeout_s
 
-        try:
-            return method(request)
-        except grpc.RpcError as err:
-            raise StreamdError.from_rpc_error(err) from None
+    def _call(self, method, request, *, timeout_s: float | None = None, wait_s: float = 0.0):
+        return self._calls.call(method, request, timeout_s=timeout_s, wait_s=wait_s)

@@ -1,41 +1,69 @@
-"""Sending sealed batches over one ProduceStream: ordering, pipelining, idempotence
-and retries (the engine under ``producer.AsyncProducer``, as Kafka's ``Sender``).
+"""Sending sealed batches over one ProduceStream: ordering, pipelining, idempotence,
+retries and the delivery timeout (the engine under ``producer.AsyncProducer``, as
+Kafka's ``Sender``).
 
 **Idempotent** (the default): the sender gets a producer id from the broker
-(``InitProducer``) once and numbers each partition's records 0, 1, 2, ...; a batch
-is given the number of its first record when it is sealed (``enqueue``) and keeps it
-for good. When the stream breaks or the broker answers UNAVAILABLE, every
-unanswered batch goes back to the front of its partition's queue and is written
-again, in order, on a new stream once the channel is connected again (backoff
-``retry_backoff_ms`` doubling up to 2 s, at most ``retries`` rounds: about 6 s with
-the defaults); the broker answers a batch it already has with its original offsets
-(``RecordMetadata.duplicate``), so each record is written once. At most
-``PER_PARTITION_IN_FLIGHT`` (5) batches per partition are unanswered at a time: the
-broker remembers a producer's last 5 batches per partition, so every retry is
-recognised.
+(``InitProducer``) and numbers each partition's records 0, 1, 2, ...; a batch is
+numbered when it is sealed (``enqueue``). Per partition it keeps every unsettled
+batch in order (``_PartitionQueue.pending``); the first ``written`` of them are on
+the current stream, unanswered. The broker answers a partition's requests in order,
+so an answer is always for the partition's first pending batch (the *head*).
 
-A batch the broker refuses (RECORD_TOO_LARGE, TOO_MANY_PRODUCERS, ...) fails alone:
-the partition's later batches are renumbered to close the gap it leaves (those
-already written are refused as out of order; their answers are ignored and they are
-written again). TOO_MANY_PRODUCERS refuses a producer's first batch for a partition
-whose producer table is full; the renumbered batches behind it start at 0 again and
-are refused too until the partition has room.
-OUT_OF_ORDER_SEQUENCE / UNKNOWN_PRODUCER (the broker no longer knows the producer:
-idle a week, evicted, or a crash lost data of an fsync=never topic) fail that
-batch's records with a ``ProduceError``, and the sender starts over with a new id.
-Any other error fails the batch alone and leaves the numbering as it is: e.g.
-DATA_LOSS / RETRY_ANSWER_UNKNOWN, a retry the broker recognised (its sequence
-numbers are used) but whose answer (which records its dedup window dropped) it no
-longer knows.
-When the retries run out, every queued batch fails with the last error and the
-sender also starts over.
+Every batch has a **deadline**: ``delivery_timeout_ms`` after its first record was
+sent (Kafka's ``delivery.timeout.ms``). Until then nothing that may have stored it
+fails it:
 
-Not idempotent: at most once. A batch whose request fails in transit is reported,
-never retried.
+- the stream breaks, the broker answers an error that does not say whether the batch
+  was stored (UNAVAILABLE, INTERNAL, ...), or no answer comes within
+  ``request_timeout_ms`` (a stopped broker): the stream is dropped, every written
+  batch is marked *maybe stored* and goes back to unsent, and after a backoff
+  (``retry_backoff_ms`` doubling up to ``retry_backoff_max_ms``, +-20% jitter) they
+  are written again, in order, with the same numbers: the broker answers a batch it
+  already has with its first answer (``RecordMetadata.duplicate``);
+- the deadline passes: a batch never written, or proven not stored, fails with
+  ``DEADLINE_EXCEEDED`` / ``DELIVERY_TIMEOUT`` (nothing stored); a batch that may
+  have been stored fails with ``OutcomeUnknown``. A written one is taken off the
+  stream first (the stream is dropped, as above).
+
+A batch the broker **refuses** (RECORD_TOO_LARGE, DISK_FULL, TOO_MANY_PRODUCERS, ...)
+was not appended, so its numbers are unused: it fails alone and the partition's
+later batches are renumbered to close the gap (as Kafka's producer does). Those
+already written are refused as out of order by the broker (they come after a batch
+it lacks); their answers are ignored and they are written again. A refusal of a
+batch that may have been stored on an earlier attempt proves nothing when the broker
+decides it before looking at sequence numbers (a quota, a permission): that batch
+fails with ``OutcomeUnknown`` and the numbers stay (if it was not stored after all,
+the next batch is refused as out of order, below). DISK_FULL and TOO_MANY_PRODUCERS
+are decided after the sequence check, so they prove it either way.
+
+**OUT_OF_ORDER_SEQUENCE / UNKNOWN_PRODUCER** (the broker's numbering and ours
+differ: it forgot the producer, or a batch that timed out with its outcome unknown
+was not stored after all) refuse the batch: nothing of it, nor of the partition's
+later batches, was stored. The partition takes a new producer id and its pending
+batches are numbered from 0 under it and sent again; nothing fails (Kafka's
+idempotent producer bumps its epoch the same way). (UNKNOWN_PRODUCER proves it for
+a batch an earlier attempt may have stored too: the broker forgets a producer only
+after it was idle for ``PRODUCER_MIN_IDLE_MS``, 15 min, far longer than the delivery
+timeout; or with the partition, deleted or lost in a crash.)
+DATA_LOSS / RETRY_ANSWER_UNKNOWN (a retry the broker recognised, so stored, but whose
+answer it no longer knows) fails that batch alone and leaves the numbering as it is.
+
+Why resending with the same numbers is always safe and renumbering is safe when
+done: the broker remembers a producer's last ``PER_PARTITION_IN_FLIGHT`` (5) batches
+per partition and at most that many are ever written beyond the head, so any retry
+of a stored batch is recognised; it appends a partition's batches only in sequence
+order, so nothing after a batch it lacks is stored; and the sender renumbers only
+batches proven not stored. *Maybe stored* is always a prefix of ``pending``.
+
+Not idempotent: at most once. A written batch whose answer is lost (the stream
+breaks, or no answer within ``request_timeout_ms``) or is an error that does not say
+fails with ``OutcomeUnknown``; it is never sent again.
 
 Ordering: batches of one partition are written in the order they were sealed, and a
 retry writes them again in that order before anything newer. One write at a time
 (grpc.aio refuses overlapping writes on a stream; asyncio.Lock is FIFO).
+
+Not thread-safe: one event loop owns a Sender.
 """
 
 from __future__ import annotations
@@ -43,6 +71,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
 from collections import deque
 
 import grpc
@@ -50,26 +79,34 @@ import grpc
 from streamd.v1 import streamd_pb2 as pb
 from streamd.v1 import streamd_pb2_grpc as rpc
 
-from .errors import ProduceError, StreamdError
+from ._channel import Calls
+from .errors import OutcomeUnknown, ProduceError, StreamdError
 from .records import RecordMetadata
 
-DEFAULT_RETRIES = 5
+DEFAULT_DELIVERY_TIMEOUT_MS = 120_000
+DEFAULT_REQUEST_TIMEOUT_MS = 30_000
 DEFAULT_RETRY_BACKOFF_MS = 100
-MAX_RETRY_BACKOFF_MS = 2000
+DEFAULT_RETRY_BACKOFF_MAX_MS = 1000
 #: The broker remembers an idempotent producer's last 5 batches per partition
 #: (streamd.broker.producer_state.REMEMBERED_BATCHES); more unanswered ones could
 #: not all be recognised as retries.
 PER_PARTITION_IN_FLIGHT = 5
-#: Failures of the whole stream worth a retry (the broker died, restarted, or stopped).
-_TRANSPORT_CODES = {"UNAVAILABLE", "CANCELLED", "UNKNOWN", "INTERNAL", "DEADLINE_EXCEEDED"}
 _SEQUENCE_REASONS = {"OUT_OF_ORDER_SEQUENCE", "UNKNOWN_PRODUCER"}
+#: Refusals the broker makes only for the batch it expects next (after the sequence
+#: check): the batch is not stored, whatever happened to earlier attempts.
+_PROVEN_NOT_STORED = {"DISK_FULL", "TOO_MANY_PRODUCERS"}
+#: The batch is stored (its numbers are used), but the answer is unknown.
+_STORED_REASONS = {"RETRY_ANSWER_UNKNOWN"}
 #: Answers that refuse a request before anything of it is appended.
 _REFUSED_CODES = {
     grpc.StatusCode[name].value[0]
     for name in ("INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "FAILED_PRECONDITION", "OUT_OF_RANGE",
                  "RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "UNAUTHENTICATED")
 }
-_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
+#: A whole stream ending with one of these will not do better on a new one; its
+#: unanswered requests were not processed (the broker answers what it appended).
+_FATAL_STREAM_CODES = {"INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "FAILED_PRECONDITION", "OUT_OF_RANGE",
+                       "PERMISSION_DENIED", "UNAUTHENTICATED", "UNIMPLEMENTED", "RESOURCE_EXHAUSTED"}
 
 log = logging.getLogger("streamd.client")
 
@@ -77,41 +114,61 @@ log = logging.getLogger("streamd.client")
 class _Batch:
     """A sealed batch until it is settled (answered, or failed for good)."""
 
-    __slots__ = ("queue", "batch", "futures", "whole", "record_count")
+    __slots__ = ("queue", "batch", "futures", "whole", "record_count", "deadline", "written_at", "maybe_stored")
 
     def __init__(self, queue: "_PartitionQueue", batch: pb.RecordBatch, futures: list, whole: bool,
-                 count: int) -> None:
+                 count: int, deadline: float) -> None:
         self.queue = queue
         self.batch = batch
         self.futures = futures
         self.whole = whole  # one future for the whole batch (send_batch)
         self.record_count = count
+        self.deadline = deadline  # loop time
+        self.written_at = 0.0
+        self.maybe_stored = False  # written on an attempt whose outcome is unknown
 
 
 class _PartitionQueue:
-    """One partition's sealed batches: not yet written (in order), and how many are
-    written and unanswered."""
+    """One partition's unsettled batches, in order; the first ``written`` are on the
+    current stream. ``producer_id``/``next_sequence``: the numbering of its batches
+    (producer_id None: waiting for a new id)."""
 
-    __slots__ = ("topic", "partition", "unsent", "in_flight", "ready")
+    __slots__ = ("topic", "partition", "pending", "written", "ready", "producer_id", "next_sequence", "renewing")
 
-    def __init__(self, topic: str, partition: int) -> None:
+    def __init__(self, topic: str, partition: int, producer_id: int | None) -> None:
         self.topic = topic
         self.partition = partition
-        self.unsent: deque[_Batch] = deque()
-        self.in_flight = 0
+        self.pending: deque[_Batch] = deque()
+        self.written = 0
         self.ready = False  # listed in Sender._ready
+        self.producer_id = producer_id
+        self.next_sequence = 0
+        self.renewing = False
+
+    def renumber(self, start: int) -> None:
+        """Number the pending batches from ``start`` on (none may be written; without
+        a producer id, the renewal numbers them)."""
+        if self.producer_id is None:
+            return
+        sequence = start
+        for item in self.pending:
+            item.batch.producer_id = self.producer_id
+            item.batch.base_sequence = sequence
+            sequence += item.record_count
+        self.next_sequence = sequence
 
 
 class _Stream:
     """One ProduceStream call and the batches written to it, by request id."""
 
-    __slots__ = ("call", "reader", "waiting", "broken")
+    __slots__ = ("call", "reader", "waiting", "broken", "watchdog")
 
     def __init__(self, call) -> None:
         self.call = call
         self.reader: asyncio.Task | None = None
         self.waiting: dict[int, _Batch] = {}
         self.broken = False
+        self.watchdog: asyncio.TimerHandle | None = None
 
 
 class Sender:
@@ -123,17 +180,29 @@ class Sender:
         channel: grpc.aio.Channel,
         *,
         idempotent: bool,
-        retries: int,
-        retry_backoff_ms: float,
         max_in_flight: int,
+        delivery_timeout_ms: float = DEFAULT_DELIVERY_TIMEOUT_MS,
+        request_timeout_ms: float = DEFAULT_REQUEST_TIMEOUT_MS,
+        retry_backoff_ms: float = DEFAULT_RETRY_BACKOFF_MS,
+        retry_backoff_max_ms: float = DEFAULT_RETRY_BACKOFF_MAX_MS,
+        server: str = "the broker",
+        rng: random.Random | None = None,
     ) -> None:
-        if retries < 0 or retry_backoff_ms < 0:
-            raise ValueError("retries and retry_backoff_ms must not be negative")
+        for name, value in (("delivery_timeout_ms", delivery_timeout_ms), ("request_timeout_ms", request_timeout_ms)):
+            if not value > 0:
+                raise ValueError(f"{name} must be positive")
+        if retry_backoff_ms < 0 or retry_backoff_max_ms < 0:
+            raise ValueError("retry_backoff_ms and retry_backoff_max_ms must not be negative")
         self._channel = channel
         self._log = rpc.LogServiceStub(channel)
+        self._calls = Calls(server, request_timeout_ms / 1000)
         self.idempotent = idempotent
-        self.retries = retries if idempotent else 0
+        self.delivery_timeout_s = delivery_timeout_ms / 1000
+        self.request_timeout_s = request_timeout_ms / 1000
         self.retry_backoff_ms = retry_backoff_ms
+        self.retry_backoff_max_ms = max(retry_backoff_max_ms, retry_backoff_ms)
+        self._random = rng or random.Random()
+        self._running_loop: asyncio.AbstractEventLoop | None = None
         self._window = PER_PARTITION_IN_FLIGHT if idempotent else max_in_flight
         self._slots = asyncio.Semaphore(max_in_flight)
         self._seal_lock = asyncio.Lock()
@@ -143,9 +212,9 @@ class Sender:
         self._ready: deque[_PartitionQueue] = deque()
         self._ids = itertools.count(1)
         self._producer_id: int | None = None
-        self._sequences: dict[tuple[str, int], int] = {}
         self._stream: _Stream | None = None
         self._readers: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] = set()  # producer-id renewals
         self._unsettled = 0  # sealed batches not yet answered or failed for good
         self._idle: asyncio.Future[None] | None = None
         self._drainer: asyncio.Task | None = None
@@ -153,36 +222,75 @@ class Sender:
         self._reconnect_task: asyncio.Task | None = None
         self._attempt = 0
         self._last_error: BaseException | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self._expiry_at = 0.0
+        self._closed = False
+
+    @property
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._running_loop
+        if loop is None:
+            loop = self._running_loop = asyncio.get_running_loop()
+        return loop
 
     @property
     def producer_id(self) -> int | None:
+        """The producer id new partitions are numbered under (a partition whose
+        numbering had to start over has a newer one, which this then is too)."""
         return self._producer_id
 
+    def deadline(self) -> float:
+        """The delivery deadline of a batch whose first record is sent now."""
+        return self._loop.time() + self.delivery_timeout_s
+
     async def wait_settled(self) -> None:
-        """Return once every batch sealed so far is answered or failed for good."""
+        """Return once every batch sealed so far is answered or failed for good
+        (within the delivery timeout)."""
         while self._unsettled:
             if self._idle is None or self._idle.done():
-                self._idle = asyncio.get_running_loop().create_future()
+                self._idle = self._loop.create_future()
             await asyncio.shield(self._idle)
 
     async def close(self) -> None:
-        """End the stream (after ``wait_settled``) and wait for its reader."""
-        if self._reconnect_task is not None:
-            self._reconnect_task.cancel()
+        """End the stream and wait (boundedly) for its reader; fail whatever is still
+        unsettled (only after ``wait_settled`` was cut short)."""
+        self._closed = True
+        tasks = [t for t in (self._reconnect_task, self._drainer, *self._tasks) if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         stream = self._stream
+        if self._unsettled:  # flush() was cut short
+            closed = StreamdError("CANCELLED", "PRODUCER_CLOSED", "the producer was closed before an answer came")
+            if stream is not None:
+                stream.waiting.clear()
+            for queue in self._queues.values():
+                self._fail_all(queue, closed)
+        grace = min(self.request_timeout_s, 1.0)  # a broker that answers ends the stream at once
         if stream is not None and not stream.broken:
             try:
-                await stream.call.done_writing()
-            except (grpc.RpcError, asyncio.InvalidStateError):
+                await asyncio.wait_for(stream.call.done_writing(), grace)
+            except (grpc.RpcError, asyncio.InvalidStateError, TimeoutError, asyncio.TimeoutError):
                 pass
         if self._readers:
-            await asyncio.gather(*list(self._readers), return_exceptions=True)
+            _, late = await asyncio.wait(list(self._readers), timeout=grace)
+            if late:  # a stopped broker never ends the stream
+                if stream is not None:
+                    stream.call.cancel()
+                await asyncio.wait(late, timeout=grace)
+        if stream is not None:
+            self._cancel_watchdog(stream)
 
     async def enqueue(self, topic: str, partition: int, batch: pb.RecordBatch, futures: list, whole: bool,
-                      count: int) -> None:
+                      count: int, deadline: float) -> None:
         """Seal a batch (its sequence number is fixed here) and queue it for writing.
         ``futures``: one per record, or one for the whole batch (``whole``); each
-        resolves to its RecordMetadata once the batch is answered."""
+        resolves to its RecordMetadata once the batch is answered. ``deadline``: loop
+        time by which it is settled (see ``deadline()``)."""
         # FIFO: batches are sealed, and so numbered and written, in the order shipped.
         # While any batch waits to be sealed (for a slot or the producer id) every
         # later one queues behind it on the lock; only with nobody waiting may a batch
@@ -192,60 +300,103 @@ class Sender:
             self._waiting_to_seal += 1
             try:
                 async with self._seal_lock:
+                    # Bounded: the batches holding the slots are older, and expire first.
                     await self._slots.acquire()
                     if self.idempotent and self._producer_id is None:
                         try:
-                            await self._init_producer()
+                            self._producer_id = await self._init_producer(deadline)
                         except BaseException as exc:
                             self._slots.release()
                             _fail_futures(futures, exc)
                             if isinstance(exc, Exception):
                                 return
                             raise
-                    self._seal(topic, partition, batch, futures, whole, count)
+                    self._seal(topic, partition, batch, futures, whole, count, deadline)
             finally:
                 self._waiting_to_seal -= 1
         else:
             await self._slots.acquire()  # free: returns at once, without yielding
-            self._seal(topic, partition, batch, futures, whole, count)
+            self._seal(topic, partition, batch, futures, whole, count, deadline)
         await self._drain()
 
     def _seal(self, topic: str, partition: int, batch: pb.RecordBatch, futures: list, whole: bool,
-              count: int) -> None:
+              count: int, deadline: float) -> None:
         key = (topic, partition)
         queue = self._queues.get(key)
         if queue is None:
-            queue = self._queues[key] = _PartitionQueue(topic, partition)
+            queue = self._queues[key] = _PartitionQueue(topic, partition, self._producer_id)
         if self.idempotent:
-            sequence = self._sequences.get(key, 0)
-            self._sequences[key] = sequence + count
-            batch.producer_id = self._producer_id
-            batch.base_sequence = sequence
+            if queue.producer_id is not None:
+                batch.producer_id = queue.producer_id
+                batch.base_sequence = queue.next_sequence
+            queue.next_sequence += count
         self._unsettled += 1
-        queue.unsent.append(_Batch(queue, batch, futures, whole, count))
-        self._mark_ready(queue)
+        queue.pending.append(_Batch(queue, batch, futures, whole, count, deadline))
+        if self._expiry is None or deadline < self._expiry_at:
+            self._arm_expiry(deadline)
+        if self.idempotent and queue.producer_id is None:
+            self._renew(queue)
+        else:
+            self._mark_ready(queue)
 
-    async def _init_producer(self) -> None:
+    async def _init_producer(self, deadline: float) -> int:
+        """A new producer id, asked again (with backoff) until ``deadline``; a plain
+        StreamdError when none came (nothing was sent under it)."""
         # wait_for_ready: a channel still reconnecting (a broker restart) is waited
-        # for, as long as a retried batch would be.
-        try:
-            reply = await self._log.InitProducer(
-                pb.InitProducerRequest(), wait_for_ready=True, timeout=self._retry_budget_s()
-            )
-        except grpc.RpcError as err:
-            raise StreamdError.from_rpc_error(err) from None
-        self._producer_id = reply.producer_id
-        self._sequences.clear()
+        # for, within the request timeout and the batch's delivery deadline.
+        attempt = 0
+        while True:
+            timeout = min(self.request_timeout_s, deadline - self._loop.time())
+            if timeout <= 0:
+                raise StreamdError("DEADLINE_EXCEEDED", "DELIVERY_TIMEOUT",
+                                   f"no producer id from {self._calls.server} within delivery_timeout_ms="
+                                   f"{self.delivery_timeout_s * 1000:g} (last error: {self._last_error}); "
+                                   "nothing was sent")
+            try:
+                reply = await self._calls.acall(self._log.InitProducer, pb.InitProducerRequest(), timeout_s=timeout,
+                                                wait_for_ready=True)
+                return reply.producer_id
+            except StreamdError as exc:
+                if exc.code in _FATAL_STREAM_CODES:
+                    raise
+                self._last_error = exc
+            attempt += 1
+            await asyncio.sleep(min(self._backoff_s(attempt), max(deadline - self._loop.time(), 0.0)))
 
-    def _restart_producer(self) -> None:
-        """Forget the producer id: batches sealed from now on start at sequence 0 under
-        a new one (those sealed before keep theirs)."""
-        self._producer_id = None
-        self._sequences.clear()
+    def _renew(self, queue: _PartitionQueue) -> None:
+        """Give ``queue`` a new producer id (in the background) and number its pending
+        batches from 0 under it."""
+        queue.producer_id = None
+        if queue.renewing or self._closed:
+            return
+        queue.renewing = True
+        task = asyncio.ensure_future(self._renewal(queue))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _renewal(self, queue: _PartitionQueue) -> None:
+        try:
+            while True:
+                deadline = min((item.deadline for item in queue.pending), default=self.deadline())
+                try:
+                    producer_id = await self._init_producer(deadline)
+                    break
+                except StreamdError as exc:
+                    self._last_error = exc
+                    if not queue.pending:  # expired meanwhile: the next batch asks again
+                        return
+                    await asyncio.sleep(self._backoff_s(1))  # refused (say, PERMISSION_DENIED): retry
+        finally:
+            queue.renewing = False
+        self._producer_id = queue.producer_id = producer_id
+        queue.renumber(0)
+        self._mark_ready(queue)
+        self._kick()
 
     # -- writing -------------------------------------------------------------
     def _mark_ready(self, queue: _PartitionQueue) -> None:
-        if not queue.ready and queue.unsent and queue.in_flight < self._window:
+        if (not queue.ready and queue.written < len(queue.pending) and queue.written < self._window
+                and (queue.producer_id is not None or not self.idempotent)):
             queue.ready = True
             self._ready.append(queue)
 
@@ -259,25 +410,34 @@ class Sender:
             while ready and not self._reconnecting:
                 queue = ready.popleft()
                 queue.ready = False
-                while queue.unsent and queue.in_flight < self._window and not self._reconnecting:
-                    await self._write(queue.unsent.popleft())
+                while (queue.written < len(queue.pending) and queue.written < self._window
+                       and not self._reconnecting and (queue.producer_id is not None or not self.idempotent)):
+                    await self._write(queue)
                 self._mark_ready(queue)
 
     def _kick(self) -> None:
         if self._ready and not self._reconnecting and (self._drainer is None or self._drainer.done()):
             self._drainer = asyncio.ensure_future(self._drain())
 
-    async def _write(self, item: _Batch) -> None:
+    async def _write(self, queue: _PartitionQueue) -> None:
         stream = self._stream
         if stream is None or stream.broken:
+            if self._channel.get_state(try_to_connect=True) != grpc.ChannelConnectivity.READY:
+                # Not connected (a broker down, or not reached yet): write nothing, so
+                # that nothing is "maybe stored" that never left; wait for the channel.
+                self._start_reconnect(backoff=False)
+                return
             stream = self._stream = _Stream(self._log.ProduceStream())
             stream.reader = asyncio.ensure_future(self._read_answers(stream))
             self._readers.add(stream.reader)
             stream.reader.add_done_callback(self._readers.discard)
+        item = queue.pending[queue.written]
+        queue.written += 1
         request_id = next(self._ids)
         stream.waiting[request_id] = item
-        queue = item.queue
-        queue.in_flight += 1
+        item.written_at = self._loop.time()
+        if stream.watchdog is None:
+            stream.watchdog = self._loop.call_at(item.written_at + self.request_timeout_s, self._watch, stream)
         # Built in place: nesting finished messages would copy the batch each time.
         message = pb.ProduceStreamRequest(request_id=request_id)
         message.request.topic = queue.topic
@@ -288,6 +448,27 @@ class Sender:
             self._stream_failed(stream, err)
         except asyncio.InvalidStateError:  # the call ended before its reader noticed
             self._stream_failed(stream, _stream_ended())
+
+    def _watch(self, stream: _Stream) -> None:
+        """The request timeout: the oldest unanswered request of ``stream`` waited
+        ``request_timeout_ms`` (a stopped broker, a dead connection): drop the stream."""
+        stream.watchdog = None
+        if stream.broken or not stream.waiting:
+            return
+        oldest = next(iter(stream.waiting.values()))
+        due = oldest.written_at + self.request_timeout_s
+        if due > self._loop.time():
+            stream.watchdog = self._loop.call_at(due, self._watch, stream)
+            return
+        self._stream_failed(stream, StreamdError(
+            "DEADLINE_EXCEEDED", "TIMED_OUT",
+            f"no answer from {self._calls.server} within request_timeout_ms={self.request_timeout_s * 1000:g}"))
+
+    @staticmethod
+    def _cancel_watchdog(stream: _Stream) -> None:
+        if stream.watchdog is not None:
+            stream.watchdog.cancel()
+            stream.watchdog = None
 
     # -- answers -------------------------------------------------------------
     async def _read_answers(self, stream: _Stream) -> None:
@@ -306,32 +487,46 @@ class Sender:
             if stream.waiting:
                 self._stream_failed(stream, err or _stream_ended())
             stream.broken = True
+            self._cancel_watchdog(stream)
 
     def _answer(self, stream: _Stream, answer: pb.ProduceStreamResponse) -> None:
         item = stream.waiting.pop(answer.request_id, None)
         if item is None:
-            return
+            return  # for a stream or a write given up on
         queue = item.queue
-        queue.in_flight -= 1
-        if answer.HasField("error"):
-            e = answer.error
-            exc = ProduceError(_code_name(e.code), e.reason, e.message, dict(e.metadata))
-            if e.code == _UNAVAILABLE and self.retries:
-                self._stream_failed(stream, exc, first=item)  # the broker stops or a disk failed
-                return
-            if e.reason in _SEQUENCE_REASONS:
-                if item.batch.producer_id == self._producer_id:
-                    self._restart_producer()
-            elif item.batch.producer_id and e.code in _REFUSED_CODES:
-                self._close_gap(stream, item)
-            self._settle(item, exc)
-        else:
+        if not answer.HasField("error"):
             self._attempt = 0
+            self._take(item)
             self._resolve(item, answer.response.results[0])
             self._settle(item)
-        if queue.unsent:
-            self._mark_ready(queue)
-            self._kick()
+        else:
+            e = answer.error
+            exc = ProduceError(_code_name(e.code), e.reason, e.message, dict(e.metadata))
+            if not self.idempotent:
+                self._take(item)
+                self._settle(item, exc if e.code in _REFUSED_CODES else self._unknown(item, exc, "the answer does not say"))
+            elif e.reason in _SEQUENCE_REASONS:
+                self._sequence_refused(stream, item, exc)
+            elif e.reason in _STORED_REASONS:
+                self._take(item)
+                self._settle(item, exc)
+            elif e.code in _REFUSED_CODES:
+                self._refused(stream, item, exc)
+            else:  # the outcome is unknown (the broker stops, a disk failed): retry
+                self._stream_failed(stream, exc)
+                return
+        self._mark_ready(queue)
+        self._kick()
+
+    def _take(self, item: _Batch) -> None:
+        """Remove an answered batch (written: the partition's head) from its queue."""
+        queue = item.queue
+        queue.written -= 1
+        if queue.pending[0] is item:
+            queue.pending.popleft()
+        else:  # cannot happen: the broker answers a partition's requests in order
+            log.error("produce answer for %s/%d out of order", queue.topic, queue.partition)
+            queue.pending.remove(item)
 
     def _resolve(self, item: _Batch, result: pb.PartitionProduceResult) -> None:
         topic, partition = item.queue.topic, result.partition
@@ -354,26 +549,41 @@ class Sender:
             if not f.done():
                 f.set_result(RecordMetadata(topic, partition, base + i, append_time, durable, duplicate))
 
-    def _close_gap(self, stream: _Stream, refused: _Batch) -> None:
-        """``refused`` was not appended, so its sequence numbers must not be used:
-        renumber the partition's later batches down (as Kafka's producer does). Those
-        already written will be refused by the broker (a gap); their answers are
-        ignored and they are written again, in order, with their new numbers."""
-        queue, producer_id = refused.queue, refused.batch.producer_id
-        start, shift = refused.batch.base_sequence, refused.record_count
-        moved = [(rid, item) for rid, item in stream.waiting.items() if item.queue is queue]
-        for rid, item in moved:
-            del stream.waiting[rid]
-            queue.in_flight -= 1
-        for _, item in reversed(moved):
-            queue.unsent.appendleft(item)
-        for item in queue.unsent:
-            batch = item.batch
-            if batch.producer_id == producer_id and batch.base_sequence > start:
-                batch.base_sequence -= shift
-        key = (queue.topic, queue.partition)
-        if producer_id == self._producer_id and key in self._sequences:
-            self._sequences[key] -= shift
+    def _unwrite(self, stream: _Stream, queue: _PartitionQueue) -> None:
+        """Forget the requests of ``queue`` on ``stream`` (their answers are ignored);
+        its batches are written again."""
+        if queue.written:
+            for rid in [rid for rid, item in stream.waiting.items() if item.queue is queue]:
+                del stream.waiting[rid]
+            queue.written = 0
+
+    def _refused(self, stream: _Stream, item: _Batch, exc: ProduceError) -> None:
+        """The head ``item`` was refused: nothing of it appended. Close the gap its
+        numbers leave, unless an earlier attempt may have stored it (see module
+        docstring)."""
+        queue = item.queue
+        self._take(item)
+        self._unwrite(stream, queue)
+        if item.maybe_stored and exc.reason not in _PROVEN_NOT_STORED:
+            self._settle(item, self._unknown(item, exc, "a retry was refused after an earlier attempt's answer "
+                                                       "was lost"))
+            return
+        self._settle(item, exc)
+        for later in queue.pending:
+            later.maybe_stored = False  # nothing after a batch the broker lacks is stored
+        queue.renumber(item.batch.base_sequence)
+
+    def _sequence_refused(self, stream: _Stream, item: _Batch, exc: ProduceError) -> None:
+        """The broker's numbering differs from ours at the head ``item``: nothing of the
+        partition's pending batches is stored; number them anew under a new producer
+        id (see module docstring)."""
+        queue = item.queue
+        self._unwrite(stream, queue)
+        for later in queue.pending:
+            later.maybe_stored = False
+        log.info("%s/%d: %s %s; numbering its batches anew under a new producer id", queue.topic, queue.partition,
+                 exc.code, exc.reason)
+        self._renew(queue)
 
     def _settle(self, item: _Batch, exc: BaseException | None = None) -> None:
         if exc is not None:
@@ -383,74 +593,151 @@ class Sender:
         if not self._unsettled and self._idle is not None and not self._idle.done():
             self._idle.set_result(None)
 
+    def _fail_all(self, queue: _PartitionQueue, exc: BaseException) -> None:
+        while queue.pending:
+            item = queue.pending.popleft()
+            self._settle(item, self._unknown(item, exc, "no answer came") if item.maybe_stored or queue.written
+                         else exc)
+            queue.written = max(queue.written - 1, 0)
+
     # -- failures and retries -------------------------------------------------
-    def _stream_failed(self, stream: _Stream, err: BaseException, *, first: _Batch | None = None) -> None:
+    def _stream_failed(self, stream: _Stream, err: BaseException, *, remember: bool = True) -> None:
         """The stream is unusable: its unanswered batches are retried (idempotent) or
-        failed (at most once)."""
-        items = list(stream.waiting.values())
+        failed (at most once). ``remember``: the error is the one to report later."""
+        if stream is not self._stream:  # given up on already: nothing of ours is on it
+            stream.waiting.clear()
+            return
         stream.waiting.clear()
-        for item in items:
-            item.queue.in_flight -= 1
-        if first is not None:
-            items.insert(0, first)
+        self._cancel_watchdog(stream)
         if not stream.broken:
             stream.broken = True
             stream.call.cancel()
         if stream is self._stream:
             self._stream = None
         exc = StreamdError.from_rpc_error(err) if isinstance(err, grpc.RpcError) else err
-        if not items:
-            return
-        if self.retries and (first is not None or getattr(exc, "code", "") in _TRANSPORT_CODES):
-            for item in reversed(items):  # back to the front, in their order
-                item.queue.unsent.appendleft(item)
-            for item in items:
-                self._mark_ready(item.queue)
+        if remember:
             self._last_error = exc
-            self._reconnecting = True  # at once: nothing may be written before the backoff
-            if self._reconnect_task is None or self._reconnect_task.done():
-                self._reconnect_task = asyncio.ensure_future(self._reconnect())
+        fatal = getattr(exc, "code", "") in _FATAL_STREAM_CODES
+        for queue in self._queues.values():
+            if not queue.written:
+                continue
+            written, queue.written = queue.written, 0
+            if self.idempotent and not fatal:
+                for i in range(written):
+                    queue.pending[i].maybe_stored = True
+                self._mark_ready(queue)
+                continue
+            # Given up: fail them. Not processed (fatal) unless a retry may have been.
+            start = None
+            for _ in range(written):
+                item = queue.pending.popleft()
+                if item.maybe_stored or not fatal:
+                    self._settle(item, self._unknown(item, exc, "the answer was lost"))
+                else:
+                    start = item.batch.base_sequence if start is None else start
+                    self._settle(item, exc)
+            if self.idempotent and start is not None:
+                queue.renumber(start)
+            self._mark_ready(queue)
+        if self.idempotent and not fatal:
+            self._start_reconnect(backoff=True)
         else:
-            for item in items:
-                self._settle(item, exc)
+            self._kick()
 
-    async def _reconnect(self) -> None:
-        try:
-            while True:
-                self._attempt += 1
-                if self._attempt > self.retries:
-                    self._give_up()
+    def _start_reconnect(self, *, backoff: bool) -> None:
+        self._reconnecting = True  # at once: nothing may be written before the backoff
+        if (self._reconnect_task is None or self._reconnect_task.done()) and not self._closed:
+            self._reconnect_task = asyncio.ensure_future(self._reconnect(backoff=backoff))
+
+    async def _reconnect(self, *, backoff: bool) -> None:
+        """Back off (unless the channel was just not connected yet), wait for the
+        channel (it reconnects by itself, with its own backoff) within the request
+        timeout, then write again; repeated while the writing fails again."""
+        while True:
+            try:
+                if not self._unsettled:  # all given up on meanwhile
+                    self._attempt = 0
                     return
-                delay = self._backoff_s(self._attempt)
-                await asyncio.sleep(delay)
+                if backoff:
+                    self._attempt += 1
+                    await asyncio.sleep(self._backoff_s(self._attempt))
+                backoff = True
                 try:
-                    await asyncio.wait_for(self._channel.channel_ready(), delay)
+                    await asyncio.wait_for(self._channel.channel_ready(), self.request_timeout_s)
                 except (TimeoutError, asyncio.TimeoutError):
-                    continue
-                break
-        finally:
-            self._reconnecting = False
-        await self._drain()
-
-    def _give_up(self) -> None:
-        """Retries exhausted: fail every queued batch; start over with a new id."""
-        exc = self._last_error or _stream_ended()
-        self._attempt = 0
-        self._restart_producer()
-        for queue in self._queues.values():
-            while queue.unsent:
-                self._settle(queue.unsent.popleft(), exc)
-        self._ready.clear()
-        for queue in self._queues.values():
-            queue.ready = False
+                    pass  # write anyway: the failure comes back as a failed stream
+            finally:
+                self._reconnecting = False
+            await self._drain()
+            if not self._reconnecting:
+                return
+            # The stream failed again while this task wrote: _stream_failed saw it
+            # running and left the next round to it.
 
     def _backoff_s(self, attempt: int) -> float:
-        return min(self.retry_backoff_ms * 2 ** (attempt - 1), MAX_RETRY_BACKOFF_MS) / 1000
+        """Exponential, capped, with +-20% jitter (Kafka's retry.backoff.max.ms)."""
+        delay = min(self.retry_backoff_ms * 2 ** min(attempt - 1, 30), self.retry_backoff_max_ms)
+        return delay * self._random.uniform(0.8, 1.2) / 1000
 
-    def _retry_budget_s(self) -> float:
-        """About the longest the retries of one batch take (backoff + waiting for the
-        channel, each round), and at least a few seconds."""
-        return max(5.0, sum(2 * self._backoff_s(a) for a in range(1, self.retries + 1)))
+    # -- the delivery timeout -------------------------------------------------
+    def _arm_expiry(self, when: float) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._expiry_at = when
+        self._expiry = self._loop.call_at(when, self._expire_due)
+
+    def _expire_due(self) -> None:
+        """Fail the batches whose delivery deadline passed (a partition's in order,
+        from its head); arm the timer for the next deadline."""
+        self._expiry = None
+        now = self._loop.time()
+        soonest = None
+        for queue in list(self._queues.values()):
+            self._expire(queue, now)
+            if queue.pending:
+                head = queue.pending[0].deadline
+                soonest = head if soonest is None else min(soonest, head)
+        if soonest is not None and not self._closed:
+            self._arm_expiry(soonest)
+        self._kick()
+
+    def _expire(self, queue: _PartitionQueue, now: float) -> None:
+        while queue.pending and queue.pending[0].deadline <= now:
+            if queue.written and self._stream is not None:
+                # Written and unanswered: take it off the wire first (its answer, if
+                # it ever comes, could no longer be told apart).
+                self._stream_failed(self._stream, StreamdError(
+                    "DEADLINE_EXCEEDED", "DELIVERY_TIMEOUT",
+                    f"no answer within delivery_timeout_ms={self.delivery_timeout_s * 1000:g}"), remember=False)
+                continue
+            for i in range(queue.written):  # cannot happen: written ones are on the stream
+                queue.pending[i].maybe_stored = True
+            queue.written = 0
+            head = queue.pending.popleft()
+            if head.maybe_stored:
+                self._settle(head, self._unknown(
+                    head, self._last_error, f"no answer within delivery_timeout_ms={self.delivery_timeout_s * 1000:g}",
+                    code="DEADLINE_EXCEEDED"))
+                continue
+            self._settle(head, self._not_sent(queue.topic, queue.partition, head.record_count))
+            if self.idempotent and queue.producer_id is not None:
+                queue.renumber(head.batch.base_sequence)  # never written: its numbers are free
+
+    # -- errors ---------------------------------------------------------------
+    def _not_sent(self, topic: str, partition: int, count: int) -> StreamdError:
+        last = f" (last error: {self._last_error})" if self._last_error is not None else ""
+        return StreamdError("DEADLINE_EXCEEDED", "DELIVERY_TIMEOUT",
+                            f"{count} record(s) for {topic}/{partition} not stored: not delivered within "
+                            f"delivery_timeout_ms={self.delivery_timeout_s * 1000:g}{last}")
+
+    def _unknown(self, item: _Batch, cause: BaseException | None, why: str, *, code: str | None = None) -> OutcomeUnknown:
+        queue = item.queue
+        last = "" if cause is None else f" (last error: {cause})"
+        return OutcomeUnknown(
+            code or getattr(cause, "code", "UNKNOWN"),
+            f"{item.record_count} record(s) for {queue.topic}/{queue.partition} may or may not have been stored: "
+            f"{why}{last}",
+            cause=cause, metadata={"topic": queue.topic, "partition": str(queue.partition)})
 
 
 def _stream_ended() -> StreamdError:

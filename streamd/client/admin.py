@@ -1,4 +1,8 @@
-"""Topic administration (blocking): create, delete, list, describe, offsets."""
+"""Topic administration (blocking): create, delete, list, describe, offsets.
+
+Every method takes ``timeout_s=`` (seconds; default: the client's ``timeout_s``,
+30 s) and raises StreamdError ``DEADLINE_EXCEEDED``/``TIMED_OUT`` when no answer
+came within it (``streamd.client._channel``)."""
 
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ class Admin(SyncClient):
         fsync_interval_ms: int | None = None,
         compression: str | None = None,
         dedup_window_ms: int | None = None,
+        timeout_s: float | None = None,
     ) -> pb.TopicDescription:
         config = pb.TopicConfig(
             retention_ms=retention_ms,
@@ -42,43 +47,47 @@ class Admin(SyncClient):
             dedup_window_ms=dedup_window_ms,
         )
         request = pb.CreateTopicRequest(topic=topic, partition_count=partitions, config=config)
-        return self._call(self._topics.CreateTopic, request).topic
+        return self._call(self._topics.CreateTopic, request, timeout_s=timeout_s).topic
 
-    def delete_topic(self, topic: str) -> None:
-        self._call(self._topics.DeleteTopic, pb.DeleteTopicRequest(topic=topic))
+    def delete_topic(self, topic: str, *, timeout_s: float | None = None) -> None:
+        self._call(self._topics.DeleteTopic, pb.DeleteTopicRequest(topic=topic), timeout_s=timeout_s)
 
-    def list_topics(self) -> list[pb.TopicDescription]:
-        return list(self._call(self._topics.ListTopics, pb.ListTopicsRequest()).topics)
+    def list_topics(self, *, timeout_s: float | None = None) -> list[pb.TopicDescription]:
+        return list(self._call(self._topics.ListTopics, pb.ListTopicsRequest(), timeout_s=timeout_s).topics)
 
-    def describe_topic(self, topic: str) -> pb.TopicDescription:
-        return self._call(self._topics.DescribeTopic, pb.DescribeTopicRequest(topic=topic)).topic
+    def describe_topic(self, topic: str, *, timeout_s: float | None = None) -> pb.TopicDescription:
+        return self._call(self._topics.DescribeTopic, pb.DescribeTopicRequest(topic=topic), timeout_s=timeout_s).topic
 
-    def list_offsets(self, topic: str, *, timestamp_ms: int | None = None, latest: bool = False) -> list[pb.PartitionOffset]:
+    def list_offsets(self, topic: str, *, timestamp_ms: int | None = None, latest: bool = False,
+                     timeout_s: float | None = None) -> list[pb.PartitionOffset]:
         if timestamp_ms is not None:
             request = pb.ListOffsetsRequest(topic=topic, timestamp_ms=timestamp_ms)
         else:
             spec = pb.OFFSET_SPEC_LATEST if latest else pb.OFFSET_SPEC_EARLIEST
             request = pb.ListOffsetsRequest(topic=topic, position=spec)
-        return list(self._call(self._log.ListOffsets, request).offsets)
+        return list(self._call(self._log.ListOffsets, request, timeout_s=timeout_s).offsets)
 
     # -- consumer groups ----------------------------------------------------------
-    def list_groups(self) -> list[pb.GroupListing]:
-        return list(self._call(self._groups.ListGroups, pb.ListGroupsRequest()).groups)
+    def list_groups(self, *, timeout_s: float | None = None) -> list[pb.GroupListing]:
+        return list(self._call(self._groups.ListGroups, pb.ListGroupsRequest(), timeout_s=timeout_s).groups)
 
-    def describe_group(self, group: str) -> pb.GroupDescription:
-        return self._call(self._groups.DescribeGroup, pb.DescribeGroupRequest(group=group)).group
+    def describe_group(self, group: str, *, timeout_s: float | None = None) -> pb.GroupDescription:
+        return self._call(self._groups.DescribeGroup, pb.DescribeGroupRequest(group=group), timeout_s=timeout_s).group
 
-    def delete_group(self, group: str) -> None:
-        self._call(self._groups.DeleteGroup, pb.DeleteGroupRequest(group=group))
+    def delete_group(self, group: str, *, timeout_s: float | None = None) -> None:
+        self._call(self._groups.DeleteGroup, pb.DeleteGroupRequest(group=group), timeout_s=timeout_s)
 
-    def fetch_offsets(self, group: str, partitions: dict[str, list[int]] | None = None) -> list[pb.CommittedOffset]:
+    def fetch_offsets(self, group: str, partitions: dict[str, list[int]] | None = None, *,
+                      timeout_s: float | None = None) -> list[pb.CommittedOffset]:
         request = pb.FetchOffsetsRequest(group=group, partitions=_topic_partitions(partitions or {}))
-        return list(self._call(self._groups.FetchOffsets, request).offsets)
+        return list(self._call(self._groups.FetchOffsets, request, timeout_s=timeout_s).offsets)
 
-    def commit_offsets(self, group: str, offsets: dict[tuple[str, int], int], *, metadata: str = "") -> None:
+    def commit_offsets(self, group: str, offsets: dict[tuple[str, int], int], *, metadata: str = "",
+                       timeout_s: float | None = None) -> None:
         """Commit for a group with no live members (tools, standalone consumers)."""
         commits = [pb.OffsetCommit(topic=t, partition=p, offset=o, metadata=metadata) for (t, p), o in offsets.items()]
-        self._call(self._groups.CommitOffsets, pb.CommitOffsetsRequest(group=group, offsets=commits))
+        request = pb.CommitOffsetsRequest(group=group, offsets=commits)
+        self._call(self._groups.CommitOffsets, request, timeout_s=timeout_s)
 
     def reset_offsets(
         self,
@@ -86,6 +95,7 @@ class Admin(SyncClient):
         *,
         partitions: dict[str, list[int]] | None = None,
         execute: bool = False,
+        timeout_s: float | None = None,
         **target: int | bool,
     ) -> pb.ResetOffsetsResponse:
         """Plan (or with ``execute``, apply) an offset reset. ``partitions`` maps topic
@@ -99,7 +109,7 @@ class Admin(SyncClient):
             execute=execute,
             **target,
         )
-        return self._call(self._groups.ResetOffsets, request)
+        return self._call(self._groups.ResetOffsets, request, timeout_s=timeout_s)
 
 
 def _topic_partitions(partitions: dict[str, list[int]]) -> list[pb.TopicPartitions]:

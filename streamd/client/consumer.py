@@ -18,6 +18,10 @@ Kafka's consumer does with a CorruptRecordException: the caller decides. With
 ``skip_corrupt=True`` they go on at ``next_offset`` instead and log a warning naming
 the range (logger ``streamd.client.consumer``). ``fetch()`` is one plain Fetch and
 always raises.
+
+Deadlines: each unary call (and each Fetch, with its long-poll ``max_wait_ms`` added)
+gets the client's ``timeout_s`` (default 30 s) or a per-call ``timeout_s=``;
+Subscribe streams have none (``streamd.client._channel``).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from streamd._malloc import tune_malloc
 from streamd.v1 import streamd_pb2 as pb
 from streamd.v1 import streamd_pb2_grpc as rpc
 
-from ._channel import Security, SyncClient, aio_channel
+from ._channel import DEFAULT_TIMEOUT_S, Calls, Security, SyncClient, aio_channel, server_label
 from .errors import CorruptRecordsError, StreamdError
 from .records import ConsumerRecord, decode_batches, iter_batch
 
@@ -71,37 +75,43 @@ def fetch_future(
     max_wait_ms: int = 0,
     max_bytes: int = 0,
     max_records: int = 0,
+    timeout: float | None = None,
 ) -> grpc.Future:
-    """A Fetch of partition ``key`` from ``offset`` on the wire (blocking stub)."""
+    """A Fetch of partition ``key`` from ``offset`` on the wire (blocking stub);
+    ``timeout``: its deadline in seconds (``Calls.deadline``)."""
     request = pb.FetchRequest(
         topic=key[0], partition=key[1], offset=offset, max_wait_ms=max_wait_ms, max_bytes=max_bytes,
         max_records=max_records,
     )
-    return stub.Fetch.future(request)
+    return stub.Fetch.future(request, timeout=timeout)
 
 
 class Consumer(SyncClient):
     def __init__(self, server: str | None = None, *, channel: grpc.Channel | None = None,
-                 security: Security | None = None, skip_corrupt: bool = False) -> None:
+                 security: Security | None = None, skip_corrupt: bool = False,
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         """``skip_corrupt``: go on past damaged records (logged) instead of raising
         ``CorruptRecordsError`` (see the module docstring)."""
-        super().__init__(server, channel=channel, security=security)
+        super().__init__(server, channel=channel, security=security, timeout_s=timeout_s)
         self.skip_corrupt = skip_corrupt
         self.positions: dict[tuple[str, int], int] = {}
         self.ends: dict[tuple[str, int], int] = {}
 
     # -- assignment and positions -------------------------------------------
-    def partition_count(self, topic: str) -> int:
-        return self._call(self._topics.DescribeTopic, pb.DescribeTopicRequest(topic=topic)).topic.partition_count
+    def partition_count(self, topic: str, *, timeout_s: float | None = None) -> int:
+        request = pb.DescribeTopicRequest(topic=topic)
+        return self._call(self._topics.DescribeTopic, request, timeout_s=timeout_s).topic.partition_count
 
-    def assign(self, topic: str, partitions: Iterable[int] | None = None, *, start: str = "beginning") -> None:
+    def assign(self, topic: str, partitions: Iterable[int] | None = None, *, start: str = "beginning",
+               timeout_s: float | None = None) -> None:
         """Read ``partitions`` of ``topic`` (all when None) from the beginning or end."""
         if partitions is None:
-            partitions = range(self.partition_count(topic))
+            partitions = range(self.partition_count(topic, timeout_s=timeout_s))
         partitions = list(partitions)
         spec = pb.OFFSET_SPEC_LATEST if start == "end" else pb.OFFSET_SPEC_EARLIEST
         reply = self._call(
-            self._log.ListOffsets, pb.ListOffsetsRequest(topic=topic, partitions=partitions, position=spec)
+            self._log.ListOffsets, pb.ListOffsetsRequest(topic=topic, partitions=partitions, position=spec),
+            timeout_s=timeout_s,
         )
         for o in reply.offsets:
             self.positions[(topic, o.partition)] = o.offset
@@ -110,26 +120,28 @@ class Consumer(SyncClient):
     def seek(self, topic: str, partition: int, offset: int) -> None:
         self.positions[(topic, partition)] = offset
 
-    def seek_to_time(self, topic: str, timestamp_ms: int, partitions: Iterable[int] | None = None) -> None:
+    def seek_to_time(self, topic: str, timestamp_ms: int, partitions: Iterable[int] | None = None, *,
+                     timeout_s: float | None = None) -> None:
         """Move to the first record appended at or after ``timestamp_ms``."""
         parts = [p for (t, p) in self.positions if t == topic] if partitions is None else list(partitions)
-        for p, offset in self.offsets_for_time(topic, timestamp_ms, parts).items():
+        for p, offset in self.offsets_for_time(topic, timestamp_ms, parts, timeout_s=timeout_s).items():
             self.positions[(topic, p)] = offset
 
-    def offsets_for_time(self, topic: str, timestamp_ms: int, partitions: Iterable[int] | None = None) -> dict[int, int]:
+    def offsets_for_time(self, topic: str, timestamp_ms: int, partitions: Iterable[int] | None = None, *,
+                         timeout_s: float | None = None) -> dict[int, int]:
         """Per partition (all when None or empty), the first offset appended at or
         after ``timestamp_ms``. Where that may lie in damaged records (their append
         times are unknown) the broker answers DATA_LOSS: ``CorruptRecordsError``, or
         with ``skip_corrupt`` the offset after them (logged)."""
         parts = list(partitions or [])
         out: dict[int, int] = {}
-        for _ in range(len(parts) or self.partition_count(topic)):
+        for _ in range(len(parts) or self.partition_count(topic, timeout_s=timeout_s)):
             request = pb.ListOffsetsRequest(topic=topic, partitions=parts, timestamp_ms=timestamp_ms)
             try:
-                reply = self._call(self._log.ListOffsets, request)
+                reply = self._call(self._log.ListOffsets, request, timeout_s=timeout_s)
             except CorruptRecordsError as err:
                 out[err.partition] = skip_past(err, self.skip_corrupt)
-                parts = [p for p in (parts or range(self.partition_count(topic))) if p != err.partition]
+                parts = [p for p in (parts or range(self.partition_count(topic, timeout_s=timeout_s))) if p != err.partition]
                 if not parts:
                     break
                 continue
@@ -143,9 +155,10 @@ class Consumer(SyncClient):
     def seek_to_end(self, topic: str) -> None:
         self.assign(topic, [p for (t, p) in self.positions if t == topic] or None, start="end")
 
-    def list_offsets(self, topic: str, *, timestamp_ms: int | None = None, position: str = "earliest"):
+    def list_offsets(self, topic: str, *, timestamp_ms: int | None = None, position: str = "earliest",
+                     timeout_s: float | None = None):
         request = pb.ListOffsetsRequest(topic=topic, **_start_fields(None, timestamp_ms, position))
-        return list(self._call(self._log.ListOffsets, request).offsets)
+        return list(self._call(self._log.ListOffsets, request, timeout_s=timeout_s).offsets)
 
     # -- pull ------------------------------------------------------------------
     def fetch(
@@ -157,12 +170,15 @@ class Consumer(SyncClient):
         max_records: int = 0,
         max_bytes: int = 0,
         max_wait_ms: int = 0,
+        timeout_s: float | None = None,
     ) -> tuple[list[ConsumerRecord], pb.FetchResponse]:
         """One Fetch: the records at or after ``offset`` and the raw response."""
+        deadline = self._calls.deadline(timeout_s, max_wait_ms / 1000)
         future = fetch_future(
-            self._log, (topic, partition), offset, max_wait_ms=max_wait_ms, max_bytes=max_bytes, max_records=max_records
+            self._log, (topic, partition), offset, max_wait_ms=max_wait_ms, max_bytes=max_bytes, max_records=max_records,
+            timeout=deadline,
         )
-        reply = self._result(future)
+        reply = self._result(future, deadline)
         return decode_batches(reply.batches, topic, partition, offset), reply
 
     def poll(self, *, max_records: int = 0, max_wait_ms: int = DEFAULT_MAX_WAIT_MS) -> list[ConsumerRecord]:
@@ -217,7 +233,7 @@ class Consumer(SyncClient):
                 got = 0
                 for key in keys:
                     try:
-                        reply = self._result(inflight[key])
+                        reply = self._result(inflight[key], self._calls.deadline(wait_s=wait / 1000))
                     except CorruptRecordsError as err:
                         self.positions[key] = skip_past(err, self.skip_corrupt)
                         inflight[key] = self._fetch_future(key, self.positions[key], wait, max_bytes)
@@ -241,14 +257,14 @@ class Consumer(SyncClient):
                 future.cancel()
 
     def _fetch_future(self, key: tuple[str, int], offset: int, max_wait_ms: int, max_bytes: int = 0):
-        return fetch_future(self._log, key, offset, max_wait_ms=max_wait_ms, max_bytes=max_bytes)
+        return fetch_future(self._log, key, offset, max_wait_ms=max_wait_ms, max_bytes=max_bytes,
+                            timeout=self._calls.deadline(wait_s=max_wait_ms / 1000))
 
-    @staticmethod
-    def _result(future) -> pb.FetchResponse:
+    def _result(self, future, deadline: float) -> pb.FetchResponse:
         try:
             return future.result()
         except grpc.RpcError as err:
-            raise StreamdError.from_rpc_error(err) from None
+            raise self._calls.error(err, deadline, self._log.Fetch) from None
 
     # -- push ------------------------------------------------------------------
     def subscribe(
@@ -289,10 +305,12 @@ class AsyncConsumer:
     """asyncio flavour: ``fetch`` and a merged multi-partition ``subscribe``."""
 
     def __init__(self, server: str | None = None, *, channel: grpc.aio.Channel | None = None,
-                 security: Security | None = None, skip_corrupt: bool = False) -> None:
+                 security: Security | None = None, skip_corrupt: bool = False,
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         """``skip_corrupt``: as ``Consumer``'s, for ``subscribe``."""
         tune_malloc()
         self.skip_corrupt = skip_corrupt
+        self._calls = Calls(server_label(server, channel), timeout_s)
         self._own_channel = channel is None
         self._channel = channel or aio_channel(server, security=security)
         self._log = rpc.LogServiceStub(self._channel)
@@ -308,11 +326,11 @@ class AsyncConsumer:
         if self._own_channel:
             await self._channel.close()
 
-    async def fetch(self, topic: str, partition: int, offset: int, **limits) -> tuple[list[ConsumerRecord], pb.FetchResponse]:
-        try:
-            reply = await self._log.Fetch(pb.FetchRequest(topic=topic, partition=partition, offset=offset, **limits))
-        except grpc.RpcError as err:
-            raise StreamdError.from_rpc_error(err) from None
+    async def fetch(self, topic: str, partition: int, offset: int, *, timeout_s: float | None = None,
+                    **limits) -> tuple[list[ConsumerRecord], pb.FetchResponse]:
+        request = pb.FetchRequest(topic=topic, partition=partition, offset=offset, **limits)
+        reply = await self._calls.acall(self._log.Fetch, request, timeout_s=timeout_s,
+                                        wait_s=limits.get("max_wait_ms", 0) / 1000)
         return decode_batches(reply.batches, topic, partition, offset), reply
 
     async def subscribe(
@@ -327,7 +345,7 @@ class AsyncConsumer:
     ) -> AsyncIterator[ConsumerRecord]:
         """Records of several partitions as they arrive (order kept per partition)."""
         if partitions is None:
-            reply = await self._topics.DescribeTopic(pb.DescribeTopicRequest(topic=topic))
+            reply = await self._calls.acall(self._topics.DescribeTopic, pb.DescribeTopicRequest(topic=topic))
             partitions = range(reply.topic.partition_count)
         partitions = list(partitions)
         if len(partitions) == 1:  # no merging needed: read the stream directly

@@ -1,13 +1,22 @@
 """Errors the SDK raises.
 
     StreamdError                 any failure reported by the broker or the transport
-    ├── ProduceError             a produce request was refused (e.g. RECORD_TOO_LARGE)
-    ├── CorruptRecordsError      DATA_LOSS / CORRUPT_BATCH: offsets first..last of a
-    │                            partition cannot be read; reading goes on at next_offset
-    └── (grpc.RpcError stays as the ``cause`` of transport failures)
+    ├── ProduceError             a produce request was refused (e.g. RECORD_TOO_LARGE):
+    │                            nothing of the batch was stored
+    ├── OutcomeUnknown           a produce request whose answer never came (or was an
+    │                            error that does not say): its records may or may not
+    │                            have been stored
+    └── CorruptRecordsError      DATA_LOSS / CORRUPT_BATCH: offsets first..last of a
+                                 partition cannot be read; reading goes on at next_offset
+    (grpc.RpcError stays as the ``cause`` of transport failures)
 
 Each carries the gRPC ``code`` name, the stable ``reason`` from google.rpc.ErrorInfo
-and its ``metadata`` (for OUT_OF_RANGE: log_start_offset, log_end_offset).
+and its ``metadata`` (for OUT_OF_RANGE: log_start_offset, log_end_offset). Errors
+made by the SDK itself use the same fields: a call that got no answer within its
+deadline is ``DEADLINE_EXCEEDED`` / ``TIMED_OUT`` (``streamd.client._channel``); a
+record not sent within the producer's ``delivery_timeout_ms`` is
+``DEADLINE_EXCEEDED`` / ``DELIVERY_TIMEOUT`` (definitely not stored) or an
+``OutcomeUnknown``.
 """
 
 from __future__ import annotations
@@ -64,3 +73,21 @@ class CorruptRecordsError(StreamdError):
         self.first_offset = int(m["first_offset"])
         self.last_offset = int(m["last_offset"])
         self.next_offset = int(m["next_offset"])
+
+
+class OutcomeUnknown(StreamdError):
+    """The records of a produce request may or may not have been stored: the request
+    was written, and no answer that says which came back before the producer's
+    ``delivery_timeout_ms`` ran out (the broker was down or stopped, the connection
+    broke) or, without idempotence, before the stream broke. Resending them may
+    duplicate them; reading the partition tells.
+
+    ``code`` is that of the last failure (``DEADLINE_EXCEEDED`` when the delivery
+    timeout ran out); ``cause`` is the last error seen, if any."""
+
+    reason_name = "OUTCOME_UNKNOWN"
+
+    def __init__(self, code: str, message: str, *, cause: BaseException | None = None,
+                 metadata: dict[str, str] | None = None) -> None:
+        super().__init__(code, self.reason_name, message, metadata)
+        self.cause = cause

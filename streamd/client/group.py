@@ -45,7 +45,7 @@ import grpc
 
 from streamd.v1 import streamd_pb2 as pb
 
-from ._channel import Security, SyncClient
+from ._channel import DEFAULT_TIMEOUT_S, Security, SyncClient
 from .consumer import fetch_future, skip_past
 from .errors import CorruptRecordsError, StreamdError
 from .records import ConsumerRecord, iter_batch
@@ -144,12 +144,15 @@ class GroupConsumer(SyncClient):
         max_wait_ms: int = 200,
         max_bytes: int = 0,
         skip_corrupt: bool = False,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
+        """``timeout_s``: the deadline of each call (a Fetch: plus ``max_wait_ms``); the
+        membership stream has none."""
         if delivery not in ("at-least-once", "at-most-once"):
             raise ValueError("delivery must be 'at-least-once' or 'at-most-once'")
         if start not in ("earliest", "latest"):
             raise ValueError("start must be 'earliest' or 'latest'")
-        super().__init__(server, channel=channel, security=security)
+        super().__init__(server, channel=channel, security=security, timeout_s=timeout_s)
         self.group = group
         self.topics = [topics] if isinstance(topics, str) else list(topics)
         self._join_request = pb.MemberJoin(
@@ -316,7 +319,9 @@ class GroupConsumer(SyncClient):
         finally:
             if self._membership is not None:
                 leave = self._leave
-                self._membership.end(leave=(not self.static) if leave is None else leave)
+                # Bounded by the call deadline: a broker that answers ends the stream at once.
+                self._membership.end(leave=(not self.static) if leave is None else leave,
+                                     timeout_s=min(5.0, self.timeout_s))
             super().close()
             self._closed_event.set()
 
@@ -352,9 +357,10 @@ class GroupConsumer(SyncClient):
             self._apply_events()
 
     def _fetch(self, tp: TopicPartition, offset: int, *, max_wait_ms: int | None = None) -> grpc.Future:
+        wait_ms = self.max_wait_ms if max_wait_ms is None else max_wait_ms
         future = fetch_future(
-            self._log, tp, offset, max_wait_ms=self.max_wait_ms if max_wait_ms is None else max_wait_ms,
-            max_bytes=self.max_bytes,
+            self._log, tp, offset, max_wait_ms=wait_ms, max_bytes=self.max_bytes,
+            timeout=self._calls.deadline(wait_s=wait_ms / 1000),
         )
         future.add_done_callback(lambda _: self._wake.set())
         return future

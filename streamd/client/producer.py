@@ -10,10 +10,18 @@ record's future with its offset.
 
 **Idempotent** by default (``idempotent=True``): each partition's batches carry
 the producer's id and sequence numbers, and batches left unanswered when the stream
-breaks or the broker restarts are sent again (up to ``retries`` rounds, backoff from
-``retry_backoff_ms``); the broker recognises retries, so each record is written once.
-``_sender`` describes sending, ordering, retries and errors. With
-``idempotent=False`` a record is written at most once (never retried).
+breaks or the broker restarts are sent again (backoff from ``retry_backoff_ms`` up
+to ``retry_backoff_max_ms``, each attempt bounded by ``request_timeout_ms``) until
+they are answered or ``delivery_timeout_ms`` (120 s) after their first record was
+sent; the broker recognises retries, so each record is written once. A record whose
+time runs out fails with ``OutcomeUnknown`` if it may have been stored, else with
+``DEADLINE_EXCEEDED``/``DELIVERY_TIMEOUT``. ``_sender`` describes sending, ordering,
+retries and errors. With ``idempotent=False`` a record is written at most once
+(never retried).
+
+Every future resolves within ``delivery_timeout_ms`` (plus the request timeout of
+a first topic lookup), whatever the broker does; ``flush()`` and ``close()`` return
+once they have.
 
 ``send(..., idempotency_key=...)``: on topics with a dedup window, a record whose key
 the partition already saw within the window is not appended again, and its future
@@ -34,8 +42,14 @@ from streamd.partitioner import key_partition
 from streamd.v1 import streamd_pb2 as pb
 from streamd.v1 import streamd_pb2_grpc as rpc
 
-from ._channel import Security, aio_channel
-from ._sender import DEFAULT_RETRIES, DEFAULT_RETRY_BACKOFF_MS, Sender
+from ._channel import Calls, Security, aio_channel, server_label
+from ._sender import (
+    DEFAULT_DELIVERY_TIMEOUT_MS,
+    DEFAULT_REQUEST_TIMEOUT_MS,
+    DEFAULT_RETRY_BACKOFF_MAX_MS,
+    DEFAULT_RETRY_BACKOFF_MS,
+    Sender,
+)
 from .errors import StreamdError
 from .records import Headers, RecordMetadata, add_record, encode_batch, values_record_set
 
@@ -50,7 +64,7 @@ _RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_rec
 class _Accumulator:
     """Records waiting to be shipped to one partition."""
 
-    __slots__ = ("topic", "partition", "record_set", "futures", "size", "timer")
+    __slots__ = ("topic", "partition", "record_set", "futures", "size", "timer", "deadline")
 
     def __init__(self, topic: str, partition: int) -> None:
         self.topic = topic
@@ -59,6 +73,7 @@ class _Accumulator:
         self.futures: list[asyncio.Future[RecordMetadata]] = []
         self.size = 0
         self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # delivery deadline of the first record (loop time)
 
 
 class AsyncProducer:
@@ -71,19 +86,29 @@ class AsyncProducer:
         compression: str = "none",
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         idempotent: bool = True,
-        retries: int = DEFAULT_RETRIES,
+        delivery_timeout_ms: float = DEFAULT_DELIVERY_TIMEOUT_MS,
+        request_timeout_ms: float = DEFAULT_REQUEST_TIMEOUT_MS,
         retry_backoff_ms: float = DEFAULT_RETRY_BACKOFF_MS,
+        retry_backoff_max_ms: float = DEFAULT_RETRY_BACKOFF_MAX_MS,
         channel: grpc.aio.Channel | None = None,
         security: Security | None = None,
     ) -> None:
+        """``delivery_timeout_ms``: how long after a record is sent its future may
+        stay unresolved (retries included; Kafka's ``delivery.timeout.ms``);
+        ``request_timeout_ms``: how long one attempt waits for its answer (and a topic
+        lookup for its reply)."""
         if compression not in ("none", "lz4"):
             raise ValueError("compression must be 'none' or 'lz4'")
         tune_malloc()
         self._own_channel = channel is None
         self._channel = channel or aio_channel(server, security=security, extra_options=_RECONNECT_OPTIONS)
         self._topics = rpc.TopicServiceStub(self._channel)
-        self._sender = Sender(self._channel, idempotent=idempotent, retries=retries,
-                              retry_backoff_ms=retry_backoff_ms, max_in_flight=max_in_flight)
+        label = server_label(server, channel)
+        self._sender = Sender(self._channel, idempotent=idempotent, max_in_flight=max_in_flight,
+                              delivery_timeout_ms=delivery_timeout_ms, request_timeout_ms=request_timeout_ms,
+                              retry_backoff_ms=retry_backoff_ms, retry_backoff_max_ms=retry_backoff_max_ms,
+                              server=label)
+        self._calls = Calls(label, request_timeout_ms / 1000)
         self.linger_ms = linger_ms
         self.batch_max_bytes = batch_max_bytes
         self.compression = compression
@@ -136,6 +161,8 @@ class AsyncProducer:
                 acc = self._acc[(topic, partition)] = _Accumulator(topic, partition)
             add_record(acc.record_set, value, key, headers, timestamp_ms, idempotency_key)
             future = asyncio.get_running_loop().create_future()
+            if not acc.futures:
+                acc.deadline = self._sender.deadline()
             acc.futures.append(future)
             acc.size += len(value) + (len(key) if key else 0) + _RECORD_OVERHEAD
             if idempotency_key:
@@ -163,13 +190,15 @@ class AsyncProducer:
         record_set = pb.RecordSet()
         add_record(record_set, value, key, headers, timestamp_ms, idempotency_key)
         future = asyncio.get_running_loop().create_future()
+        deadline = self._sender.deadline()
         async with self._order:
             if partition is None:
                 partition = await self._choose_partition(topic, key)
             acc = self._acc.get((topic, partition))
             if acc is not None and acc.futures:
                 await self._ship(acc)  # records sent earlier go first
-            await self._sender.enqueue(topic, partition, encode_batch(record_set, self.compression), [future], False, 1)
+            await self._sender.enqueue(topic, partition, encode_batch(record_set, self.compression), [future], False, 1,
+                                       deadline)
         return await future
 
     async def send_batch(
@@ -181,8 +210,9 @@ class AsyncProducer:
         """
         record_set = values if isinstance(values, pb.RecordSet) else values_record_set(values)
         future = asyncio.get_running_loop().create_future()
+        deadline = self._sender.deadline()
         batch = encode_batch(record_set, self.compression)
-        await self._sender.enqueue(topic, partition, batch, [future], True, len(record_set.records))
+        await self._sender.enqueue(topic, partition, batch, [future], True, len(record_set.records), deadline)
         return future
 
     async def flush(self) -> None:
@@ -217,10 +247,9 @@ class AsyncProducer:
             raise
 
     async def _describe(self, topic: str) -> int:
-        try:
-            reply = await self._topics.DescribeTopic(pb.DescribeTopicRequest(topic=topic))
-        except grpc.RpcError as err:
-            raise StreamdError.from_rpc_error(err) from None
+        # wait_for_ready: a broker restarting is waited for (within the request timeout).
+        reply = await self._calls.acall(self._topics.DescribeTopic, pb.DescribeTopicRequest(topic=topic),
+                                        wait_for_ready=True)
         return reply.topic.partition_count
 
     # -- batching ------------------------------------------------------------
@@ -249,7 +278,7 @@ class AsyncProducer:
         if acc.topic in self._sticky:
             self._sticky[acc.topic] += 1
         batch = encode_batch(record_set, self.compression)
-        await self._sender.enqueue(acc.topic, acc.partition, batch, futures, False, len(futures))
+        await self._sender.enqueue(acc.topic, acc.partition, batch, futures, False, len(futures), acc.deadline)
 
 class Producer:
     """A blocking producer: an AsyncProducer on a private event-loop thread.

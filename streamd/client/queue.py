@@ -35,7 +35,7 @@ import grpc
 from streamd.v1 import streamd_pb2 as pb
 from streamd.v1 import streamd_pb2_grpc as rpc
 
-from ._channel import Security, SyncClient, aio_channel
+from ._channel import DEFAULT_TIMEOUT_S, Calls, Security, SyncClient, aio_channel, server_label
 from ._pools import AsyncPool, ThreadPool
 from ._settle import ack_ranges, extend_ranges
 from ._stopping import DEFAULT_STOP_GRACE_S, STOP_SIGNALS
@@ -154,10 +154,12 @@ class QueueReceiver(SyncClient):
         ack_interval_ms: int = 5,
         ack_batch: int = 1000,
         worker_id: str = "",
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         """``create``: create the queue group if it does not exist (a dict: with this
-        config, see ``queue_config``)."""
-        super().__init__(server, channel=channel, security=security)
+        config, see ``queue_config``). ``timeout_s``: the deadline of each call (a
+        receive: plus its ``max_wait_ms``)."""
+        super().__init__(server, channel=channel, security=security, timeout_s=timeout_s)
         self._queues = rpc.QueueServiceStub(self._channel)
         self.group, self.topic = group, topic
         self.max_records, self.max_wait_ms, self.lease_ms = max_records, max_wait_ms, lease_ms
@@ -181,28 +183,30 @@ class QueueReceiver(SyncClient):
                 raise
 
     # -- groups ------------------------------------------------------------------
-    def create(self, *, exist_ok: bool = False, **config) -> pb.QueueGroupDescription | None:
+    def create(self, *, exist_ok: bool = False, timeout_s: float | None = None,
+               **config) -> pb.QueueGroupDescription | None:
         request = pb.CreateQueueGroupRequest(group=self.group, topic=self.topic, config=queue_config(**config))
         try:
-            return self._call(self._queues.CreateQueueGroup, request).group
+            return self._call(self._queues.CreateQueueGroup, request, timeout_s=timeout_s).group
         except StreamdError as err:
             if exist_ok and err.reason == "QUEUE_GROUP_EXISTS":
                 return None
             raise
 
-    def describe(self) -> pb.QueueGroupDescription:
+    def describe(self, *, timeout_s: float | None = None) -> pb.QueueGroupDescription:
         request = pb.DescribeQueueGroupRequest(group=self.group, topic=self.topic)
-        return self._call(self._queues.DescribeQueueGroup, request).group
+        return self._call(self._queues.DescribeQueueGroup, request, timeout_s=timeout_s).group
 
     # -- receiving ---------------------------------------------------------------
-    def receive(self, max_records: int | None = None, *, max_wait_ms: int | None = None) -> list[Message]:
+    def receive(self, max_records: int | None = None, *, max_wait_ms: int | None = None,
+                timeout_s: float | None = None) -> list[Message]:
         request = pb.ReceiveRequest(
             group=self.group, topic=self.topic, max_records=max_records or self.max_records,
             max_wait_ms=self.max_wait_ms if max_wait_ms is None else max_wait_ms, worker_id=self.worker_id,
             lease_ms=self.lease_ms, batched=True,
         )
         sent = time.monotonic()
-        reply = self._call(self._queues.Receive, request)
+        reply = self._call(self._queues.Receive, request, timeout_s=timeout_s, wait_s=request.max_wait_ms / 1000)
         lease_s = self._lease_s()
         return _messages(self.topic, reply, self, lease_s, sent)
 
@@ -357,7 +361,8 @@ class AsyncQueueReceiver:
 
     def __init__(self, group: str, topic: str, server: str | None = None, *, channel=None,
                  security: Security | None = None, max_records: int = 100, max_wait_ms: int = 1000,
-                 lease_ms: int | None = None) -> None:
+                 lease_ms: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self._calls = Calls(server_label(server, channel), timeout_s)
         self._own_channel = channel is None
         self._channel = channel or aio_channel(server, security=security)
         self._queues = rpc.QueueServiceStub(self._channel)
@@ -374,26 +379,24 @@ class AsyncQueueReceiver:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    async def create(self, *, exist_ok: bool = False, **config) -> None:
+    async def create(self, *, exist_ok: bool = False, timeout_s: float | None = None, **config) -> None:
         request = pb.CreateQueueGroupRequest(group=self.group, topic=self.topic, config=queue_config(**config))
         try:
-            await self._queues.CreateQueueGroup(request)
-        except grpc.RpcError as err:
-            error = StreamdError.from_rpc_error(err)
+            await self._calls.acall(self._queues.CreateQueueGroup, request, timeout_s=timeout_s)
+        except StreamdError as error:
             if not (exist_ok and error.reason == "QUEUE_GROUP_EXISTS"):
-                raise error from None
+                raise
 
-    async def receive(self, max_records: int | None = None, *, max_wait_ms: int | None = None) -> list[Message]:
+    async def receive(self, max_records: int | None = None, *, max_wait_ms: int | None = None,
+                      timeout_s: float | None = None) -> list[Message]:
         request = pb.ReceiveRequest(
             group=self.group, topic=self.topic, max_records=max_records or self.max_records,
             max_wait_ms=self.max_wait_ms if max_wait_ms is None else max_wait_ms, lease_ms=self.lease_ms,
             batched=True,
         )
         sent = time.monotonic()
-        try:
-            reply = await self._queues.Receive(request)
-        except grpc.RpcError as err:
-            raise StreamdError.from_rpc_error(err) from None
+        reply = await self._calls.acall(self._queues.Receive, request, timeout_s=timeout_s,
+                                        wait_s=request.max_wait_ms / 1000)
         lease_s = await self._lease_s()
         return _messages(self.topic, reply, self, lease_s, sent)
 
@@ -402,10 +405,8 @@ class AsyncQueueReceiver:
             return self.lease_ms / 1000
         if self._group_lease_s is None:
             request = pb.DescribeQueueGroupRequest(group=self.group, topic=self.topic)
-            try:
-                self._group_lease_s = (await self._queues.DescribeQueueGroup(request)).group.config.lease_ms / 1000
-            except grpc.RpcError as err:
-                raise StreamdError.from_rpc_error(err) from None
+            reply = await self._calls.acall(self._queues.DescribeQueueGroup, request)
+            self._group_lease_s = reply.group.config.lease_ms / 1000
         return self._group_lease_s
 
     def ack(self, msg: Message) -> None:
@@ -447,10 +448,7 @@ class AsyncQueueReceiver:
 
     async def _send(self, settlements, ranges=()) -> list[pb.SettleResult]:
         request = pb.SettleRequest(group=self.group, topic=self.topic, settlements=settlements, ranges=ranges)
-        try:
-            return list((await self._queues.Settle(request)).results)
-        except grpc.RpcError as err:
-            raise StreamdError.from_rpc_error(err) from None
+        return list((await self._calls.acall(self._queues.Settle, request)).results)
 
     async def _extend(self, due: list[Message]) -> list[Message]:
         """Extend the leases of ``due`` in one Settle of ranges (a range with refused
