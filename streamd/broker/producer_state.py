@@ -99,8 +99,8 @@ REMEMBERED_BATCHES = 5
 MAX_PRODUCERS = 10_000
 PRODUCER_EXPIRY_MS = 7 * 24 * 3600 * 1000
 #: How long a producer must have been idle before a full table evicts it for a new
-#: one. Far longer than any client keeps retrying a batch (the SDK: about 6 s by
-#: default), so no retry finds its producer evicted; short enough that producers
+#: one. Far longer than any client keeps retrying a batch (the SDK: its
+#: delivery_timeout_ms, 120 s by default), so no retry finds its producer evicted; short enough that producers
 #: gone for good make room within the quarter hour rather than the 7 days of
 #: ``PRODUCER_EXPIRY_MS``.
 PRODUCER_MIN_IDLE_MS = 15 * 60 * 1000

@@ -30,7 +30,7 @@ def stored(address: str, topic: str, partition: int) -> list[tuple[int, bytes]]:
         return [(r.offset, r.value) for r in consumer.records(exit_at_end=True)]
 
 
-@pytest.mark.parametrize("kind", ["tmpfs"])
+@pytest.mark.parametrize("kind", ["tmpfs", "ext4"])
 def test_a_full_disk_fails_only_the_refused_batches_and_the_rest_is_stored_once(small_fs, make_server, kind):
     # small_fs first: its filesystem is unmounted after make_server stopped the broker.
     root = small_fs(32 << 20, kind=kind)
