@@ -144,6 +144,15 @@ class ServerProcess:
 
 
 @pytest.fixture
+def same_port(monkeypatch):
+    """Every broker the test starts with ``server_process`` listens on one port, so
+    clients connected to the first find the ones restarted after it."""
+    port = free_port()
+    monkeypatch.setattr(sys.modules[__name__], "free_port", lambda: port)
+    return port
+
+
+@pytest.fixture
 def server_process(tmp_path):
     procs: list[ServerProcess] = []
 

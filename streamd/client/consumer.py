@@ -58,6 +58,15 @@ def skip_past(err: CorruptRecordsError, skip: bool) -> int:
     return err.next_offset
 
 
+def resubscribe_at(err: grpc.RpcError, skip: bool) -> int:
+    """Where a Subscribe stream that ended with ``err`` starts again: past damaged
+    records when skipping them (logged); any other error is raised as a StreamdError."""
+    error = StreamdError.from_rpc_error(err)
+    if not (isinstance(error, CorruptRecordsError) and skip):
+        raise error from None
+    return skip_past(error, True)
+
+
 def _start_fields(offset: int | None, timestamp_ms: int | None, position: str | None) -> dict:
     if offset is not None:
         return {"offset": offset}
@@ -292,10 +301,7 @@ class Consumer(SyncClient):
             except grpc.RpcError as err:
                 if err.code() == grpc.StatusCode.CANCELLED:
                     return
-                error = StreamdError.from_rpc_error(err)
-                if not (isinstance(error, CorruptRecordsError) and self.skip_corrupt):
-                    raise error from None
-                start = skip_past(error, True)
+                start = resubscribe_at(err, self.skip_corrupt)
                 start_fields = {"offset": start}
             finally:
                 call.cancel()
@@ -398,10 +404,7 @@ class AsyncConsumer:
                     start = message.next_offset
                 return
             except grpc.RpcError as err:
-                error = StreamdError.from_rpc_error(err)
-                if not (isinstance(error, CorruptRecordsError) and self.skip_corrupt):
-                    raise error from None
-                start = skip_past(error, True)
+                start = resubscribe_at(err, self.skip_corrupt)
                 start_fields = {"offset": start}
             finally:
                 call.cancel()

@@ -20,18 +20,9 @@ from streamd.client.records import decode_batches, values_batch
 from streamd.service.log_service import CRASH_AFTER_APPEND_ENV
 from streamd.v1 import streamd_pb2 as pb
 
-from .. import conftest
 from ..integration.helpers import Stubs
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def same_port(monkeypatch):
-    """Every broker of the test listens on one port (clients reconnect to it)."""
-    port = conftest.free_port()
-    monkeypatch.setattr(conftest, "free_port", lambda: port)
-    return port
 
 
 def read_all(stubs: Stubs, topic: str, partition: int = 0) -> list[tuple[int, bytes]]:

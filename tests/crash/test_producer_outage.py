@@ -20,17 +20,7 @@ import pytest
 
 from streamd.client import Admin, Consumer, OutcomeUnknown, Producer, StreamdError
 
-from .. import conftest
-
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def same_port(monkeypatch):
-    """Every broker of the test listens on one port (clients reconnect to it)."""
-    port = conftest.free_port()
-    monkeypatch.setattr(conftest, "free_port", lambda: port)
-    return port
 
 
 def stored(address: str, topic: str, partition: int) -> list[tuple[int, bytes]]:

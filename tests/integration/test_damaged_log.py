@@ -27,6 +27,7 @@ from streamd.client.group import GroupConsumer
 from streamd.testing import FakeClock
 from streamd.v1 import streamd_pb2 as pb
 from tests.conftest import ROOT
+from tests.faults import flip_byte
 
 from .helpers import Stubs, error_info, refused
 
@@ -53,12 +54,6 @@ def _segments(data_dir: Path, topic: str = "t") -> list[tuple[Path, list]]:
     return out
 
 
-def _flip(log_file: Path, position: int) -> None:
-    with open(log_file, "r+b") as fh:
-        fh.seek(position)
-        byte = fh.read(1)[0]
-        fh.seek(position)
-        fh.write(bytes([byte ^ 0x01]))
 
 
 def _damage(data_dir: Path, segment: str, which: str, field: str):
@@ -67,7 +62,7 @@ def _damage(data_dir: Path, segment: str, which: str, field: str):
     assert len(segments) >= 3
     log_file, headers = segments[1] if segment == "sealed" else segments[-1]
     header = {"first": headers[0], "middle": headers[len(headers) // 2], "last": headers[-1]}[which]
-    _flip(log_file, header.position + FIELDS[field])
+    flip_byte(log_file, header.position + FIELDS[field])
     return header
 
 

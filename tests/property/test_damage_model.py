@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from segments import CorruptRecords, PartitionLog
 from segments.batch import iter_headers
+from tests.faults import flip_byte
 
 from ..framing import frames
 
@@ -60,12 +61,6 @@ def _layout(path: Path):
     return out
 
 
-def _flip(log_file: Path, position: int) -> None:
-    with open(log_file, "r+b") as fh:
-        fh.seek(position)
-        byte = fh.read(1)[0]
-        fh.seek(position)
-        fh.write(bytes([byte ^ 0x01]))
 
 
 def _model_runs(layout, damaged: set[int], counts: dict[int, int]) -> list[tuple[int, int]]:
@@ -122,7 +117,7 @@ def test_damaged_sealed_segments_against_a_model(batches, damage, truncate, limi
             byte = position + lo + int(at * (hi - lo)) % (hi - lo)
             if (log_file, byte) not in flipped:  # twice would undo it
                 flipped.add((log_file, byte))
-                _flip(log_file, byte)
+                flip_byte(log_file, byte)
                 damaged.add(base)
         if truncate is not None:
             log_file, frames_ = sealed[int(truncate * len(sealed)) % len(sealed)]
