@@ -13,10 +13,16 @@ was stored (for a produce: no batch of the request was appended and no idempoten
 producer's sequence moved). A failed fsync is not DISK_FULL even when its errno is
 ENOSPC: what it covered may or may not be kept, so it answers the retryable
 UNAVAILABLE / ``STORAGE_FAILED``.
+
+Running out of file descriptors (EMFILE/ENFILE) is UNAVAILABLE /
+``TOO_MANY_OPEN_FILES``: retryable, and not a refusal, because it can strike after a
+produce's records were appended (while syncing them), so a producer must send the
+same batch again rather than take it as not stored.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 
 import grpc
@@ -88,6 +94,8 @@ class MalformedRequest(broker_errors.InvalidArgument):
 def status_code_for(exc: BaseException) -> grpc.StatusCode | None:
     if _disk_full(exc):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if _out_of_descriptors(exc):
+        return grpc.StatusCode.UNAVAILABLE
     for cls in type(exc).__mro__:
         code = STATUS_CODES.get(cls)
         if code is not None:
@@ -99,9 +107,15 @@ def _disk_full(exc: BaseException) -> bool:
     return segments.is_disk_full(exc)
 
 
+def _out_of_descriptors(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE)
+
+
 def reason_and_metadata(exc: BaseException) -> tuple[str, dict[str, str]]:
     if _disk_full(exc):
         return "DISK_FULL", {}
+    if _out_of_descriptors(exc):
+        return "TOO_MANY_OPEN_FILES", {}
     if isinstance(exc, StructuredError):
         return exc.reason, exc.metadata()
     if isinstance(exc, segments.OffsetOutOfRange):
@@ -135,6 +149,11 @@ def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str, str, dict[str, 
         log.error("unexpected error", exc_info=exc)
         return grpc.StatusCode.INTERNAL, "INTERNAL", "internal error; see the broker log", {}
     reason, metadata = reason_and_metadata(exc)
+    if _out_of_descriptors(exc):
+        # The errno's text names a file of the broker's: for its log, not for clients.
+        log.warning("out of file descriptors: %s", exc, extra={"event": "too_many_open_files"})
+        return code, reason, ("the broker has no file descriptors left (EMFILE): raise its open-files limit "
+                              "(ulimit -n, systemd LimitNOFILE) or use fewer partitions; retry"), metadata
     if isinstance(exc, segments.CorruptBatch):
         # Names a file and a byte position: for the broker's log, not for clients.
         log.error("corrupt stored batch: %s", exc)

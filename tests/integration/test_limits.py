@@ -91,3 +91,37 @@ def test_no_client_chosen_name_reaches_outside_the_data_directory(make_server, t
         stubs.close()
     outside = [p for p in root.rglob("*") if not p.is_relative_to(root / "data") and p != root / "outside"]
     assert outside == []
+
+
+def test_a_broker_out_of_file_descriptors_answers_unavailable_and_keeps_serving(server_process):
+    """A broker process under a small open-files limit (prlimit on the running
+    process): creating partitions until the descriptors run out answers UNAVAILABLE /
+    TOO_MANY_OPEN_FILES (retryable; never INTERNAL, no server path in the message),
+    and what exists keeps working."""
+    import os
+    import resource
+
+    import grpc
+
+    from .helpers import error_info
+
+    broker = server_process()
+    stubs = Stubs(broker.address)
+    try:
+        stubs.create("kept", 1)
+        assert stubs.produce_values("kept", 0, [b"before"]).base_offset == 0
+        in_use = len(os.listdir(f"/proc/{broker.proc.pid}/fd"))
+        resource.prlimit(broker.proc.pid, resource.RLIMIT_NOFILE, (in_use + 24, in_use + 24))
+        seen = set()
+        for i in range(40):  # 3 partitions, ~6 descriptors each: out well before 40
+            try:
+                stubs.create(f"t{i}", 3)
+            except grpc.RpcError as err:
+                code, reason, _ = error_info(err)
+                seen.add((code, reason))
+                assert "/" not in err.details(), err.details()
+        assert seen == {(grpc.StatusCode.UNAVAILABLE, "TOO_MANY_OPEN_FILES")}
+        assert stubs.produce_values("kept", 0, [b"after"]).base_offset == 1
+        assert [t.name for t in stubs.topics.ListTopics(pb.ListTopicsRequest()).topics]
+    finally:
+        stubs.close()

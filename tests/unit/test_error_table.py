@@ -70,3 +70,12 @@ def test_no_room_is_disk_full_and_a_failed_fsync_is_retryable_even_for_enospc():
     # What a failed fsync covered may or may not be kept: never DISK_FULL ("nothing stored").
     failed = segments.LogFailed("/d", OSError(errno.ENOSPC, "No space left on device"), "t/0")
     assert to_status(failed)[:2] == (grpc.StatusCode.UNAVAILABLE, "STORAGE_FAILED")
+
+
+def test_running_out_of_file_descriptors_is_retryable_and_names_no_file():
+    import errno
+
+    for number in (errno.EMFILE, errno.ENFILE):
+        code, reason, message, _ = to_status(OSError(number, "Too many open files", "/var/lib/streamd/t/0/x.index"))
+        assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "TOO_MANY_OPEN_FILES")
+        assert "/var/lib" not in message
