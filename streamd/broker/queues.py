@@ -96,6 +96,8 @@ class QueueEngine:
         self._rotation: dict[tuple[str, str], int] = {}
         self._dead_letter_tasks: set[asyncio.Task] = set()
         self._dead_letter_backoff: dict[tuple[str, str, int, int], float] = {}
+        #: (group, topic) -> dead-letter attempts failed since the last that worked.
+        self._dead_letter_failing: dict[tuple[str, str], int] = {}
         self._closed = False
 
     # -- groups ------------------------------------------------------------------
@@ -128,6 +130,7 @@ class QueueEngine:
         await self.store.ready()
         for key in [k for k in self._dead_letter_backoff if k[:2] == (name, topic)]:
             del self._dead_letter_backoff[key]
+        self._dead_letter_failing.pop((name, topic), None)
         await self.store.delete(g)
         self._wake(g)
         self._changed.pop((name, topic), None)
@@ -517,13 +520,26 @@ class QueueEngine:
         except Exception as exc:
             delay = min(60.0, self._dead_letter_backoff.get(key, 0.5) * 2)
             self._dead_letter_backoff[key] = delay
-            log.error("dead-lettering %s/%d offset %d for group %s failed (%s); retrying in %.0f s",
-                      g.topic, q.partition, offset, g.name, exc, delay)
+            # Said once per group until it works again (a full disk fails every record,
+            # every few seconds); the rest at debug level.
+            group = (g.name, g.topic)
+            failures = self._dead_letter_failing.get(group, 0)
+            self._dead_letter_failing[group] = failures + 1
+            (log.debug if failures else log.error)(
+                "dead-lettering %s/%d offset %d for group %s failed (%s); retrying in %.0f s%s",
+                g.topic, q.partition, offset, g.name, exc, delay,
+                "" if failures else " (later failures of this group are logged once it works again)",
+                extra={"event": "dead_letter_failed", "group": g.name, "topic": g.topic})
             await asyncio.sleep(delay)
             if q.epoch == epoch and q.entry(offset) == e and self._live(g):
                 q.to_dead_letter.append(offset)
             return
         self._dead_letter_backoff.pop(key, None)
+        failed = self._dead_letter_failing.pop((g.name, g.topic), 0)
+        if failed:
+            log.warning("dead-lettering for group %s of %s works again, after %d failed attempt(s)",
+                        g.name, g.topic, failed, extra={"event": "dead_letter_recovered", "group": g.name,
+                                                         "topic": g.topic, "failures": failed})
         if q.epoch == epoch and q.entry(offset) == e and self._live(g):
             q.dead_lettered(offset)
             self._wake(g)  # a full window may have room again

@@ -160,6 +160,34 @@ def test_topic_creation_on_a_full_disk_answers_disk_full_and_leaves_nothing(smal
     assert sorted(p.name for p in (root / "data" / "@tmp").iterdir()) == []
 
 
+def test_dead_letters_that_cannot_be_written_are_logged_once_and_written_once_there_is_room(
+        small_fs, make_server, caplog):
+    from streamd.client.queue import QueueReceiver
+
+    root = small_fs(16 << 20)
+    (ballast_dir,) = ballast_dirs(root, 1)
+    server = make_server(data_dir=root / "data")
+    with Admin(server.address) as admin, Producer(server.address) as producer:
+        admin.create_topic("w", 1)
+        producer.send_batch("w", 0, [b"job-%d" % i for i in range(20)])
+    with QueueReceiver("g", "w", server.address, create={"max_deliveries": 1}) as receiver:
+        messages = receiver.receive(20)
+        assert len(messages) == 20
+        ballast = fill_into(ballast_dir)  # no room for the dead-letter topic w.dlq
+        for msg in messages:
+            msg.nack(reason="poison")  # the last delivery: each is dead-lettered
+        # Every record's attempt fails (and is retried after a backoff); said once.
+        wait_until(lambda: sum(r.getMessage().startswith("dead-lettering w/0") for r in caplog.records) >= 20,
+                   timeout=15)
+        failures = [r for r in caplog.records if r.getMessage().startswith("dead-lettering w/0")]
+        assert [r.levelname for r in failures].count("ERROR") == 1, [r.getMessage() for r in failures[:3]]
+        ballast.release()
+        assert wait_until(lambda: sum(p.dead_lettered for p in receiver.describe().partitions) == 20, timeout=30)
+    recovered = [r for r in caplog.records if getattr(r, "event", "") == "dead_letter_recovered"]
+    assert len(recovered) == 1 and recovered[0].levelname == "WARNING"
+    assert len(read_all(server.address, "w.dlq")) == 20  # each once
+
+
 class _FsyncFailsOnce:
     """``os`` for ``segments.log``: its first fsync fails with ENOSPC, as ext4 may when
     writeback cannot allocate."""
