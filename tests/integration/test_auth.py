@@ -14,22 +14,25 @@ from .helpers import Stubs, refused
 ADMIN, ADMIN_HASH = new_token()
 PRODUCER, PRODUCER_HASH = new_token()
 WORKER, WORKER_HASH = new_token()
+HASH_OF = {ADMIN: ADMIN_HASH, PRODUCER: PRODUCER_HASH, WORKER: WORKER_HASH}
+
+
+def _serve_with(make_server, tmp_path, tokens: dict[str, str], allow: str):
+    """A broker whose auth file names one principal per entry of ``tokens`` (name ->
+    token; "" is a caller with no token) and the ``allow`` rules; one Stubs per name."""
+    principals = "".join(
+        f'[[principal]]\nname = "{name}"\ntoken_sha256 = ["{HASH_OF[token]}"]\n'
+        for name, token in tokens.items() if token in HASH_OF)
+    path = tmp_path / "auth.toml"
+    path.write_text(principals + allow)
+    server = make_server(auth_file=str(path))
+    return server, {name: Stubs(server.address, token=token) for name, token in tokens.items()}
 
 
 @pytest.fixture
 def secured(make_server, tmp_path):
-    path = tmp_path / "auth.toml"
-    path.write_text(f"""
-[[principal]]
-name = "ops"
-token_sha256 = ["{ADMIN_HASH}"]
-[[principal]]
-name = "orders-api"
-token_sha256 = ["{PRODUCER_HASH}"]
-[[principal]]
-name = "mailer"
-token_sha256 = ["{WORKER_HASH}"]
-
+    server, stubs = _serve_with(make_server, tmp_path, {
+        "ops": ADMIN, "orders-api": PRODUCER, "mailer": WORKER, "nobody": "", "forged": "sdt_x"}, """
 [[allow]]
 principal = "ops"
 operations = ["admin"]
@@ -45,9 +48,6 @@ operations = ["consume"]
 topics = ["orders"]
 groups = ["mailers"]
 """)
-    server = make_server(auth_file=str(path))
-    stubs = {name: Stubs(server.address, token=token) for name, token in
-             (("ops", ADMIN), ("orders-api", PRODUCER), ("mailer", WORKER), ("nobody", ""), ("forged", "sdt_x"))}
     stubs["ops"].create("orders", 1)
     stubs["ops"].create("payroll", 1)
     try:
@@ -184,23 +184,14 @@ def test_a_produce_stream_over_its_quota_is_throttled_not_failed(make_server, tm
 
 
 LEAD, LEAD_HASH = new_token()
+HASH_OF[LEAD] = LEAD_HASH
 
 
 @pytest.fixture
 def two_queues(make_server, tmp_path):
     """Queue group "mailers" on "orders" and on "secret"; "mailer" may consume topic
     "orders" and group "mailers"; "lead" is admin of group "mailers" and topic "orders"."""
-    path = tmp_path / "auth.toml"
-    path.write_text(f"""
-[[principal]]
-name = "ops"
-token_sha256 = ["{ADMIN_HASH}"]
-[[principal]]
-name = "mailer"
-token_sha256 = ["{WORKER_HASH}"]
-[[principal]]
-name = "lead"
-token_sha256 = ["{LEAD_HASH}"]
+    stubs = _serve_with(make_server, tmp_path, {"ops": ADMIN, "mailer": WORKER, "lead": LEAD}, """
 [[allow]]
 principal = "ops"
 operations = ["admin"]
@@ -216,10 +207,7 @@ principal = "lead"
 operations = ["admin"]
 topics = ["orders", "orders.dlq"]
 groups = ["mailers"]
-""")
-    server = make_server(auth_file=str(path))
-    stubs = {name: Stubs(server.address, token=token) for name, token in
-             (("ops", ADMIN), ("mailer", WORKER), ("lead", LEAD))}
+""")[1]
     ops = stubs["ops"]
     for topic in ("orders", "secret"):
         ops.create(topic, 1)
