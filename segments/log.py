@@ -182,7 +182,17 @@ class PartitionLog:
         for seg, successor in zip(segments, segments[1:]):
             seg.set_end_offset(successor.base_offset)
         try:
-            if segments:
+            if segments and loaded.log_end is not None:
+                # The last segment ends at the log end recovery vouches for (never below
+                # the recovery point): a header there that fails its CRC cannot move it.
+                segments[-1].set_end_offset(loaded.log_end)
+            if segments and segments[-1].check_end() is not None:
+                # Its data ends in damage: it stays as it is, sealed (reads report the
+                # damaged range), and appends go to a new segment at the log end.
+                segments.append(_first_segment(directory, loaded.log_end, segment_bytes, index_interval_bytes,
+                                               name))
+                fsync_directory(directory)
+            elif segments:
                 _activate(segments[-1], segment_bytes, name)
             else:
                 start = max(state.log_start_offset, state.recovery_point.offset

@@ -239,6 +239,16 @@ class Segment:
                 self.tail_damage = found
         return found
 
+    def check_end(self) -> DamagedRange | None:
+        """For a loaded segment whose end offset is set (the partition's last one, at
+        start-up): the damaged range its data ends with, if any (the frames from the
+        last index entry walked, the last one's CRC checked); the segment is then not
+        made active."""
+        if self._writable or self._end_offset is None:
+            return None
+        self._load_tail()
+        return self.tail_damage
+
     def damage_found(self) -> list[DamagedRange]:
         """The damaged ranges found so far (at start-up and by reads), by position."""
         return [self._damaged[p] for p in sorted(self._damaged)]
@@ -264,6 +274,7 @@ class Segment:
             self._fd = None
             raise
         self._load_tail()
+        self._end_offset = None  # from here on the end is the next offset (``_end``)
 
     def _open_writable(self, capacity: int) -> None:
         assert self._fd is not None

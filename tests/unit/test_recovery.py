@@ -230,7 +230,7 @@ def test_clean_close_then_reopen_scans_nothing(tmp_path):
     log.close()
 
 
-def test_clean_marker_with_damaged_tail_still_recovers(tmp_path, caplog):
+def test_clean_marker_with_damaged_tail_keeps_the_log_end_and_reports_the_cut(tmp_path, caplog):
     log = open_log(tmp_path / "p")
     written = [append(log, i)[0] for i in range(4)]
     log.close()
@@ -239,7 +239,13 @@ def test_clean_marker_with_damaged_tail_still_recovers(tmp_path, caplog):
     os.truncate(path, size - 3)
     log = open_log(tmp_path / "p")
     try:
+        # The close recorded the log end: the cut batch is a damaged range, not cut off
+        # (its offsets were acknowledged and may have been read), and not reused.
         assert read_all(log) == written[:-1]
+        end = written[-1][0] + written[-1][1]
+        assert log.log_end_offset == end
+        assert [(d.first_offset, d.last_offset) for d in log.damaged()] == [(written[-1][0], end - 1)]
+        assert append(log, 9)[1].base_offset == end
         assert log.recovery is not None
         assert "clean-shutdown marker present" in caplog.text
     finally:
