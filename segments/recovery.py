@@ -64,7 +64,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .batch import HEADER_SIZE, BatchHeader, claimed_frame_size
+from .batch import HEADER_SIZE, BatchHeader, claimed_frame_size, crc_ok
 from .checkpoint import TEMP_SUFFIX, fsync_directory, remove_durable, write_atomic
 from .errors import is_disk_full
 from .index import OffsetIndex, TimeIndex, check_entries
@@ -273,9 +273,11 @@ def _prefix_damaged(fd: int, base: int, position: int, file_size: int, interval:
     """When ``_prefix`` fails: index entries for the frames before ``position`` up to
     the first one that does not continue the offsets (damage before a trusted recovery
     point: it is kept, and the segment's walks report it; the state after it is not
-    known). None if a frame that continues the offsets runs across ``position``: the
-    point is not on a frame boundary, so it is not the one the log recorded (a
-    garbled ``partition.json``), and the segment is scanned from its start."""
+    known). None if the point is not the one the frames before it lead to, though
+    they are whole: a frame that continues the offsets runs across ``position`` (a
+    garbled ``partition.json``), or they end exactly there, the last one matching its
+    CRC, at another offset (a point left stale by appends undone and replaced after
+    it was saved); then the segment is scanned from its start."""
     headers = []
     for header in walk_file(fd, 0, file_size, expected_offset=base):
         if header.end > position:
@@ -283,6 +285,11 @@ def _prefix_damaged(fd: int, base: int, position: int, file_size: int, interval:
                 return None
             break
         headers.append(header)
+    if headers and headers[-1].end == position:
+        last = headers[-1]
+        frame = os.pread(fd, last.size, last.position)
+        if len(frame) == last.size and crc_ok(frame, last._replace(position=0)):
+            return None
     offsets, times = build_index_entries(iter(headers), base, interval)
     return _Prefix(offsets, times, base, None, int(offsets[-1]["position"]) if len(offsets) else None)
 

@@ -261,3 +261,27 @@ def test_leftover_files_are_removed_on_open(tmp_path, leftover):
     log = open_log(tmp_path / "p")
     log.close()
     assert not (tmp_path / "p" / leftover).exists()
+
+
+def test_a_recovery_point_left_stale_by_undone_appends_is_not_taken_for_damage(tmp_path):
+    # A checkpoint records the point after a request's batch; the request fails on
+    # another partition and its batch is undone; a batch of the same frame size but
+    # another record count takes its place, is flushed (acknowledged), and the broker
+    # dies before the next checkpoint. The frames before the stale point are whole and
+    # match their CRCs: the point is stale, not the data damaged.
+    log = open_log(tmp_path / "p", segment_bytes=1 << 20)
+    kept = [append(log, i)[0] for i in range(4)]
+    undone = log.append(b"U" * 9, record_count=3, append_time_ms=200)
+    log.flush()
+    log.checkpoint()  # the point: after the undone batch, at offset undone + 3
+    log.undo_appends(undone.base_offset)
+    again = log.append(b"A" * 9, record_count=1, append_time_ms=201)
+    assert (again.base_offset, again.size) == (undone.base_offset, undone.size)
+    log.flush()
+    log._release()
+    log = open_log(tmp_path / "p")
+    try:
+        assert read_all(log) == kept + [(again.base_offset, 1, 201, b"A" * 9)]
+        assert log.log_end_offset == again.base_offset + 1 and log.damaged() == []
+    finally:
+        log.close()
