@@ -45,10 +45,11 @@ from __future__ import annotations
 import os
 import re
 import struct
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
-from .batch import FRAME_TAG, HEADER_SIZE, BatchHeader, crc_ok, read_header
+from .batch import CRC_START, FRAME_TAG, HEADER_SIZE, BatchHeader, crc_ok, read_header
 from .index import OFFSET_ENTRY
 
 #: Causes, as messages and metadata show them (stable words; no paths, no positions).
@@ -138,11 +139,15 @@ def _range(first: int, resume_offset: int | None, position: int, resume_position
 
 def _runs_past_the_end(buf, position: int, limit: int, expected: int) -> bool:
     """Whether the bytes at ``position`` are the start of the expected frame, cut off
-    by the end of the data (a truncated file), rather than garbage."""
+    by the end of the data (a truncated file), rather than garbage. A frame whose bytes
+    up to the end of the data still match its CRC is whole: only its length is garbled."""
     if limit - position < HEADER_SIZE:
         return buf[position] == FRAME_TAG
     header = read_header(buf, position, 1 << 62)
-    return header is not None and header.base_offset == expected and header.end > limit
+    if header is None or header.base_offset != expected or header.end <= limit:
+        return False
+    with memoryview(buf)[position + CRC_START : limit] as rest:
+        return zlib.crc32(rest) != header.crc32
 
 
 # -- the start-up check of a sealed segment -------------------------------------------------------

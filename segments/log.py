@@ -32,7 +32,10 @@ and raises ``CorruptRecords`` (its offset range, no file names) when it starts t
 so does a time lookup whose answer may lie in one. It never answers nothing below
 the log end. Opening checks the end of every sealed segment against the next one's
 base offset (a few preads each: ``damage.check_tail``), so a file cut short is
-reported at start-up; ``damaged()`` lists what was found, then and by reads since,
+reported at start-up, and the last segment against the log end recovery vouches for
+(``LoadResult.log_end``; if its data ends in damage it stays sealed and a new segment
+starts at that end); reads and time lookups check a sealed segment's file size first
+(``Segment.check_size``: a file cut under the running broker is damage, not SIGBUS); ``damaged()`` lists what was found, then and by reads since,
 and each range is logged once (with the file and byte position) as it is found.
 
 Time is never read from a clock here: callers pass ``append_time_ms``/``now_ms``.
@@ -182,7 +185,17 @@ class PartitionLog:
         for seg, successor in zip(segments, segments[1:]):
             seg.set_end_offset(successor.base_offset)
         try:
-            if segments:
+            if segments and loaded.log_end is not None:
+                # The last segment ends at the log end recovery vouches for (never below
+                # the recovery point): a header there that fails its CRC cannot move it.
+                segments[-1].set_end_offset(loaded.log_end)
+            if segments and segments[-1].check_end() is not None:
+                # Its data ends in damage: it stays as it is, sealed (reads report the
+                # damaged range), and appends go to a new segment at the log end.
+                segments.append(_first_segment(directory, loaded.log_end, segment_bytes, index_interval_bytes,
+                                               name))
+                fsync_directory(directory)
+            elif segments:
                 _activate(segments[-1], segment_bytes, name)
             else:
                 start = max(state.log_start_offset, state.recovery_point.offset
@@ -394,6 +407,7 @@ class PartitionLog:
                 return ReadResult(b"", offset, offset, 0, 0)
             i = bisect.bisect_right(self._bases, offset) - 1
             seg = self._segments[i]
+            self._check_size(seg)
             try:
                 position = seg.find_position(offset)
             except CorruptRecords as exc:
@@ -419,6 +433,7 @@ class PartitionLog:
                 if i == len(self._segments) or not reached_end:
                     break
                 seg, position = self._segments[i], 0
+                self._check_size(seg)
             if not batches:  # never "nothing" below the log end: a reader would wait forever
                 end = self._bases[i] if i < len(self._segments) else self._log_end
                 raise self._corrupt(seg, CorruptRecords(offset, max(offset, end - 1),
@@ -438,6 +453,7 @@ class PartitionLog:
                 i -= 1  # its newest time is a lower bound: the answer may be in its tail
             pending, pending_in = None, self._segments[-1]
             for seg in self._segments[i:]:
+                self._check_size(seg)
                 try:
                     found, tail = seg.time_lookup(timestamp_ms, pending)
                 except CorruptRecords as exc:
@@ -655,6 +671,13 @@ class PartitionLog:
                 if found.first_offset == damage.first_offset:
                     self._report(seg, found)
         return damage.named(topic=self.topic, partition=self.partition, name=self.name)
+
+    def _check_size(self, seg: Segment) -> None:
+        """A sealed segment cut short under the running broker is read only up to its
+        new end (``Segment.check_size``, one stat); what it lost is a damaged range."""
+        found = seg.check_size()
+        if found is not None:
+            self._report(seg, found)
 
     def _report(self, seg: Segment, damage: DamagedRange) -> None:
         key = (seg.base_offset, damage.position)

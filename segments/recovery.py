@@ -13,17 +13,25 @@ Files besides the segments::
 valid frames, with trimmed, valid index files for the segments it scanned.
 
 - Clean shutdown: files are trusted. Only the last segment's tail is walked (from its
-  last index entry, headers only); if that does not end exactly at the file's end the
-  marker was wrong and the crash path runs.
-- Crash: frames are scanned only from the recovery point (the start of its segment if
-  the point does not sit on a frame boundary; the start of the last segment without
-  state) to the end of the data. Each frame must parse, continue the offsets, not go
-  back in time and match its CRC. The first invalid frame and everything after it is
-  cut: the file is truncated there, later segments whose base offset does not continue
-  the log are deleted, index entries at or after the start point are dropped and
-  re-added from the scan. Segments before the point are trusted as they are; their
+  last index entry, headers only); if that does not end exactly at the file's end, at
+  the recorded recovery point (close records the log end there), the last segment is
+  damaged and the crash path runs from that point, which cuts nothing before it.
+- Crash: frames are scanned only from the recovery point (the start of the last
+  segment without state) to the end of the data. Each frame must parse, continue the
+  offsets, not go back in time and match its CRC. The first invalid frame and
+  everything after it is cut (a torn tail: never fsynced, so never acknowledged as
+  durable): the file is truncated there, later segments whose base offset does not
+  continue the log are deleted, index entries at or after the start point are dropped
+  and re-added from the scan. Segments before the point are trusted as they are; their
   indexes are checked when first loaded (``Segment``), so start-up cost does not grow
   with the size of the log.
+- The recovery point itself is trusted: what lies before it was fsynced, and the
+  offsets below its offset may have been acknowledged and read. Bytes before it that
+  do not verify (a flipped bit, a file cut short below it) are damage, kept as they are
+  and reported as damaged ranges by the segment's walks (``segments.damage``); they are
+  never cut, and the log end is never below the point's offset (``LoadResult.log_end``:
+  the last segment's end offset, which ``PartitionLog`` gives the segment, so a header
+  that fails its CRC cannot move it).
 
 - Crash recovery writes what it kept past the start point again (the same bytes,
   ``pread`` then ``pwrite``) before its fsync: after a failed fsync (in this process,
@@ -56,7 +64,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .batch import HEADER_SIZE, BatchHeader, claimed_frame_size
+from .batch import HEADER_SIZE, BatchHeader, claimed_frame_size, crc_ok
 from .checkpoint import TEMP_SUFFIX, fsync_directory, remove_durable, write_atomic
 from .errors import is_disk_full
 from .index import OffsetIndex, TimeIndex, check_entries
@@ -108,6 +116,9 @@ class LoadResult:
     base_offsets: list[int]  # of the segments left, ascending
     report: RecoveryReport | None  # None after a clean shutdown
     state: PartitionState | None
+    #: The offset after the last segment's data (None: no segments): the log end. Never
+    #: below the recovery point's offset; the last segment's end offset (module docstring).
+    log_end: int | None = None
 
 
 def read_state(directory: Path) -> PartitionState | None:
@@ -147,13 +158,15 @@ def load(directory: Path, *, index_interval_bytes: int, name: str) -> LoadResult
     if not bases:
         return LoadResult([], None, state)
     if clean:
-        if _tail_ends_at_file_end(directory, bases[-1], index_interval_bytes):
-            return LoadResult(bases, None, state)
-        log.warning("%s: clean-shutdown marker present but the last segment is damaged", name,
+        end = _clean_end(directory, bases[-1], state, index_interval_bytes)
+        if end is not None:
+            return LoadResult(bases, None, state, end)
+        log.warning("%s: clean-shutdown marker present but the last segment does not end at the recorded "
+                    "log end; checking it from the recovery point", name,
                     extra={"event": "recovery", "partition_log": name})
-    report = _recover(directory, bases, state, index_interval_bytes, name)
+    report, end = _recover(directory, bases, state, index_interval_bytes, name)
     fsync_directory(directory)  # segment files made since the last good fsync, and the deletions
-    return LoadResult(bases, report, state)
+    return LoadResult(bases, report, state, end)
 
 
 def _cleanup(directory: Path) -> list[int]:
@@ -256,16 +269,47 @@ def _prefix_rebuilt(fd: int, base: int, position: int, interval: int) -> _Prefix
                    int(offsets[-1]["position"]) if len(offsets) else None)
 
 
-def _tail_ends_at_file_end(directory: Path, base: int, interval: int) -> bool:
+def _prefix_damaged(fd: int, base: int, position: int, file_size: int, interval: int) -> _Prefix | None:
+    """When ``_prefix`` fails: index entries for the frames before ``position`` up to
+    the first one that does not continue the offsets (damage before a trusted recovery
+    point: it is kept, and the segment's walks report it; the state after it is not
+    known). None if the point is not the one the frames before it lead to, though
+    they are whole: a frame that continues the offsets runs across ``position`` (a
+    garbled ``partition.json``), or they end exactly there, the last one matching its
+    CRC, at another offset (a point left stale by appends undone and replaced after
+    it was saved); then the segment is scanned from its start."""
+    headers = []
+    for header in walk_file(fd, 0, file_size, expected_offset=base):
+        if header.end > position:
+            if header.position < position:
+                return None
+            break
+        headers.append(header)
+    if headers and headers[-1].end == position:
+        last = headers[-1]
+        frame = os.pread(fd, last.size, last.position)
+        if len(frame) == last.size and crc_ok(frame, last._replace(position=0)):
+            return None
+    offsets, times = build_index_entries(iter(headers), base, interval)
+    return _Prefix(offsets, times, base, None, int(offsets[-1]["position"]) if len(offsets) else None)
+
+
+def _clean_end(directory: Path, base: int, state: PartitionState | None, interval: int) -> int | None:
+    """After a clean shutdown: the log end the close recorded, if the last segment's
+    tail (walked from its last index entry) ends there, at the end of the file."""
+    point = state.recovery_point if state else None
     log_path = _paths(directory, base)[0]
     size = os.stat(log_path).st_size
+    if point is None or point.base_offset != base or point.position != size:
+        return None
     if size == 0:
-        return True
+        return point.offset if point.offset == base else None
     fd = os.open(log_path, os.O_RDONLY)
     try:
-        return _prefix(fd, directory, base, size, interval) is not None
+        prefix = _prefix(fd, directory, base, size, interval)
     finally:
         os.close(fd)
+    return point.offset if prefix is not None and prefix.next_offset == point.offset else None
 
 
 def _start(directory: Path, bases: list[int], state: PartitionState | None) -> tuple[int, int, int]:
@@ -275,9 +319,8 @@ def _start(directory: Path, bases: list[int], state: PartitionState | None) -> t
         return len(bases) - 1, 0, bases[-1]
     if point.base_offset in bases:
         i = bases.index(point.base_offset)
-        size = os.stat(_paths(directory, bases[i])[0]).st_size
-        if 0 <= point.position <= size and point.offset >= bases[i]:
-            return i, point.position, point.offset
+        if point.position >= 0 and point.offset >= bases[i]:
+            return i, point.position, point.offset  # also past the file's end: see _scan_segment
         return i, 0, bases[i]
     later = [i for i, b in enumerate(bases) if b > point.base_offset]
     i = later[0] if later else len(bases) - 1
@@ -294,7 +337,8 @@ class _Totals:
 
 
 def _recover(directory: Path, bases: list[int], state: PartitionState | None, interval: int,
-             name: str) -> RecoveryReport:
+             name: str) -> tuple[RecoveryReport, int]:
+    """Scan from the recovery point (module docstring); the report and the log end."""
     i, position, expected = _start(directory, bases, state)
     totals = _Totals()
     last_time: int | None = None
@@ -316,30 +360,39 @@ def _recover(directory: Path, bases: list[int], state: PartitionState | None, in
             path.unlink(missing_ok=True)
     del bases[i:]
     return RecoveryReport(totals.scanned, totals.bytes_scanned, totals.bytes_truncated,
-                          totals.batches, totals.deleted)
+                          totals.batches, totals.deleted), expected
 
 
 def _scan_segment(directory: Path, base: int, position: int, expected: int, last_time: int | None,
                   interval: int, name: str, totals: _Totals) -> tuple[int, int | None]:
-    """Validate one segment from ``position``, cut it after its last valid frame,
-    write what it kept again, fsync it and write its indexes; (next offset, last
-    append time)."""
+    """Validate one segment from ``position`` (where a frame of offset ``expected``
+    starts, or the data ends), cut it after its last valid frame, write what it kept
+    again, fsync it and write its indexes; (next offset, last append time). The bytes
+    before ``position`` are kept as they are even if they do not verify (damage before
+    the recovery point, reported by the segment's walks), also if the file now ends
+    before ``position``."""
     log_path, index_path, time_path = _paths(directory, base)
     fd = os.open(log_path, os.O_RDWR)
     try:
         file_size = os.fstat(fd).st_size
-        prefix = _prefix(fd, directory, base, position, interval)
+        prefix = _prefix(fd, directory, base, position, interval) if position <= file_size else None
         if prefix is None or prefix.next_offset != expected:
-            position, expected = 0, base
-            prefix = _Prefix(np.zeros(0, OffsetIndex.ENTRY), np.zeros(0, TimeIndex.ENTRY),
-                             base, None, None)
-        if position and prefix.last_time is not None:
+            prefix = _prefix_damaged(fd, base, position, file_size, interval)
+            if prefix is None:
+                position, expected = 0, base
+                prefix = _Prefix(np.zeros(0, OffsetIndex.ENTRY), np.zeros(0, TimeIndex.ENTRY), base, None, None)
+            else:
+                log.warning("%s: %s does not verify before the recovery point (byte %d, offset %d); it is "
+                            "kept, and reads report the damage", name, log_path, position, expected,
+                            extra={"event": "recovery", "partition_log": name, "position": position})
+            last_time = None
+        elif position and prefix.last_time is not None:
             last_time = prefix.last_time
         headers = list(walk_file(fd, position, file_size, expected_offset=expected,
                                  min_time_ms=last_time, verify_crc=True))
         valid_end = headers[-1].end if headers else position
-        cut = _data_end(fd, valid_end, file_size) - valid_end
-        if valid_end != file_size:
+        cut = max(0, _data_end(fd, valid_end, file_size) - valid_end)
+        if valid_end < file_size:
             os.ftruncate(fd, valid_end)  # first: it gives the preallocated tail's space back
         _write_again(fd, position, valid_end)
         os.fsync(fd)
@@ -353,7 +406,7 @@ def _scan_segment(directory: Path, base: int, position: int, expected: int, last
                     name, log_path, valid_end, cut,
                     extra={"event": "recovery", "partition_log": name, "position": valid_end, "bytes_truncated": cut})
     totals.scanned += 1
-    totals.bytes_scanned += valid_end - position
+    totals.bytes_scanned += max(0, valid_end - position)
     totals.bytes_truncated += cut
     totals.batches += len(headers)
     if headers:

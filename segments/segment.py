@@ -40,6 +40,10 @@ longer has; a write that still fails part-way (a filesystem that cannot prealloc
 is zeroed again before the error is raised. Reads touch only bytes below ``size``,
 which were written, so a read through the map never faults on a hole (on a full
 tmpfs that would be SIGBUS: a hole needs a page to be read through a shared map).
+A sealed file cut short after it was mapped would fault the same way: ``check_size``
+(a ``stat``, once per segment per read call) and the first mapping (``fstat``) shrink
+``size`` to the file's, and what it lost is a damaged range; a cut between the check and
+the read is not caught (files must not be truncated under a running broker).
 
 Not thread-safe: ``PartitionLog`` serializes every call. Nothing here keeps a
 ``memoryview`` of a map: reads copy (``mmap`` slicing returns ``bytes``).
@@ -239,6 +243,51 @@ class Segment:
                 self.tail_damage = found
         return found
 
+    def check_end(self) -> DamagedRange | None:
+        """For a loaded segment whose end offset is set (the partition's last one, at
+        start-up): the damaged range its data ends with, if any (the frames from the
+        last index entry walked, the last one's CRC checked); the segment is then not
+        made active."""
+        if self._writable or self._end_offset is None:
+            return None
+        self._load_tail()
+        return self.tail_damage
+
+    def check_size(self) -> DamagedRange | None:
+        """Whether a sealed segment's file was cut short under the running broker (one
+        ``stat``; ``PartitionLog`` calls it once per segment a read or a time lookup
+        touches): then the data ends where the file now ends, nothing is read through
+        the map past it (that would be SIGBUS), and the damaged range the data now ends
+        with is returned (found with a few preads, ``check_tail``). A file cut between
+        this check and the read still faults: files are not to be truncated under a
+        running broker (README)."""
+        if self._writable or not self._size:
+            return None
+        try:
+            size = os.stat(self.log_path).st_size
+        except FileNotFoundError:  # removed: a map still reads the old file
+            if self._map is not None:
+                return None
+            size = 0
+        if size >= self._size:
+            return None
+        self._shrunk(size)
+        return self.check_tail()
+
+    def _shrunk(self, size: int) -> None:
+        """The file now holds only ``size`` bytes: forget everything past them (the
+        index entries there are found stale by ``_lookup``, which rebuilds the index)."""
+        log.warning("%s was cut to %d bytes (it held %d) under the running broker; the offsets it "
+                    "no longer holds are reported as damaged", self.log_path, size, self._size)
+        self._unmap()
+        self._size = self._capacity = size
+        self._damaged = {p: d for p, d in self._damaged.items() if d.resume_position <= size}
+        self.tail_damage = None
+        self._index_trusted = False
+        self._next_offset = None  # the newest append time is found again (``_load_tail``)
+        if not size:
+            self._first_time = None
+
     def damage_found(self) -> list[DamagedRange]:
         """The damaged ranges found so far (at start-up and by reads), by position."""
         return [self._damaged[p] for p in sorted(self._damaged)]
@@ -264,6 +313,7 @@ class Segment:
             self._fd = None
             raise
         self._load_tail()
+        self._end_offset = None  # from here on the end is the next offset (``_end``)
 
     def _open_writable(self, capacity: int) -> None:
         assert self._fd is not None
@@ -704,7 +754,11 @@ class Segment:
         if self._map is None and self._size:
             fd = os.open(self.log_path, os.O_RDONLY)
             try:
-                self._map = mmap.mmap(fd, self._size, access=mmap.ACCESS_READ)
+                size = os.fstat(fd).st_size
+                if size < self._size:  # cut short since it was loaded: map only what is there
+                    self._shrunk(size)
+                if self._size:
+                    self._map = mmap.mmap(fd, self._size, access=mmap.ACCESS_READ)
             finally:
                 os.close(fd)
 

@@ -359,3 +359,66 @@ def test_seek_to_time_into_damage_raises_or_starts_after_it(make_server, tmp_pat
             assert next(consumer.records(exit_at_end=True)).offset == bad.next_offset
     finally:
         stubs.close()
+
+
+def test_sealed_segment_cut_under_a_running_broker_answers_data_loss_not_sigbus(server_process, tmp_path):
+    proc = server_process()
+    stubs = Stubs(proc.address)
+    pad = b"." * 200
+    try:
+        # Segments of several pages: a read through the map of a page past the new end
+        # of the file is SIGBUS (the page holding the end reads zeros).
+        stubs.create("t", 1, segment_bytes=64 * 1024)
+        for b in range(100):
+            stubs.produce_values("t", 0, [b"v%05d" % (b * PER_BATCH + i) + pad for i in range(PER_BATCH)])
+        offset = 0  # read it all once, so the sealed segments are mapped
+        for _ in range(100):
+            reply = stubs.fetch("t", 0, offset)
+            if not reply.batches:
+                break
+            offset = reply.next_offset
+        assert offset == 100 * PER_BATCH
+        segments = _segments(proc.data_dir)
+        assert len(segments) >= 3
+        log_file, headers = segments[0]
+        next_base = segments[1][1][0].base_offset
+        cut = headers[1]
+        os.truncate(log_file, cut.position + 5)  # an operator's mistake, under the broker
+        # The broker stays up and answers the lost offsets as a damaged range.
+        code, reason, meta = refused(stubs.fetch, "t", 0, headers[-1].base_offset)
+        assert (code, reason) == (grpc.StatusCode.DATA_LOSS, "CORRUPT_BATCH")
+        assert (meta["first_offset"], meta["last_offset"], meta["next_offset"]) == (
+            str(cut.base_offset), str(next_base - 1), str(next_base))
+        reply = stubs.fetch("t", 0, 0, max_records=100 * PER_BATCH)
+        assert reply.next_offset == cut.base_offset
+        assert [v[:6] for v in _values(reply.batches)] == [b"v%05d" % i for i in range(cut.base_offset)]
+        assert _values(stubs.fetch("t", 0, next_base, max_records=1).batches)[0] == b"v%05d" % next_base + pad
+        damaged = stubs.topics.DescribeTopic(pb.DescribeTopicRequest(topic="t")).topic.partitions[0].damaged
+        assert [(d.first_offset, d.last_offset) for d in damaged] == [(cut.base_offset, next_base - 1)]
+        assert proc.proc.poll() is None
+    finally:
+        stubs.close()
+    assert proc.terminate() == 0
+
+
+def test_garbled_length_of_a_sealed_segments_last_batch_is_a_garbled_header_not_a_cut_file(make_server, tmp_path):
+    running = make_server()
+    stubs = Stubs(running.address)
+    _produce(stubs)
+    stubs.close()
+    running.stop()
+    log_file, headers = _segments(tmp_path / "data")[1]
+    last = headers[-1]
+    flip_byte(log_file, last.position + 2, 0x10)  # its length now runs past the end of the file
+
+    running = make_server()
+    stubs = Stubs(running.address)
+    try:
+        damaged = stubs.topics.DescribeTopic(pb.DescribeTopicRequest(topic="t")).topic.partitions[0].damaged
+        assert [(d.first_offset, d.last_offset, d.cause) for d in damaged] == [
+            (last.base_offset, last.next_offset - 1, "a stored batch header is garbled")]
+        with pytest.raises(grpc.RpcError) as caught:
+            stubs.fetch("t", 0, last.base_offset)
+        assert "(a stored batch header is garbled)" in caught.value.details()
+    finally:
+        stubs.close()

@@ -2,7 +2,9 @@
 them are damaged, and the segments they are in.
 
 Real files get real damage (a flipped bit in a header field, the CRC or the body; a
-sealed segment cut short), then the log is opened as a restarted broker opens it.
+segment cut short), in sealed segments and in the last one (the active segment, after
+a clean close: its recorded log end is trusted), then the log is opened as a restarted
+broker opens it.
 The model says, for each segment, which runs of batches are unreadable. Checked:
 
 - a reader that skips each ``CorruptRecords`` (going on at its ``next_offset``) gets
@@ -11,7 +13,8 @@ The model says, for each segment, which runs of batches are unreadable. Checked:
   range holding it; never an empty answer below the log end;
 - a time lookup answers what a scan of the good batches answers, or raises when a
   damaged run (whose append times are unknown) may hold the answer;
-- ``damaged()`` lists the runs found.
+- ``damaged()`` lists the runs found;
+- the log end is the one the close recorded, and the next append gets it.
 """
 
 from __future__ import annotations
@@ -93,22 +96,21 @@ batch_spec = st.lists(st.tuples(st.integers(1, 4), st.integers(0, 60), st.intege
 @given(batches=batch_spec, damage=damage_spec, truncate=st.one_of(st.none(), st.floats(0, 1)),
        limits=st.lists(st.integers(1, 400), min_size=1, max_size=5), times=st.lists(st.integers(-5, 1500),
                                                                                    max_size=8))
-def test_damaged_sealed_segments_against_a_model(batches, damage, truncate, limits, times):
+def test_damaged_segments_against_a_model(batches, damage, truncate, limits, times):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "p"
         written = _write(path, batches)
         layout = _layout(path)
         files = list(layout)
-        sealed = [(f, fr) for f, fr in layout.items() if f != files[-1] and fr]
-        if not sealed:
-            return
+        targets = [(f, fr) for f, fr in layout.items() if fr]  # the last one too (see docstring)
+        assert targets and files
         damaged: set[int] = set()
         flipped: set[tuple[Path, int]] = set()
         ends = {}  # base offset of each batch -> its record count
         for base, count, _, _ in written:
             ends[base] = count
         for where, field, at in damage:
-            log_file, frames_ = sealed[int(where * len(sealed)) % len(sealed)]
+            log_file, frames_ = targets[int(where * len(targets)) % len(targets)]
             position, size, base = frames_[int(at * len(frames_)) % len(frames_)]
             lo, hi = FIELDS[field]
             hi = size if hi is None else hi
@@ -120,7 +122,7 @@ def test_damaged_sealed_segments_against_a_model(batches, damage, truncate, limi
                 flip_byte(log_file, byte)
                 damaged.add(base)
         if truncate is not None:
-            log_file, frames_ = sealed[int(truncate * len(sealed)) % len(sealed)]
+            log_file, frames_ = targets[int(truncate * len(targets)) % len(targets)]
             size = os.path.getsize(log_file)
             cut = max(1, int(truncate * size)) if size > 1 else 0
             os.truncate(log_file, cut)
@@ -149,6 +151,7 @@ def test_damaged_sealed_segments_against_a_model(batches, damage, truncate, limi
             assert got == good
             assert told == runs
             assert [(d.first_offset, d.last_offset) for d in log.damaged()] == runs
+            assert log.log_end_offset == log_end
             # 2. Any offset: its batch first, or the damaged range holding it.
             for base, count, _, _ in written:
                 for o in (base, base + count - 1):
@@ -181,3 +184,6 @@ def test_damaged_sealed_segments_against_a_model(batches, damage, truncate, limi
                     assert _within(exc, runs)
                 else:
                     assert not ambiguous and answer == expected, (t, answer, expected)
+            # 4. Offsets are never reused: the next batch goes at the recorded log end.
+            assert log.append(b"new", record_count=1, append_time_ms=10**6).base_offset == log_end
+            assert frames(log.read(log_end, max_bytes=1, max_records=1).data)[0][0] == log_end

@@ -230,7 +230,7 @@ def test_clean_close_then_reopen_scans_nothing(tmp_path):
     log.close()
 
 
-def test_clean_marker_with_damaged_tail_still_recovers(tmp_path, caplog):
+def test_clean_marker_with_damaged_tail_keeps_the_log_end_and_reports_the_cut(tmp_path, caplog):
     log = open_log(tmp_path / "p")
     written = [append(log, i)[0] for i in range(4)]
     log.close()
@@ -239,7 +239,13 @@ def test_clean_marker_with_damaged_tail_still_recovers(tmp_path, caplog):
     os.truncate(path, size - 3)
     log = open_log(tmp_path / "p")
     try:
+        # The close recorded the log end: the cut batch is a damaged range, not cut off
+        # (its offsets were acknowledged and may have been read), and not reused.
         assert read_all(log) == written[:-1]
+        end = written[-1][0] + written[-1][1]
+        assert log.log_end_offset == end
+        assert [(d.first_offset, d.last_offset) for d in log.damaged()] == [(written[-1][0], end - 1)]
+        assert append(log, 9)[1].base_offset == end
         assert log.recovery is not None
         assert "clean-shutdown marker present" in caplog.text
     finally:
@@ -255,3 +261,27 @@ def test_leftover_files_are_removed_on_open(tmp_path, leftover):
     log = open_log(tmp_path / "p")
     log.close()
     assert not (tmp_path / "p" / leftover).exists()
+
+
+def test_a_recovery_point_left_stale_by_undone_appends_is_not_taken_for_damage(tmp_path):
+    # A checkpoint records the point after a request's batch; the request fails on
+    # another partition and its batch is undone; a batch of the same frame size but
+    # another record count takes its place, is flushed (acknowledged), and the broker
+    # dies before the next checkpoint. The frames before the stale point are whole and
+    # match their CRCs: the point is stale, not the data damaged.
+    log = open_log(tmp_path / "p", segment_bytes=1 << 20)
+    kept = [append(log, i)[0] for i in range(4)]
+    undone = log.append(b"U" * 9, record_count=3, append_time_ms=200)
+    log.flush()
+    log.checkpoint()  # the point: after the undone batch, at offset undone + 3
+    log.undo_appends(undone.base_offset)
+    again = log.append(b"A" * 9, record_count=1, append_time_ms=201)
+    assert (again.base_offset, again.size) == (undone.base_offset, undone.size)
+    log.flush()
+    log._release()
+    log = open_log(tmp_path / "p")
+    try:
+        assert read_all(log) == kept + [(again.base_offset, 1, 201, b"A" * 9)]
+        assert log.log_end_offset == again.base_offset + 1 and log.damaged() == []
+    finally:
+        log.close()
