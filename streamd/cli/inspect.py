@@ -153,6 +153,10 @@ class SegmentInfo:
     offset_index: IndexInfo
     time_index: IndexInfo
     tail: TailInfo | None
+    # False when the last batch fails its checksum: its record count proves nothing, so
+    # next_offset is the next segment's base, else the recovery point, else the end of
+    # the last batch that verifies (what the broker keeps as the log end).
+    end_verified: bool = True
 
 
 @dataclass
@@ -190,15 +194,15 @@ def inspect_partition(path: Path | str, *, segment: int | None = None, records: 
                             f"(segments: {', '.join(map(str, bases)) or 'none'})")
     topic, partition = directory.resolve().parent.name, _int_or_none(directory.name)
     selected = [segment] if segment is not None else bases
-    segments, previous = [], None
-    for base in selected:
-        info = _inspect_segment(directory, base, last=base == bases[-1], records=records, problems=problems,
-                                topic=topic, partition=partition)
-        if previous is not None and base != previous.next_offset:
-            problems.append(Problem(ERROR, info.file, f"segment starts at offset {base} but the previous one "
-                                    f"ends at {previous.next_offset} (offsets are not contiguous)", 0, base))
-        segments.append(info)
-        previous = info
+    segments = [_inspect_segment(directory, base, last=base == bases[-1], records=records, problems=problems,
+                                 topic=topic, partition=partition) for base in selected]
+    for previous, info in zip(segments, segments[1:] + [None]):
+        if not previous.end_verified:
+            previous.next_offset = _trusted_end(previous, info, state)
+        elif info is not None and info.base_offset != previous.next_offset:
+            problems.append(Problem(ERROR, info.file, f"segment starts at offset {info.base_offset} but the "
+                                    f"previous one ends at {previous.next_offset} (offsets are not contiguous)",
+                                    0, info.base_offset))
     if state is not None:
         _check_recovery_point(state, segments, problems)
     start = state.get("log_start_offset") if state else None
@@ -206,6 +210,19 @@ def inspect_partition(path: Path | str, *, segment: int | None = None, records: 
     log_end = segments[-1].next_offset if segments and segments[-1].base_offset == bases[-1] else None
     return PartitionReport(str(directory), topic, partition, state, (directory / CLEAN_SHUTDOWN_FILE).exists(),
                            bases, log_start, log_end, segments, problems)
+
+
+def _trusted_end(seg: SegmentInfo, following: SegmentInfo | None, state: dict | None) -> int:
+    """The next offset of ``seg`` whose last batch fails its checksum (see SegmentInfo)."""
+    verified = [b for b in seg.batches if b.checksum_ok]
+    end = verified[-1].last_offset + 1 if verified else seg.base_offset
+    if following is not None:
+        return following.base_offset
+    point = (state or {}).get("recovery_point")
+    if isinstance(point, dict) and point.get("base_offset") == seg.base_offset \
+            and isinstance(point.get("offset"), int):
+        return max(point["offset"], end)
+    return end
 
 
 def _int_or_none(text: str) -> int | None:
@@ -272,6 +289,7 @@ def _inspect_segment(directory: Path, base: int, *, last: bool, records: bool, p
     finally:
         os.close(fd)
     next_offset = batches[-1].base_offset + batches[-1].record_count if batches else base
+    end_verified = not batches or batches[-1].checksum_ok
     if tail is not None:
         problems.append(_tail_problem(name, tail, last=last))
     by_position = {b.position: b for b in batches}
@@ -279,7 +297,8 @@ def _inspect_segment(directory: Path, base: int, *, last: bool, records: bool, p
     time_index = _read_index(directory / (stem + TIME_INDEX_SUFFIX), TIME_ENTRY, base, data_end, problems)
     _check_offset_index(offset_index, by_position, base, data_end, problems)
     _check_time_index(time_index, offset_index, {b.base_offset: b for b in batches}, next_offset, problems)
-    return SegmentInfo(name, base, file_bytes, data_end, next_offset, batches, offset_index, time_index, tail)
+    return SegmentInfo(name, base, file_bytes, data_end, next_offset, batches, offset_index, time_index, tail,
+                       end_verified)
 
 
 def _walk(fd: int, file_bytes: int, base: int, name: str, problems: list[Problem],
@@ -504,7 +523,8 @@ def report_json(report: PartitionReport) -> dict:
 
 def _print_segment(seg: SegmentInfo, *, records: bool) -> None:
     print(f"\nsegment {seg.file}: base offset {seg.base_offset}, {seg.file_bytes} bytes "
-          f"({seg.data_bytes} in {len(seg.batches)} batches), next offset {seg.next_offset}")
+          f"({seg.data_bytes} in {len(seg.batches)} batches), next offset {seg.next_offset}"
+          + ("" if seg.end_verified else " (the last batch fails its checksum: not from its header)"))
     stamps = ["MIN-TS-MS", "MAX-TS-MS"] if records else []  # known only from decoded records
     rows = [(b.position, b.base_offset, b.last_offset, b.record_count, b.append_time_ms, _iso(b.append_time_ms),
              *([_or_dash(b.min_timestamp_ms), _or_dash(b.max_timestamp_ms)] if records else []), b.size_bytes,

@@ -282,3 +282,25 @@ def test_a_path_that_is_not_a_partition_exits_1(capsys, partition, where):
     for flags in ((), ("--verify",), ("--json",)):
         code, out, err = inspect(capsys, target, *flags)
         assert code == 1 and out == "" and err.startswith("streamd: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("which", ["last segment", "sealed segment"])
+def test_a_count_failing_its_checksum_does_not_move_the_segment_end(capsys, partition, which):
+    """A flipped high bit in the record_count of a segment's last batch: the next
+    offset (and the log end) come from what verifies, not from that header."""
+    path, written = partition
+    _, doc = json_doc(capsys, path)
+    true_end = doc["log_end_offset"]
+    seg = doc["segments"][-1 if which == "last segment" else 0]
+    log_path = path / seg["file"]
+    data = bytearray(log_path.read_bytes())
+    data[seg["batches"][-1]["position"] + 33] ^= 0x40  # the top byte of record_count
+    log_path.write_bytes(bytes(data))
+    code, doc = json_doc(capsys, path, "--verify")
+    assert code == 1 and doc["log_end_offset"] == true_end
+    index = -1 if which == "last segment" else 0
+    assert doc["segments"][index]["next_offset"] == (true_end if index == -1 else doc["segments"][1]["base_offset"])
+    assert doc["segments"][index]["end_verified"] is False
+    assert not any("not contiguous" in p["message"] for p in doc["problems"])
+    code, out, _ = inspect(capsys, path)
+    assert "the last batch fails its checksum" in out
