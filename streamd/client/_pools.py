@@ -7,17 +7,27 @@ messages received are extended while they wait and run (``Extender``).
 Stopping (``stop()``, the ``stop`` event, ``max_messages``, or a signal: see
 ``_stopping``), in this order:
 
-1. no new receive; one in flight is let finish (at most its half-second long poll):
-   cancelling it could lose records the broker leased for an answer never read, until
-   their leases end;
-2. the messages received but not started are nacked with no delay, in one Settle of
-   ranges, so another worker has them at once (a delivery was counted when they were
-   leased, as SQS and Kafka share groups count it);
+1. no new receive; those in flight are let answer (at most their half-second long
+   poll): cancelling one could lose records the broker leased for an answer never
+   read, until their leases end;
+2. once no receive is in flight, the messages received but not started are nacked
+   with no delay, once, in one Settle of ranges, so another worker has them at once.
+   Waiting for every receive first is what keeps that at one delivery: a record
+   handed back while another worker's receive waits would be leased (and counted)
+   again by this stopping pool. The lease they were received with counts as a
+   delivery, as SQS and Kafka share groups count it; the stop adds none;
 3. the handlers running finish, for up to the grace period, or until a second signal;
    then the pool stops waiting: a thread cannot be cancelled, so its record stays
    leased until the lease ends (it is no longer extended); a task is cancelled and its
    message nacked with no delay;
 4. the acks are flushed, and ``process`` returns how many messages were handled.
+
+An at-most-once group acks a record as it hands it out, so nothing can be handed
+back: the pools receive no more than they can start (one per thread; the free slots
+of the asyncio pool), start what they received even when stopping (within the grace
+period), and log at WARNING, with their offsets, the records no handler finished
+(``_settle.log_unhandled``). Whether a group is at-most-once is asked once
+(``describe``), or learnt from its first records (lease id 0).
 
 A message waiting its turn sits in its worker's deque; both the worker and a pool that
 gives up on it take messages with ``popleft`` (atomic), so each is handled or handed
@@ -133,7 +143,8 @@ class ThreadPool:
         """What becomes of the records of the handlers the pool stops waiting for."""
         running = list(self._running.values())
         if running:
-            return f"their at-most-once records will not come again: {places_text(running)}"
+            return (f"their {len(running)} at-most-once record(s) will not come again if the handlers do not "
+                    f"finish: {places_text(running)}")
         return "their records come again when their leases end"
 
     def _work(self) -> None:

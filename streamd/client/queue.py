@@ -322,11 +322,14 @@ class QueueReceiver(SyncClient):
         called on the main thread) by one of ``stop_signals`` (``()``: leave signals
         alone). Return: ack; exception: nack with the exception as the reason.
 
-        Stopping: no more receives (one in flight answers within half a second), the
-        handlers running finish, for up to ``stop_grace_s`` (a second signal stops
-        waiting; their leases then lapse and the records come again after them), the
-        messages received but not started are nacked with no delay (they go to
-        another worker at once), the acks are flushed. Returns how many messages were
+        Stopping: no more receives (those in flight answer within half a second),
+        then the messages received but not started are nacked with no delay, once
+        (they go to another worker at once, at the cost of the one delivery they were
+        received with), the handlers running finish, for up to ``stop_grace_s`` (a
+        second signal stops waiting; their leases then lapse and the records come
+        again after them), the acks are flushed. An at-most-once group's records
+        (acked when handed out) are received one per worker and all run, within the
+        grace; any not finished is logged at WARNING. Returns how many messages were
         handled."""
         halt = stop or threading.Event()
         self._halt = halt

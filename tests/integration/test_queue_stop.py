@@ -394,3 +394,22 @@ def test_an_at_most_once_record_whose_handler_is_cancelled_is_logged_with_its_of
     offsets = sorted(o for _, o in started)
     assert f"{len(offsets)} at-most-once record(s)" in warnings, warnings
     assert " ".join(f"0@{o}" for o in offsets) in warnings or f"0@{offsets[0]}-{offsets[-1]}" in warnings, warnings
+
+
+def test_an_at_most_once_record_whose_thread_outlives_the_grace_is_logged_with_its_offset(server, caplog):
+    fill_one(server.address, at_most_once=True)
+    release = threading.Event()
+    started: list[tuple[int, int]] = []
+    try:
+        with QueueReceiver("stop", "jobs", server.address, max_wait_ms=200) as r:
+            def handle(msg) -> None:
+                started.append((msg.partition, msg.offset))
+                r.stop()
+                release.wait(60)  # past the grace: the pool stops waiting for it
+
+            assert r.process(handle, workers=1, stop_grace_s=0.2) == 0
+    finally:
+        release.set()
+    lost, warnings = lost_and_logged(server.address, set(), caplog)
+    assert lost == set(started) and len(started) == 1, (sorted(lost), started)
+    assert "1 at-most-once record(s) will not come again" in warnings and f"0@{started[0][1]}" in warnings, warnings
