@@ -23,8 +23,9 @@ Stopping (``stop()``, the ``stop`` event, ``max_messages``, or a signal: see
 4. the acks are flushed, and ``process`` returns how many messages were handled.
 
 An at-most-once group acks a record as it hands it out, so nothing can be handed
-back: the pools receive no more than they can start (one per thread; the free slots
-of the asyncio pool), start what they received even when stopping (within the grace
+back: the pools receive no more than they can soon start (a worker thread what its
+handler ran in a second, or a quarter of the grace period; the asyncio pool its free
+slots), start what they received even when stopping (within the grace
 period), and log at WARNING, with their offsets, the records no handler finished
 (``_settle.log_unhandled``). Whether a group is at-most-once is asked once
 (``describe``), or learnt from its first records (lease id 0).
@@ -57,6 +58,9 @@ log = logging.getLogger("streamd.client.queue")
 STOPPING = "worker stopping"
 #: The longest a worker thread's receive waits for records (so a stop is seen soon).
 RECEIVE_WAIT_MS = 500
+#: At most how long (or a quarter of the stop grace) the at-most-once records a worker
+#: thread holds take its handler: what a stop still has to run.
+AT_MOST_ONCE_HOLD_S = 1.0
 #: How much longer than its long poll a stopping pool waits for a receive in flight.
 GIVE_UP_SLACK_S = 1.0
 #: How long handlers cancelled by a stopping asyncio pool get to unwind.
@@ -74,9 +78,11 @@ class ThreadPool:
         self.limit, self.done = max_messages, 0
         self.auto_extend = auto_extend
         self.extender: Extender | None = None
-        #: The group acks records as it hands them out: receive one per worker at a
-        #: time, and run what was received even when stopping.
+        #: The group acks records as it hands them out: receive no more than a worker
+        #: runs in ``hold_s`` (``_at_most_once_count``), and run what was received even
+        #: when stopping.
         self.at_most_once = False
+        self.hold_s = AT_MOST_ONCE_HOLD_S
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified when a receive ends
         # Under the lock: the deques of messages not started, the receives in flight,
@@ -92,6 +98,7 @@ class ThreadPool:
 
     def run(self, grace_s: float, signals: Sequence[int]) -> int:
         """Handle messages until stopped; how many were handled."""
+        self.hold_s = min(AT_MOST_ONCE_HOLD_S, grace_s / 4)
         try:
             if not self.halt.is_set():
                 self.at_most_once = self.r._at_most_once()
@@ -148,9 +155,10 @@ class ThreadPool:
         return "their records come again when their leases end"
 
     def _work(self) -> None:
+        per_record_s: float | None = None  # at-most-once: this worker's handler time per record
         while True:
             try:
-                waiting = self._receive()
+                waiting = self._receive(self._at_most_once_count(per_record_s) if self.at_most_once else None)
             except StreamdError as err:
                 if self.halt.is_set():
                     break  # cut short by the stop (the channel closing): not a failure
@@ -163,12 +171,25 @@ class ThreadPool:
                 raise
             if waiting is None:
                 break
+            started, count = time.monotonic(), len(waiting)
             self._handle(waiting)
+            if self.at_most_once and count:
+                took = (time.monotonic() - started) / count
+                per_record_s = took if per_record_s is None else (per_record_s + took) / 2
             if not waiting:  # else stopping: the pool hands the rest back
                 with self._lock:
                     self._held.pop(id(waiting), None)
 
-    def _receive(self) -> deque[Message] | None:
+    def _at_most_once_count(self, per_record_s: float | None) -> int:
+        """How many at-most-once records a worker receives: what its handler runs in
+        ``hold_s`` (one until it was timed, then up to ``max_records``), so a stop
+        can run every record received within the grace while a quick handler still
+        gets whole batches (a receive per record would cost far more than the handler)."""
+        if per_record_s is None:
+            return 1
+        return max(1, min(self.r.max_records, int(self.hold_s / max(per_record_s, 1e-6))))
+
+    def _receive(self, count: int | None) -> deque[Message] | None:
         """One receive, its messages held (and watched by the extender) before it
         counts as ended; None once the pool stops. A receive in flight is let answer
         (cancelling it could lose records leased for an answer never read), and what
@@ -178,7 +199,6 @@ class ThreadPool:
             if self.halt.is_set():
                 return None
             self._receiving += 1
-            count = 1 if self.at_most_once else None  # at-most-once: what this worker can start
         messages: list[Message] = []
         try:
             messages = self.r.receive(count, max_wait_ms=min(self.r.max_wait_ms, RECEIVE_WAIT_MS))

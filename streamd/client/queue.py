@@ -328,8 +328,9 @@ class QueueReceiver(SyncClient):
         received with), the handlers running finish, for up to ``stop_grace_s`` (a
         second signal stops waiting; their leases then lapse and the records come
         again after them), the acks are flushed. An at-most-once group's records
-        (acked when handed out) are received one per worker and all run, within the
-        grace; any not finished is logged at WARNING. Returns how many messages were
+        (acked when handed out) are received no faster than the workers run them (about
+        a second's worth each) and all run, within the grace; any not finished is
+        logged at WARNING. Returns how many messages were
         handled."""
         halt = stop or threading.Event()
         self._halt = halt
