@@ -73,3 +73,29 @@ def log_release(group: str, topic: str, count: int, results: list | StreamdError
     refused = sum(r.refused or (1 if r.HasField("error") else 0) for r in results)
     if refused:
         log.info("queue %s/%s: %d record(s) not handed back (leases ended)", group, topic, refused)
+
+
+#: The most offset runs a warning names (the rest are counted).
+NAMED_RUNS = 50
+
+
+def log_unhandled(group: str, topic: str, messages: list[Message], why: str) -> None:
+    """A WARNING naming the at-most-once records (lease id 0) of ``messages`` that no
+    handler finished: the broker acked them when it handed them out, so they will not
+    come again and this line is all that is left of them."""
+    lost = [m for m in messages if not m.lease_id]
+    if lost:
+        log.warning("queue %s/%s: %d at-most-once record(s) %s; they will not come again: %s", group, topic,
+                    len(lost), why, places_text(lost))
+
+
+def places_text(messages: list[Message]) -> str:
+    """``partition@first-last`` runs of consecutive offsets, e.g. ``0@5-9, 1@3``."""
+    runs: list[list[int]] = []
+    for p, o in sorted({(m.partition, m.offset) for m in messages}):
+        if runs and runs[-1][0] == p and runs[-1][2] == o - 1:
+            runs[-1][2] = o
+        else:
+            runs.append([p, o, o])
+    text = ", ".join(f"{p}@{a}" if a == b else f"{p}@{a}-{b}" for p, a, b in runs[:NAMED_RUNS])
+    return text if len(runs) <= NAMED_RUNS else f"{text} and {len(runs) - NAMED_RUNS} more run(s)"

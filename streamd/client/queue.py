@@ -170,7 +170,7 @@ class QueueReceiver(SyncClient):
         self._flushed = threading.Condition(self._lock)
         self._closed = False
         self._send_lock = threading.Lock()
-        self._group_lease_s: float | None = None
+        self._group_config: pb.QueueGroupConfig | None = None  # asked once, when first needed
         self._halt: threading.Event | None = None  # the stop event of the process() running
         self._stop_requested = False
         self._flusher = threading.Thread(target=self._flush_loop, name="streamd-acks", daemon=True)
@@ -213,9 +213,22 @@ class QueueReceiver(SyncClient):
     def _lease_s(self) -> float:
         if self.lease_ms is not None:
             return self.lease_ms / 1000
-        if self._group_lease_s is None:
-            self._group_lease_s = self.describe().config.lease_ms / 1000
-        return self._group_lease_s
+        return self._config().lease_ms / 1000
+
+    def _config(self) -> pb.QueueGroupConfig:
+        if self._group_config is None:
+            self._group_config = self.describe().config
+        return self._group_config
+
+    def _at_most_once(self) -> bool:
+        """Whether the group acks its records as it hands them out (a pool then
+        receives no more than it can start). False when it cannot be asked: the pool
+        then learns it from the first records it receives."""
+        try:
+            return self._config().at_most_once
+        except StreamdError as err:
+            log.debug("queue %s/%s: group not described: %s", self.group, self.topic, err)
+            return False
 
     def __iter__(self) -> Iterator[Message]:
         while not self._closed:
@@ -309,11 +322,15 @@ class QueueReceiver(SyncClient):
         called on the main thread) by one of ``stop_signals`` (``()``: leave signals
         alone). Return: ack; exception: nack with the exception as the reason.
 
-        Stopping: no more receives (one in flight answers within half a second), the
-        handlers running finish, for up to ``stop_grace_s`` (a second signal stops
-        waiting; their leases then lapse and the records come again after them), the
-        messages received but not started are nacked with no delay (they go to
-        another worker at once), the acks are flushed. Returns how many messages were
+        Stopping: no more receives (those in flight answer within half a second),
+        then the messages received but not started are nacked with no delay, once
+        (they go to another worker at once, at the cost of the one delivery they were
+        received with), the handlers running finish, for up to ``stop_grace_s`` (a
+        second signal stops waiting; their leases then lapse and the records come
+        again after them), the acks are flushed. An at-most-once group's records
+        (acked when handed out) are received no faster than the workers run them (about
+        a second's worth each) and all run, within the grace; any not finished is
+        logged at WARNING. Returns how many messages were
         handled."""
         halt = stop or threading.Event()
         self._halt = halt
@@ -369,7 +386,7 @@ class AsyncQueueReceiver:
         self.group, self.topic = group, topic
         self.max_records, self.max_wait_ms, self.lease_ms = max_records, max_wait_ms, lease_ms
         self._pending: list[tuple[int, int, int]] = []  # acks: (partition, offset, lease_id)
-        self._group_lease_s: float | None = None
+        self._group_config: pb.QueueGroupConfig | None = None  # asked once, when first needed
         self._pool: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None  # process() running
         self._stop_requested = False
 
@@ -403,11 +420,22 @@ class AsyncQueueReceiver:
     async def _lease_s(self) -> float:
         if self.lease_ms is not None:
             return self.lease_ms / 1000
-        if self._group_lease_s is None:
+        return (await self._config()).lease_ms / 1000
+
+    async def _config(self) -> pb.QueueGroupConfig:
+        if self._group_config is None:
             request = pb.DescribeQueueGroupRequest(group=self.group, topic=self.topic)
             reply = await self._calls.acall(self._queues.DescribeQueueGroup, request)
-            self._group_lease_s = reply.group.config.lease_ms / 1000
-        return self._group_lease_s
+            self._group_config = reply.group.config
+        return self._group_config
+
+    async def _at_most_once(self) -> bool:
+        """As ``QueueReceiver._at_most_once``."""
+        try:
+            return (await self._config()).at_most_once
+        except StreamdError as err:
+            log.debug("queue %s/%s: group not described: %s", self.group, self.topic, err)
+            return False
 
     def ack(self, msg: Message) -> None:
         if msg.lease_id:

@@ -38,9 +38,10 @@ def fill(address: str, n: int = TOTAL) -> None:
 class Worker:
     """tests/integration/stopping_worker.py as a child process, its output read as it comes."""
 
-    def __init__(self, address: str, flavour: str, go: Path) -> None:
+    def __init__(self, address: str, flavour: str, go: Path, quick: int = QUICK, *more: int) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.integration.stopping_worker", address, flavour, str(go), str(QUICK)],
+            [sys.executable, "-m", "tests.integration.stopping_worker", address, flavour, str(go), str(quick),
+             *map(str, more)],
             cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True,
         )
@@ -258,3 +259,157 @@ def test_stop_from_another_thread_stops_the_asyncio_pool(server):
         parts = r.describe().partitions
         assert sum(p.acked for p in parts) == count
         assert sum(p.in_flight for p in parts) == 0
+
+
+# -- what a stop costs the records no handler saw ---------------------------------------
+# One partition nearly drained by one receive: the first worker's receive takes every
+# record while the other workers' receives wait on the broker, so a record handed back
+# while they wait would be leased again (and counted again) by a pool that is stopping.
+FEW = 50
+WORKERS = 4
+
+
+def fill_one(address: str, **config) -> None:
+    with Admin(address) as admin, Producer(address) as producer:
+        admin.create_topic("jobs", 1)
+        for i in range(FEW):
+            producer.send("jobs", b"job-%d" % i, partition=0)
+        producer.flush()
+    with QueueReceiver("stop", "jobs", address) as r:
+        r.create(lease_ms=60_000, **config)
+
+
+def assert_handed_back_once(address: str, handled: set[tuple[int, int]]) -> None:
+    """Every record not handled comes again at once, with one delivery of the
+    stopped run at most (so 2 now): none was dead-lettered at max_deliveries=2."""
+    with QueueReceiver("stop", "jobs", address) as r:
+        parts = r.describe().partitions
+        assert sum(p.acked for p in parts) == len(handled)
+        assert sum(p.dead_lettered for p in parts) == 0
+        assert sum(p.in_flight for p in parts) == 0
+        rest = receive_all(r, FEW - len(handled))
+        assert sorted(places(rest)) == sorted(all_places(address) - handled)
+        assert max(m.delivery_count for m in rest) <= 2, sorted(m.delivery_count for m in rest)
+
+
+def run_sync(address: str, how: str) -> set[tuple[int, int]]:
+    handled: set[tuple[int, int]] = set()
+    with QueueReceiver("stop", "jobs", address, max_wait_ms=200) as r:
+        def handle(msg) -> None:
+            handled.add((msg.partition, msg.offset))
+            if how == "handler":
+                r.stop()
+            elif how == "thread" and len(handled) == 3:
+                threading.Thread(target=r.stop).start()
+
+        count = r.process(handle, workers=WORKERS, max_messages=5 if how == "max_messages" else None)
+    assert count == len(handled) >= 1
+    return handled
+
+
+def run_async(address: str, how: str) -> set[tuple[int, int]]:
+    handled: set[tuple[int, int]] = set()
+
+    async def scenario() -> int:
+        async with AsyncQueueReceiver("stop", "jobs", address, max_wait_ms=200) as r:
+            async def handle(msg) -> None:
+                handled.add((msg.partition, msg.offset))
+                if how == "handler":
+                    r.stop()
+                elif how == "thread" and len(handled) == 3:
+                    threading.Thread(target=r.stop).start()
+
+            return await r.process(handle, concurrency=WORKERS, max_messages=5 if how == "max_messages" else None)
+
+    assert asyncio.run(scenario()) == len(handled) >= 1
+    return handled
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+@pytest.mark.parametrize("how", ["max_messages", "handler", "thread"])
+def test_a_stop_costs_a_record_no_handler_saw_at_most_one_delivery(server, flavour, how):
+    fill_one(server.address, max_deliveries=2)
+    handled = (run_sync if flavour == "sync" else run_async)(server.address, how)
+    assert_handed_back_once(server.address, handled)
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_signal_costs_a_record_no_handler_saw_at_most_one_delivery(server, tmp_path, flavour):
+    fill_one(server.address, max_deliveries=2)
+    # Every handler quick (20 ms each); one receive takes the whole partition.
+    worker = Worker(server.address, flavour, tmp_path / "never", FEW, WORKERS, 100, 20)
+    try:
+        assert wait_until(lambda: len(worker.places("done")) >= 3, timeout=60), (worker.events, worker.stderr())
+        worker.proc.send_signal(signal.SIGINT)
+        rc = worker.wait()
+    finally:
+        worker.kill()
+    assert_clean_exit(worker, rc)
+    done = set(worker.places("done"))
+    assert len(done) < FEW, "stopped after the queue drained: nothing to check"
+    assert_handed_back_once(server.address, done)
+
+
+# -- at-most-once groups: a record received is already acked --------------------------
+def lost_and_logged(address: str, handled: set, caplog) -> tuple[set, str]:
+    """The records gone from the queue that no handler ran, and the pool's warnings."""
+    rest: set = set()
+    with QueueReceiver("stop", "jobs", address) as r:
+        for _ in range(FEW):  # acked as they are handed out; none left at the first empty answer
+            got = r.receive(FEW, max_wait_ms=200)
+            if not got:
+                break
+            rest |= set(places(got))
+    warnings = "\n".join(rec.getMessage() for rec in caplog.records
+                         if rec.levelname == "WARNING" and rec.name == "streamd.client.queue")
+    return all_places(address) - handled - rest, warnings
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+@pytest.mark.parametrize("how", ["max_messages", "handler", "thread"])
+def test_a_stopped_at_most_once_pool_runs_every_record_it_received(server, caplog, flavour, how):
+    fill_one(server.address, at_most_once=True)
+    handled = (run_sync if flavour == "sync" else run_async)(server.address, how)
+    lost, warnings = lost_and_logged(server.address, handled, caplog)
+    assert not lost, (sorted(lost), warnings)
+
+
+def test_an_at_most_once_record_whose_handler_is_cancelled_is_logged_with_its_offset(server, caplog):
+    fill_one(server.address, at_most_once=True)
+    handled: set[tuple[int, int]] = set()
+    started: list[tuple[int, int]] = []
+
+    async def scenario() -> int:
+        async with AsyncQueueReceiver("stop", "jobs", server.address, max_wait_ms=200) as r:
+            async def handle(msg) -> None:
+                started.append((msg.partition, msg.offset))
+                r.stop()
+                await asyncio.Event().wait()  # never returns: cancelled when the grace ends
+
+            return await r.process(handle, concurrency=2, stop_grace_s=0.2)
+
+    assert asyncio.run(scenario()) == 0
+    lost, warnings = lost_and_logged(server.address, handled, caplog)
+    assert lost == set(started) and lost, (sorted(lost), started)
+    offsets = sorted(o for _, o in started)
+    assert f"{len(offsets)} at-most-once record(s)" in warnings, warnings
+    assert " ".join(f"0@{o}" for o in offsets) in warnings or f"0@{offsets[0]}-{offsets[-1]}" in warnings, warnings
+
+
+def test_an_at_most_once_record_whose_thread_outlives_the_grace_is_logged_with_its_offset(server, caplog):
+    fill_one(server.address, at_most_once=True)
+    release = threading.Event()
+    started: list[tuple[int, int]] = []
+    try:
+        with QueueReceiver("stop", "jobs", server.address, max_wait_ms=200) as r:
+            def handle(msg) -> None:
+                started.append((msg.partition, msg.offset))
+                r.stop()
+                release.wait(60)  # past the grace: the pool stops waiting for it
+
+            assert r.process(handle, workers=1, stop_grace_s=0.2) == 0
+    finally:
+        release.set()
+    lost, warnings = lost_and_logged(server.address, set(), caplog)
+    assert lost == set(started) and len(started) == 1, (sorted(lost), started)
+    assert "1 at-most-once record(s) will not come again" in warnings and f"0@{started[0][1]}" in warnings, warnings
