@@ -159,9 +159,10 @@ class _PartitionQueue:
 
 
 class _Stream:
-    """One ProduceStream call and the batches written to it, by request id."""
+    """One ProduceStream call and the batches written to it, by request id.
+    ``writing``: the bound of the write in progress, if any (``Sender._write``)."""
 
-    __slots__ = ("call", "reader", "waiting", "broken", "watchdog")
+    __slots__ = ("call", "reader", "waiting", "broken", "watchdog", "writing")
 
     def __init__(self, call) -> None:
         self.call = call
@@ -169,6 +170,7 @@ class _Stream:
         self.waiting: dict[int, _Batch] = {}
         self.broken = False
         self.watchdog: asyncio.TimerHandle | None = None
+        self.writing: asyncio.Timeout | None = None
 
 
 class Sender:
@@ -442,8 +444,22 @@ class Sender:
         message = pb.ProduceStreamRequest(request_id=request_id)
         message.request.topic = queue.topic
         message.request.partitions.add(partition=queue.partition).batches.append(item.batch)
+        # Bounded: a write waits for HTTP/2 flow control, which a stopped broker never
+        # opens, and grpc.aio does not always end a pending write when its call is
+        # cancelled. Unbounded, it would hold the write lock (and so every later
+        # batch, flush() and close()) for ever. It ends at the request timeout, or at
+        # once when the stream fails meanwhile (``_stream_failed``).
         try:
-            await stream.call.write(message)
+            try:
+                async with asyncio.timeout_at(item.written_at + self.request_timeout_s) as stream.writing:
+                    await stream.call.write(message)
+            finally:
+                stream.writing = None  # before the handlers below fail the stream
+        except TimeoutError:
+            self._stream_failed(stream, StreamdError(
+                "DEADLINE_EXCEEDED", "TIMED_OUT",
+                f"a write to {self._calls.server} did not complete within request_timeout_ms="
+                f"{self.request_timeout_s * 1000:g}"))
         except grpc.RpcError as err:
             self._stream_failed(stream, err)
         except asyncio.InvalidStateError:  # the call ended before its reader noticed
@@ -604,6 +620,8 @@ class Sender:
     def _stream_failed(self, stream: _Stream, err: BaseException, *, remember: bool = True) -> None:
         """The stream is unusable: its unanswered batches are retried (idempotent) or
         failed (at most once). ``remember``: the error is the one to report later."""
+        if stream.writing is not None and not stream.writing.expired():
+            stream.writing.reschedule(-1.0)  # end the write in progress now (see _write)
         if stream is not self._stream:  # given up on already: nothing of ours is on it
             stream.waiting.clear()
             return
