@@ -104,9 +104,10 @@ _REFUSED_CODES = {
                  "RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "UNAUTHENTICATED")
 }
 #: A whole stream ending with one of these will not do better on a new one; its
-#: unanswered requests were not processed (the broker answers what it appended).
-_FATAL_STREAM_CODES = {"INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "FAILED_PRECONDITION", "OUT_OF_RANGE",
-                       "PERMISSION_DENIED", "UNAUTHENTICATED", "UNIMPLEMENTED", "RESOURCE_EXHAUSTED"}
+#: unanswered requests were not processed (the broker answers what it appended). The
+#: same codes are not retried for InitProducer nor for a topic lookup (producer.py).
+FATAL_CODES = {"INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "FAILED_PRECONDITION", "OUT_OF_RANGE",
+               "PERMISSION_DENIED", "UNAUTHENTICATED", "UNIMPLEMENTED", "RESOURCE_EXHAUSTED"}
 
 log = logging.getLogger("streamd.client")
 
@@ -359,11 +360,11 @@ class Sender:
                                                 wait_for_ready=True)
                 return reply.producer_id
             except StreamdError as exc:
-                if exc.code in _FATAL_STREAM_CODES:
+                if exc.code in FATAL_CODES:
                     raise
                 self._last_error = exc
             attempt += 1
-            await asyncio.sleep(min(self._backoff_s(attempt), max(deadline - self._loop.time(), 0.0)))
+            await asyncio.sleep(min(self.backoff_s(attempt), max(deadline - self._loop.time(), 0.0)))
 
     def _renew(self, queue: _PartitionQueue) -> None:
         """Give ``queue`` a new producer id (in the background) and number its pending
@@ -387,7 +388,7 @@ class Sender:
                     self._last_error = exc
                     if not queue.pending:  # expired meanwhile: the next batch asks again
                         return
-                    await asyncio.sleep(self._backoff_s(1))  # refused (say, PERMISSION_DENIED): retry
+                    await asyncio.sleep(self.backoff_s(1))  # refused (say, PERMISSION_DENIED): retry
         finally:
             queue.renewing = False
         self._producer_id = queue.producer_id = producer_id
@@ -635,7 +636,7 @@ class Sender:
         exc = StreamdError.from_rpc_error(err) if isinstance(err, grpc.RpcError) else err
         if remember:
             self._last_error = exc
-        fatal = getattr(exc, "code", "") in _FATAL_STREAM_CODES
+        fatal = getattr(exc, "code", "") in FATAL_CODES
         for queue in self._queues.values():
             if not queue.written:
                 continue
@@ -678,7 +679,7 @@ class Sender:
                     return
                 if backoff:
                     self._attempt += 1
-                    await asyncio.sleep(self._backoff_s(self._attempt))
+                    await asyncio.sleep(self.backoff_s(self._attempt))
                 backoff = True
                 try:
                     await asyncio.wait_for(self._channel.channel_ready(), self.request_timeout_s)
@@ -692,7 +693,7 @@ class Sender:
             # The stream failed again while this task wrote: _stream_failed saw it
             # running and left the next round to it.
 
-    def _backoff_s(self, attempt: int) -> float:
+    def backoff_s(self, attempt: int) -> float:
         """Exponential, capped, with +-20% jitter (Kafka's retry.backoff.max.ms)."""
         delay = min(self.retry_backoff_ms * 2 ** min(attempt - 1, 30), self.retry_backoff_max_ms)
         return delay * self._random.uniform(0.8, 1.2) / 1000
