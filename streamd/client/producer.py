@@ -29,7 +29,7 @@ failed lookup is not kept: the next send looks again.
 
 Every future resolves within ``delivery_timeout_ms``, whatever the broker does, and
 every write to the stream is bounded (``_sender``); ``flush()`` and ``close()``
-return within ``delivery_timeout_ms + request_timeout_ms`` (close: plus a second to
+return within ``delivery_timeout_ms + request_timeout_ms`` (close: plus up to 3 s to
 end the stream).
 
 ``send(..., idempotency_key=...)``: on topics with a dedup window, a record whose key
