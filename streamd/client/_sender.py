@@ -104,9 +104,10 @@ _REFUSED_CODES = {
                  "RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "UNAUTHENTICATED")
 }
 #: A whole stream ending with one of these will not do better on a new one; its
-#: unanswered requests were not processed (the broker answers what it appended).
-_FATAL_STREAM_CODES = {"INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "FAILED_PRECONDITION", "OUT_OF_RANGE",
-                       "PERMISSION_DENIED", "UNAUTHENTICATED", "UNIMPLEMENTED", "RESOURCE_EXHAUSTED"}
+#: unanswered requests were not processed (the broker answers what it appended). The
+#: same codes are not retried for InitProducer nor for a topic lookup (producer.py).
+FATAL_CODES = {"INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "FAILED_PRECONDITION", "OUT_OF_RANGE",
+               "PERMISSION_DENIED", "UNAUTHENTICATED", "UNIMPLEMENTED", "RESOURCE_EXHAUSTED"}
 
 log = logging.getLogger("streamd.client")
 
@@ -159,9 +160,10 @@ class _PartitionQueue:
 
 
 class _Stream:
-    """One ProduceStream call and the batches written to it, by request id."""
+    """One ProduceStream call and the batches written to it, by request id.
+    ``writing``: the bound of the write in progress, if any (``Sender._write``)."""
 
-    __slots__ = ("call", "reader", "waiting", "broken", "watchdog")
+    __slots__ = ("call", "reader", "waiting", "broken", "watchdog", "writing")
 
     def __init__(self, call) -> None:
         self.call = call
@@ -169,6 +171,7 @@ class _Stream:
         self.waiting: dict[int, _Batch] = {}
         self.broken = False
         self.watchdog: asyncio.TimerHandle | None = None
+        self.writing: asyncio.Timeout | None = None
 
 
 class Sender:
@@ -357,11 +360,11 @@ class Sender:
                                                 wait_for_ready=True)
                 return reply.producer_id
             except StreamdError as exc:
-                if exc.code in _FATAL_STREAM_CODES:
+                if exc.code in FATAL_CODES:
                     raise
                 self._last_error = exc
             attempt += 1
-            await asyncio.sleep(min(self._backoff_s(attempt), max(deadline - self._loop.time(), 0.0)))
+            await asyncio.sleep(min(self.backoff_s(attempt), max(deadline - self._loop.time(), 0.0)))
 
     def _renew(self, queue: _PartitionQueue) -> None:
         """Give ``queue`` a new producer id (in the background) and number its pending
@@ -385,7 +388,7 @@ class Sender:
                     self._last_error = exc
                     if not queue.pending:  # expired meanwhile: the next batch asks again
                         return
-                    await asyncio.sleep(self._backoff_s(1))  # refused (say, PERMISSION_DENIED): retry
+                    await asyncio.sleep(self.backoff_s(1))  # refused (say, PERMISSION_DENIED): retry
         finally:
             queue.renewing = False
         self._producer_id = queue.producer_id = producer_id
@@ -442,8 +445,22 @@ class Sender:
         message = pb.ProduceStreamRequest(request_id=request_id)
         message.request.topic = queue.topic
         message.request.partitions.add(partition=queue.partition).batches.append(item.batch)
+        # Bounded: a write waits for HTTP/2 flow control, which a stopped broker never
+        # opens, and grpc.aio does not always end a pending write when its call is
+        # cancelled. Unbounded, it would hold the write lock (and so every later
+        # batch, flush() and close()) for ever. It ends at the request timeout, or at
+        # once when the stream fails meanwhile (``_stream_failed``).
         try:
-            await stream.call.write(message)
+            try:
+                async with asyncio.timeout_at(item.written_at + self.request_timeout_s) as stream.writing:
+                    await stream.call.write(message)
+            finally:
+                stream.writing = None  # before the handlers below fail the stream
+        except TimeoutError:
+            self._stream_failed(stream, StreamdError(
+                "DEADLINE_EXCEEDED", "TIMED_OUT",
+                f"a write to {self._calls.server} did not complete within request_timeout_ms="
+                f"{self.request_timeout_s * 1000:g}"))
         except grpc.RpcError as err:
             self._stream_failed(stream, err)
         except asyncio.InvalidStateError:  # the call ended before its reader noticed
@@ -604,6 +621,8 @@ class Sender:
     def _stream_failed(self, stream: _Stream, err: BaseException, *, remember: bool = True) -> None:
         """The stream is unusable: its unanswered batches are retried (idempotent) or
         failed (at most once). ``remember``: the error is the one to report later."""
+        if stream.writing is not None and not stream.writing.expired():
+            stream.writing.reschedule(-1.0)  # end the write in progress now (see _write)
         if stream is not self._stream:  # given up on already: nothing of ours is on it
             stream.waiting.clear()
             return
@@ -617,7 +636,7 @@ class Sender:
         exc = StreamdError.from_rpc_error(err) if isinstance(err, grpc.RpcError) else err
         if remember:
             self._last_error = exc
-        fatal = getattr(exc, "code", "") in _FATAL_STREAM_CODES
+        fatal = getattr(exc, "code", "") in FATAL_CODES
         for queue in self._queues.values():
             if not queue.written:
                 continue
@@ -660,7 +679,7 @@ class Sender:
                     return
                 if backoff:
                     self._attempt += 1
-                    await asyncio.sleep(self._backoff_s(self._attempt))
+                    await asyncio.sleep(self.backoff_s(self._attempt))
                 backoff = True
                 try:
                     await asyncio.wait_for(self._channel.channel_ready(), self.request_timeout_s)
@@ -674,7 +693,7 @@ class Sender:
             # The stream failed again while this task wrote: _stream_failed saw it
             # running and left the next round to it.
 
-    def _backoff_s(self, attempt: int) -> float:
+    def backoff_s(self, attempt: int) -> float:
         """Exponential, capped, with +-20% jitter (Kafka's retry.backoff.max.ms)."""
         delay = min(self.retry_backoff_ms * 2 ** min(attempt - 1, 30), self.retry_backoff_max_ms)
         return delay * self._random.uniform(0.8, 1.2) / 1000

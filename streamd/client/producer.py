@@ -19,9 +19,18 @@ time runs out fails with ``OutcomeUnknown`` if it may have been stored, else wit
 retries and errors. With ``idempotent=False`` a record is written at most once
 (never retried).
 
-Every future resolves within ``delivery_timeout_ms`` (plus the request timeout of
-a first topic lookup), whatever the broker does; ``flush()`` and ``close()`` return
-once they have.
+The first send to a topic without a ``partition`` looks the topic's partition count
+up (``DescribeTopic``, once per topic, shared by the sends waiting for it, kept once
+known). The lookup is retried like a produce (backoff, each attempt bounded by
+``request_timeout_ms``) within each waiting record's delivery deadline: a record whose
+deadline passes first fails with ``DEADLINE_EXCEEDED``/``DELIVERY_TIMEOUT`` (not
+stored); NOT_FOUND, PERMISSION_DENIED and the other ``FATAL_CODES`` fail at once. A
+failed lookup is not kept: the next send looks again.
+
+Every future resolves within ``delivery_timeout_ms``, whatever the broker does, and
+every write to the stream is bounded (``_sender``); ``flush()`` and ``close()``
+return within ``delivery_timeout_ms + request_timeout_ms`` (close: plus up to 3 s to
+end the stream).
 
 ``send(..., idempotency_key=...)``: on topics with a dedup window, a record whose key
 the partition already saw within the window is not appended again, and its future
@@ -48,6 +57,7 @@ from ._sender import (
     DEFAULT_REQUEST_TIMEOUT_MS,
     DEFAULT_RETRY_BACKOFF_MAX_MS,
     DEFAULT_RETRY_BACKOFF_MS,
+    FATAL_CODES,
     Sender,
 )
 from .errors import StreamdError
@@ -74,6 +84,18 @@ class _Accumulator:
         self.size = 0
         self.timer: asyncio.TimerHandle | None = None
         self.deadline = 0.0  # delivery deadline of the first record (loop time)
+
+
+class _Lookup:
+    """One topic's partition-count lookup in progress, shared by the calls waiting
+    for it (``waiters``); ``last_error``: its last failed attempt."""
+
+    __slots__ = ("task", "waiters", "last_error")
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[int] | None = None
+        self.waiters = 0
+        self.last_error: StreamdError | None = None
 
 
 class AsyncProducer:
@@ -114,7 +136,8 @@ class AsyncProducer:
         self.compression = compression
         self._order = asyncio.Lock()
         self._acc: dict[tuple[str, int], _Accumulator] = {}
-        self._partition_counts: dict[str, asyncio.Future[int]] = {}
+        self._partition_counts: dict[str, int] = {}  # known: kept
+        self._lookups: dict[str, _Lookup] = {}  # in progress
         self._sticky: dict[str, int] = {}
         self._shipping: set[asyncio.Future] = set()  # linger-expired batches being sealed
         self._closed = False
@@ -150,19 +173,20 @@ class AsyncProducer:
         """
         if self._closed:
             raise RuntimeError("producer is closed")
+        deadline = self._sender.deadline()  # from now: a topic lookup counts against it
         # Records enter their batches in call order. The first sends to a topic wait
         # for its partition count; a later send must not overtake them when it starts
         # just after the lookup ends, hence the FIFO lock (free when uncontended).
         async with self._order:
             if partition is None:
-                partition = await self._choose_partition(topic, key)
+                partition = await self._choose_partition(topic, key, deadline)
             acc = self._acc.get((topic, partition))
             if acc is None:
                 acc = self._acc[(topic, partition)] = _Accumulator(topic, partition)
             add_record(acc.record_set, value, key, headers, timestamp_ms, idempotency_key)
             future = asyncio.get_running_loop().create_future()
             if not acc.futures:
-                acc.deadline = self._sender.deadline()
+                acc.deadline = deadline
             acc.futures.append(future)
             acc.size += len(value) + (len(key) if key else 0) + _RECORD_OVERHEAD
             if idempotency_key:
@@ -193,7 +217,7 @@ class AsyncProducer:
         deadline = self._sender.deadline()
         async with self._order:
             if partition is None:
-                partition = await self._choose_partition(topic, key)
+                partition = await self._choose_partition(topic, key, deadline)
             acc = self._acc.get((topic, partition))
             if acc is not None and acc.futures:
                 await self._ship(acc)  # records sent earlier go first
@@ -230,31 +254,94 @@ class AsyncProducer:
             await self.flush()
         finally:
             self._closed = True
+            for lookup in list(self._lookups.values()):
+                if lookup.task is not None:
+                    lookup.task.cancel()  # its waiters fail with PRODUCER_CLOSED
             await self._sender.close()
             if self._own_channel:
                 await self._channel.close()
 
     async def partition_count(self, topic: str) -> int:
-        # One lookup per topic, shared: concurrent first sends resume in the order
-        # they arrived (a future wakes its waiters FIFO), so record order is kept.
-        lookup = self._partition_counts.get(topic)
-        if lookup is None:
-            lookup = self._partition_counts[topic] = asyncio.ensure_future(self._describe(topic))
-        try:
-            return await asyncio.shield(lookup)
-        except StreamdError:
-            self._partition_counts.pop(topic, None)
-            raise
+        """The topic's partition count (looked up once, then kept). Waits at most
+        ``request_timeout_ms`` (retrying meanwhile), then fails with
+        ``DEADLINE_EXCEEDED``/``TIMED_OUT``."""
+        count = self._partition_counts.get(topic)
+        if count is not None:
+            return count
+        timeout_s = self._calls.timeout_s
+        return await self._wait_lookup(topic, asyncio.get_running_loop().time() + timeout_s, lambda last: StreamdError(
+            "DEADLINE_EXCEEDED", "TIMED_OUT",
+            f"no answer to DescribeTopic from {self._calls.server} within {timeout_s:g} s{_last(last)}"))
 
-    async def _describe(self, topic: str) -> int:
-        # wait_for_ready: a broker restarting is waited for (within the request timeout).
-        reply = await self._calls.acall(self._topics.DescribeTopic, pb.DescribeTopicRequest(topic=topic),
-                                        wait_for_ready=True)
-        return reply.topic.partition_count
+    async def _count_for(self, topic: str, deadline: float) -> int:
+        """The partition count a record sent with delivery ``deadline`` needs."""
+        count = self._partition_counts.get(topic)
+        if count is not None:
+            return count
+        return await self._wait_lookup(topic, deadline, lambda last: StreamdError(
+            "DEADLINE_EXCEEDED", "DELIVERY_TIMEOUT",
+            f"record(s) for {topic} not stored: its partition count was not known within delivery_timeout_ms="
+            f"{self._sender.delivery_timeout_s * 1000:g}{_last(last)}"))
+
+    async def _wait_lookup(self, topic: str, deadline: float, timed_out) -> int:
+        """Wait for the topic's shared lookup until ``deadline`` (loop time), then
+        raise ``timed_out(last error)``; the lookup goes on for the other waiters and
+        is given up when none is left. Concurrent waiters resume in the order they
+        came (a future wakes its waiters FIFO), so record order is kept."""
+        lookup = self._lookups.get(topic)
+        if lookup is None:
+            lookup = self._lookups[topic] = _Lookup()
+            lookup.task = asyncio.ensure_future(self._look_up(topic, lookup))
+        task = lookup.task
+        assert task is not None
+        lookup.waiters += 1
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await asyncio.shield(task)
+        except TimeoutError:
+            raise timed_out(lookup.last_error) from None
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and not (current is not None and current.cancelling()):
+                raise StreamdError("CANCELLED", "PRODUCER_CLOSED",
+                                   f"the producer was closed before the partition count of {topic} was known") from None
+            raise
+        finally:
+            lookup.waiters -= 1
+            if not lookup.waiters and not task.done():
+                # Nobody waits for it: give it up now (not when the task gets to
+                # it), so that the next send starts a lookup of its own.
+                task.cancel()
+                if self._lookups.get(topic) is lookup:
+                    del self._lookups[topic]
+
+    async def _look_up(self, topic: str, lookup: _Lookup) -> int:
+        """DescribeTopic until it answers or fails for good (FATAL_CODES); each attempt
+        bounded by the request timeout, backoff between them. Keeps the count; a
+        failure is not kept (the lookup leaves ``_lookups`` either way)."""
+        try:
+            attempt = 0
+            while True:
+                try:
+                    # wait_for_ready: a broker restarting is waited for (within the attempt).
+                    reply = await self._calls.acall(self._topics.DescribeTopic, pb.DescribeTopicRequest(topic=topic),
+                                                    wait_for_ready=True)
+                except StreamdError as exc:
+                    if exc.code in FATAL_CODES:
+                        raise
+                    lookup.last_error = exc
+                else:
+                    count = self._partition_counts[topic] = reply.topic.partition_count
+                    return count
+                attempt += 1
+                await asyncio.sleep(self._sender.backoff_s(attempt))
+        finally:
+            if self._lookups.get(topic) is lookup:
+                del self._lookups[topic]
 
     # -- batching ------------------------------------------------------------
-    async def _choose_partition(self, topic: str, key: bytes | None) -> int:
-        count = await self.partition_count(topic)
+    async def _choose_partition(self, topic: str, key: bytes | None, deadline: float) -> int:
+        count = await self._count_for(topic, deadline)
         if key is not None:
             return key_partition(key, count)
         # Sticky round-robin: keyless records fill one partition's batch at a time.
@@ -279,6 +366,10 @@ class AsyncProducer:
             self._sticky[acc.topic] += 1
         batch = encode_batch(record_set, self.compression)
         await self._sender.enqueue(acc.topic, acc.partition, batch, futures, False, len(futures), acc.deadline)
+
+def _last(error: StreamdError | None) -> str:
+    return "" if error is None else f" (last error: {error})"
+
 
 class Producer:
     """A blocking producer: an AsyncProducer on a private event-loop thread.

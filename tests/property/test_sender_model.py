@@ -17,7 +17,13 @@ fault drawn by hypothesis:
   without / after appending;
 - and ``InitProducer`` calls answer UNAVAILABLE now and then.
 
-What must hold for every record sent:
+And on the producer's side, ``stuck`` writes (by write number) never complete and
+never leave, even once their stream is cancelled: grpc.aio leaves a write pending on
+a full HTTP/2 flow-control window (a stopped broker) and does not always end it when
+the call is cancelled. The producer must give such a write up, and ``flush()`` must
+still return (every run is bounded by ``RUN_BOUND_S``).
+
+What must hold for every record sent (and ``flush()`` returns):
 
 - acknowledged: stored exactly once, at the offset its metadata says;
 - failed with a refusal (ProduceError) or DELIVERY_TIMEOUT: not stored;
@@ -33,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import threading
 
 import grpc
 from hypothesis import HealthCheck, given, settings
@@ -44,6 +51,9 @@ from streamd.v1 import streamd_pb2 as pb
 from streamd.v1 import streamd_pb2_grpc as rpc
 
 REMEMBERED = 5
+#: A run whose flush() has not returned by then is wedged (a healthy one takes well
+#: under a second, or the pauses of a paused plan).
+RUN_BOUND_S = 20
 FAULTS = ["refuse", "refuse_early", "internal_before", "internal_after", "drop_before", "drop_after",
           "hang_before", "hang_after"]
 _CODE = {name: code.value[0] for name, code in grpc.StatusCode.__members__.items()}
@@ -128,6 +138,39 @@ class FakeBroker(rpc.LogServiceServicer):
             yield answer
 
 
+class StuckWrites:
+    """The producer's LogService stub, with the ProduceStream writes numbered in
+    ``stuck`` (counted over all streams) never completing and never sent."""
+
+    def __init__(self, stub, stuck: set[int]) -> None:
+        self.stub = stub
+        self.stuck = stuck
+        self.writes = itertools.count()
+
+    def __getattr__(self, name: str):
+        return getattr(self.stub, name)
+
+    def ProduceStream(self):
+        return _StuckCall(self.stub.ProduceStream(), self)
+
+
+class _StuckCall:
+    def __init__(self, call, owner: StuckWrites) -> None:
+        self.call = call
+        self.owner = owner
+
+    def __getattr__(self, name: str):
+        return getattr(self.call, name)
+
+    def __aiter__(self):
+        return self.call.__aiter__()
+
+    async def write(self, message) -> None:
+        if next(self.owner.writes) in self.owner.stuck:
+            await asyncio.Event().wait()  # only a cancellation of the writing task ends this
+        await self.call.write(message)
+
+
 def _error(code: str, reason: str) -> pb.ProduceStreamResponse:
     return pb.ProduceStreamResponse(error=pb.StreamError(code=_CODE[code], reason=reason, message=reason))
 
@@ -138,10 +181,11 @@ def _result(partition: int, offset: int, count: int, *, duplicate: bool = False)
     return pb.ProduceStreamResponse(response=pb.ProduceResponse(results=[result]))
 
 
-async def run(plan, faults, init_failures, partitions: int, delivery_timeout_ms: int):
+async def run(plan, faults, init_failures, partitions: int, delivery_timeout_ms: int, stuck: set[int] = frozenset()):
     """Send ``plan`` ((partition, record count) per batch; partition -1: pause for
     longer than the delivery timeout) through an AsyncProducer to a fake broker
-    failing requests as ``faults`` say; the fake and each batch's outcome."""
+    failing requests as ``faults`` say, with the writes numbered in ``stuck`` never
+    completing; the fake and each batch's outcome."""
     fake = FakeBroker(faults, init_failures, partitions)
     server = grpc.aio.server()
     rpc.add_LogServiceServicer_to_server(fake, server)
@@ -151,6 +195,7 @@ async def run(plan, faults, init_failures, partitions: int, delivery_timeout_ms:
     try:
         async with AsyncProducer(f"127.0.0.1:{port}", request_timeout_ms=150, retry_backoff_ms=1,
                                  retry_backoff_max_ms=5, delivery_timeout_ms=delivery_timeout_ms) as producer:
+            producer._sender._log = StuckWrites(producer._sender._log, set(stuck))  # the one seam for it
             serial = itertools.count()
             for partition, size in plan:
                 if partition < 0:
@@ -184,17 +229,38 @@ def check(fake: FakeBroker, outcomes, *, expiry: bool) -> None:
         assert log == [v for v in order if counts[v]], "a partition's records out of order"
 
 
+def bounded_run(coro):
+    """``asyncio.run(coro)`` in a thread that must end within RUN_BOUND_S (a wedged
+    producer cannot even be cancelled: its close() would wait too)."""
+    box: dict = {}
+
+    def go() -> None:
+        try:
+            box["result"] = asyncio.run(coro)
+        except BaseException as exc:  # re-raised in the test's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=go, daemon=True)
+    thread.start()
+    thread.join(RUN_BOUND_S)
+    assert not thread.is_alive(), f"the producer is wedged: flush() did not return within {RUN_BOUND_S} s"
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 plans = st.lists(st.tuples(st.integers(0, 2), st.integers(1, 3)), min_size=1, max_size=24)
 paused_plans = st.lists(st.tuples(st.sampled_from([0, 1, 2, 0, 1, 2, -1]), st.integers(1, 3)), min_size=1, max_size=24)
 fault_lists = st.lists(st.sampled_from(["ok"] * 12 + FAULTS), max_size=40)
 init_failures = st.sets(st.integers(0, 6), max_size=3)
+stuck_writes = st.sets(st.integers(0, 30), max_size=2)
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @SETTINGS
-@given(plan=plans, faults=fault_lists, inits=init_failures)
-def test_every_batch_is_stored_once_or_fails_alone_and_nothing_cascades(plan, faults, inits):
-    fake, outcomes = asyncio.run(run(plan, faults, inits, 3, delivery_timeout_ms=60_000))
+@given(plan=plans, faults=fault_lists, inits=init_failures, stuck=stuck_writes)
+def test_every_batch_is_stored_once_or_fails_alone_and_nothing_cascades(plan, faults, inits, stuck):
+    fake, outcomes = bounded_run(run(plan, faults, inits, 3, delivery_timeout_ms=60_000, stuck=stuck))
     check(fake, outcomes, expiry=False)
     for _, values, outcome in outcomes:  # without expiry, only refusals fail
         if isinstance(outcome, BaseException) and not isinstance(outcome, OutcomeUnknown):
@@ -203,8 +269,8 @@ def test_every_batch_is_stored_once_or_fails_alone_and_nothing_cascades(plan, fa
 
 @SETTINGS
 @given(plan=paused_plans, faults=st.lists(st.sampled_from(["ok"] * 6 + FAULTS + ["hang_before"] * 3), max_size=40),
-       inits=init_failures)
-def test_batches_whose_time_runs_out_fail_honestly_and_later_ones_still_go_through(plan, faults, inits):
+       inits=init_failures, stuck=stuck_writes)
+def test_batches_whose_time_runs_out_fail_honestly_and_later_ones_still_go_through(plan, faults, inits, stuck):
     # 100 ms: shorter than the request timeout, so batches expire on the wire too.
-    fake, outcomes = asyncio.run(run(plan, faults, inits, 3, delivery_timeout_ms=100))
+    fake, outcomes = bounded_run(run(plan, faults, inits, 3, delivery_timeout_ms=100, stuck=stuck))
     check(fake, outcomes, expiry=True)
