@@ -259,7 +259,9 @@ _NEEDS: dict[str, tuple[tuple[str, str, str], ...]] = {
     "DescribeGroup": (("describe", GROUP, "group"),),
     "ListGroups": (),  # filtered
     "DeleteGroup": (("admin", GROUP, "group"),),
-    "ResetOffsets": (("admin", GROUP, "group"), ("consume", TOPIC, "partitions.topic")),
+    # all_topics names no topic: the broker's own answer does (every topic of the group).
+    "ResetOffsets": (("admin", GROUP, "group"), ("consume", TOPIC, "partitions.topic"),
+                     ("consume", TOPIC, "@group_topics_if_all")),
     # A queue group is named by (group, topic): every queue RPC is checked on both, so
     # a grant on group "mailers" of topic "orders" reaches no "mailers" of another topic.
     # Its dead letters are produced to its dead-letter topic: the creator must be allowed to.
@@ -303,15 +305,17 @@ class ProduceQuotas:
         self._buckets[principal] = (tokens - size, now)
 
 
-def needs_of(method: str, request) -> list[tuple[str, str, str]]:
+def needs_of(method: str, request, derived: dict | None = None) -> list[tuple[str, str, str]]:
     """(operation, kind, name) the RPC ``method`` needs for ``request``; for streams,
     the message that names the resources: ProduceStream each ``request``, JoinGroup
-    the ``join``, ReceiveStream the ``open``."""
+    the ``join``, ReceiveStream the ``open``. ``derived``: resolvers of "@name" fields
+    that need the broker's state (request -> names), beside the built-in ones."""
     if method not in _NEEDS:
         raise KeyError(f"no authorization rule for {method}")
+    resolvers = _DERIVED | (derived or {})
     out = []
     for operation, kind, field in _NEEDS[method]:
-        out.extend((operation, kind, name) for name in _names(request, field))
+        out.extend((operation, kind, name) for name in _names(request, field, resolvers))
     return out
 
 
@@ -328,10 +332,13 @@ def _dead_letter_topic(request) -> list[str]:
 _DERIVED = {"@dead_letter_topic": _dead_letter_topic}
 
 
-def _names(message, path: str) -> list[str]:
-    """The values at ``path`` (dotted; repeated fields fan out) of a message."""
-    if path in _DERIVED:
-        return _DERIVED[path](message)
+def _names(message, path: str, resolvers: dict) -> list[str]:
+    """The values at ``path`` (dotted; repeated fields fan out) of a message; "@name":
+    what its resolver says (none known: refuse, never pass unchecked)."""
+    if path.startswith("@"):
+        if path not in resolvers:
+            raise KeyError(f"no resolver for {path}: the call cannot be authorised")
+        return resolvers[path](message)
     values = [message]
     for part in path.split("."):
         nxt = []

@@ -46,6 +46,9 @@ class Guard:
     def __init__(self, authority: Authority, clock=time.monotonic) -> None:
         self.authority = authority
         self.quotas = ProduceQuotas(authority, clock)
+        #: "@name" resolvers that need the broker's state (``streamd.auth.needs_of``),
+        #: set by the server once its services exist.
+        self.derived: dict = {}
 
     def principal(self, context: grpc.aio.ServicerContext) -> str:
         for key, value in context.invocation_metadata() or ():
@@ -66,7 +69,7 @@ class Guard:
     def check(self, principal: str, method: str, message, size: int = 0) -> None:
         """Raise unless ``principal`` may call ``method`` with ``message`` (``size``:
         its bytes, charged to the produce quota of producing methods)."""
-        missing = self.authority.missing(principal, needs_of(method, message))
+        missing = self.authority.missing(principal, needs_of(method, message, self.derived))
         if missing is not None:
             raise PermissionDenied(principal, *missing)
         if method in PRODUCING:

@@ -281,7 +281,14 @@ def test_queue_group_lists_and_group_offsets_show_only_what_both_names_allow(two
                                    execute=True)
     code, _, meta = refused(two_queues["lead"].groups.ResetOffsets, reset)
     assert code == grpc.StatusCode.PERMISSION_DENIED and meta["resource"] == "topic:secret"
+    # all_topics names no topic, but resets every topic of the group: "secret" too.
+    every = pb.ResetOffsetsRequest(group="mailers", all_topics=True, offset=0, execute=True)
+    code, _, meta = refused(two_queues["lead"].groups.ResetOffsets, every)
+    assert code == grpc.StatusCode.PERMISSION_DENIED and meta["resource"] == "topic:secret"
     assert ops.groups.FetchOffsets(named).offsets[0].offset == 1
+    assert ops.groups.ResetOffsets(every).executed
+    ops.topics.DeleteTopic(pb.DeleteTopicRequest(topic="secret"))  # now the group's topics are all "lead"'s
+    assert [e.topic for e in two_queues["lead"].groups.ResetOffsets(every).plan] == ["orders"]
 
 
 def test_a_queue_group_may_dead_letter_only_into_a_topic_its_creator_may_produce_to(two_queues):

@@ -174,3 +174,14 @@ def test_answers_are_memoized_within_a_bound(monkeypatch):
         assert not a.allows("orders-api", "produce", TOPIC, f"other-{i}")
         assert len(a._answers) <= 3
     assert a.allows("orders-api", "produce", TOPIC, "orders") and a.allows("orders-api", "produce", TOPIC, "orders")
+
+
+def test_a_resource_only_the_broker_can_name_is_refused_without_its_resolver():
+    every = pb.ResetOffsetsRequest(group="g", all_topics=True)
+    with pytest.raises(KeyError):
+        needs_of("ResetOffsets", every)
+    topics = {"@group_topics_if_all": lambda r: ["a", "b"] if r.all_topics else []}
+    assert needs_of("ResetOffsets", every, topics) == [("admin", GROUP, "g"), ("consume", TOPIC, "a"),
+                                                       ("consume", TOPIC, "b")]
+    named = pb.ResetOffsetsRequest(group="g", partitions=[pb.TopicPartitions(topic="a")])
+    assert needs_of("ResetOffsets", named, topics) == [("admin", GROUP, "g"), ("consume", TOPIC, "a")]
