@@ -15,7 +15,11 @@ Workloads (one partition, ``--records`` records of 100 B, produced untimed with
 
 - ``consume``: ``Consumer.assign`` + ``records(exit_at_end=True)``, every record read;
 - ``queue``: ``QueueReceiver(create=True)``, ``receive(1000)`` and ``ack()`` per
-  message until every record came, then ``flush()``; checked with ``describe()``.
+  message until every record came, then ``flush()``; checked with ``describe()``;
+- ``process``: ``QueueReceiver.process(handler, max_messages=N)`` with a handler that
+  does nothing (default workers), then ``flush()``; checked with ``describe()``;
+- ``send``: ``Producer.send()`` of each record (no key, default ``linger_ms``) in a
+  loop, then ``flush()``, every future resolved (nothing produced beforehand).
 
 JSON on stdout: per workload and version the runs and their median, and
 ``after_vs_before`` (median after ÷ median before; > 1: after is faster).
@@ -34,7 +38,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKLOADS = ("consume", "queue")
+WORKLOADS = ("consume", "queue", "process", "send")
 
 
 def client(address: str, workload: str, records: int) -> dict:
@@ -49,10 +53,18 @@ def client(address: str, workload: str, records: int) -> dict:
     with Admin(address) as admin:
         admin.create_topic(topic, partitions=1)
     value = os.urandom(100)
+    got = 0
+    if workload == "send":
+        with Producer(address) as producer:
+            began = time.perf_counter()
+            futures = [producer.send(topic, value) for _ in range(records)]
+            producer.flush()
+            seconds = time.perf_counter() - began
+            got = sum(f.result(timeout=60).offset >= 0 for f in futures)
+        return {"records": got, "seconds": seconds, "records_per_s": got / seconds}
     with Producer(address) as producer:
         for start in range(0, records, 1000):
             producer.send_batch(topic, 0, [value] * min(1000, records - start))
-    got = 0
     if workload == "consume":
         with Consumer(address) as consumer:
             consumer.assign(topic)
@@ -60,6 +72,15 @@ def client(address: str, workload: str, records: int) -> dict:
             for record in consumer.records(exit_at_end=True):
                 got += len(record.value) > 0
             seconds = time.perf_counter() - began
+    elif workload == "process":
+        with QueueReceiver("ab", topic, address, create=True) as receiver:
+            began = time.perf_counter()
+            got = receiver.process(lambda msg: None, max_messages=records)
+            receiver.flush()
+            seconds = time.perf_counter() - began
+            acked = sum(p.acked for p in receiver.describe().partitions)
+            if acked < records:
+                raise SystemExit(f"process: {acked} of {records} acked")
     else:
         with QueueReceiver("ab", topic, address, create=True) as receiver:
             began = time.perf_counter()
