@@ -89,6 +89,7 @@ class ThreadPool:
         # whether the messages not started were handed back, whether the pool gave up.
         self._held: dict[int, deque[Message]] = {}
         self._receiving = 0
+        self._asked = 0  # records the receives in flight asked for
         self._handed_back = self._gave_up = False
         self._running: dict[int, Message] = {}  # at-most-once: thread id -> the message its handler runs
         self._threads = [
@@ -180,6 +181,15 @@ class ThreadPool:
                 with self._lock:
                     self._held.pop(id(waiting), None)
 
+    def _capped(self, count: int | None) -> int | None:
+        """(Under the lock) ``count``, but no more than ``max_messages`` still needs
+        beside what is held and asked for already (at least one): a run of 2 must not
+        lease a whole batch that its stop then hands back, a delivery the poorer each."""
+        if self.limit is None:
+            return count
+        remaining = self.limit - self.done - self._asked - sum(len(w) for w in self._held.values())
+        return max(1, min(count or self.r.max_records, remaining))
+
     def _at_most_once_count(self, per_record_s: float | None) -> int:
         """How many at-most-once records a worker receives: what its handler runs in
         ``hold_s`` (one until it was timed, then up to ``max_records``), so a stop
@@ -198,13 +208,17 @@ class ThreadPool:
         with self._lock:
             if self.halt.is_set():
                 return None
+            count = self._capped(count)
+            asked = count or self.r.max_records
             self._receiving += 1
+            self._asked += asked
         messages: list[Message] = []
         try:
             messages = self.r.receive(count, max_wait_ms=min(self.r.max_wait_ms, RECEIVE_WAIT_MS))
         finally:
             with self._lock:
                 self._receiving -= 1
+                self._asked -= asked
                 self._idle.notify_all()
                 late = self._gave_up
                 waiting = deque(messages)
@@ -417,6 +431,8 @@ class AsyncPool:
         r = self.r
         while not self.stop.is_set():
             count = min(r.max_records, self.concurrency)
+            if self.max_messages is not None:  # no more than the run still needs (see ThreadPool._capped)
+                count = max(1, min(count, self.max_messages - self.done - len(self.tasks)))
             if self.at_most_once:
                 if not await self._slot():  # wait for a free slot...
                     return

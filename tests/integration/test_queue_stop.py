@@ -350,6 +350,34 @@ def test_a_signal_costs_a_record_no_handler_saw_at_most_one_delivery(server, tmp
     assert_handed_back_once(server.address, done)
 
 
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_short_run_leases_no_more_than_it_needs(server, flavour):
+    """process(max_messages=2), again and again: each run leases about what it will
+    handle (one more per other worker at most), not the whole partition its stop then
+    hands back, each record a delivery the poorer."""
+    fill_one(server.address, max_deliveries=100)
+    handled: set[tuple[int, int]] = set()
+    for _ in range(6):
+        with QueueReceiver("stop", "jobs", server.address, max_wait_ms=200) as r:
+            before = sum(p.redelivered for p in r.describe().partitions)
+        if flavour == "sync":
+            with QueueReceiver("stop", "jobs", server.address, max_wait_ms=200) as r:
+                count = r.process(lambda msg: handled.add((msg.partition, msg.offset)), workers=WORKERS,
+                                  max_messages=2)
+        else:
+            async def scenario() -> int:
+                async with AsyncQueueReceiver("stop", "jobs", server.address, max_wait_ms=200) as r:
+                    async def handle(msg) -> None:
+                        handled.add((msg.partition, msg.offset))
+                    return await r.process(handle, concurrency=WORKERS, max_messages=2)
+            count = asyncio.run(scenario())
+        assert count >= 2
+        with QueueReceiver("stop", "jobs", server.address) as r:
+            parts = r.describe().partitions
+        assert sum(p.redelivered for p in parts) - before <= WORKERS  # handed back by this stop
+    assert sum(p.acked for p in parts) == len(handled)
+
+
 # -- at-most-once groups: a record received is already acked --------------------------
 def lost_and_logged(address: str, handled: set, caplog) -> tuple[set, str]:
     """The records gone from the queue that no handler ran, and the pool's warnings."""
