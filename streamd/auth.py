@@ -258,7 +258,8 @@ _NEEDS: dict[str, tuple[tuple[str, str, str], ...]] = {
     "FetchOffsets": (("describe", GROUP, "group"), ("describe", TOPIC, "partitions.topic")),
     "DescribeGroup": (("describe", GROUP, "group"),),
     "ListGroups": (),  # filtered
-    "DeleteGroup": (("admin", GROUP, "group"),),
+    # Deleting a group drops its offsets on every topic, as a reset of them all would.
+    "DeleteGroup": (("admin", GROUP, "group"), ("consume", TOPIC, "@group_topics")),
     # all_topics names no topic: the broker's own answer does (every topic of the group).
     "ResetOffsets": (("admin", GROUP, "group"), ("consume", TOPIC, "partitions.topic"),
                      ("consume", TOPIC, "@group_topics_if_all")),

@@ -142,6 +142,7 @@ class Server:
             clock = self.broker.clock
             guard = Guard(Authority.load(Path(self.config.auth_file)), clock=lambda: clock.now_ms() / 1000)
         if guard is not None:
+            guard.derived["@group_topics"] = lambda request: sorted(groups.group_topics(request.group))
             guard.derived["@group_topics_if_all"] = (
                 lambda request: sorted(groups.group_topics(request.group)) if request.all_topics else [])
         self.grpc_guard = guard

@@ -3,7 +3,8 @@
 ``Guard`` finds the caller's principal (a bearer token in the ``authorization``
 metadata, else the common name of a verified client certificate), checks what the
 method needs against the allow rules before the servicer runs, and filters the
-answers of the List methods to what the caller may describe. Streams are checked
+answers of the List methods (and the topics named in a group's answers) to what the
+caller may describe. Streams are checked
 per message that names resources: each ProduceStream request, JoinGroup's ``join``,
 ReceiveStream's ``open``. A unary Produce over its quota is refused
 (RESOURCE_EXHAUSTED, with when to retry); a ProduceStream over it is throttled.
@@ -40,6 +41,22 @@ LISTS = {
     # Offsets of every topic of a group (an empty request): only the topics it may see.
     "FetchOffsets": ("offsets", ((TOPIC, "topic"),)),
 }
+
+#: Answers about a group that name its topics: each place is (repeated field, how an
+#: entry names its topic); entries of topics the caller may not describe are dropped,
+#: as FetchOffsets drops them (the group itself the caller may describe).
+SCRUBBED = {
+    "ListGroups": lambda r: [(g.topics, None) for g in r.groups],
+    "DescribeGroup": lambda r: [(r.group.partitions, "topic")] + [
+        place for m in r.group.members
+        for place in ((m.assignment, "topic"), (m.revoking, "topic"), (m.topics, None))],
+}
+
+
+def _keep(entries, may, topic_of: str | None) -> None:
+    for i in reversed(range(len(entries))):
+        if not may(entries[i] if topic_of is None else getattr(entries[i], topic_of)):
+            del entries[i]
 
 
 class Guard:
@@ -94,8 +111,17 @@ class Guard:
                 await asyncio.sleep(exc.retry_after_ms / 1000)
 
     def filter(self, principal: str, method: str, response) -> None:
+        if isinstance(response, bytes):
+            return
+        scrub = SCRUBBED.get(method)
+        if scrub is not None:
+            def may(topic: str) -> bool:
+                return self.authority.allows(principal, "describe", TOPIC, topic)
+
+            for entries, topic_of in scrub(response):
+                _keep(entries, may, topic_of)
         listed = LISTS.get(method)
-        if listed is None or isinstance(response, bytes):
+        if listed is None:
             return
         field, resources = listed
         entries = getattr(response, field)

@@ -286,6 +286,15 @@ def test_queue_group_lists_and_group_offsets_show_only_what_both_names_allow(two
     code, _, meta = refused(two_queues["lead"].groups.ResetOffsets, every)
     assert code == grpc.StatusCode.PERMISSION_DENIED and meta["resource"] == "topic:secret"
     assert ops.groups.FetchOffsets(named).offsets[0].offset == 1
+    # The group's answers name only the topics the caller may describe, as FetchOffsets.
+    described = mailer.groups.DescribeGroup(pb.DescribeGroupRequest(group="mailers")).group
+    assert [p.topic for p in described.partitions] == ["orders"]
+    assert [g.topics for g in mailer.groups.ListGroups(pb.ListGroupsRequest()).groups] == [["orders"]]
+    assert {p.topic for p in ops.groups.DescribeGroup(pb.DescribeGroupRequest(group="mailers")).group.partitions} == {
+        "orders", "secret"}
+    # Deleting the group would drop its "secret" offsets, as a reset of them would.
+    code, _, meta = refused(two_queues["lead"].groups.DeleteGroup, pb.DeleteGroupRequest(group="mailers"))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and meta["resource"] == "topic:secret"
     assert ops.groups.ResetOffsets(every).executed
     ops.topics.DeleteTopic(pb.DeleteTopicRequest(topic="secret"))  # now the group's topics are all "lead"'s
     assert [e.topic for e in two_queues["lead"].groups.ResetOffsets(every).plan] == ["orders"]
