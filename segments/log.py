@@ -214,7 +214,7 @@ class PartitionLog:
             log.warning("%s: last append time %d is after now %d; append times stay at it "
                         "until the clock catches up", name, plog._last_time, now_ms)
         if loaded.report is not None:
-            log.warning("%s: recovered after an unclean shutdown: %s", name, loaded.report,
+            log.warning("%s: recovered (after a crash, or damage found after a clean stop): %s", name, loaded.report,
                         extra={"event": "recovery", "partition_log": name, **dataclasses.asdict(loaded.report)})
         for seg in segments[:-1]:
             found = seg.check_tail()

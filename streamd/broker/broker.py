@@ -152,7 +152,7 @@ class Broker:
         recovered = sum(1 for p in parts if p.log.recovery is not None)
         log.info(
             "loaded %d topic(s), %d partition(s) from %s: %s", len(self.topics), len(parts), self.data_dir,
-            f"{recovered} recovered after an unclean shutdown" if recovered else "clean, nothing to recover",
+            f"{recovered} recovered (a crash, or damage found after a clean stop)" if recovered else "clean, nothing to recover",
             extra={"event": "loaded", "topics": len(self.topics), "partitions": len(parts), "recovered": recovered},
         )
 
