@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import pytest
 from google.rpc import error_details_pb2
@@ -56,3 +58,17 @@ def error_info(err: grpc.RpcError) -> tuple[grpc.StatusCode, str, dict[str, str]
             assert info.domain == "streamd.io"
             return err.code(), info.reason, dict(info.metadata)
     raise AssertionError(f"no ErrorInfo in {status}")
+
+
+def auth_toml(principals: dict[str, str], *rules: tuple) -> str:
+    """An auth file (README "Security"): ``principals`` name -> token SHA-256, then one
+    ``[[allow]]`` per rule ``(principal, operations, topics[, groups])``."""
+    out = [f'[[principal]]\nname = "{name}"\ntoken_sha256 = ["{sha}"]\n' for name, sha in principals.items()]
+    for principal, operations, topics, *groups in rules:
+        out.append(f'[[allow]]\nprincipal = "{principal}"\noperations = {json.dumps(operations)}\n'
+                   f'topics = {json.dumps(topics)}\n' + (f"groups = {json.dumps(groups[0])}\n" if groups else ""))
+    return "".join(out)
+
+
+#: The rule of an operator allowed everything.
+ADMIN_OF_ALL = ("ops", ["admin"], ["*"], ["*"])

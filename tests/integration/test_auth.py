@@ -9,7 +9,7 @@ import pytest
 from streamd.auth import new_token
 from streamd.v1 import streamd_pb2 as pb
 
-from .helpers import Stubs, refused
+from .helpers import ADMIN_OF_ALL, Stubs, auth_toml, refused
 
 ADMIN, ADMIN_HASH = new_token()
 PRODUCER, PRODUCER_HASH = new_token()
@@ -17,14 +17,11 @@ WORKER, WORKER_HASH = new_token()
 HASH_OF = {ADMIN: ADMIN_HASH, PRODUCER: PRODUCER_HASH, WORKER: WORKER_HASH}
 
 
-def _serve_with(make_server, tmp_path, tokens: dict[str, str], allow: str):
+def _serve_with(make_server, tmp_path, tokens: dict[str, str], *rules: tuple):
     """A broker whose auth file names one principal per entry of ``tokens`` (name ->
-    token; "" is a caller with no token) and the ``allow`` rules; one Stubs per name."""
-    principals = "".join(
-        f'[[principal]]\nname = "{name}"\ntoken_sha256 = ["{HASH_OF[token]}"]\n'
-        for name, token in tokens.items() if token in HASH_OF)
+    token; "" is a caller with no token) and the allow ``rules``; one Stubs per name."""
     path = tmp_path / "auth.toml"
-    path.write_text(principals + allow)
+    path.write_text(auth_toml({name: HASH_OF[token] for name, token in tokens.items() if token in HASH_OF}, *rules))
     server = make_server(auth_file=str(path))
     return server, {name: Stubs(server.address, token=token) for name, token in tokens.items()}
 
@@ -32,22 +29,8 @@ def _serve_with(make_server, tmp_path, tokens: dict[str, str], allow: str):
 @pytest.fixture
 def secured(make_server, tmp_path):
     server, stubs = _serve_with(make_server, tmp_path, {
-        "ops": ADMIN, "orders-api": PRODUCER, "mailer": WORKER, "nobody": "", "forged": "sdt_x"}, """
-[[allow]]
-principal = "ops"
-operations = ["admin"]
-topics = ["*"]
-groups = ["*"]
-[[allow]]
-principal = "orders-api"
-operations = ["produce"]
-topics = ["orders*"]
-[[allow]]
-principal = "mailer"
-operations = ["consume"]
-topics = ["orders"]
-groups = ["mailers"]
-""")
+        "ops": ADMIN, "orders-api": PRODUCER, "mailer": WORKER, "nobody": "", "forged": "sdt_x"},
+        ADMIN_OF_ALL, ("orders-api", ["produce"], ["orders*"]), ("mailer", ["consume"], ["orders"], ["mailers"]))
     stubs["ops"].create("orders", 1)
     stubs["ops"].create("payroll", 1)
     try:
@@ -191,23 +174,9 @@ HASH_OF[LEAD] = LEAD_HASH
 def two_queues(make_server, tmp_path):
     """Queue group "mailers" on "orders" and on "secret"; "mailer" may consume topic
     "orders" and group "mailers"; "lead" is admin of group "mailers" and topic "orders"."""
-    stubs = _serve_with(make_server, tmp_path, {"ops": ADMIN, "mailer": WORKER, "lead": LEAD}, """
-[[allow]]
-principal = "ops"
-operations = ["admin"]
-topics = ["*"]
-groups = ["*"]
-[[allow]]
-principal = "mailer"
-operations = ["consume"]
-topics = ["orders"]
-groups = ["mailers"]
-[[allow]]
-principal = "lead"
-operations = ["admin"]
-topics = ["orders", "orders.dlq"]
-groups = ["mailers"]
-""")[1]
+    stubs = _serve_with(make_server, tmp_path, {"ops": ADMIN, "mailer": WORKER, "lead": LEAD}, ADMIN_OF_ALL,
+                        ("mailer", ["consume"], ["orders"], ["mailers"]),
+                        ("lead", ["admin"], ["orders", "orders.dlq"], ["mailers"]))[1]
     ops = stubs["ops"]
     for topic in ("orders", "secret"):
         ops.create(topic, 1)

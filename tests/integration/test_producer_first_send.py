@@ -24,6 +24,7 @@ import pytest
 
 from streamd.client import Admin, AsyncProducer, OutcomeUnknown, Producer, StreamdError
 
+from .helpers import ADMIN_OF_ALL, auth_toml
 from .test_producer_stalls import BOUND_S, bounded, stored
 
 pytestmark = pytest.mark.slow
@@ -131,23 +132,8 @@ def test_a_first_send_to_a_topic_it_may_not_see_fails_at_once(make_server, tmp_p
     admin_token, admin_hash = new_token()
     token, token_hash = new_token()
     auth = tmp_path / "auth.toml"
-    auth.write_text(f"""
-[[principal]]
-name = "ops"
-token_sha256 = ["{admin_hash}"]
-[[principal]]
-name = "orders-api"
-token_sha256 = ["{token_hash}"]
-[[allow]]
-principal = "ops"
-operations = ["admin"]
-topics = ["*"]
-groups = ["*"]
-[[allow]]
-principal = "orders-api"
-operations = ["produce"]
-topics = ["orders"]
-""")
+    auth.write_text(auth_toml({"ops": admin_hash, "orders-api": token_hash}, ADMIN_OF_ALL,
+                              ("orders-api", ["produce"], ["orders"])))
     server = make_server(auth_file=str(auth))
     monkeypatch.setenv("STREAMD_TOKEN", admin_token)
     with Admin(server.address) as admin:
