@@ -168,6 +168,27 @@ def server_process(tmp_path):
             proc.kill()
 
 
+def bounded(timeout_s: float, fn, *args, what: str = ""):
+    """``fn(*args)`` in a daemon thread that must end within ``timeout_s`` (a wedged
+    call cannot be cancelled, so the test must not wait on it in its own thread); its
+    result, or its exception raised here."""
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn(*args)
+        except BaseException as exc:  # re-raised below, in the test's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    assert not thread.is_alive(), f"{what or getattr(fn, '__name__', fn)} did not return within {timeout_s} s"
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
+
+
 def wait_until(predicate, timeout: float = 10, interval: float = 0.02):
     """Poll ``predicate`` (bounded in time); return its last value."""
     deadline = time.monotonic() + timeout

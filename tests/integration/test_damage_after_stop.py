@@ -25,19 +25,12 @@ from streamd.v1 import streamd_pb2 as pb
 from tests.faults import flip_byte
 
 from .helpers import Stubs, error_info
+from .test_damaged_log import RECORDS, _produce
 
-BATCHES, PER_BATCH = 60, 20
-RECORDS = BATCHES * PER_BATCH
 #: (byte of the frame header, bit mask) to flip (``segments.batch``): one bit of the
 #: tag, the length, the base offset, the record count (low byte, and a high bit that
 #: made the count about a billion).
 FIELDS = {"tag": (0, 0x01), "length": (2, 0x10), "base": (12, 0x01), "count": (30, 0x01), "count_hi": (33, 0x40)}
-
-
-def _produce(stubs: Stubs) -> None:
-    stubs.create("t", 1, segment_bytes=4096)
-    for b in range(BATCHES):
-        stubs.produce_values("t", 0, [b"v%05d" % (b * PER_BATCH + i) for i in range(PER_BATCH)])
 
 
 def _active(data_dir: Path) -> tuple[Path, list]:

@@ -20,12 +20,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import threading
 import time
 
 import pytest
 
 from streamd.client import Admin, AsyncProducer, Consumer, OutcomeUnknown, Producer, StreamdError
+from tests.conftest import bounded as within
 
 pytestmark = pytest.mark.slow
 
@@ -38,22 +38,8 @@ OPTIONS = {"delivery_timeout_ms": DELIVERY_MS, "request_timeout_ms": REQUEST_MS,
 
 
 def bounded(fn, *args):
-    """``fn(*args)`` in a thread that must end within BOUND_S; its result."""
-    box: dict = {}
-
-    def run() -> None:
-        try:
-            box["result"] = fn(*args)
-        except BaseException as exc:  # re-raised below, in the test's thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(BOUND_S)
-    assert not thread.is_alive(), f"{getattr(fn, '__name__', fn)} did not return within {BOUND_S} s"
-    if "error" in box:
-        raise box["error"]
-    return box.get("result")
+    """``fn(*args)``, which must return within BOUND_S (``tests.conftest.bounded``)."""
+    return within(BOUND_S, fn, *args)
 
 
 def stored(address: str, topic: str, partition: int) -> list[tuple[int, bytes]]:

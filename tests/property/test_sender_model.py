@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-import threading
 
 import grpc
 from hypothesis import HealthCheck, given, settings
@@ -49,6 +48,7 @@ from streamd.client import AsyncProducer, OutcomeUnknown, ProduceError, StreamdE
 from streamd.client.records import batch_records
 from streamd.v1 import streamd_pb2 as pb
 from streamd.v1 import streamd_pb2_grpc as rpc
+from tests.conftest import bounded
 
 REMEMBERED = 5
 #: A run whose flush() has not returned by then is wedged (a healthy one takes well
@@ -232,21 +232,7 @@ def check(fake: FakeBroker, outcomes, *, expiry: bool) -> None:
 def bounded_run(coro):
     """``asyncio.run(coro)`` in a thread that must end within RUN_BOUND_S (a wedged
     producer cannot even be cancelled: its close() would wait too)."""
-    box: dict = {}
-
-    def go() -> None:
-        try:
-            box["result"] = asyncio.run(coro)
-        except BaseException as exc:  # re-raised in the test's thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=go, daemon=True)
-    thread.start()
-    thread.join(RUN_BOUND_S)
-    assert not thread.is_alive(), f"the producer is wedged: flush() did not return within {RUN_BOUND_S} s"
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
+    return bounded(RUN_BOUND_S, asyncio.run, coro, what="the producer is wedged: flush()")
 
 
 plans = st.lists(st.tuples(st.integers(0, 2), st.integers(1, 3)), min_size=1, max_size=24)
