@@ -34,9 +34,10 @@ the log end. Opening checks the end of every sealed segment against the next one
 base offset (a few preads each: ``damage.check_tail``), so a file cut short is
 reported at start-up, and the last segment against the log end recovery vouches for
 (``LoadResult.log_end``; if its data ends in damage it stays sealed and a new segment
-starts at that end); reads and time lookups check a sealed segment's file size first
-(``Segment.check_size``: a file cut under the running broker is damage, not SIGBUS); ``damaged()`` lists what was found, then and by reads since,
-and each range is logged once (with the file and byte position) as it is found.
+starts at that end). Reads and time lookups check a sealed segment's file size first
+(``Segment.check_size``: a file cut under the running broker is damage, not SIGBUS).
+``damaged()`` lists what was found, then and by reads since, and each range is
+logged once (with the file and byte position) as it is found.
 
 Time is never read from a clock here: callers pass ``append_time_ms``/``now_ms``.
 

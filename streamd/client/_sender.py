@@ -73,6 +73,7 @@ import itertools
 import logging
 import random
 from collections import deque
+from collections.abc import Callable
 
 import grpc
 
@@ -345,26 +346,41 @@ class Sender:
     async def _init_producer(self, deadline: float) -> int:
         """A new producer id, asked again (with backoff) until ``deadline``; a plain
         StreamdError when none came (nothing was sent under it)."""
-        # wait_for_ready: a channel still reconnecting (a broker restart) is waited
-        # for, within the request timeout and the batch's delivery deadline.
+        try:
+            reply = await self.call_retrying(self._log.InitProducer, pb.InitProducerRequest(), deadline=deadline,
+                                             failed=self._remember)
+        except TimeoutError:
+            raise StreamdError("DEADLINE_EXCEEDED", "DELIVERY_TIMEOUT",
+                               f"no producer id from {self._calls.server} within delivery_timeout_ms="
+                               f"{self.delivery_timeout_s * 1000:g} (last error: {self._last_error}); "
+                               "nothing was sent") from None
+        return reply.producer_id
+
+    async def call_retrying(self, method, request, *, failed: Callable[[StreamdError], object],
+                            deadline: float | None = None):
+        """``method(request)`` (unary) until it answers: each attempt bounded by the
+        request timeout (and ``deadline``, loop time; TimeoutError once it passed),
+        backoff between attempts. ``FATAL_CODES`` are raised at once; ``failed`` is
+        told every other error. wait_for_ready: a channel still reconnecting (a broker
+        restart) is waited for, within the attempt."""
         attempt = 0
         while True:
-            timeout = min(self.request_timeout_s, deadline - self._loop.time())
+            timeout = self.request_timeout_s if deadline is None else min(self.request_timeout_s,
+                                                                          deadline - self._loop.time())
             if timeout <= 0:
-                raise StreamdError("DEADLINE_EXCEEDED", "DELIVERY_TIMEOUT",
-                                   f"no producer id from {self._calls.server} within delivery_timeout_ms="
-                                   f"{self.delivery_timeout_s * 1000:g} (last error: {self._last_error}); "
-                                   "nothing was sent")
+                raise TimeoutError
             try:
-                reply = await self._calls.acall(self._log.InitProducer, pb.InitProducerRequest(), timeout_s=timeout,
-                                                wait_for_ready=True)
-                return reply.producer_id
+                return await self._calls.acall(method, request, timeout_s=timeout, wait_for_ready=True)
             except StreamdError as exc:
                 if exc.code in FATAL_CODES:
                     raise
-                self._last_error = exc
+                failed(exc)
             attempt += 1
-            await asyncio.sleep(min(self.backoff_s(attempt), max(deadline - self._loop.time(), 0.0)))
+            pause = self.backoff_s(attempt)
+            await asyncio.sleep(pause if deadline is None else min(pause, max(deadline - self._loop.time(), 0.0)))
+
+    def _remember(self, exc: StreamdError) -> None:
+        self._last_error = exc
 
     def _renew(self, queue: _PartitionQueue) -> None:
         """Give ``queue`` a new producer id (in the background) and number its pending

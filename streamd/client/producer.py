@@ -57,7 +57,6 @@ from ._sender import (
     DEFAULT_REQUEST_TIMEOUT_MS,
     DEFAULT_RETRY_BACKOFF_MAX_MS,
     DEFAULT_RETRY_BACKOFF_MS,
-    FATAL_CODES,
     Sender,
 )
 from .errors import StreamdError
@@ -320,21 +319,11 @@ class AsyncProducer:
         bounded by the request timeout, backoff between them. Keeps the count; a
         failure is not kept (the lookup leaves ``_lookups`` either way)."""
         try:
-            attempt = 0
-            while True:
-                try:
-                    # wait_for_ready: a broker restarting is waited for (within the attempt).
-                    reply = await self._calls.acall(self._topics.DescribeTopic, pb.DescribeTopicRequest(topic=topic),
-                                                    wait_for_ready=True)
-                except StreamdError as exc:
-                    if exc.code in FATAL_CODES:
-                        raise
-                    lookup.last_error = exc
-                else:
-                    count = self._partition_counts[topic] = reply.topic.partition_count
-                    return count
-                attempt += 1
-                await asyncio.sleep(self._sender.backoff_s(attempt))
+            reply = await self._sender.call_retrying(
+                self._topics.DescribeTopic, pb.DescribeTopicRequest(topic=topic),
+                failed=lambda exc: setattr(lookup, "last_error", exc))
+            count = self._partition_counts[topic] = reply.topic.partition_count
+            return count
         finally:
             if self._lookups.get(topic) is lookup:
                 del self._lookups[topic]
@@ -366,6 +355,7 @@ class AsyncProducer:
             self._sticky[acc.topic] += 1
         batch = encode_batch(record_set, self.compression)
         await self._sender.enqueue(acc.topic, acc.partition, batch, futures, False, len(futures), acc.deadline)
+
 
 def _last(error: StreamdError | None) -> str:
     return "" if error is None else f" (last error: {error})"
