@@ -23,18 +23,25 @@ on its stream by ``request_timeout_ms`` (``_sender``).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import grpc
+import grpc.aio
 
 from streamd.addresses import is_loopback
+
+if TYPE_CHECKING:
+    from .errors import StreamdError
+
+S = TypeVar("S")
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 #: Seconds a unary call may take beyond what it asks the broker to wait.
 DEFAULT_TIMEOUT_S = 30.0
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-OPTIONS = [
+OPTIONS: list[tuple[str, object]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
@@ -56,7 +63,7 @@ class Security:
     token: str = ""
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Security":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Security:
         env = os.environ if env is None else env
         ca, cert, key = (env.get(f"STREAMD_TLS_{k}", "") for k in ("CA", "CERT", "KEY"))
         name = env.get("STREAMD_TLS_SERVER_NAME", "")
@@ -73,9 +80,10 @@ class Security:
         return grpc.ssl_channel_credentials(root_certificates=read(self.ca_file), private_key=read(self.key_file),
                                             certificate_chain=read(self.cert_file))
 
-    def options(self, extra: list[tuple[str, object]] | None = None) -> list[tuple[str, object]]:
-        name = [("grpc.ssl_target_name_override", self.server_name)] if self.tls and self.server_name else []
-        return OPTIONS + (extra or []) + name
+    def options(self, extra: Sequence[tuple[str, object]] | None = None) -> list[tuple[str, object]]:
+        name: list[tuple[str, object]] = (
+            [("grpc.ssl_target_name_override", self.server_name)] if self.tls and self.server_name else [])
+        return [*OPTIONS, *(extra or []), *name]
 
 
 def _credentials(security: Security, address: str) -> grpc.ChannelCredentials | None:
@@ -107,7 +115,7 @@ def sync_channel(server: str | None = None, *, security: Security | None = None)
 
 
 def aio_channel(server: str | None = None, *, security: Security | None = None,
-                extra_options: list[tuple[str, object]] | None = None) -> grpc.aio.Channel:
+                extra_options: Sequence[tuple[str, object]] | None = None) -> grpc.aio.Channel:
     security = security or Security.from_env()
     address = server_address(server)
     creds = _credentials(security, address)
@@ -123,7 +131,13 @@ def check_timeout(timeout_s: float, what: str = "timeout_s") -> float:
     return float(timeout_s)
 
 
-def _method_name(method) -> str:
+def stub(cls: type[S], channel: grpc.Channel | grpc.aio.Channel) -> S:
+    """A generated service stub on ``channel`` (``streamd_pb2_grpc`` has no type
+    stubs: its methods are ``Any``, so callers annotate the replies they read)."""
+    return cls(channel)  # type: ignore[call-arg]
+
+
+def _method_name(method: object) -> str:
     """``ListTopics`` for the stub method of ``/streamd.v1.TopicService/ListTopics``."""
     raw = getattr(method, "_method", b"")
     name = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw or "")
@@ -146,7 +160,7 @@ class Calls:
         base = self.timeout_s if timeout_s is None else check_timeout(timeout_s)
         return base + max(wait_s, 0.0)
 
-    def error(self, err: grpc.RpcError, deadline: float | None, method=None):
+    def error(self, err: grpc.RpcError, deadline: float | None, method: object = None) -> StreamdError:
         """The StreamdError for a failed call; a missed deadline says so in one line."""
         from .errors import StreamdError
 
@@ -157,7 +171,8 @@ class Calls:
                                 f"no answer{' to ' + name if name else ''} from {self.server} within {deadline:g} s")
         return StreamdError.from_rpc_error(err)
 
-    def call(self, method, request, *, timeout_s: float | None = None, wait_s: float = 0.0, **kwargs):
+    def call(self, method: Any, request: Any, *, timeout_s: float | None = None, wait_s: float = 0.0,
+             **kwargs: Any) -> Any:
         """A blocking unary call with a deadline; StreamdError on failure."""
         deadline = self.deadline(timeout_s, wait_s)
         try:
@@ -165,12 +180,15 @@ class Calls:
         except grpc.RpcError as err:
             raise self.error(err, deadline, method) from None
 
-    def future(self, method, request, *, timeout_s: float | None = None, wait_s: float = 0.0) -> grpc.Future:
+    def future(self, method: Any, request: Any, *, timeout_s: float | None = None,
+               wait_s: float = 0.0) -> grpc.Future[Any]:
         """A blocking stub's call as a future, with its deadline (``result`` raises
         grpc.RpcError: pass it to ``error``)."""
-        return method.future(request, timeout=self.deadline(timeout_s, wait_s))
+        future: grpc.Future[Any] = method.future(request, timeout=self.deadline(timeout_s, wait_s))
+        return future
 
-    async def acall(self, method, request, *, timeout_s: float | None = None, wait_s: float = 0.0, **kwargs):
+    async def acall(self, method: Any, request: Any, *, timeout_s: float | None = None, wait_s: float = 0.0,
+                    **kwargs: Any) -> Any:
         """An asyncio unary call with a deadline; StreamdError on failure."""
         deadline = self.deadline(timeout_s, wait_s)
         try:
@@ -201,14 +219,14 @@ class SyncClient:
         self._calls = Calls(server_label(server, channel), timeout_s)
         self._own_channel = channel is None
         self._channel = channel or sync_channel(server, security=security)
-        self._topics = rpc.TopicServiceStub(self._channel)
-        self._log = rpc.LogServiceStub(self._channel)
-        self._groups = rpc.GroupServiceStub(self._channel)
+        self._topics = stub(rpc.TopicServiceStub, self._channel)
+        self._log = stub(rpc.LogServiceStub, self._channel)
+        self._groups = stub(rpc.GroupServiceStub, self._channel)
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
@@ -220,5 +238,5 @@ class SyncClient:
         """The default deadline of this client's calls, in seconds."""
         return self._calls.timeout_s
 
-    def _call(self, method, request, *, timeout_s: float | None = None, wait_s: float = 0.0):
+    def _call(self, method: Any, request: Any, *, timeout_s: float | None = None, wait_s: float = 0.0) -> Any:
         return self._calls.call(method, request, timeout_s=timeout_s, wait_s=wait_s)

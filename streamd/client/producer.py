@@ -41,8 +41,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import threading
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import grpc
 
@@ -52,6 +52,7 @@ from streamd.v1 import streamd_pb2 as pb
 from streamd.v1 import streamd_pb2_grpc as rpc
 
 from ._channel import Calls, Security, aio_channel, server_label
+from ._loop import LoopThread
 from ._sender import (
     DEFAULT_DELIVERY_TIMEOUT_MS,
     DEFAULT_REQUEST_TIMEOUT_MS,
@@ -362,36 +363,33 @@ def _last(error: StreamdError | None) -> str:
 
 
 class Producer:
-    """A blocking producer: an AsyncProducer on a private event-loop thread.
+    """A blocking producer: an AsyncProducer on a private event-loop thread
+    (``_loop``).
 
     ``send`` returns a ``concurrent.futures.Future`` resolving to RecordMetadata.
     """
 
-    def __init__(self, server: str | None = None, **options) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="streamd-producer", daemon=True)
-        self._thread.start()
-        self._enqueued: list[concurrent.futures.Future] = []
-        self._producer: AsyncProducer = self._run(self._make(server, options))
+    def __init__(self, server: str | None = None, **options: Any) -> None:
+        self._loop = LoopThread("streamd-producer")
+        self._enqueued: list[concurrent.futures.Future[None]] = []
+        self._producer: AsyncProducer = self._loop.run(self._make(server, options))
 
-    async def _make(self, server, options) -> AsyncProducer:
+    async def _make(self, server: str | None, options: dict[str, Any]) -> AsyncProducer:
         return AsyncProducer(server, **options)
 
-    def _run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def __enter__(self) -> "Producer":
+    def __enter__(self) -> Producer:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def send(self, topic: str, value: bytes, **kwargs) -> concurrent.futures.Future:
-        result: concurrent.futures.Future = concurrent.futures.Future()
+    def send(self, topic: str, value: bytes, **kwargs: Any) -> concurrent.futures.Future[RecordMetadata]:
+        result: concurrent.futures.Future[RecordMetadata] = concurrent.futures.Future()
 
-        def copy(done: asyncio.Future) -> None:
-            if done.exception() is not None:
-                result.set_exception(done.exception())
+        def copy(done: asyncio.Future[RecordMetadata]) -> None:
+            error = done.exception()
+            if error is not None:
+                result.set_exception(error)
             else:
                 result.set_result(done.result())
 
@@ -404,37 +402,35 @@ class Producer:
                 record.add_done_callback(copy)
 
         # flush() waits for these, so a flush covers every send made before it.
-        self._enqueued.append(asyncio.run_coroutine_threadsafe(enqueue(), self._loop))
+        self._enqueued.append(self._loop.submit(enqueue()))
         if len(self._enqueued) > 10_000:
             self._enqueued = [f for f in self._enqueued if not f.done()]
         return result
 
-    def send_and_wait(self, topic: str, value: bytes, **kwargs) -> RecordMetadata:
-        return self._run(self._producer.send_and_wait(topic, value, **kwargs))
+    def send_and_wait(self, topic: str, value: bytes, **kwargs: Any) -> RecordMetadata:
+        return self._loop.run(self._producer.send_and_wait(topic, value, **kwargs))
 
-    def send_batch(self, topic: str, partition: int, values: Sequence[bytes]) -> RecordMetadata:
-        async def go():
+    def send_batch(self, topic: str, partition: int, values: Sequence[bytes] | pb.RecordSet) -> RecordMetadata:
+        async def go() -> RecordMetadata:
             return await (await self._producer.send_batch(topic, partition, values))
 
-        return self._run(go())
+        return self._loop.run(go())
 
     def flush(self) -> None:
         enqueued, self._enqueued = self._enqueued, []
         for future in enqueued:
             future.result()
-        self._run(self._producer.flush())
+        self._loop.run(self._producer.flush())
 
     def partition_count(self, topic: str) -> int:
-        return self._run(self._producer.partition_count(topic))
+        return self._loop.run(self._producer.partition_count(topic))
 
     def close(self) -> None:
-        if not self._loop.is_running():
+        if self._loop.closed:
             return
         try:
             for future in self._enqueued:
                 future.result()
-            self._run(self._producer.close())
+            self._loop.run(self._producer.close())
         finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(5)
             self._loop.close()

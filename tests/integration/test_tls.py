@@ -46,9 +46,7 @@ def tls_server(make_server, certs: Path, *, mutual: bool):
 
 
 def topics(address: str, security: Security) -> list[str]:
-    from streamd.client._channel import sync_channel
-
-    with Admin(address, channel=sync_channel(address, security=security)) as admin:
+    with Admin(address, security=security) as admin:
         return [t.name for t in admin.list_topics()]
 
 
@@ -106,7 +104,6 @@ def test_half_a_tls_config_is_refused():
 
 def test_a_client_certificate_names_its_principal_and_a_token_rides_on_tls(make_server, certs, tmp_path):
     from streamd.auth import new_token
-    from streamd.client._channel import sync_channel
     from streamd.client.errors import StreamdError as Error
 
     token, digest = new_token()
@@ -120,10 +117,10 @@ def test_a_client_certificate_names_its_principal_and_a_token_rides_on_tls(make_
     worker = Security(tls=True, ca_file=ca, cert_file=str(certs / "worker-1.pem"), key_file=str(certs / "worker-1.key"))
     ops = Security(tls=True, ca_file=ca, cert_file=str(certs / "worker-1.pem"), key_file=str(certs / "worker-1.key"),
                    token=token)
-    with Admin(server.address, channel=sync_channel(server.address, security=ops)) as admin:
+    with Admin(server.address, security=ops) as admin:
         admin.create_topic("jobs", 1)  # the token's principal (ops) wins over the certificate's
         admin.create_topic("other", 1)
-    with Admin(server.address, channel=sync_channel(server.address, security=worker)) as admin:
+    with Admin(server.address, security=worker) as admin:
         assert [t.name for t in admin.list_topics()] == ["jobs"]  # consume implies describe, on jobs only
         with pytest.raises(Error) as err:
             admin.create_topic("mine", 1)
