@@ -58,9 +58,10 @@ class LoopThread:
         """Run ``coro`` on the loop and return its result (or raise its exception),
         running meanwhile on this thread whatever it hands back (``on_caller``). An
         interrupt of this thread (KeyboardInterrupt) cancels the operation."""
-        if threading.current_thread() is self._thread:
+        if threading.current_thread() is self._thread or self.closed:
             coro.close()
-            raise RuntimeError("a blocking streamd client was called from its own event-loop thread")
+            raise RuntimeError("the client is closed" if self.closed else
+                               "a blocking streamd client was called from its own event-loop thread")
         inbox = _Inbox()
 
         async def operation() -> T:
@@ -127,3 +128,9 @@ def _resolve(future: asyncio.Future[T], result: T) -> None:
 def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
+
+
+def caller_waiting() -> bool:
+    """Whether a thread waits in ``LoopThread.run`` for the current operation."""
+    inbox = _INBOX.get()
+    return inbox is not None and inbox.open
