@@ -8,13 +8,18 @@ epoch bumped whenever the partition is (re)positioned or revoked. One Fetch per
 partition is always in flight (``_inflight``), the next one sent as soon as a reply
 arrives, before its records are handed out.
 
-Reading goes in turns (``Turn``: one Fetch reply with records). ``_turns`` applies
-assignments, picks the next reply and, after each turn, fetches the partition again
-from the record in hand if the caller left inside it; ``_hand_out`` yields a turn's
-records and counts whole batches as processed. ``_hand_out`` is plain Python with
-no awaits, so the blocking consumer runs it on the caller's thread (no thread hop
-per record) while the loop thread touches none of this state: the membership stream
-and the Fetch calls only queue events and wake the reader.
+Reading goes in rounds of turns (``Turn``: one Fetch reply with records; a round:
+the replies that had arrived). ``_rounds`` applies assignments, begins the turns of
+the next round (the next Fetch of each partition goes out) and, after the round,
+fetches a partition again from the record in hand if the caller left inside its
+reply; ``_hand_out`` yields a turn's records and counts whole batches as processed.
+Between turns of a round, what arrived meanwhile is applied first
+(``_between_turns``), so a revoked partition's turn is skipped.
+
+``_hand_out`` is plain Python with no awaits, so the blocking consumer runs it on the
+caller's thread (no thread hop per record, one per round) while the loop thread
+touches none of this state: the membership stream and the Fetch calls only queue
+events and wake the reader.
 
 Seams for the blocking consumer: ``_call`` (every unary call) and ``_callback``
 (``on_assign``/``on_revoke``).
@@ -27,7 +32,7 @@ import inspect
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
 from typing import Any, Self
 
 import grpc.aio
@@ -55,15 +60,15 @@ IDLE_WAIT_S = 0.02
 
 
 class Turn:
-    """One Fetch reply being handed out: its partition, where the reply starts
-    (``start``), the partition's epoch when it began, and whether every record of it
-    was asked past (``finished``)."""
+    """One Fetch reply to hand out: its partition, where the reply starts (``start``),
+    the partition's epoch when it began, whether its records started being handed out
+    and whether every one was asked past (``finished``)."""
 
-    __slots__ = ("tp", "reply", "start", "epoch", "finished")
+    __slots__ = ("tp", "reply", "start", "epoch", "started", "finished")
 
     def __init__(self, tp: TopicPartition, reply: pb.FetchResponse, start: int, epoch: int | None) -> None:
         self.tp, self.reply, self.start, self.epoch = tp, reply, start, epoch
-        self.finished = False
+        self.started = self.finished = False
 
 
 class AsyncGroupConsumer:
@@ -164,13 +169,18 @@ class AsyncGroupConsumer:
         """Records of the assigned partitions, as they arrive; stops after
         ``idle_timeout_s`` without records (None: never) or when closed."""
         self._reader = asyncio.current_task()
-        turns = self._turns(idle_timeout_s)
+        rounds = self._rounds(idle_timeout_s)
         try:
-            async for turn in turns:
-                for record in self._hand_out(turn):
-                    yield record
+            async for turns in rounds:
+                for turn in turns:
+                    if self._close_requested:
+                        break
+                    if self._between_turns():
+                        await self._apply_events()
+                    for record in self._hand_out(turn):
+                        yield record
         finally:
-            await turns.aclose()
+            await rounds.aclose()
             self._reader = None
             if self._close_requested and not self._closed:
                 await self._finish_close()
@@ -240,20 +250,21 @@ class AsyncGroupConsumer:
             await result
 
     # -- reading ----------------------------------------------------------------------
-    async def _turns(self, idle_timeout_s: float | None) -> AsyncIterator[Turn]:
-        """The replies to hand out, one ``Turn`` each, until idle for
-        ``idle_timeout_s`` or closed; after each (handed out or abandoned), the
-        partition is fetched again from the record in hand if the turn was left."""
+    async def _rounds(self, idle_timeout_s: float | None) -> AsyncGenerator[list[Turn], None]:
+        """The fetch rounds to hand out (the turns of the replies that had arrived),
+        until idle for ``idle_timeout_s`` or closed. After each round, handed out or
+        abandoned, a partition left inside its reply (or never reached) is fetched
+        again from the record in hand (or the reply's start)."""
         idle_since = time.monotonic()
         self._ready = None
         while not self._closed and not self._close_requested:
             got = 0
-            while (turn := await self._next_turn()) is not None:
-                got += len(turn.reply.batches)
+            while turns := await self._next_turns():
+                got += sum(len(turn.reply.batches) for turn in turns)
                 try:
-                    yield turn
+                    yield turns
                 finally:
-                    self._end_turn(turn)
+                    self._end_turns(turns)
                 if self._close_requested:
                     break
             if got:
@@ -262,10 +273,20 @@ class AsyncGroupConsumer:
                 return
             await self._maybe_autocommit()
 
+    def _between_turns(self) -> bool:
+        """Whether something must be applied before the next turn of a round (an
+        assignment arrived, the membership ended): ``_apply_events``, as the turns are
+        handed out one by one. Reads only (the blocking consumer asks from its thread)."""
+        return self._unapplied is not None or not self._events.empty() or self._membership is None
+
     def _hand_out(self, turn: Turn) -> Iterator[ConsumerRecord]:
         """The records of ``turn`` (plain Python work only: the blocking consumer runs
         it on the caller's thread, while the loop does nothing with this state)."""
         tp, epoch = turn.tp, turn.epoch
+        turn.started = True
+        if self._epochs.get(tp) != epoch:  # revoked or reset before its turn came
+            turn.finished = True
+            return
         for batch in turn.reply.batches:
             for record in iter_batch(batch, tp[0], tp[1], turn.start):
                 self._last = record  # the record in hand (cheap: no dict work per record)
@@ -277,27 +298,34 @@ class AsyncGroupConsumer:
             self.processed[tp] = batch.base_offset + batch.record_count
         turn.finished = True
 
-    def _end_turn(self, turn: Turn) -> None:
-        if not turn.finished and self._epochs.get(turn.tp) == turn.epoch:
-            # Left inside the reply: the rest of it (from the record in hand) is
-            # fetched again, so nothing is skipped.
-            last = self._last
-            self._refetch(turn.tp, last.offset if last is not None else turn.start)
+    def _end_turns(self, turns: list[Turn]) -> None:
+        for turn in turns:
+            if not turn.finished and self._epochs.get(turn.tp) == turn.epoch:
+                # Left inside the reply (or before it): the rest of it, from the record
+                # in hand, is fetched again, so nothing is skipped.
+                last = self._last if turn.started else None
+                self._refetch(turn.tp, last.offset if last is not None else turn.start)
 
-    async def _next_turn(self) -> Turn | None:
-        """The next reply of this fetch round with records, or None when the round is
-        over; a round starts with the replies that have arrived, in partition order,
-        after waiting (for a reply, an assignment or a close) when none has. Every
-        fetch long-polls, so an idle member costs the broker one Fetch per partition
-        per ``max_wait_ms``."""
+    async def _next_turns(self) -> list[Turn]:
+        """The turns of the next fetch round, in partition order ([] when there is none
+        yet, after waiting for a reply, an assignment or a close). An at-most-once
+        round is one reply (its batch is committed as its turn begins). Every fetch
+        long-polls, so an idle member costs the broker one Fetch per partition per
+        ``max_wait_ms``."""
         await self._apply_events()
         if self._ready is None:
             ready = sorted(tp for tp, call in self._inflight.items() if call.done())
             if not ready:
                 await self._sleep(IDLE_WAIT_S if self._inflight else IDLE_WAIT_S * 5)
-                return None
+                return []
             self._ready = ready
-        while self._ready:
+        elif not self._ready:
+            self._ready = None  # every reply of the round was taken: the round is over
+            return []
+        replies: list[tuple[TopicPartition, pb.FetchResponse]] = []
+        failed: list[tuple[TopicPartition, StreamdError]] = []
+        limit = 1 if self.delivery == "at-most-once" else len(self._ready)
+        while self._ready and len(replies) < limit:
             tp = self._ready.pop(0)
             call = self._inflight.get(tp)
             if call is None or not call.done():
@@ -309,21 +337,26 @@ class AsyncGroupConsumer:
             except (grpc.RpcError, asyncio.CancelledError) as err:
                 if self._closed or self._close_requested:
                     self._ready = None
-                    return None
+                    return []
                 self._inflight.pop(tp, None)
                 if isinstance(err, grpc.RpcError):
-                    await self._fetch_failed(tp, StreamdError.from_rpc_error(err))
+                    failed.append((tp, StreamdError.from_rpc_error(err)))
                 continue
             if reply.batches:
-                self._inflight[tp] = self._fetch(tp, reply.next_offset)
-                return await self._begin_turn(tp, reply)
-            self._inflight[tp] = self._fetch(tp, self.positions[tp])
-            await self._apply_events()
-        self._ready = None
-        return None
+                replies.append((tp, reply))
+            else:
+                self._inflight[tp] = self._fetch(tp, self.positions[tp])
+        if not self._ready and not replies:
+            self._ready = None
+        # Failures first: one may raise, and the replies are not begun yet (their
+        # calls stay in flight, done, and are read again by the next round).
+        for tp, error in failed:
+            await self._fetch_failed(tp, error)
+        return [await self._begin_turn(tp, reply) for tp, reply in replies]
 
     async def _begin_turn(self, tp: TopicPartition, reply: pb.FetchResponse) -> Turn:
         turn = Turn(tp, reply, self.positions[tp], self._epochs.get(tp))
+        self._inflight[tp] = self._fetch(tp, reply.next_offset)  # the next reply comes while this one is read
         self.positions[tp] = reply.next_offset
         if self.delivery == "at-most-once":
             await self._commit({tp: reply.next_offset})

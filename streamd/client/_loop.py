@@ -85,9 +85,16 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def close(self) -> None:
-        """Stop the loop and its thread (what is still scheduled is dropped)."""
+        """Stop the loop and its thread: the tasks still running (a grpc call's
+        request writer, say) are cancelled and given ``JOIN_TIMEOUT_S`` to end, as
+        ``asyncio.run`` does, then the loop stops."""
         if self.loop.is_closed():
             return
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            try:
+                asyncio.run_coroutine_threadsafe(_cancel_the_rest(), self.loop).result(JOIN_TIMEOUT_S)
+            except (concurrent.futures.TimeoutError, RuntimeError):
+                pass  # stop anyway
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(JOIN_TIMEOUT_S)
         if not self._thread.is_alive():
@@ -134,3 +141,13 @@ def caller_waiting() -> bool:
     """Whether a thread waits in ``LoopThread.run`` for the current operation."""
     inbox = _INBOX.get()
     return inbox is not None and inbox.open
+
+
+async def _cancel_the_rest() -> None:
+    current = asyncio.current_task()
+    rest = [task for task in asyncio.all_tasks() if task is not current]
+    for task in rest:
+        task.cancel()
+    if rest:
+        await asyncio.wait(rest, timeout=JOIN_TIMEOUT_S)
+    await asyncio.get_running_loop().shutdown_asyncgens()

@@ -74,15 +74,19 @@ import logging
 import random
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 
 from streamd.v1 import streamd_pb2 as pb
 from streamd.v1 import streamd_pb2_grpc as rpc
 
-from ._channel import Calls
+from ._channel import Calls, stub
 from .errors import OutcomeUnknown, ProduceError, StreamdError
 from .records import RecordMetadata
+
+#: The futures of a batch's records (one for a whole batch sent with ``send_batch``).
+Futures = list["asyncio.Future[RecordMetadata]"]
 
 DEFAULT_DELIVERY_TIMEOUT_MS = 120_000
 DEFAULT_REQUEST_TIMEOUT_MS = 30_000
@@ -118,7 +122,7 @@ class _Batch:
 
     __slots__ = ("queue", "batch", "futures", "whole", "record_count", "deadline", "written_at", "maybe_stored")
 
-    def __init__(self, queue: "_PartitionQueue", batch: pb.RecordBatch, futures: list, whole: bool,
+    def __init__(self, queue: _PartitionQueue, batch: pb.RecordBatch, futures: Futures, whole: bool,
                  count: int, deadline: float) -> None:
         self.queue = queue
         self.batch = batch
@@ -166,9 +170,9 @@ class _Stream:
 
     __slots__ = ("call", "reader", "waiting", "broken", "watchdog", "writing")
 
-    def __init__(self, call) -> None:
-        self.call = call
-        self.reader: asyncio.Task | None = None
+    def __init__(self, call: Any) -> None:
+        self.call = call  # a grpc.aio StreamStreamCall
+        self.reader: asyncio.Task[None] | None = None
         self.waiting: dict[int, _Batch] = {}
         self.broken = False
         self.watchdog: asyncio.TimerHandle | None = None
@@ -198,7 +202,7 @@ class Sender:
         if retry_backoff_ms < 0 or retry_backoff_max_ms < 0:
             raise ValueError("retry_backoff_ms and retry_backoff_max_ms must not be negative")
         self._channel = channel
-        self._log = rpc.LogServiceStub(channel)
+        self._log = stub(rpc.LogServiceStub, channel)
         self._calls = Calls(server, request_timeout_ms / 1000)
         self.idempotent = idempotent
         self.delivery_timeout_s = delivery_timeout_ms / 1000
@@ -217,13 +221,13 @@ class Sender:
         self._ids = itertools.count(1)
         self._producer_id: int | None = None
         self._stream: _Stream | None = None
-        self._readers: set[asyncio.Task] = set()
-        self._tasks: set[asyncio.Task] = set()  # producer-id renewals
+        self._readers: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()  # producer-id renewals
         self._unsettled = 0  # sealed batches not yet answered or failed for good
         self._idle: asyncio.Future[None] | None = None
-        self._drainer: asyncio.Task | None = None
+        self._drainer: asyncio.Task[None] | None = None
         self._reconnecting = False
-        self._reconnect_task: asyncio.Task | None = None
+        self._reconnect_task: asyncio.Task[None] | None = None
         self._attempt = 0
         self._last_error: BaseException | None = None
         self._expiry: asyncio.TimerHandle | None = None
@@ -289,7 +293,7 @@ class Sender:
         if stream is not None:
             self._cancel_watchdog(stream)
 
-    async def enqueue(self, topic: str, partition: int, batch: pb.RecordBatch, futures: list, whole: bool,
+    async def enqueue(self, topic: str, partition: int, batch: pb.RecordBatch, futures: Futures, whole: bool,
                       count: int, deadline: float) -> None:
         """Seal a batch (its sequence number is fixed here) and queue it for writing.
         ``futures``: one per record, or one for the whole batch (``whole``); each
@@ -323,7 +327,7 @@ class Sender:
             self._seal(topic, partition, batch, futures, whole, count, deadline)
         await self._drain()
 
-    def _seal(self, topic: str, partition: int, batch: pb.RecordBatch, futures: list, whole: bool,
+    def _seal(self, topic: str, partition: int, batch: pb.RecordBatch, futures: Futures, whole: bool,
               count: int, deadline: float) -> None:
         key = (topic, partition)
         queue = self._queues.get(key)
@@ -347,7 +351,7 @@ class Sender:
         """A new producer id, asked again (with backoff) until ``deadline``; a plain
         StreamdError when none came (nothing was sent under it)."""
         try:
-            reply = await self.call_retrying(self._log.InitProducer, pb.InitProducerRequest(), deadline=deadline,
+            reply: pb.InitProducerResponse = await self.call_retrying(self._log.InitProducer, pb.InitProducerRequest(), deadline=deadline,
                                              failed=self._remember)
         except TimeoutError:
             raise StreamdError("DEADLINE_EXCEEDED", "DELIVERY_TIMEOUT",
@@ -356,8 +360,8 @@ class Sender:
                                "nothing was sent") from None
         return reply.producer_id
 
-    async def call_retrying(self, method, request, *, failed: Callable[[StreamdError], object],
-                            deadline: float | None = None):
+    async def call_retrying(self, method: Any, request: Any, *, failed: Callable[[StreamdError], object],
+                            deadline: float | None = None) -> Any:
         """``method(request)`` (unary) until it answers: each attempt bounded by the
         request timeout (and ``deadline``, loop time; TimeoutError once it passed),
         backoff between attempts. ``FATAL_CODES`` are raised at once; ``failed`` is
@@ -712,7 +716,7 @@ class Sender:
     def backoff_s(self, attempt: int) -> float:
         """Exponential, capped, with +-20% jitter (Kafka's retry.backoff.max.ms)."""
         delay = min(self.retry_backoff_ms * 2 ** min(attempt - 1, 30), self.retry_backoff_max_ms)
-        return delay * self._random.uniform(0.8, 1.2) / 1000
+        return float(delay * self._random.uniform(0.8, 1.2) / 1000)
 
     # -- the delivery timeout -------------------------------------------------
     def _arm_expiry(self, when: float) -> None:
@@ -769,7 +773,7 @@ class Sender:
         queue = item.queue
         last = "" if cause is None else f" (last error: {cause})"
         return OutcomeUnknown(
-            code or getattr(cause, "code", "UNKNOWN"),
+            code or _code_of(cause),
             f"{item.record_count} record(s) for {queue.topic}/{queue.partition} may or may not have been stored: "
             f"{why}{last}",
             cause=cause, metadata={"topic": queue.topic, "partition": str(queue.partition)})
@@ -779,7 +783,13 @@ def _stream_ended() -> StreamdError:
     return StreamdError("UNAVAILABLE", "STREAM_CLOSED", "produce stream ended")
 
 
-def _fail_futures(futures: list, exc: BaseException) -> None:
+def _code_of(cause: BaseException | None) -> str:
+    """The code name a StreamdError cause carries ("UNKNOWN" for any other)."""
+    code = getattr(cause, "code", None)
+    return code if isinstance(code, str) else "UNKNOWN"
+
+
+def _fail_futures(futures: Futures, exc: BaseException) -> None:
     for f in futures:
         if not f.done():
             f.set_exception(exc)

@@ -30,6 +30,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
+from typing import Any, Self
 
 import grpc
 
@@ -37,7 +38,7 @@ from streamd._malloc import tune_malloc
 from streamd.v1 import streamd_pb2 as pb
 from streamd.v1 import streamd_pb2_grpc as rpc
 
-from ._channel import DEFAULT_TIMEOUT_S, Calls, Security, SyncClient, aio_channel, server_label
+from ._channel import DEFAULT_TIMEOUT_S, Calls, Security, SyncClient, aio_channel, server_label, stub
 from .errors import CorruptRecordsError, StreamdError
 from .records import ConsumerRecord, decode_batches, iter_batch
 
@@ -67,7 +68,8 @@ def resubscribe_at(err: grpc.RpcError, skip: bool) -> int:
     return skip_past(error, True)
 
 
-def _start_fields(offset: int | None, timestamp_ms: int | None, position: str | None) -> dict:
+def _start_fields(offset: int | None, timestamp_ms: int | None, position: str | None) -> dict[str, Any]:
+    """The one start field of a ListOffsets or Subscribe request (offset, time or position)."""
     if offset is not None:
         return {"offset": offset}
     if timestamp_ms is not None:
@@ -85,14 +87,15 @@ def fetch_future(
     max_bytes: int = 0,
     max_records: int = 0,
     timeout: float | None = None,
-) -> grpc.Future:
+) -> grpc.Future[pb.FetchResponse]:
     """A Fetch of partition ``key`` from ``offset`` on the wire (blocking stub);
     ``timeout``: its deadline in seconds (``Calls.deadline``)."""
     request = pb.FetchRequest(
         topic=key[0], partition=key[1], offset=offset, max_wait_ms=max_wait_ms, max_bytes=max_bytes,
         max_records=max_records,
     )
-    return stub.Fetch.future(request, timeout=timeout)
+    future: grpc.Future[pb.FetchResponse] = stub.Fetch.future(request, timeout=timeout)
+    return future
 
 
 class Consumer(SyncClient):
@@ -109,7 +112,8 @@ class Consumer(SyncClient):
     # -- assignment and positions -------------------------------------------
     def partition_count(self, topic: str, *, timeout_s: float | None = None) -> int:
         request = pb.DescribeTopicRequest(topic=topic)
-        return self._call(self._topics.DescribeTopic, request, timeout_s=timeout_s).topic.partition_count
+        reply: pb.DescribeTopicResponse = self._call(self._topics.DescribeTopic, request, timeout_s=timeout_s)
+        return reply.topic.partition_count
 
     def assign(self, topic: str, partitions: Iterable[int] | None = None, *, start: str = "beginning",
                timeout_s: float | None = None) -> None:
@@ -165,9 +169,10 @@ class Consumer(SyncClient):
         self.assign(topic, [p for (t, p) in self.positions if t == topic] or None, start="end")
 
     def list_offsets(self, topic: str, *, timestamp_ms: int | None = None, position: str = "earliest",
-                     timeout_s: float | None = None):
+                     timeout_s: float | None = None) -> list[pb.PartitionOffset]:
         request = pb.ListOffsetsRequest(topic=topic, **_start_fields(None, timestamp_ms, position))
-        return list(self._call(self._log.ListOffsets, request, timeout_s=timeout_s).offsets)
+        reply: pb.ListOffsetsResponse = self._call(self._log.ListOffsets, request, timeout_s=timeout_s)
+        return list(reply.offsets)
 
     # -- pull ------------------------------------------------------------------
     def fetch(
@@ -265,11 +270,12 @@ class Consumer(SyncClient):
             for future in inflight.values():
                 future.cancel()
 
-    def _fetch_future(self, key: tuple[str, int], offset: int, max_wait_ms: int, max_bytes: int = 0):
+    def _fetch_future(self, key: tuple[str, int], offset: int, max_wait_ms: int,
+                      max_bytes: int = 0) -> grpc.Future[pb.FetchResponse]:
         return fetch_future(self._log, key, offset, max_wait_ms=max_wait_ms, max_bytes=max_bytes,
                             timeout=self._calls.deadline(wait_s=max_wait_ms / 1000))
 
-    def _result(self, future, deadline: float) -> pb.FetchResponse:
+    def _result(self, future: grpc.Future[pb.FetchResponse], deadline: float) -> pb.FetchResponse:
         try:
             return future.result()
         except grpc.RpcError as err:
@@ -319,13 +325,13 @@ class AsyncConsumer:
         self._calls = Calls(server_label(server, channel), timeout_s)
         self._own_channel = channel is None
         self._channel = channel or aio_channel(server, security=security)
-        self._log = rpc.LogServiceStub(self._channel)
-        self._topics = rpc.TopicServiceStub(self._channel)
+        self._log = stub(rpc.LogServiceStub, self._channel)
+        self._topics = stub(rpc.TopicServiceStub, self._channel)
 
-    async def __aenter__(self) -> "AsyncConsumer":
+    async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     async def close(self) -> None:
@@ -333,9 +339,9 @@ class AsyncConsumer:
             await self._channel.close()
 
     async def fetch(self, topic: str, partition: int, offset: int, *, timeout_s: float | None = None,
-                    **limits) -> tuple[list[ConsumerRecord], pb.FetchResponse]:
+                    **limits: int) -> tuple[list[ConsumerRecord], pb.FetchResponse]:
         request = pb.FetchRequest(topic=topic, partition=partition, offset=offset, **limits)
-        reply = await self._calls.acall(self._log.Fetch, request, timeout_s=timeout_s,
+        reply: pb.FetchResponse = await self._calls.acall(self._log.Fetch, request, timeout_s=timeout_s,
                                         wait_s=limits.get("max_wait_ms", 0) / 1000)
         return decode_batches(reply.batches, topic, partition, offset), reply
 
@@ -351,7 +357,9 @@ class AsyncConsumer:
     ) -> AsyncIterator[ConsumerRecord]:
         """Records of several partitions as they arrive (order kept per partition)."""
         if partitions is None:
-            reply = await self._calls.acall(self._topics.DescribeTopic, pb.DescribeTopicRequest(topic=topic))
+            described: pb.DescribeTopicResponse = await self._calls.acall(
+                self._topics.DescribeTopic, pb.DescribeTopicRequest(topic=topic))
+            reply = described
             partitions = range(reply.topic.partition_count)
         partitions = list(partitions)
         if len(partitions) == 1:  # no merging needed: read the stream directly
@@ -359,7 +367,7 @@ class AsyncConsumer:
                                              offset or 0):
                 yield record
             return
-        queue: asyncio.Queue = asyncio.Queue(queue_size)
+        queue: asyncio.Queue[list[ConsumerRecord] | StreamdError] = asyncio.Queue(queue_size)
 
         async def pump(partition: int) -> None:
             start_fields, start = _start_fields(offset, timestamp_ms, position), offset or 0
@@ -391,7 +399,8 @@ class AsyncConsumer:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _stream(self, topic: str, partition: int, start_fields: dict, start: int) -> AsyncIterator[ConsumerRecord]:
+    async def _stream(self, topic: str, partition: int, start_fields: dict[str, Any],
+                      start: int) -> AsyncIterator[ConsumerRecord]:
         """One partition's Subscribe stream, resubscribed past damaged records when
         skipping them."""
         while True:

@@ -21,6 +21,8 @@ record not sent within the producer's ``delivery_timeout_ms`` is
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -35,11 +37,13 @@ class StreamdError(Exception):
         self.metadata = dict(metadata or {})
 
     @classmethod
-    def from_rpc_error(cls, err: grpc.RpcError) -> "StreamdError":
-        code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    def from_rpc_error(cls, err: grpc.RpcError) -> StreamdError:
+        # A failed call's RpcError is also its grpc.Call (code, details, trailers).
+        call: Any = err
+        code = call.code() if hasattr(call, "code") else grpc.StatusCode.UNKNOWN
         reason, metadata = "", {}
         try:
-            status = rpc_status.from_call(err)
+            status = rpc_status.from_call(call)
         except Exception:
             status = None
         if status is not None:
@@ -47,7 +51,7 @@ class StreamdError(Exception):
                 info = error_details_pb2.ErrorInfo()
                 if detail.Unpack(info):
                     reason, metadata = info.reason, dict(info.metadata)
-        details = err.details() if hasattr(err, "details") else str(err)
+        details = call.details() if hasattr(call, "details") else str(err)
         if cls is StreamdError and reason == CorruptRecordsError.REASON and "next_offset" in metadata:
             return CorruptRecordsError(code.name, reason, details or "", metadata)
         return cls(code.name, reason, details or "", metadata)

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncGenerator, Iterable, Iterator
 from typing import Any, Self
 
 from ._channel import DEFAULT_TIMEOUT_S, Security
@@ -148,17 +148,22 @@ class GroupConsumer:
     # -- public ---------------------------------------------------------------------
     def records(self, *, idle_timeout_s: float | None = None) -> Iterator[ConsumerRecord]:
         """As ``AsyncGroupConsumer.records``; the records are handed out on this
-        thread, one hop to the loop per Fetch reply."""
+        thread, one hop to the loop per fetch round."""
         engine = self._engine
         self._reader = threading.get_ident()
-        turns = engine._turns(idle_timeout_s)
+        rounds = engine._rounds(idle_timeout_s)
         try:
             # A close() in the loop's body ends it after the turn in hand.
-            while not self._loop.closed and (turn := self._loop.run(_next(turns))) is not None:
-                yield from engine._hand_out(turn)
+            while not self._loop.closed and (turns := self._loop.run(_next(rounds))):
+                for turn in turns:
+                    if engine._close_requested or self._loop.closed:
+                        break
+                    if engine._between_turns():
+                        self._loop.run(engine._apply_events())
+                    yield from engine._hand_out(turn)
         finally:
             if not self._loop.closed:
-                self._loop.run(turns.aclose())
+                self._loop.run(rounds.aclose())
             self._reader = None
             if engine._close_requested and not engine._closed:
                 self._shutdown()
@@ -203,8 +208,8 @@ class GroupConsumer:
         return self._loop.run(self._engine._calls.acall(method, request))
 
 
-async def _next(turns: AsyncIterator[Turn]) -> Turn | None:
+async def _next(rounds: AsyncGenerator[list[Turn], None]) -> list[Turn]:
     try:
-        return await anext(turns)
+        return await anext(rounds)
     except StopAsyncIteration:
-        return None
+        return []

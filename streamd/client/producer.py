@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -51,7 +51,7 @@ from streamd.partitioner import key_partition
 from streamd.v1 import streamd_pb2 as pb
 from streamd.v1 import streamd_pb2_grpc as rpc
 
-from ._channel import Calls, Security, aio_channel, server_label
+from ._channel import Calls, Security, aio_channel, server_label, stub
 from ._loop import LoopThread
 from ._sender import (
     DEFAULT_DELIVERY_TIMEOUT_MS,
@@ -124,7 +124,7 @@ class AsyncProducer:
         tune_malloc()
         self._own_channel = channel is None
         self._channel = channel or aio_channel(server, security=security, extra_options=_RECONNECT_OPTIONS)
-        self._topics = rpc.TopicServiceStub(self._channel)
+        self._topics = stub(rpc.TopicServiceStub, self._channel)
         label = server_label(server, channel)
         self._sender = Sender(self._channel, idempotent=idempotent, max_in_flight=max_in_flight,
                               delivery_timeout_ms=delivery_timeout_ms, request_timeout_ms=request_timeout_ms,
@@ -139,13 +139,13 @@ class AsyncProducer:
         self._partition_counts: dict[str, int] = {}  # known: kept
         self._lookups: dict[str, _Lookup] = {}  # in progress
         self._sticky: dict[str, int] = {}
-        self._shipping: set[asyncio.Future] = set()  # linger-expired batches being sealed
+        self._shipping: set[asyncio.Future[None]] = set()  # linger-expired batches being sealed
         self._closed = False
 
     async def __aenter__(self) -> "AsyncProducer":
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     @property
@@ -213,7 +213,7 @@ class AsyncProducer:
             raise RuntimeError("producer is closed")
         record_set = pb.RecordSet()
         add_record(record_set, value, key, headers, timestamp_ms, idempotency_key)
-        future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[RecordMetadata] = asyncio.get_running_loop().create_future()
         deadline = self._sender.deadline()
         async with self._order:
             if partition is None:
@@ -283,7 +283,8 @@ class AsyncProducer:
             f"record(s) for {topic} not stored: its partition count was not known within delivery_timeout_ms="
             f"{self._sender.delivery_timeout_s * 1000:g}{_last(last)}"))
 
-    async def _wait_lookup(self, topic: str, deadline: float, timed_out) -> int:
+    async def _wait_lookup(self, topic: str, deadline: float,
+                           timed_out: Callable[[StreamdError | None], StreamdError]) -> int:
         """Wait for the topic's shared lookup until ``deadline`` (loop time), then
         raise ``timed_out(last error)``; the lookup goes on for the other waiters and
         is given up when none is left. Concurrent waiters resume in the order they
@@ -320,10 +321,11 @@ class AsyncProducer:
         bounded by the request timeout, backoff between them. Keeps the count; a
         failure is not kept (the lookup leaves ``_lookups`` either way)."""
         try:
-            reply = await self._sender.call_retrying(
+            reply: pb.DescribeTopicResponse = await self._sender.call_retrying(
                 self._topics.DescribeTopic, pb.DescribeTopicRequest(topic=topic),
                 failed=lambda exc: setattr(lookup, "last_error", exc))
-            count = self._partition_counts[topic] = reply.topic.partition_count
+            count: int = reply.topic.partition_count
+            self._partition_counts[topic] = count
             return count
         finally:
             if self._lookups.get(topic) is lookup:
