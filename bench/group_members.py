@@ -116,7 +116,7 @@ def _await_command(conn: Connection, gc, reporter: _Reporter, deadline: float) -
 
 def _throughput_member(conn: Connection, index: int, address: str, group: str, topic: str,
                        ends: list[int], params: Params, deadline: float) -> None:
-    from streamd.client.group import GroupConsumer
+    from streamd.client import GroupConsumer
 
     gc = None
     try:
@@ -162,7 +162,7 @@ def _live_member(conn: Connection, index: int, address: str, group: str, topic: 
                  params: Params, deadline: float) -> None:
     """Consume until told to leave or stop; report the first record of every partition
     as it is assigned (time of the record, time of the assignment)."""
-    from streamd.client.group import GroupConsumer
+    from streamd.client import GroupConsumer
 
     fresh: dict[int, float] = {}
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from streamd.client import Consumer, Producer
-from streamd.client.errors import StreamdError
+from streamd.client import Consumer, Producer, StreamdError
 from tests.fs import Ballast, fill
 
 #: The only answer a produce (commit, settlement, ...) may get for lack of space.

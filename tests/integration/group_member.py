@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 
-from streamd.client.group import GroupConsumer
+from streamd.client import GroupConsumer
 
 
 def main(address: str, group: str, topic: str, name: str) -> None:

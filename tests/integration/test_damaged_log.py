@@ -22,8 +22,7 @@ import pytest
 
 from segments.batch import iter_headers
 from streamd.cli.main import main
-from streamd.client import AsyncConsumer, Consumer, CorruptRecordsError
-from streamd.client.group import GroupConsumer
+from streamd.client import AsyncConsumer, Consumer, CorruptRecordsError, GroupConsumer
 from streamd.testing import FakeClock
 from streamd.v1 import streamd_pb2 as pb
 from tests.conftest import ROOT

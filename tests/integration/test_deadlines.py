@@ -20,8 +20,16 @@ import threading
 import pytest
 
 from streamd.cli.main import main
-from streamd.client import Admin, AsyncConsumer, AsyncProducer, Consumer, OutcomeUnknown, Producer, StreamdError
-from streamd.client.group import GroupConsumer
+from streamd.client import (
+    Admin,
+    AsyncConsumer,
+    AsyncProducer,
+    Consumer,
+    GroupConsumer,
+    OutcomeUnknown,
+    Producer,
+    StreamdError,
+)
 from streamd.client.queue import AsyncQueueReceiver, QueueReceiver
 
 from ..conftest import ROOT

@@ -12,8 +12,7 @@ import os
 import grpc
 import pytest
 
-from streamd.client import Admin, Producer
-from streamd.client.errors import StreamdError
+from streamd.client import Admin, Producer, StreamdError
 from streamd.client.records import values_batch
 from streamd.v1 import streamd_pb2 as pb
 from tests.conftest import wait_until

@@ -12,8 +12,7 @@ import grpc
 import pytest
 
 from streamd.cli.main import main
-from streamd.client import Admin, Producer
-from streamd.client.group import GroupConsumer
+from streamd.client import Admin, GroupConsumer, Producer
 from streamd.testing import FakeClock
 from streamd.v1 import streamd_pb2 as pb
 from tests.conftest import wait_until
@@ -522,7 +521,7 @@ def test_close_from_another_thread_ends_the_reading_loop_cleanly(server):
 
 
 def test_a_transient_commit_failure_does_not_stop_reading(server):
-    from streamd.client.errors import StreamdError
+    from streamd.client import StreamdError
 
     with Admin(server.address) as admin, Producer(server.address) as p:
         admin.create_topic("t", 1)

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import json
 
-from streamd.client import Admin, Producer
-from streamd.client.group import GroupConsumer
+from streamd.client import Admin, GroupConsumer, Producer
 
 from ..conftest import wait_until
 

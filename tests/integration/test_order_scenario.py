@@ -16,8 +16,7 @@ import threading
 
 import pytest
 
-from streamd.client import Admin, Consumer, Producer
-from streamd.client.group import GroupConsumer
+from streamd.client import Admin, Consumer, GroupConsumer, Producer
 from streamd.client.queue import QueueReceiver
 from tests.conftest import ROOT, wait_until
 

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from streamd.client import Admin
+from streamd.client import Admin, StreamdError
 from streamd.client._channel import Security
-from streamd.client.errors import StreamdError
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 
@@ -104,7 +103,7 @@ def test_half_a_tls_config_is_refused():
 
 def test_a_client_certificate_names_its_principal_and_a_token_rides_on_tls(make_server, certs, tmp_path):
     from streamd.auth import new_token
-    from streamd.client.errors import StreamdError as Error
+    from streamd.client import StreamdError as Error
 
     token, digest = new_token()
     auth = tmp_path / "auth.toml"

@@ -48,7 +48,7 @@ def test_every_class_of_a_public_submodule_is_exported():
 
 def test_classes_users_import_from_submodules_are_exported():
     """Every class the docs, tests, benchmarks or CLI import from a public submodule
-    (``from streamd.client.group import GroupConsumer``) is in ``__all__``."""
+    (``from streamd.client.<module> import <Class>``) is in ``__all__``."""
     sources = [*ROOT.glob("*.md"), *ROOT.glob("docs/**/*.md"), *ROOT.glob("tests/**/*.py"),
                *ROOT.glob("bench/**/*.py"), *ROOT.glob("streamd/cli/**/*.py")]
     missing = set()
