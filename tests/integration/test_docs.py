@@ -501,3 +501,34 @@ def test_error_table_lists_every_reason_under_its_code():
         if f"`{reason}`" not in documented:
             missing.append(reason)
     assert not missing, "docs/wire.md does not list:\n" + "\n".join(missing)
+
+
+def test_every_path_and_link_the_docs_name_exists():
+    """Repository paths in code spans (`streamd/auth.py`, `deploy/k8s`) and relative links
+    resolve, so a moved module or page shows up here."""
+    missing = []
+    for doc in [*DOCS, ROOT / "bench" / "README.md", ROOT / "deploy" / "README.md", ROOT / "CHANGELOG.md"]:
+        text = doc.read_text()
+        for path in re.findall(r"`((?:streamd|segments|consumer_groups|tests|deploy|bench|proto|docs)/[\w./-]*)`", text):
+            if not (ROOT / path.rstrip("/.")).exists() and "<" not in path:
+                missing.append(f"{doc.relative_to(ROOT)}: `{path}`")
+        for link in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
+            if not (doc.parent / link).exists():
+                missing.append(f"{doc.relative_to(ROOT)}: ({link})")
+    assert not missing, "the docs name paths that do not exist:\n" + "\n".join(missing)
+
+
+def anchors(doc: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to dashes."""
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.*)$", doc.read_text(), re.M)}
+
+
+def test_every_anchor_a_link_names_exists():
+    broken = []
+    for doc in [*DOCS, ROOT / "bench" / "README.md"]:
+        for target, anchor in re.findall(r"\]\(([^)#:]*)#([^)]+)\)", doc.read_text()):
+            page = (doc.parent / target) if target else doc
+            if page.exists() and anchor not in anchors(page):
+                broken.append(f"{doc.relative_to(ROOT)}: {target}#{anchor}")
+    assert not broken, "links to headings that do not exist:\n" + "\n".join(broken)
