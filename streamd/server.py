@@ -33,13 +33,13 @@ from grpc_reflection.v1alpha import reflection
 
 from consumer_groups.coordinator import Coordinator
 from consumer_groups.offsets import OffsetStore
-from consumer_groups.queue_store import QueueStore
+from consumer_groups.queue.engine import TICK_MS, QueueEngine
+from consumer_groups.queue.store import QueueStore
 from streamd import __version__, logs
 from streamd._malloc import tune_malloc
 from streamd.addresses import is_loopback
 from streamd.auth import Authority
 from streamd.broker.broker import Broker
-from streamd.broker.queues import TICK_MS, QueueEngine
 from streamd.broker.topic import TopicSettings
 from streamd.clock import Clock, SystemClock
 from streamd.config import BrokerConfig

@@ -111,7 +111,7 @@ class Sources:
     fsync: Histogram
     rpcs: dict[str, RpcStats] | None = None
     groups: object | None = None  # streamd.service.group_service.GroupService
-    queues: object | None = None  # streamd.broker.queues.QueueEngine
+    queues: object | None = None  # consumer_groups.queue.engine.QueueEngine
 
 
 def take(src: Sources) -> Snapshot:

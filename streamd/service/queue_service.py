@@ -1,14 +1,14 @@
-"""streamd.v1.QueueService: queue groups over gRPC (see ``streamd.broker.queues``)."""
+"""streamd.v1.QueueService: queue groups over gRPC (see ``consumer_groups.queue.engine``)."""
 
 from __future__ import annotations
 
 import asyncio
 
-from consumer_groups.queue import PartitionQueue, QueueConfig
-from consumer_groups.queue_store import QueueGroup
-from consumer_groups.retry import RetryPolicy
+from consumer_groups.queue.engine import Leased, QueueEngine
+from consumer_groups.queue.retry import RetryPolicy
+from consumer_groups.queue.store import QueueGroup
+from consumer_groups.queue.window import PartitionQueue, QueueConfig
 from streamd.broker.errors import BrokerUnavailable, InvalidArgument
-from streamd.broker.queues import Leased, QueueEngine
 from streamd.v1 import streamd_pb2 as pb
 
 from .errors import stream_error

@@ -46,7 +46,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import LeaseExpired
+from ..errors import LeaseExpired
 from .retry import RetryPolicy
 
 FREE, AVAILABLE, LEASED, WAITING, BLOCKED, DEAD_LETTERING, SETTLED = range(7)

@@ -45,19 +45,19 @@ from typing import NamedTuple
 import lz4.frame
 import numpy as np
 
-from consumer_groups.coordinator import check_group_name
-from consumer_groups.errors import LeaseExpired, QueueGroupExists, QueueGroupNotFound
-from consumer_groups.queue import DEAD_LETTERING, Lease, PartitionQueue, QueueConfig, check_lease_ms, offset_runs
-from consumer_groups.queue_store import QueueGroup, QueueStore
 from segments import CorruptRecords, OffsetOutOfRange
 from segments.batch import iter_headers
+from streamd.broker.broker import Broker
+from streamd.broker.errors import InvalidArgument, InvalidTopicName, TopicAlreadyExists, TopicNotFound
+from streamd.broker.topic import MAX_TOPIC_NAME_CHARS, check_topic_name
 from streamd.client.records import batch_records, record_runs
 from streamd.v1 import streamd_pb2 as pb
 from streamd.wire_pb2 import DeliveryTimesSet
 
-from .broker import Broker
-from .errors import InvalidArgument, InvalidTopicName, TopicAlreadyExists, TopicNotFound
-from .topic import MAX_TOPIC_NAME_CHARS, check_topic_name
+from ..coordinator import check_group_name
+from ..errors import LeaseExpired, QueueGroupExists, QueueGroupNotFound
+from .store import QueueGroup, QueueStore
+from .window import DEAD_LETTERING, Lease, PartitionQueue, QueueConfig, check_lease_ms, offset_runs
 
 log = logging.getLogger("streamd.queues")
 

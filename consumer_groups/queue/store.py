@@ -47,8 +47,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .journal import DEFAULT_COMPACT_BYTES, Journal
-from .queue import (
+from ..journal import DEFAULT_COMPACT_BYTES, Journal
+from .retry import RetryPolicy
+from .window import (
     DEAD_LETTERING,
     MAX_IN_FLIGHT,
     WAITING,
@@ -59,7 +60,6 @@ from .queue import (
     expand_ranges,
     offset_runs,
 )
-from .retry import RetryPolicy
 
 JOURNAL_NAME = "queues.journal"
 
