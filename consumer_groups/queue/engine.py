@@ -50,7 +50,7 @@ from segments.batch import iter_headers
 from streamd.broker.broker import Broker
 from streamd.broker.errors import InvalidArgument, InvalidTopicName, TopicAlreadyExists, TopicNotFound
 from streamd.broker.topic import MAX_TOPIC_NAME_CHARS, check_topic_name
-from streamd.client.records import batch_records, record_runs
+from streamd.codec import batch_records, record_runs
 from streamd.v1 import streamd_pb2 as pb
 from streamd.wire_pb2 import DeliveryTimesSet
 
