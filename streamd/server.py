@@ -32,6 +32,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from consumer_groups.coordinator import Coordinator
+from consumer_groups.expiry import expire_groups
 from consumer_groups.offsets import OffsetStore
 from consumer_groups.queue.engine import TICK_MS, QueueEngine
 from consumer_groups.queue.store import QueueStore
@@ -47,7 +48,7 @@ from streamd.metrics.exporter import MetricsExporter
 from streamd.metrics.instruments import FSYNC_BUCKETS_SECONDS, Histogram, Traffic
 from streamd.metrics.rpc_metrics import RpcMetrics
 from streamd.metrics.snapshot import Sources
-from streamd.service.group_service import GroupService, expire_groups
+from streamd.service.group_service import GroupService
 from streamd.service.guard import Guard
 from streamd.service.handlers import Admission, generic_handler
 from streamd.service.log_service import REQUEST_VIEWS, LogService
@@ -169,7 +170,7 @@ class Server:
             log.warning("!!! no auth_file: anyone who can reach %s can read, write and delete everything "
                         "(set auth_file, and TLS) !!!", self.config.listen)
         if rpc_metrics is not None:
-            sources = Sources(self.broker, self.traffic, self.fsync_seconds, rpc_metrics.rpcs, groups, self.queues)
+            sources = Sources(self.broker, self.traffic, self.fsync_seconds, rpc_metrics.rpcs, groups.view, self.queues)
             self.metrics = MetricsExporter(sources, loop)
             self.metrics_port = self.metrics.start(self.config.metrics_listen)
         await self.grpc.start()
