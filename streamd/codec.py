@@ -100,7 +100,7 @@ def batch_window(base_offset: int, count: int, first_offset: int, last_offset: i
 
 def record_runs(
     batches: Iterable[pb.RecordBatch], ranges: Iterable[tuple[int, int, T]]
-) -> Iterator[tuple[T, int, int, list[pb.Record]]]:
+) -> Iterator[tuple[T, int, int, Sequence[pb.Record]]]:
     """The records of one partition's stored ``batches`` whose offsets lie in
     ``ranges`` (``(first_offset, last_offset, tag)``, both ends included), as runs
     ``(tag, offset of the run's first record, the batch's append_time_ms, records)``:

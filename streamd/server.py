@@ -143,9 +143,9 @@ class Server:
             clock = self.broker.clock
             guard = Guard(Authority.load(Path(self.config.auth_file)), clock=lambda: clock.now_ms() / 1000)
         if guard is not None:
-            guard.derived["@group_topics"] = lambda request: sorted(groups.group_topics(request.group))
+            guard.derived["@group_topics"] = lambda request: sorted(groups.view.topics(request.group))
             guard.derived["@group_topics_if_all"] = (
-                lambda request: sorted(groups.group_topics(request.group)) if request.all_topics else [])
+                lambda request: sorted(groups.view.topics(request.group)) if request.all_topics else [])
         self.grpc_guard = guard
         wiring = {"admission": self.admission, "guard": guard, "rpc_metrics": rpc_metrics}
         self.grpc.add_generic_rpc_handlers(

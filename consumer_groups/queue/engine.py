@@ -41,7 +41,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import lz4.frame
 import numpy as np
@@ -272,7 +272,9 @@ class QueueEngine:
         """Until new records, a due timer or a settlement may make records available."""
         event = self._changed.setdefault((g.name, g.topic), asyncio.Event())
         event.clear()
-        waits = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(asyncio.shield(self.broker.stopping()))]
+        waits: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(event.wait()), asyncio.ensure_future(asyncio.shield(self.broker.stopping()))
+        ]
         t = self.broker.topics.get(g.topic)
         if t is not None:
             for p, q in g.partitions.items():

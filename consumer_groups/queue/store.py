@@ -221,8 +221,8 @@ class QueueStore:
         handler = _REPLAY.get(kind)
         if handler is None:
             raise ValueError(f"unknown operation {kind!r}")
-        group = self.groups.get((op["g"], op["t"]))
-        q = group.partitions.get(int(op["p"])) if group is not None else None
+        owner = self.groups.get((op["g"], op["t"]))
+        q = owner.partitions.get(int(op["p"])) if owner is not None else None
         if q is None:
             return  # written for a group deleted just before (a dead letter finishing late)
         handler(q, op)

@@ -86,7 +86,7 @@ class ConsumerRecord(RecordFields):
         self._record = record
         self._append_time_ms = append_time_ms
 
-    def _fields(self) -> tuple:
+    def _fields(self) -> tuple[object, ...]:
         return (self.topic, self.partition, self.offset, self.timestamp_ms, self.key, self.value, self.headers)
 
     def __eq__(self, other: object) -> bool:

@@ -6,6 +6,7 @@ them)."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from consumer_groups.queue.engine import Leased, QueueEngine
 from consumer_groups.queue.retry import RetryPolicy
@@ -134,7 +135,8 @@ class QueueService:
                 if credit <= 0:
                     more.clear()
                     waiter = asyncio.ensure_future(more.wait())
-                    await asyncio.wait([waiter, reader, stopping], return_when=asyncio.FIRST_COMPLETED)
+                    waits: list[asyncio.Future[Any]] = [waiter, reader, stopping]
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                     waiter.cancel()
                     continue
                 wait = pb.ReceiveRequest()
@@ -219,9 +221,9 @@ class QueueService:
                 add(error=stream_error(result))
             elif isinstance(result, tuple):  # a range
                 settled, refused, expires, error = result
-                r = add(settled=settled, refused=refused, lease_expires_ms=expires or 0)
+                out = add(settled=settled, refused=refused, lease_expires_ms=expires or 0)
                 if error is not None:
-                    r.error.CopyFrom(stream_error(error))
+                    out.error.CopyFrom(stream_error(error))
             else:
                 add(lease_expires_ms=result)
         return response
