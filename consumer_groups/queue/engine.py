@@ -629,8 +629,8 @@ def _decoded(frames: bytes, offsets: np.ndarray, budget: int, *, first: bool) ->
     ``first``), how many of the offsets that is and the bytes they take."""
     found: dict[int, tuple[pb.Record, int]] = {}
     runs = ((first, last, None) for first, last in offset_runs(offsets))
-    for _, first, append_time, records in record_runs(pb.FetchResponse.FromString(frames).batches, runs):
-        for i, r in enumerate(records, first):
+    for _, run_first, append_time, records in record_runs(pb.FetchResponse.FromString(frames).batches, runs):
+        for i, r in enumerate(records, run_first):
             found[i] = (r, append_time)
     out: dict[int, tuple[pb.Record, int]] = {}
     size = 0
