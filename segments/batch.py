@@ -41,8 +41,9 @@ _TAGS = (0x0D, 0x11, 0x19, 0x25)
 MAX_FRAME_BYTES = (1 << 31) - 1  # positions in the offset index are uint32
 
 
-class BatchHeader(NamedTuple):
-    """The fixed header of one stored frame at a byte ``position`` of a file."""
+class FrameHeader(NamedTuple):
+    """The fixed header of one stored frame at a byte ``position`` of a file (or of
+    the data a read returned). Public as ``segments.FrameHeader``."""
 
     position: int
     size: int  # whole frame, header included
@@ -62,6 +63,11 @@ class BatchHeader(NamedTuple):
     @property
     def end(self) -> int:
         return self.position + self.size
+
+    @property
+    def body_position(self) -> int:
+        """Where the producer's part of the frame (``body_of``) starts."""
+        return self.position + HEADER_SIZE
 
 
 def _varint5(value: int) -> bytes:
@@ -93,7 +99,7 @@ def encode_frame(body: bytes, *, base_offset: int, append_time_ms: int, record_c
     return b"".join((bytes((FRAME_TAG,)), _varint5(size - 6), struct.pack("<BI", 0x0D, crc), tail, body))
 
 
-def read_header(buf, position: int, limit: int) -> BatchHeader | None:
+def read_header(buf, position: int, limit: int) -> FrameHeader | None:
     """The header of the frame at ``position``, or None where no well-formed frame
     header fits before ``limit`` (end of data, zero fill, or garbage).
 
@@ -109,7 +115,7 @@ def read_header(buf, position: int, limit: int) -> BatchHeader | None:
         return None
     if count < 1 or base < 0:
         return None
-    return BatchHeader(position, length + 6, crc, base, append, count)
+    return FrameHeader(position, length + 6, crc, base, append, count)
 
 
 def claimed_frame_size(buf, position: int, limit: int) -> int | None:
@@ -122,7 +128,7 @@ def claimed_frame_size(buf, position: int, limit: int) -> int | None:
     return None if length is None else length + 6
 
 
-def iter_headers(buf, position: int = 0, limit: int | None = None) -> Iterator[BatchHeader]:
+def iter_headers(buf, position: int = 0, limit: int | None = None) -> Iterator[FrameHeader]:
     """Headers of consecutive well-formed frames from ``position``; stops at the first
     position that does not hold one (end of data, zero fill or garbage)."""
     limit = len(buf) if limit is None else limit
@@ -134,7 +140,14 @@ def iter_headers(buf, position: int = 0, limit: int | None = None) -> Iterator[B
         position = header.end
 
 
-def crc_ok(buf, header: BatchHeader) -> bool:
+def iter_frames(data: bytes | memoryview) -> Iterator[FrameHeader]:
+    """The headers of the frames in ``data``, a run of whole stored frames as a read
+    returns them (``PartitionLog.read``), positions relative to ``data``. Public as
+    ``segments.iter_frames``: the one way above storage to walk stored frames."""
+    return iter_headers(data)
+
+
+def crc_ok(buf, header: FrameHeader) -> bool:
     """Whether the frame's bytes still match its checksum."""
     view = memoryview(buf)[header.position + CRC_START : header.end]
     try:

@@ -49,7 +49,7 @@ import zlib
 from pathlib import Path
 from typing import NamedTuple
 
-from .batch import CRC_START, FRAME_TAG, HEADER_SIZE, BatchHeader, crc_ok, read_header
+from .batch import CRC_START, FRAME_TAG, HEADER_SIZE, FrameHeader, crc_ok, read_header
 from .index import OFFSET_ENTRY
 
 #: Causes, as messages and metadata show them (stable words; no paths, no positions).
@@ -76,7 +76,7 @@ class DamagedRange(NamedTuple):
         return self.last_offset + 1
 
 
-def valid_frame(buf, position: int, limit: int, above: int, below: int | None) -> BatchHeader | None:
+def valid_frame(buf, position: int, limit: int, above: int, below: int | None) -> FrameHeader | None:
     """The frame at ``position`` if its header parses, its CRC matches and its base
     offset is in ``(above, below)`` (``below`` None: no upper bound)."""
     header = read_header(buf, position, limit)
@@ -196,7 +196,7 @@ def check_tail(log_path: Path, index_path: Path, *, size: int, base_offset: int,
         os.close(fd)
 
 
-def _frame_crc_ok(fd: int, header: BatchHeader) -> bool:
+def _frame_crc_ok(fd: int, header: FrameHeader) -> bool:
     frame = os.pread(fd, header.size, header.position)
     return len(frame) == header.size and crc_ok(frame, header._replace(position=0))
 

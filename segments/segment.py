@@ -62,7 +62,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import damage as damages
-from .batch import BatchHeader, crc_ok, iter_headers, read_header
+from .batch import FrameHeader, crc_ok, iter_headers, read_header
 from .damage import CHECKSUM, HEADER, TRUNCATED, DamagedRange
 from .errors import CorruptBatch, CorruptRecords, StorageError, is_disk_full
 from .index import (
@@ -75,21 +75,16 @@ from .index import (
     index_capacity,
     index_due,
 )
+from .layout import DELETED_SUFFIX, INDEX_SUFFIX, LOG_SUFFIX, TIME_INDEX_SUFFIX, segment_name
+from .limits import ReadLimits
 
 log = logging.getLogger(__name__)
 
-LOG_SUFFIX = ".log"
-INDEX_SUFFIX = ".index"
-TIME_INDEX_SUFFIX = ".timeindex"
-DELETED_SUFFIX = ".deleted"
 #: How far ahead of the data an active segment's blocks are reserved (one
 #: posix_fallocate per this many bytes appended, not one per append).
 RESERVE_CHUNK_BYTES = 1 << 20
+_NO_BOUND = 1 << 63  # an end_offset no frame reaches
 _ZEROS = bytes(1 << 16)
-
-
-def segment_name(base_offset: int) -> str:
-    return f"{base_offset:020d}"
 
 
 def walk_frames(
@@ -100,7 +95,7 @@ def walk_frames(
     expected_offset: int | None = None,
     min_time_ms: int | None = None,
     verify_crc: bool = False,
-) -> Iterator[BatchHeader]:
+) -> Iterator[FrameHeader]:
     """Yield the headers of consecutive valid frames from ``position`` up to ``limit``;
     stop silently at the first invalid one (the caller compares the last ``end``).
     With ``expected_offset`` each frame must continue the offsets; with ``min_time_ms``
@@ -120,7 +115,7 @@ def walk_frames(
 
 
 def build_index_entries(
-    headers: Iterator[BatchHeader], base_offset: int, index_interval_bytes: int,
+    headers: Iterator[FrameHeader], base_offset: int, index_interval_bytes: int,
     last_entry_position: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The index entries the sparse schedule gives ``headers`` (offset, time arrays)."""
@@ -134,7 +129,7 @@ def build_index_entries(
     return np.array(offsets, dtype=OFFSET_ENTRY), np.array(times, dtype=TIME_ENTRY)
 
 
-def _always(header: BatchHeader) -> bool:
+def _always(header: FrameHeader) -> bool:
     return True
 
 
@@ -587,17 +582,22 @@ class Segment:
                 return item.position
         return self._size
 
-    def read(self, position: int, *, max_bytes: int, max_records: int, taken_bytes: int,
-             taken_records: int) -> SegmentRead:
+    def read(self, position: int, limits: ReadLimits, *, taken_bytes: int, taken_records: int,
+             end_offset: int | None = None) -> SegmentRead:
         """Whole frames from ``position`` (a frame start, from ``find_position`` or 0):
         the first one if nothing is taken yet, then more while the running totals stay
-        below ``max_bytes`` and ``max_records``, up to the first damaged stretch."""
+        within ``limits``, up to the first damaged stretch and never a frame whose base
+        offset is at or past ``end_offset`` (None: no such bound)."""
+        max_bytes, max_records = limits.max_bytes, limits.max_records
+        bound = _NO_BOUND if end_offset is None else end_offset
         end, records, next_offset = position, 0, self.base_offset
-        taken: list[BatchHeader] = []
+        taken: list[FrameHeader] = []
         stop = None
         for item in self._walk(position, self._offset_at(position)):
             if type(item) is DamagedRange:
                 stop = item
+                break
+            if item.base_offset >= bound:
                 break
             total_bytes = taken_bytes + end - position
             if (total_bytes or taken_records or taken) and not (
@@ -670,7 +670,7 @@ class Segment:
     # -- damage ------------------------------------------------------------------------
 
     def _walk(self, position: int, expected: int, *,
-              check=None) -> Iterator[BatchHeader | DamagedRange]:
+              check=None) -> Iterator[FrameHeader | DamagedRange]:
         """From the frame at ``position`` (which must start at offset ``expected``) to
         the end of the data: the header of each frame that continues the offsets (and,
         where ``check(header)`` is true, matches its CRC), and a ``DamagedRange`` for
@@ -835,8 +835,8 @@ class Segment:
         self._ensure_indexes()
         assert self._offset_index is not None
         start = self._lookup(self.base_offset + MAX_RELATIVE_OFFSET)
-        good: list[BatchHeader] = []
-        last: BatchHeader | DamagedRange | None = None
+        good: list[FrameHeader] = []
+        last: FrameHeader | DamagedRange | None = None
         for expected, position in (start, (self.base_offset, 0)):
             good, last = [], None
             for last in self._walk(position, expected):

@@ -23,7 +23,6 @@ from consumer_groups.errors import (
 )
 from consumer_groups.offsets import OffsetStore
 from segments import CorruptRecords, OffsetOutOfRange
-from segments.batch import iter_headers
 from streamd.broker.broker import Broker
 from streamd.broker.errors import BrokerUnavailable, InvalidArgument
 from streamd.v1 import streamd_pb2 as pb
@@ -136,7 +135,7 @@ class GroupService:
                 raise InvalidArgument("offset", f"must not be negative, not {o.offset}", reason="NEGATIVE_OFFSET")
             if o.offset > part.high_watermark:
                 raise OffsetOutOfRange(
-                    o.offset, part.log.log_start_offset, part.high_watermark, name=f"{o.topic}/{o.partition}"
+                    o.offset, part.log_start_offset, part.high_watermark, name=f"{o.topic}/{o.partition}"
                 )
             if len(o.metadata.encode()) > MAX_METADATA_BYTES:
                 raise InvalidGroupRequest("metadata", f"at most {MAX_METADATA_BYTES} bytes")
@@ -221,20 +220,19 @@ class GroupService:
         """Lag of a group at ``committed`` (None: nothing committed) on one partition:
         records to the high watermark and the age of the first of them."""
         part = self.broker.partition(topic, p)
-        start, end = part.log.log_start_offset, part.high_watermark
+        start, end = part.log_start_offset, part.high_watermark
         position = max(committed.offset, start) if committed is not None else start
         lag = max(0, end - position)
         lag_ms = 0
         if lag:
             try:
-                out = self.broker.read(topic, p, position, max_records=1, max_bytes=1)
+                first = part.append_time_at(position)
             except CorruptRecords:  # the log reported it; lag in records is still right
                 pass
             except Exception as exc:  # lag in records is still worth showing
                 log.warning("lag time of %s/%d: %s", topic, p, exc)
             else:
-                first = next(iter_headers(out.data), None)
-                lag_ms = max(0, now - first.append_time_ms) if first is not None else 0
+                lag_ms = max(0, now - first) if first is not None else 0
         return pb.PartitionLag(
             topic=topic, partition=p, committed_offset=committed.offset if committed is not None else -1,
             log_start_offset=start, log_end_offset=end, lag=lag, lag_ms=lag_ms, member_id=owner,
@@ -335,7 +333,7 @@ class GroupService:
         plan = []
         for topic, p in tps:
             part = self.broker.partition(topic, p)
-            start, end = part.log.log_start_offset, part.high_watermark
+            start, end = part.log_start_offset, part.high_watermark
             c = committed.get((topic, p))
             old = c.offset if c is not None else -1
             if target == "undo":

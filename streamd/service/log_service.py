@@ -19,6 +19,7 @@ import os
 import secrets
 import signal
 
+from segments import ReadLimits
 from streamd.broker.broker import Broker, ProduceResult, ReadOut
 from streamd.broker.errors import BrokerUnavailable, InvalidArgument
 from streamd.metrics.instruments import Traffic
@@ -36,12 +37,13 @@ PIPELINE_DEPTH = 1024  # produce-stream requests in flight before we stop readin
 REQUEST_VIEWS = {"Produce": RawProduceRequest, "ProduceStream": RawProduceStreamRequest}
 
 
-def _limits(max_records: int, max_bytes: int) -> tuple[int, int]:
+def _limits(max_records: int, max_bytes: int) -> ReadLimits:
+    """A request's limits, checked, with the defaults for 0 and the byte cap."""
     if max_records < 0:
         raise InvalidArgument("max_records", "must not be negative")
     if max_bytes < 0:
         raise InvalidArgument("max_bytes", "must not be negative")
-    return max_records or DEFAULT_MAX_RECORDS, min(max_bytes or DEFAULT_MAX_BYTES, MAX_FETCH_BYTES)
+    return ReadLimits(max_records or DEFAULT_MAX_RECORDS, min(max_bytes or DEFAULT_MAX_BYTES, MAX_FETCH_BYTES))
 
 
 def _frames_response(out: ReadOut) -> bytes:
@@ -190,16 +192,11 @@ class LogService:
         raise BrokerUnavailable("stopping")
 
     async def Fetch(self, request: pb.FetchRequest, context) -> bytes:
-        max_records, max_bytes = _limits(request.max_records, request.max_bytes)
+        limits = _limits(request.max_records, request.max_bytes)
         if request.max_wait_ms < 0:
             raise InvalidArgument("max_wait_ms", "must not be negative")
         out = await self.broker.fetch(
-            request.topic,
-            request.partition,
-            request.offset,
-            max_records=max_records,
-            max_bytes=max_bytes,
-            max_wait_ms=request.max_wait_ms,
+            request.topic, request.partition, request.offset, limits, max_wait_ms=request.max_wait_ms
         )
         self.traffic.fetched(request.topic, out.next_offset - request.offset, len(out.data))
         return _frames_response(out)
@@ -220,14 +217,14 @@ class LogService:
                 pb.PartitionOffset(
                     partition=p,
                     offset=offset,
-                    log_start_offset=part.log.log_start_offset,
+                    log_start_offset=part.log_start_offset,
                     log_end_offset=part.high_watermark,
                 )
             )
         return pb.ListOffsetsResponse(offsets=out)
 
     async def Subscribe(self, request: pb.SubscribeRequest, context):
-        max_records, max_bytes = _limits(request.max_records, request.max_bytes)
+        limits = _limits(request.max_records, request.max_bytes)
         topic, p = request.topic, request.partition
         self.broker.partition(topic, p)
         which = request.WhichOneof("start")
@@ -241,7 +238,7 @@ class LogService:
         traffic = self.traffic.topic(topic)
         traffic.subscribers += 1
         try:
-            async for out in self.broker.subscribe(topic, p, offset, max_records=max_records, max_bytes=max_bytes):
+            async for out in self.broker.subscribe(topic, p, offset, limits):
                 traffic.records_fetched += out.next_offset - offset
                 traffic.bytes_fetched += len(out.data)
                 offset = out.next_offset

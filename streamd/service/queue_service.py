@@ -236,7 +236,7 @@ class QueueService:
         targets: dict[int, int] = {}
         for p in partitions:
             part = self.broker.partition(g.topic, p)
-            start, end = part.log.log_start_offset, part.high_watermark
+            start, end = part.log_start_offset, part.high_watermark
             if target == "offset":
                 wanted = request.offset
             elif target == "timestamp_ms":
