@@ -4,20 +4,20 @@ Fetch and Subscribe answer with stored frames as they are: the response bytes ar
 slice of the log followed by the serialized scalar fields (protobuf merges
 concatenated messages, and each frame is a serialized ``batches`` entry).
 
-Test hook: with ``STREAMD_TEST_CRASH_AFTER_APPEND=N`` in its environment the broker
-SIGKILLs itself once the N-th produce request (Produce or one ProduceStream request)
-has been appended and made as durable as its topic promises, before answering it:
-the crash window an idempotent producer's retry must survive
-(tests/crash/test_idempotent_crash.py). Read once at start-up; unset, it costs nothing.
+Hook: ``on_durable_append()`` (None by default, then it costs nothing) is called
+once each produce request (Produce or one ProduceStream request) has been appended
+and made as durable as its topic promises, before it is answered: the crash window
+an idempotent producer's retry must survive. The crash tests inject one that
+SIGKILLs the broker at the N-th call (tests/crash/crash_broker.py, through
+``streamd.server.Server(hooks=...)``); production code never sets it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import secrets
-import signal
+from collections.abc import Callable
 
 from segments import ReadLimits
 from streamd.broker.broker import Broker, ProduceResult, ReadOut
@@ -55,9 +55,6 @@ def _frames_response(out: ReadOut) -> bytes:
     return out.data + tail
 
 
-CRASH_AFTER_APPEND_ENV = "STREAMD_TEST_CRASH_AFTER_APPEND"
-
-
 def _fill_results(response: pb.ProduceResponse, results: list[ProduceResult]) -> pb.ProduceResponse:
     add = response.results.add
     for r in results:
@@ -77,47 +74,34 @@ def _fill_results(response: pb.ProduceResponse, results: list[ProduceResult]) ->
     return response
 
 
-def _crash_hook():
-    """The test hook of the module docstring: a callable to run after each durable
-    append, or None."""
-    raw = os.environ.get(CRASH_AFTER_APPEND_ENV)
-    if not raw:
-        return None
-    remaining = [int(raw)]
-
-    def appended() -> None:
-        remaining[0] -= 1
-        if remaining[0] == 0:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return appended
-
-
 def _failed(exc: Exception) -> asyncio.Future:
     future = asyncio.get_running_loop().create_future()
     future.set_exception(exc)
     return future
 
 
-async def _stream_answer(request_id: int, results, durable: asyncio.Future, crash=None) -> pb.ProduceStreamResponse:
+async def _stream_answer(request_id: int, results, durable: asyncio.Future,
+                         on_durable_append: Callable[[], None] | None = None) -> pb.ProduceStreamResponse:
     answer = pb.ProduceStreamResponse(request_id=request_id)
     try:
         await durable
     except Exception as exc:
         answer.error.CopyFrom(stream_error(exc))
     else:
-        if crash is not None and results is not None:
-            crash()
+        if on_durable_append is not None and results is not None:
+            on_durable_append()
         _fill_results(answer.response, results)
     return answer
 
 
 class LogService:
-    def __init__(self, broker: Broker, traffic: Traffic | None = None) -> None:
+    def __init__(self, broker: Broker, traffic: Traffic | None = None, *,
+                 on_durable_append: Callable[[], None] | None = None) -> None:
+        """``on_durable_append``: the hook of the module docstring (tests only)."""
         self.broker = broker
         #: Records and bytes in and out per topic (metrics); counted per request.
         self.traffic = traffic if traffic is not None else Traffic()
-        self._crash = _crash_hook()
+        self._on_durable_append = on_durable_append
 
     def _append(self, request: RawProduceRequest):
         batches = [(p.partition, list(p.batches)) for p in request.partitions]
@@ -132,8 +116,8 @@ class LogService:
     async def Produce(self, request: RawProduceRequest, context) -> pb.ProduceResponse:
         results, durable = self._append(request)
         await durable
-        if self._crash is not None:
-            self._crash()
+        if self._on_durable_append is not None:
+            self._on_durable_append()
         return _fill_results(pb.ProduceResponse(), results)
 
     async def InitProducer(self, request: pb.InitProducerRequest, context) -> pb.InitProducerResponse:
@@ -152,12 +136,12 @@ class LogService:
         """
         pending: collections.deque = collections.deque()
         writer: asyncio.Task | None = None
-        crash = self._crash
+        appended = self._on_durable_append
 
         async def drain() -> None:
             while pending:
                 request_id, results, durable = pending[0]
-                await context.write(await _stream_answer(request_id, results, durable, crash))
+                await context.write(await _stream_answer(request_id, results, durable, appended))
                 pending.popleft()
 
         async def requests() -> None:
@@ -168,7 +152,7 @@ class LogService:
                 except Exception as exc:
                     results, durable = None, _failed(exc)
                 if not pending and durable.done():
-                    await context.write(await _stream_answer(item.request_id, results, durable, crash))
+                    await context.write(await _stream_answer(item.request_id, results, durable, appended))
                     continue
                 pending.append((item.request_id, results, durable))
                 if writer is None or writer.done():
