@@ -31,7 +31,14 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    import mmap
+    from typing import TypeAlias
+
+    #: What frames are read from: a read's bytes, a segment file's map, a view of one.
+    FrameBuffer: TypeAlias = bytes | bytearray | memoryview | mmap.mmap
 
 FRAME_TAG = 0x0A
 HEADER = struct.Struct("<B5sBIBqBqBI")
@@ -99,7 +106,7 @@ def encode_frame(body: bytes, *, base_offset: int, append_time_ms: int, record_c
     return b"".join((bytes((FRAME_TAG,)), _varint5(size - 6), struct.pack("<BI", 0x0D, crc), tail, body))
 
 
-def read_header(buf, position: int, limit: int) -> FrameHeader | None:
+def read_header(buf: FrameBuffer, position: int, limit: int) -> FrameHeader | None:
     """The header of the frame at ``position``, or None where no well-formed frame
     header fits before ``limit`` (end of data, zero fill, or garbage).
 
@@ -118,7 +125,7 @@ def read_header(buf, position: int, limit: int) -> FrameHeader | None:
     return FrameHeader(position, length + 6, crc, base, append, count)
 
 
-def claimed_frame_size(buf, position: int, limit: int) -> int | None:
+def claimed_frame_size(buf: FrameBuffer, position: int, limit: int) -> int | None:
     """The size the frame at ``position`` claims by its tag and length prefix (6
     bytes, the rest unchecked), or None if no frame starts there or fewer than 6
     bytes are left before ``limit``: how much to read to check the frame whole."""
@@ -128,7 +135,7 @@ def claimed_frame_size(buf, position: int, limit: int) -> int | None:
     return None if length is None else length + 6
 
 
-def iter_headers(buf, position: int = 0, limit: int | None = None) -> Iterator[FrameHeader]:
+def iter_headers(buf: FrameBuffer, position: int = 0, limit: int | None = None) -> Iterator[FrameHeader]:
     """Headers of consecutive well-formed frames from ``position``; stops at the first
     position that does not hold one (end of data, zero fill or garbage)."""
     limit = len(buf) if limit is None else limit
@@ -147,7 +154,7 @@ def iter_frames(data: bytes | memoryview) -> Iterator[FrameHeader]:
     return iter_headers(data)
 
 
-def crc_ok(buf, header: FrameHeader) -> bool:
+def crc_ok(buf: FrameBuffer, header: FrameHeader) -> bool:
     """Whether the frame's bytes still match its checksum."""
     view = memoryview(buf)[header.position + CRC_START : header.end]
     try:

@@ -163,7 +163,7 @@ class PartitionReport:
     path: str
     topic: str | None
     partition: int | None
-    state: dict | None  # partition.json as stored
+    state: dict[str, Any] | None  # partition.json as stored
     clean_shutdown: bool
     segment_bases: list[int]  # every segment present, scanned or not
     log_start_offset: int | None
@@ -225,7 +225,7 @@ def inspect_partition(path: Path | str, *, segment: int | None = None,
                            bases, log_start, log_end, segments, problems)
 
 
-def _trusted_end(seg: SegmentInfo, following: SegmentInfo | None, state: dict | None) -> int:
+def _trusted_end(seg: SegmentInfo, following: SegmentInfo | None, state: dict[str, Any] | None) -> int:
     """The next offset of ``seg`` whose last batch fails its checksum (see SegmentInfo)."""
     verified = [b for b in seg.batches if b.checksum_ok]
     end = verified[-1].last_offset + 1 if verified else seg.base_offset
@@ -234,7 +234,7 @@ def _trusted_end(seg: SegmentInfo, following: SegmentInfo | None, state: dict | 
     point = (state or {}).get("recovery_point")
     if isinstance(point, dict) and point.get("base_offset") == seg.base_offset \
             and isinstance(point.get("offset"), int):
-        return max(point["offset"], end)
+        return max(int(point["offset"]), end)
     return end
 
 
@@ -262,7 +262,7 @@ def _list_files(directory: Path) -> tuple[list[int], list[str]]:
     return sorted(logs), leftovers
 
 
-def _read_state(directory: Path, problems: list[Problem]) -> dict | None:
+def _read_state(directory: Path, problems: list[Problem]) -> dict[str, Any] | None:
     try:
         state = json.loads((directory / STATE_FILE).read_bytes())
     except FileNotFoundError:
@@ -276,14 +276,15 @@ def _read_state(directory: Path, problems: list[Problem]) -> dict | None:
     return state
 
 
-def _check_recovery_point(state: dict, segments: list[SegmentInfo], problems: list[Problem]) -> None:
+def _check_recovery_point(state: dict[str, Any], segments: list[SegmentInfo], problems: list[Problem]) -> None:
     point = state.get("recovery_point")
     if not isinstance(point, dict):
         return
     for seg in segments:
         if seg.base_offset != point.get("base_offset"):
             continue
-        ends = {b.position: b.base_offset for b in seg.batches} | {seg.data_bytes: seg.next_offset}
+        ends: dict[object, int] = {b.position: b.base_offset for b in seg.batches}
+        ends[seg.data_bytes] = seg.next_offset
         if ends.get(point.get("position")) != point.get("offset"):
             problems.append(Problem(WARNING, STATE_FILE, f"recovery point {point} is not a batch boundary of "
                                     f"{seg.file}; recovery would scan that segment from its start"))
@@ -411,20 +412,20 @@ def _read_index(path: Path, dtype: np.dtype, base: int, data_end: int, problems:
 def _entry(array: np.ndarray, i: int, base: int) -> IndexEntry:
     row = array[i]
     rel = int(row["relative_offset"])
-    if "position" in array.dtype.names:
+    if "position" in (array.dtype.names or ()):
         return IndexEntry(i, rel, base + rel, position=int(row["position"]))
     return IndexEntry(i, rel, base + rel, timestamp_ms=int(row["timestamp_ms"]))
 
 
 def _check_offset_index(index: IndexInfo, by_position: dict[int, BatchInfo], base: int, data_end: int,
                         problems: list[Problem]) -> None:
-    previous = None
+    previous: tuple[int, int] | None = None  # (relative offset, position)
     for e in index.entries[: index.used]:
         assert e.position is not None
         batch = by_position.get(e.position)
         if e.number == 0 and (e.relative_offset, e.position) != (0, 0):
             e.problem = "the first entry is not (0, 0)"
-        elif previous is not None and (e.relative_offset <= previous.relative_offset or e.position <= previous.position):
+        elif previous is not None and (e.relative_offset <= previous[0] or e.position <= previous[1]):
             e.problem = "not increasing"
         elif e.position >= data_end:
             e.problem = f"position {e.position} is beyond the {data_end} bytes of batches"
@@ -432,7 +433,7 @@ def _check_offset_index(index: IndexInfo, by_position: dict[int, BatchInfo], bas
             e.problem = f"position {e.position} is not at a batch boundary"
         elif batch.base_offset != e.offset:
             e.problem = f"the batch at position {e.position} has base offset {batch.base_offset}"
-        previous = e
+        previous = (e.relative_offset, e.position)
     _report_entries(index, problems)
     if index.present and not any(e.problem for e in index.entries):
         positions = np.array([(e.relative_offset, e.position) for e in index.entries], dtype=OFFSET_ENTRY)
@@ -444,12 +445,12 @@ def _check_offset_index(index: IndexInfo, by_position: dict[int, BatchInfo], bas
 
 def _check_time_index(index: IndexInfo, offsets: IndexInfo, by_offset: dict[int, BatchInfo], next_offset: int,
                       problems: list[Problem]) -> None:
-    previous = None
+    previous: tuple[int, int] | None = None  # (relative offset, timestamp)
     for e in index.entries[: index.used]:
         assert e.timestamp_ms is not None
         batch = by_offset.get(e.offset)
         twin = offsets.entries[e.number] if e.number < offsets.used else None
-        if previous is not None and (e.relative_offset <= previous.relative_offset or e.timestamp_ms < previous.timestamp_ms):
+        if previous is not None and (e.relative_offset <= previous[0] or e.timestamp_ms < previous[1]):
             e.problem = "not increasing"
         elif e.offset >= next_offset:
             e.problem = f"offset {e.offset} is beyond the segment (next offset {next_offset})"
@@ -459,7 +460,7 @@ def _check_time_index(index: IndexInfo, offsets: IndexInfo, by_offset: dict[int,
             e.problem = f"the batch's append time is {batch.append_time_ms}"
         elif offsets.present and (twin is None or twin.relative_offset != e.relative_offset):
             e.problem = f"{offsets.file} entry {e.number} is for another batch"
-        previous = e
+        previous = (e.relative_offset, e.timestamp_ms)
     _report_entries(index, problems)
     if index.present and offsets.present and index.used != offsets.used:
         problems.append(Problem(ERROR, index.file, f"{index.used} entries but {offsets.file} has {offsets.used}"))

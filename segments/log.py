@@ -194,6 +194,7 @@ class PartitionLog:
             if segments and segments[-1].check_end() is not None:
                 # Its data ends in damage: it stays as it is, sealed (reads report the
                 # damaged range), and appends go to a new segment at the log end.
+                assert loaded.log_end is not None  # check_end needs the end offset set above
                 segments.append(_first_segment(directory, loaded.log_end, segment_bytes, index_interval_bytes,
                                                name))
                 fsync_directory(directory)
@@ -444,7 +445,9 @@ class PartitionLog:
                 raise self._corrupt(seg, CorruptRecords(offset, max(offset, end - 1),
                                                         "no stored batch holds the offset"))
             data = b"".join(chunks)
-            first_offset = read_header(data, 0, len(data)).base_offset
+            first = read_header(data, 0, len(data))
+            assert first is not None  # the data is the whole frames just read
+            first_offset = first.base_offset
             return ReadResult(data, first_offset, next_offset, batches, records)
 
     def offset_for_time(self, timestamp_ms: int) -> int:
@@ -654,7 +657,7 @@ class PartitionLog:
     def __enter__(self) -> PartitionLog:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- helpers -----------------------------------------------------------------------

@@ -447,7 +447,7 @@ def _file_data_end(path: Path) -> int:
         os.close(fd)
 
 
-def _data_regions(fd: int, start: int, end: int):
+def _data_regions(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
     """(start, end) ranges that may hold data, skipping holes of a sparse file."""
     if not hasattr(os, "SEEK_DATA"):
         yield start, end

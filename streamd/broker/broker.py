@@ -41,6 +41,7 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, cast
 
 from segments import DiskFull, LogFailed, PartitionLog, ReadLimits, disk_full_as, is_disk_full
 from streamd.clock import Clock
@@ -279,7 +280,7 @@ class Broker:
             raise TopicAlreadyExists(name)
         if len(self.topics) >= self.max_topics:
             raise LimitExceeded("topics", self.max_topics)
-        settings = replace(self.defaults, **overrides).validate()
+        settings = replace(self.defaults, **cast("dict[str, Any]", overrides)).validate()
         meta = TopicMeta(name, partition_count, settings, self.clock.now_ms())
         with disk_full_as(f"create topic {name}"):
             topic = self._create_topic_files(meta)
@@ -397,6 +398,7 @@ class Broker:
         waits = [
             plan.part.sync_to(plan.durable_offset(base, count)) for plan, base, count, _ in appended if durable
         ] + [_save_producer_state(plan.part, now) for plan, *_ in appended if plan.needs_snapshot]
+        waiter: asyncio.Future[None]
         if waits:
             waiter = asyncio.ensure_future(_gather(*waits))
         else:
