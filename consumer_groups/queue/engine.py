@@ -46,8 +46,7 @@ from typing import Any, NamedTuple
 import lz4.frame
 import numpy as np
 
-from segments import CorruptRecords, OffsetOutOfRange
-from segments.batch import iter_headers
+from segments import CorruptRecords, OffsetOutOfRange, ReadLimits
 from streamd.codec import batch_records, record_runs
 from streamd.v1 import streamd_pb2 as pb
 from streamd.wire_pb2 import DeliveryTimesSet
@@ -128,7 +127,7 @@ class QueueEngine:
         g = QueueGroup(name, topic, config, self.broker.clock.now_ms())
         _check_dead_letter_topic(self.broker, g)
         for p, part in enumerate(t.partitions):
-            start = part.high_watermark if config.start == "latest" else part.log.log_start_offset
+            start = part.high_watermark if config.start == "latest" else part.log_start_offset
             g.partitions[p] = PartitionQueue(p, start, config, rng=self.rng)
         await self.store.create(g)
         log.info("created queue group %s on %s (%s)", name, topic, config)
@@ -252,11 +251,11 @@ class QueueEngine:
         for lo, hi in offset_runs(offsets):
             position = lo
             while position <= hi:
-                data = self.broker.read(topic, partition, position, max_records=hi - position + 1,
-                                        max_bytes=READ_BYTES).data
+                out = self.broker.read(topic, partition, position, ReadLimits(hi - position + 1, READ_BYTES))
+                data = out.data
                 if not data:
                     raise OffsetOutOfRange(position, 0, 0, name=f"{topic}/{partition}")
-                for h in iter_headers(data):
+                for h in out.frames():
                     if h.base_offset in seen:
                         position = max(position, h.next_offset)
                         continue
@@ -303,8 +302,7 @@ class QueueEngine:
         end = part.high_watermark
         while q.scan_offset < end and q.room() > 0:
             try:
-                out = self.broker.read(g.topic, q.partition, q.scan_offset, max_records=q.room(),
-                                       max_bytes=READ_BYTES)
+                out = self.broker.read(g.topic, q.partition, q.scan_offset, ReadLimits(q.room(), READ_BYTES))
             except CorruptRecords as exc:
                 if not self._skip_damaged(g, q, exc):
                     return  # the window must drain before it can span the damage
@@ -320,7 +318,7 @@ class QueueEngine:
         t = self.broker.topics.get(g.topic)
         if t is None or q.partition >= len(t.partitions):
             return
-        log_start = t.partitions[q.partition].log.log_start_offset
+        log_start = t.partitions[q.partition].log_start_offset
         if q.scan_offset < log_start or q.start_offset < log_start:
             before = q.stats.lost_to_retention
             q.skip_to(log_start)
@@ -377,7 +375,7 @@ class QueueEngine:
             return None
 
     def _read_one(self, topic: str, partition: int, offset: int) -> tuple[pb.Record, int]:
-        out = self.broker.read(topic, partition, offset, max_records=1, max_bytes=1)
+        out = self.broker.read(topic, partition, offset, ReadLimits(1, 1))
         for _, _, append_time, records in record_runs(pb.FetchResponse.FromString(out.data).batches,
                                                       ((offset, offset, None),)):
             return records[0], append_time
@@ -592,7 +590,7 @@ class QueueEngine:
         plan = []
         for p in partitions:
             part = self.broker.partition(g.topic, p)
-            start, end = part.log.log_start_offset, part.high_watermark
+            start, end = part.log_start_offset, part.high_watermark
             if target == "offset":
                 wanted = value
             elif target == "timestamp_ms":
