@@ -282,7 +282,7 @@ class Sender:
         if stream is not None and not stream.broken:
             try:
                 await asyncio.wait_for(stream.call.done_writing(), grace)
-            except (grpc.RpcError, asyncio.InvalidStateError, TimeoutError, asyncio.TimeoutError):
+            except (grpc.RpcError, asyncio.InvalidStateError, TimeoutError):
                 pass
         if self._readers:
             _, late = await asyncio.wait(list(self._readers), timeout=grace)
@@ -578,7 +578,7 @@ class Sender:
                 else:
                     metas.append(RecordMetadata(topic, partition, offset, append_time, durable, duplicate))
                     offset += 1
-            for f, meta in zip(futures, metas):
+            for f, meta in zip(futures, metas, strict=True):
                 if not f.done():
                     f.set_result(meta)
             return
@@ -703,7 +703,7 @@ class Sender:
                 backoff = True
                 try:
                     await asyncio.wait_for(self._channel.channel_ready(), self.request_timeout_s)
-                except (TimeoutError, asyncio.TimeoutError):
+                except TimeoutError:
                     pass  # write anyway: the failure comes back as a failed stream
             finally:
                 self._reconnecting = False

@@ -142,7 +142,7 @@ class AsyncProducer:
         self._shipping: set[asyncio.Future[None]] = set()  # linger-expired batches being sealed
         self._closed = False
 
-    async def __aenter__(self) -> "AsyncProducer":
+    async def __aenter__(self) -> AsyncProducer:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -164,7 +164,7 @@ class AsyncProducer:
         headers: Headers | None = None,
         timestamp_ms: int = 0,
         idempotency_key: str | None = None,
-    ) -> "asyncio.Future[RecordMetadata]":
+    ) -> asyncio.Future[RecordMetadata]:
         """Queue one record; the returned future resolves once it is acknowledged.
 
         ``idempotency_key``: on a topic with a dedup window, a record whose key the
@@ -227,7 +227,7 @@ class AsyncProducer:
 
     async def send_batch(
         self, topic: str, partition: int, values: Iterable[bytes] | pb.RecordSet
-    ) -> "asyncio.Future[RecordMetadata]":
+    ) -> asyncio.Future[RecordMetadata]:
         """Ship one batch now (no linger); resolves with the batch's first offset.
 
         The bulk fast path: ``values`` are keyless record values, or a prepared RecordSet.
