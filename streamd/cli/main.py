@@ -79,7 +79,7 @@ SERVE_HELP = {
     "tls_cert_file": "server certificate chain (PEM): serve TLS",
     "tls_key_file": "server private key (PEM)",
     "tls_client_ca_file": "CA (PEM) client certificates must chain to: mutual TLS",
-    "auth_file": "principals, tokens and allow rules (TOML; see README, Security)",
+    "auth_file": "principals, tokens and allow rules (TOML; see docs/operations.md, Security)",
 }
 
 
