@@ -1,14 +1,8 @@
 """The worker pool of the queue receivers: ONE pool (``Pool``) runs ``process`` for
 both, on the receiver engine's event loop (``_queue_async``). It owns the receive loop,
 the messages received but not started, the lease extender, the count of messages
-handled, and the stop. What differs is only how a handler is called (``Runner``):
-
-- ``TaskRunner`` (``AsyncQueueReceiver.process``): ``concurrency`` worker tasks,
-  each awaiting a coroutine handler; one receive in flight at a time;
-- ``ThreadRunner`` (``QueueReceiver.process``): ``workers`` daemon threads, each
-  calling a blocking handler; up to one receive in flight per thread. A thread takes
-  its next message straight from the pool's deque (no hop to the loop per message:
-  only to wait for more, or to nack).
+handled, and the stop. What differs is only how a handler is called (``_runners``:
+tasks for ``AsyncQueueReceiver.process``, threads for ``QueueReceiver.process``).
 
 A handler's return acks its message (queued, ``_queue_async``), an exception nacks it
 with the exception as the reason. A message whose lease ended while it waited its turn
@@ -55,8 +49,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._message import Message, Settler
 from ._settle import extend_ranges, log_release, log_unhandled, places_text, release_ranges
@@ -65,6 +59,7 @@ from .errors import StreamdError
 
 if TYPE_CHECKING:
     from ._queue_async import AsyncQueueReceiver
+    from ._runners import Runner
 
 log = logging.getLogger("streamd.client.queue")
 
@@ -79,30 +74,10 @@ RECEIVE_WAIT_MS = 500
 AT_MOST_ONCE_HOLD_S = 1.0
 #: How much longer than its long poll a pool that gives up waits for a receive in flight.
 GIVE_UP_SLACK_S = 1.0
-#: How long handlers cancelled by a stopping pool get to unwind.
-CANCEL_WAIT_S = 5.0
 #: How often the extender looks for leases to extend.
 EXTEND_EVERY_S = 0.05
 #: The longest a receive waits for room before it looks again (a missed wake-up costs no more).
 ROOM_POLL_S = 0.1
-
-
-class Runner(Protocol):
-    """How a pool calls its handler: ``slots`` handlers at once, up to ``receives``
-    receives in flight; ``ahead``: one receive's worth (up to ``slots``) is held ahead
-    of the handlers, busy or not (else a handler with nothing to do gets a batch)."""
-
-    slots: int
-    receives: int
-    ahead: bool
-
-    def batch(self, max_records: int) -> int:
-        """How many messages received wake one idle worker."""
-
-    def start(self, pool: Pool) -> list[asyncio.Future[None]]: ...
-    def abandon(self, pool: Pool) -> str: ...
-    async def give_up(self, pool: Pool, workers: list[asyncio.Future[None]]) -> None: ...
-
 
 class Pool:
     """One ``process`` run (see the module docstring)."""
@@ -498,97 +473,3 @@ def _drain(waiting: deque[Message]) -> list[Message]:
             out.append(waiting.popleft())
         except IndexError:
             return out
-
-
-class TaskRunner:
-    """Coroutine handlers: ``concurrency`` worker tasks on the loop."""
-
-    receives = 1  # what a stop hands back waits for the receive anyway; one keeps the loop light
-    ahead = True
-
-    def __init__(self, handler: Callable[[Message], Awaitable[object]], concurrency: int) -> None:
-        self.handler, self.slots = handler, concurrency
-
-    def batch(self, max_records: int) -> int:
-        return 1
-
-    def start(self, pool: Pool) -> list[asyncio.Future[None]]:
-        return [asyncio.ensure_future(self._work(pool, slot)) for slot in range(self.slots)]
-
-    async def _work(self, pool: Pool, slot: int) -> None:
-        while (msg := await pool.next_message(slot)) is not None:
-            began = time.monotonic()
-            try:
-                await self.handler(msg)
-            except Exception as exc:
-                await pool.nack(msg, exc)
-            else:
-                pool.ack(msg)
-            pool.finished(slot, msg, began)
-
-    def abandon(self, pool: Pool) -> str:
-        return "cancelling the handlers running"
-
-    async def give_up(self, pool: Pool, workers: list[asyncio.Future[None]]) -> None:
-        """Cancel the handlers still running and hand their messages back at once."""
-        if not workers:
-            return
-        for task in workers:
-            task.cancel()
-        await asyncio.wait(workers, timeout=CANCEL_WAIT_S)
-        await pool.release(list(pool.running.values()), "cancelled by the stop")
-
-
-class ThreadRunner:
-    """Blocking handlers: ``workers`` daemon threads (a handler the pool gave up on
-    does not keep the process alive)."""
-
-    ahead = False  # a thread handles a batch in turn, as if it received its own
-
-    def __init__(self, handler: Callable[[Message], object], workers: int) -> None:
-        self.handler, self.slots, self.receives = handler, workers, workers
-
-    def batch(self, max_records: int) -> int:
-        return max_records
-
-    def start(self, pool: Pool) -> list[asyncio.Future[None]]:
-        futures: list[asyncio.Future[None]] = []
-        for slot in range(self.slots):
-            ended: asyncio.Future[None] = pool.loop.create_future()
-            threading.Thread(target=self._work, args=(pool, slot, ended), name=f"streamd-worker-{slot}",
-                             daemon=True).start()
-            futures.append(ended)
-        return futures
-
-    def _work(self, pool: Pool, slot: int, ended: asyncio.Future[None]) -> None:
-        try:
-            while True:
-                msg = pool.take(slot)
-                if msg is None:
-                    msg = pool.wait_on_loop(pool.next_message(slot))
-                    if msg is None:
-                        return
-                began = time.monotonic()
-                try:
-                    self.handler(msg)
-                except Exception as exc:
-                    pool.wait_on_loop(pool.nack(msg, exc))
-                else:
-                    pool.ack(msg)
-                pool.finished(slot, msg, began)
-        finally:
-            pool.on_loop(lambda: _resolve(ended))
-
-    def abandon(self, pool: Pool) -> str:
-        return f"not waiting for the handlers running; {pool.abandoned()}"
-
-    async def give_up(self, pool: Pool, workers: list[asyncio.Future[None]]) -> None:
-        """A thread cannot be cancelled: its record stays leased (no longer extended)
-        until the lease ends."""
-        for msg in list(pool.running.values()):
-            pool.watched.pop(id(msg), None)
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)

@@ -33,7 +33,8 @@ from streamd.v1 import streamd_pb2_grpc as rpc
 
 from ._channel import DEFAULT_TIMEOUT_S, Calls, Security, aio_channel, server_label
 from ._message import ACTIONS, Message, Settler, _messages, log_acks, queue_config, settle_error
-from ._pools import Pool, TaskRunner
+from ._pools import Pool
+from ._runners import TaskRunner
 from ._settle import ack_ranges
 from ._stopping import DEFAULT_STOP_GRACE_S, STOP_SIGNALS, loop_signals
 from .errors import StreamdError

@@ -42,8 +42,9 @@ from streamd.v1 import streamd_pb2 as pb
 
 from ._channel import DEFAULT_TIMEOUT_S, Security
 from ._message import ACTIONS, Message, _messages, queue_config
-from ._pools import Pool, ThreadRunner
+from ._pools import Pool
 from ._queue_async import DEFAULT_ACK_BATCH, DEFAULT_ACK_INTERVAL_MS, AsyncQueueReceiver
+from ._runners import ThreadRunner
 from ._settle import ack_ranges, extend_ranges
 from ._stopping import DEFAULT_STOP_GRACE_S, STOP_SIGNALS, caught_signals
 from .errors import StreamdError

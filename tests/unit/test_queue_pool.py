@@ -11,7 +11,8 @@ from collections.abc import Iterator
 import pytest
 
 from streamd.client._message import Message
-from streamd.client._pools import Pool, TaskRunner, ThreadRunner
+from streamd.client._pools import Pool
+from streamd.client._runners import TaskRunner, ThreadRunner
 from streamd.v1 import streamd_pb2 as pb
 
 
