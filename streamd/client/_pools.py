@@ -120,8 +120,12 @@ class Pool:
         workers = self.runner.start(self)
         receiving = asyncio.ensure_future(self._receive_loop())
         try:
-            await asyncio.wait([watcher, *workers], return_when=asyncio.FIRST_COMPLETED)
-            self.request_stop()  # (when every worker ended: a handler raised what is not an Exception)
+            # Every worker ended without a stop only when each handler raised what is
+            # not an Exception (a worker dies with it, as a thread or task would).
+            ended: asyncio.Future[Any] = asyncio.ensure_future(asyncio.wait(workers))
+            await asyncio.wait([watcher, ended], return_when=asyncio.FIRST_COMPLETED)
+            ended.cancel()
+            self.request_stop()
             until = self.loop.time() + grace_s
             await self._until([receiving], until)
             if receiving.done() and not self.at_most_once:
@@ -137,6 +141,7 @@ class Pool:
                 if task is not None:
                     task.cancel()
             await asyncio.gather(*(t for t in (watcher, extender) if t is not None), return_exceptions=True)
+            _log_deaths(workers)
             await self.r.flush()
         return self.done
 
@@ -464,6 +469,14 @@ async def _pulsed(event: asyncio.Event, timeout_s: float | None) -> None:
             await event.wait()
     except TimeoutError:
         pass
+
+
+def _log_deaths(workers: list[asyncio.Future[None]]) -> None:
+    """Log the worker tasks a handler's BaseException ended (a thread's is printed
+    by ``threading.excepthook``)."""
+    for worker in workers:
+        if worker.done() and not worker.cancelled() and worker.exception() is not None:
+            log.error("queue worker ended by its handler", exc_info=worker.exception())
 
 
 def _drain(waiting: deque[Message]) -> list[Message]:

@@ -68,7 +68,8 @@ class AsyncQueueReceiver:
         self._ack_interval_s, self._ack_batch = ack_interval_ms / 1000, ack_batch
         self._pending: list[Ack] = []  # under _ack_lock: ack() is called from any thread
         self._ack_lock = threading.Lock()
-        self._closed = False
+        self._closed = False  # no more acks
+        self._channel_closed = False  # no more calls
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the channel, once used
         self._loop_thread = 0
         self._ack_timer: asyncio.TimerHandle | None = None
@@ -96,6 +97,8 @@ class AsyncQueueReceiver:
             self._loop_thread = threading.get_ident()
 
     async def _call(self, method: Any, request: Any, *, timeout_s: float | None = None, wait_s: float = 0.0) -> Any:
+        if self._channel_closed:
+            raise StreamdError("CANCELLED", "CLOSED", "the receiver is closed")
         self._bind()
         return await self._calls.acall(method, request, timeout_s=timeout_s, wait_s=wait_s)
 
@@ -189,7 +192,7 @@ class AsyncQueueReceiver:
             pass
 
     def _arm_acks(self) -> None:
-        if self._ack_timer is None and self._loop is not None:
+        if self._ack_timer is None and self._loop is not None and not self._closed:
             self._ack_timer = self._loop.call_later(self._ack_interval_s, self._send_acks)
 
     def _send_acks(self) -> None:
@@ -302,5 +305,6 @@ class AsyncQueueReceiver:
             if self._background:
                 await asyncio.gather(*list(self._background), return_exceptions=True)
         finally:
+            self._channel_closed = True
             if self._own_channel:
                 await self._channel.close()

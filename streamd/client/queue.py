@@ -103,6 +103,9 @@ class QueueReceiver:
             raise
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
+        if self._loop.is_closed():
+            coro.close()
+            raise StreamdError("CANCELLED", "CLOSED", "the receiver is closed")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
 
     @property

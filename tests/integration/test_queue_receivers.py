@@ -198,22 +198,27 @@ def test_acks_refused_for_ended_leases_are_logged_once_per_batch(server, caplog,
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
-def test_a_closed_receiver_refuses_acks(server, flavour):
+def test_a_closed_receiver_refuses_acks_and_calls(server, flavour):
     fill(server.address, 1)
     if flavour == "sync":
         r = QueueReceiver("q", "jobs", server.address)
         [msg] = r.receive(1, max_wait_ms=1000)
         r.close()
         r.close()  # twice: a no-op
+        with pytest.raises(StreamdError) as receive:
+            r.receive(1, max_wait_ms=100)
     else:
-        async def scenario() -> Message:
+        async def scenario() -> tuple[Message, pytest.ExceptionInfo[StreamdError]]:
             r = AsyncQueueReceiver("q", "jobs", server.address)
             [msg] = await r.receive(1, max_wait_ms=1000)
             await r.close()
             await r.close()
-            return msg
+            with pytest.raises(StreamdError) as receive:
+                await r.receive(1, max_wait_ms=100)
+            return msg, receive
 
-        msg = asyncio.run(scenario())
+        msg, receive = asyncio.run(scenario())
+    assert receive.value.reason == "CLOSED"
     with pytest.raises(StreamdError) as refused:
         msg.ack()
     assert refused.value.reason == "CLOSED"
