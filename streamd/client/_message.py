@@ -53,7 +53,7 @@ class Message(RecordFields):
         self.topic, self.partition, self.offset = topic, partition, offset
         self._record, self._append_time_ms = record, append_time_ms
         self.delivery_count, self.lease_id, self.lease_expires_ms = delivery_count, lease_id, lease_expires_ms
-        self._receiver = receiver
+        self._receiver: Settler = _NO_RECEIVER if receiver is None else receiver
         #: The lease's end by this process's monotonic clock (the broker's clock may differ).
         self.deadline, self.lease_s = deadline, lease_s
 
@@ -65,25 +65,32 @@ class Message(RecordFields):
     # AsyncQueueReceiver gets coroutines back from nack/extend/reject: ``await msg.nack()``
     # (its ack is queued, as with the blocking receiver, and needs no await).
     def ack(self) -> None:
-        self._settler().ack(self)
+        self._receiver.ack(self)
 
     def nack(self, *, delay_ms: int | None = None, reason: str = "") -> Any:
-        return self._settler().nack(self, delay_ms=delay_ms, reason=reason)
+        return self._receiver.nack(self, delay_ms=delay_ms, reason=reason)
 
     def extend(self, lease_ms: int) -> Any:
-        return self._settler().extend(self, lease_ms)
+        return self._receiver.extend(self, lease_ms)
 
     def reject(self, reason: str = "") -> Any:
-        return self._settler().reject(self, reason=reason)
-
-    def _settler(self) -> Settler:
-        if self._receiver is None:
-            raise RuntimeError("this message was made without a receiver: nothing can settle it")
-        return self._receiver
+        return self._receiver.reject(self, reason=reason)
 
     @property
     def lease(self) -> pb.LeaseRef:
         return pb.LeaseRef(partition=self.partition, offset=self.offset, lease_id=self.lease_id)
+
+
+class _NoReceiver:
+    """The settler of a message made without a receiver (in tests): it refuses."""
+
+    def _refuse(self, *args: object, **kwargs: object) -> Any:
+        raise RuntimeError("this message was made without a receiver: nothing can settle it")
+
+    ack = nack = extend = reject = _refuse
+
+
+_NO_RECEIVER: Settler = _NoReceiver()
 
 
 def _messages(topic: str, reply: pb.ReceiveResponse, receiver: Settler | None, lease_s: float,
