@@ -168,24 +168,28 @@ def test_acks_refused_for_ended_leases_are_logged_once_per_batch(server, caplog,
     fill(server.address, 3, lease_ms=200, max_deliveries=10)
     caplog.set_level(logging.INFO, logger="streamd.client.queue")
 
+    # The old leases last 200 ms (the group's); the new ones long, so that none ends
+    # while the test gathers them.
     if flavour == "sync":
-        with QueueReceiver("q", "jobs", server.address) as r:
+        with QueueReceiver("q", "jobs", server.address) as r, \
+                QueueReceiver("q", "jobs", server.address, lease_ms=60_000) as later:
             old = r.receive(3, max_wait_ms=1000)
             time.sleep(0.4)
-            again = receive_all(r.receive, 3)  # leased anew: the old leases are gone
+            again = receive_all(later.receive, 3)  # leased anew: the old leases are gone
             for msg in old:
                 msg.ack()
             r.flush()
     else:
         async def scenario() -> list[Message]:
-            async with AsyncQueueReceiver("q", "jobs", server.address) as r:
+            async with AsyncQueueReceiver("q", "jobs", server.address) as r, \
+                    AsyncQueueReceiver("q", "jobs", server.address, lease_ms=60_000) as later:
                 old = await r.receive(3, max_wait_ms=1000)
                 await asyncio.sleep(0.4)
-                again = []
+                again: list[Message] = []
                 for _ in range(20):
                     if len(again) >= 3:
                         break
-                    again += await r.receive(3 - len(again), max_wait_ms=500)
+                    again += await later.receive(3 - len(again), max_wait_ms=500)
                 for msg in old:
                     msg.ack()
                 await r.flush()
