@@ -7,7 +7,7 @@ the batching of acks, lease extensions, and ``process`` (the worker pool, ``_poo
   ``nack(delay_ms=, reason=)``, ``extend(lease_ms)`` or ``reject(reason)``.
 - **Acks are batched**: ``ack()`` only queues (it is thread-safe: the blocking
   receiver's handlers call it from their threads); the queue goes out as offset ranges
-  in one Settle ``ack_interval_ms`` after its first ack, or at once when it reaches
+  in one Settle every ``ack_interval_ms`` while acks come, or at once when it reaches
   ``ack_batch``; ``flush()`` sends what is queued and waits for it (and for a batch
   already on its way), ``close()`` flushes once more. An ack the broker refuses (its
   lease ended) is logged once per batch: the record will come again, as with SQS.
@@ -43,6 +43,8 @@ log = logging.getLogger("streamd.client.queue")
 
 DEFAULT_ACK_INTERVAL_MS = 5
 DEFAULT_ACK_BATCH = 1000
+#: Ticks of the ack timer with no ack before it stops (``_tick``).
+IDLE_TICKS = 20
 
 Ack = tuple[int, int, int]  # (partition, offset, lease_id)
 
@@ -73,6 +75,8 @@ class AsyncQueueReceiver:
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the channel, once used
         self._loop_thread = 0
         self._ack_timer: asyncio.TimerHandle | None = None
+        self._ticking = False  # under _ack_lock: the ack timer runs (or is being started)
+        self._idle_ticks = 0
         self._sending = asyncio.Lock()  # one batch of acks on its way at a time
         self._background: set[asyncio.Task[None]] = set()
         self._group_config: pb.QueueGroupConfig | None = None  # asked once, when first needed
@@ -174,10 +178,12 @@ class AsyncQueueReceiver:
                 raise StreamdError("CANCELLED", "CLOSED", "the receiver is closed")
             self._pending.append((msg.partition, msg.offset, msg.lease_id))
             queued = len(self._pending)
+            start_ticking = not self._ticking
+            self._ticking = True
         if queued == self._ack_batch:  # once, when the batch fills
             self._on_loop(self._send_acks)
-        elif queued == 1:  # the first of a batch: it goes within ack_interval_ms
-            self._on_loop(self._arm_acks)
+        if start_ticking:  # acks come after a pause: they go within ack_interval_ms
+            self._on_loop(self._start_ticks)
 
     def _on_loop(self, callback: Callable[[], None]) -> None:
         loop = self._loop
@@ -191,15 +197,30 @@ class AsyncQueueReceiver:
         except RuntimeError:  # the loop is closed: close() has flushed what it could
             pass
 
-    def _arm_acks(self) -> None:
+    # The ack timer ticks every ack_interval_ms while acks keep coming, and stops
+    # after IDLE_TICKS ticks that found none: so acks from another thread (the
+    # blocking receiver's) do not wake the loop per batch, even across the pauses of
+    # a receive, and an idle receiver has no timer.
+    def _start_ticks(self) -> None:
         if self._ack_timer is None and self._loop is not None and not self._closed:
-            self._ack_timer = self._loop.call_later(self._ack_interval_s, self._send_acks)
+            self._idle_ticks = 0
+            self._ack_timer = self._loop.call_later(self._ack_interval_s, self._tick)
+
+    def _tick(self) -> None:
+        assert self._loop is not None
+        with self._ack_lock:
+            pending = bool(self._pending)
+            self._idle_ticks = 0 if pending else self._idle_ticks + 1
+            if self._idle_ticks >= IDLE_TICKS:
+                self._ticking = False  # the next ack starts the timer again
+                self._ack_timer = None
+                return
+        self._ack_timer = self._loop.call_later(self._ack_interval_s, self._tick)
+        if pending:
+            self._send_acks()
 
     def _send_acks(self) -> None:
         """(On the loop) send the queued acks in the background."""
-        if self._ack_timer is not None:
-            self._ack_timer.cancel()
-            self._ack_timer = None
         task = asyncio.ensure_future(self.flush())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -211,9 +232,6 @@ class AsyncQueueReceiver:
         async with self._sending:
             with self._ack_lock:
                 batch, self._pending = self._pending, []
-            if self._ack_timer is not None:  # what it would have sent goes now
-                self._ack_timer.cancel()
-                self._ack_timer = None
             if not batch:
                 return
             try:
@@ -300,6 +318,9 @@ class AsyncQueueReceiver:
             if self._closed:
                 return
             self._closed = True
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
         try:
             await self.flush()
             if self._background:
