@@ -23,6 +23,7 @@ import asyncio
 import dataclasses
 import logging
 import signal
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,14 +33,15 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from consumer_groups.coordinator import Coordinator
+from consumer_groups.expiry import expire_groups
 from consumer_groups.offsets import OffsetStore
-from consumer_groups.queue_store import QueueStore
+from consumer_groups.queue.engine import TICK_MS, QueueEngine
+from consumer_groups.queue.store import QueueStore
 from streamd import __version__, logs
 from streamd._malloc import tune_malloc
 from streamd.addresses import is_loopback
 from streamd.auth import Authority
 from streamd.broker.broker import Broker
-from streamd.broker.queues import TICK_MS, QueueEngine
 from streamd.broker.topic import TopicSettings
 from streamd.clock import Clock, SystemClock
 from streamd.config import BrokerConfig
@@ -47,7 +49,7 @@ from streamd.metrics.exporter import MetricsExporter
 from streamd.metrics.instruments import FSYNC_BUCKETS_SECONDS, Histogram, Traffic
 from streamd.metrics.rpc_metrics import RpcMetrics
 from streamd.metrics.snapshot import Sources
-from streamd.service.group_service import GroupService, expire_groups
+from streamd.service.group_service import GroupService
 from streamd.service.guard import Guard
 from streamd.service.handlers import Admission, generic_handler
 from streamd.service.log_service import REQUEST_VIEWS, LogService
@@ -70,9 +72,20 @@ def topic_defaults(config: BrokerConfig) -> TopicSettings:
     return TopicSettings(**{f.name: getattr(config, f.name) for f in dataclasses.fields(TopicSettings)})
 
 
+@dataclasses.dataclass(frozen=True)
+class ServerHooks:
+    """Calls the server makes at points a test needs to act at; none in production
+    (tests/crash/crash_broker.py injects one)."""
+
+    #: After each produce request is appended and durable, before it is answered
+    #: (``LogService``'s ``on_durable_append``).
+    on_durable_append: Callable[[], None] | None = None
+
+
 class Server:
-    def __init__(self, config: BrokerConfig, *, clock: Clock | None = None) -> None:
+    def __init__(self, config: BrokerConfig, *, clock: Clock | None = None, hooks: ServerHooks | None = None) -> None:
         self.config = config
+        self.hooks = hooks or ServerHooks()
         self.executor = ThreadPoolExecutor(config.io_threads, thread_name_prefix="streamd-io")
         self.traffic = Traffic()
         self.fsync_seconds = Histogram(FSYNC_BUCKETS_SECONDS)
@@ -142,15 +155,15 @@ class Server:
             clock = self.broker.clock
             guard = Guard(Authority.load(Path(self.config.auth_file)), clock=lambda: clock.now_ms() / 1000)
         if guard is not None:
-            guard.derived["@group_topics"] = lambda request: sorted(groups.group_topics(request.group))
+            guard.derived["@group_topics"] = lambda request: sorted(groups.view.topics(request.group))
             guard.derived["@group_topics_if_all"] = (
-                lambda request: sorted(groups.group_topics(request.group)) if request.all_topics else [])
+                lambda request: sorted(groups.view.topics(request.group)) if request.all_topics else [])
         self.grpc_guard = guard
         wiring = {"admission": self.admission, "guard": guard, "rpc_metrics": rpc_metrics}
         self.grpc.add_generic_rpc_handlers(
             [
                 generic_handler(SERVICES[0], TopicService(self.broker, groups, self.queues), **wiring),
-                generic_handler(SERVICES[1], LogService(self.broker, self.traffic), REQUEST_VIEWS, **wiring),
+                generic_handler(SERVICES[1], LogService(self.broker, self.traffic, on_durable_append=self.hooks.on_durable_append), REQUEST_VIEWS, **wiring),
                 generic_handler(SERVICES[2], groups, **wiring),
                 generic_handler(SERVICES[3], QueueService(self.queues), **wiring),
             ]
@@ -169,7 +182,7 @@ class Server:
             log.warning("!!! no auth_file: anyone who can reach %s can read, write and delete everything "
                         "(set auth_file, and TLS) !!!", self.config.listen)
         if rpc_metrics is not None:
-            sources = Sources(self.broker, self.traffic, self.fsync_seconds, rpc_metrics.rpcs, groups, self.queues)
+            sources = Sources(self.broker, self.traffic, self.fsync_seconds, rpc_metrics.rpcs, groups.view, self.queues)
             self.metrics = MetricsExporter(sources, loop)
             self.metrics_port = self.metrics.start(self.config.metrics_listen)
         await self.grpc.start()
