@@ -1,8 +1,14 @@
-"""Worker pools of the queue receivers: ``QueueReceiver.process`` (``ThreadPool``: N
-threads, each receiving and handling a batch at a time) and
-``AsyncQueueReceiver.process`` (``AsyncPool``: one receive loop feeding up to N handler
-tasks). A handler's return acks its message, an exception nacks it; the leases of the
-messages received are extended while they wait and run (``Extender``).
+"""The worker pool of the queue receivers: ONE pool (``Pool``) runs ``process`` for
+both, on the receiver engine's event loop (``_queue_async``). It owns the receive loop,
+the messages received but not started, the lease extender, the count of messages
+handled, and the stop. What differs is only how a handler is called (``_runners``:
+tasks for ``AsyncQueueReceiver.process``, threads for ``QueueReceiver.process``).
+
+A handler's return acks its message (queued, ``_queue_async``), an exception nacks it
+with the exception as the reason. A message whose lease ended while it waited its turn
+is skipped (another worker may have it already). The leases of the messages received
+are extended while they wait and run (``auto_extend``), when a third of the lease is
+left, by the lease's length (deadlines by this process's monotonic clock).
 
 Stopping (``stop()``, the ``stop`` event, ``max_messages``, or a signal: see
 ``_stopping``), in this order:
@@ -13,9 +19,9 @@ Stopping (``stop()``, the ``stop`` event, ``max_messages``, or a signal: see
 2. once no receive is in flight, the messages received but not started are nacked
    with no delay, once, in one Settle of ranges, so another worker has them at once.
    Waiting for every receive first is what keeps that at one delivery: a record
-   handed back while another worker's receive waits would be leased (and counted)
-   again by this stopping pool. The lease they were received with counts as a
-   delivery, as SQS and Kafka share groups count it; the stop adds none;
+   handed back while another receive waits would be leased (and counted) again by
+   this stopping pool. The lease they were received with counts as a delivery, as SQS
+   and Kafka share groups count it; the stop adds none;
 3. the handlers running finish, for up to the grace period, or until a second signal;
    then the pool stops waiting: a thread cannot be cancelled, so its record stays
    leased until the lease ends (it is no longer extended); a task is cancelled and its
@@ -23,343 +29,422 @@ Stopping (``stop()``, the ``stop`` event, ``max_messages``, or a signal: see
 4. the acks are flushed, and ``process`` returns how many messages were handled.
 
 An at-most-once group acks a record as it hands it out, so nothing can be handed
-back: the pools receive no more than they can soon start (a worker thread what its
-handler ran in a second, or a quarter of the grace period; the asyncio pool its free
-slots), start what they received even when stopping (within the grace
-period), and log at WARNING, with their offsets, the records no handler finished
-(``_settle.log_unhandled``). Whether a group is at-most-once is asked once
-(``describe``), or learnt from its first records (lease id 0).
+back: the pool receives no more than its handlers run in a second (or a quarter of the
+grace period; one per handler until the handlers were timed), starts what it received
+even when stopping (within the grace period), and logs at WARNING, with their offsets,
+the records no handler finished (``_settle.log_unhandled``). Whether a group is
+at-most-once is asked once (``describe``), or learnt from its first records (lease id 0).
 
-A message waiting its turn sits in its worker's deque; both the worker and a pool that
-gives up on it take messages with ``popleft`` (atomic), so each is handled or handed
-back, never both.
+Threads: the deque of messages not started is shared by the loop and the worker
+threads; both take with ``popleft`` (atomic), so each message is handled or handed
+back, never both. Counters the threads change are under ``_lock``; ``watched`` (the
+extender's messages) is a dict whose single operations are atomic under the GIL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from ._message import Message, Settler
 from ._settle import extend_ranges, log_release, log_unhandled, places_text, release_ranges
-from ._stopping import caught_signals, loop_signals, signal_name
+from ._stopping import signal_name
 from .errors import StreamdError
 
 if TYPE_CHECKING:
-    from .queue import AsyncQueueReceiver, Message, QueueReceiver
+    from ._queue_async import AsyncQueueReceiver
+    from ._runners import Runner
 
 log = logging.getLogger("streamd.client.queue")
 
+T = TypeVar("T")
+
 #: The reason given with the nacks of messages handed back by a stopping pool.
 STOPPING = "worker stopping"
-#: The longest a worker thread's receive waits for records (so a stop is seen soon).
+#: The longest a pool's receive waits for records (so a stop is seen soon).
 RECEIVE_WAIT_MS = 500
-#: At most how long (or a quarter of the stop grace) the at-most-once records a worker
-#: thread holds take its handler: what a stop still has to run.
+#: At most how long (or a quarter of the stop grace) the at-most-once records a pool
+#: holds take its handlers: what a stop still has to run.
 AT_MOST_ONCE_HOLD_S = 1.0
-#: How much longer than its long poll a stopping pool waits for a receive in flight.
+#: How much longer than its long poll a pool that gives up waits for a receive in flight.
 GIVE_UP_SLACK_S = 1.0
-#: How long handlers cancelled by a stopping asyncio pool get to unwind.
-CANCEL_WAIT_S = 5.0
+#: How often the extender looks for leases to extend.
+EXTEND_EVERY_S = 0.05
+#: The longest a receive waits for room before it looks again (a missed wake-up costs no more).
+ROOM_POLL_S = 0.1
 
+class Pool:
+    """One ``process`` run (see the module docstring)."""
 
-class ThreadPool:
-    """One ``QueueReceiver.process`` run: ``workers`` threads, the stop event
-    (``halt``), the count of messages handled (the run stops at ``max_messages``),
-    each receive's messages received but not started, and the receives in flight."""
-
-    def __init__(self, receiver: QueueReceiver, handler: Callable[[Message], object], *, workers: int,
-                 auto_extend: bool, halt: threading.Event, max_messages: int | None) -> None:
-        self.r, self.handler, self.halt = receiver, handler, halt
+    def __init__(self, receiver: AsyncQueueReceiver, runner: Runner, *, loop: asyncio.AbstractEventLoop,
+                 owner: Settler, stop: asyncio.Event | None, auto_extend: bool, max_messages: int | None) -> None:
+        self.r, self.runner, self.loop, self.owner = receiver, runner, loop, owner
+        self.stop, self.abandon = stop or asyncio.Event(), asyncio.Event()
         self.limit, self.done = max_messages, 0
         self.auto_extend = auto_extend
-        self.extender: Extender | None = None
-        #: The group acks records as it hands them out: receive no more than a worker
-        #: runs in ``hold_s`` (``_at_most_once_count``), and run what was received even
-        #: when stopping.
+        self.loop_thread = 0  # the loop's thread, once running
+        #: Plain flags, so a thread sees a stop (or give-up) at its next message.
+        self.stopping = self.gave_up = False
+        self.receiving_done = False
         self.at_most_once = False
         self.hold_s = AT_MOST_ONCE_HOLD_S
+        self.per_record_s: float | None = None  # handler time per record (a running mean)
+        self.waiting: deque[Message] = deque()  # received, not started
+        self.running: dict[int, Message] = {}  # slot -> the message its handler runs
+        self.watched: dict[int, Message] = {}  # id -> message whose lease the extender keeps
+        self.asked = 0  # records the receives in flight asked for
+        self.signals = 0
         self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)  # notified when a receive ends
-        # Under the lock: the deques of messages not started, the receives in flight,
-        # whether the messages not started were handed back, whether the pool gave up.
-        self._held: dict[int, deque[Message]] = {}
-        self._receiving = 0
-        self._asked = 0  # records the receives in flight asked for
-        self._handed_back = self._gave_up = False
-        self._running: dict[int, Message] = {}  # at-most-once: thread id -> the message its handler runs
-        self._threads = [
-            # daemon: a handler the pool gave up on does not keep the process alive
-            threading.Thread(target=self._work, name=f"streamd-worker-{i}", daemon=True) for i in range(workers)
-        ]
+        # Pulsed (set, then cleared: the waiters woken stay woken) on the loop:
+        self._idle: deque[asyncio.Future[None]] = deque()  # idle workers, each waiting for its wake-up
+        self._room_opened = asyncio.Event()  # for receives waiting for room: messages were taken or finished
+        self._room_wanted = False  # a receive waits for room (a thread then wakes it when room opens)
 
-    def run(self, grace_s: float, signals: Sequence[int]) -> int:
+    # -- running -------------------------------------------------------------------
+    async def run(self, grace_s: float) -> int:
         """Handle messages until stopped; how many were handled."""
+        self.loop_thread = threading.get_ident()
         self.hold_s = min(AT_MOST_ONCE_HOLD_S, grace_s / 4)
+        if self.stop.is_set():
+            self.stopping = True
+        if not self.stopping:
+            self.at_most_once = await self.r._at_most_once()
+        watcher: asyncio.Future[None] = asyncio.ensure_future(self._watch_stop())
+        extender = asyncio.ensure_future(self._extend_leases()) if self.auto_extend else None
+        workers = self.runner.start(self)
+        receiving = asyncio.ensure_future(self._receive_loop())
         try:
-            if not self.halt.is_set():
-                self.at_most_once = self.r._at_most_once()
-            if self.auto_extend:
-                self.extender = Extender(self.r)
-            with caught_signals(signals) as caught:
-                for t in self._threads:
-                    t.start()
-                self._wait(caught, grace_s)
+            # Every worker ended without a stop only when each handler raised what is
+            # not an Exception (a worker dies with it, as a thread or task would).
+            ended: asyncio.Future[Any] = asyncio.ensure_future(asyncio.wait(workers))
+            await asyncio.wait([watcher, ended], return_when=asyncio.FIRST_COMPLETED)
+            ended.cancel()
+            self.request_stop()
+            until = self.loop.time() + grace_s
+            await self._until([receiving], until)
+            if receiving.done() and not self.at_most_once:
+                await self.release(_drain(self.waiting), "received but not started")
+            await self._until(workers, until)
+            running = [w for w in workers if not w.done()]
+            if running and not self.abandon.is_set():
+                log.warning("queue %s/%s: %d handler(s) still running after %.0f s: %s", self.r.group, self.r.topic,
+                            len(running), grace_s, self.runner.abandon(self))
         finally:
-            self.halt.set()
-            self._settle_unstarted(self._give_up(), "received but never started (the pool stopped waiting)")
-            if self.extender is not None:
-                self.extender.stop()
-            self.r.flush()
+            await self._give_up(receiving, workers)
+            for task in (watcher, extender):
+                if task is not None:
+                    task.cancel()
+            await asyncio.gather(*(t for t in (watcher, extender) if t is not None), return_exceptions=True)
+            _log_deaths(workers)
+            await self.r.flush()
         return self.done
 
-    def _wait(self, signals: list[int], grace_s: float) -> None:
-        """Until the workers are done; after a stop, until ``grace_s`` passed or a
-        second signal came. The messages not started are handed back once no
-        receive is in flight."""
-        where = f"queue {self.r.group}/{self.r.topic}"
-        until = None
-        seen = 0
-        while any(t.is_alive() for t in self._threads):
-            if self.r._stop_requested and not self.halt.is_set():
-                self.halt.set()  # stop() on the main thread (see QueueReceiver.stop)
-            if len(signals) > seen:
-                seen = len(signals)
-                if seen > 1:
-                    log.warning("%s: %s again: not waiting for the handlers running; %s", where,
-                                signal_name(signals[-1]), self._abandoned())
+    async def _watch_stop(self) -> None:
+        await self.stop.wait()
+        self.stopping = True
+        self._wake()
+        self._pulse_room()
+
+    def request_stop(self) -> None:
+        """Stop the run (see the module docstring). Safe from any thread and from a
+        signal handler (no lock is taken)."""
+        self.stopping = True
+        self.on_loop(self.stop.set)
+
+    def signalled(self, signum: int) -> None:
+        """(On the loop) a stop signal: the first stops the pool, a second stops waiting."""
+        self.signals += 1
+        where = f"queue {self.r.group}/{self.r.topic}: {signal_name(signum)}"
+        if self.signals == 1:
+            log.info("%s: stopping (again to stop waiting for the handlers)", where)
+            self.request_stop()
+        else:
+            log.warning("%s again: %s", where, self.runner.abandon(self))
+            self.abandon.set()
+
+    async def _until(self, futures: list[asyncio.Future[Any]], until: float) -> None:
+        """Wait for ``futures`` until loop time ``until`` or a second signal."""
+        abandon: asyncio.Future[Any] = asyncio.ensure_future(self.abandon.wait())
+        try:
+            while not self.abandon.is_set():
+                pending = [f for f in futures if not f.done()]
+                left = until - self.loop.time()
+                if not pending or left <= 0:
                     return
-                log.info("%s: %s: stopping (again to stop waiting for the handlers)", where, signal_name(signals[0]))
-                self.halt.set()
-            if self.halt.is_set():
-                if until is None:
-                    until = time.monotonic() + grace_s
-                self._hand_back()
-            if until is not None and time.monotonic() >= until:
-                log.warning("%s: handlers still running after %.0f s; not waiting for them; %s", where, grace_s,
-                            self._abandoned())
+                await asyncio.wait([*pending, abandon], timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            abandon.cancel()
+            await asyncio.gather(abandon, return_exceptions=True)
+
+    async def _give_up(self, receiving: asyncio.Future[None], workers: list[asyncio.Future[None]]) -> None:
+        """Stop waiting: a receive still in flight gets a little longer (then is
+        cancelled), what was received but not started is handed back, the runner
+        gives up on the handlers still running."""
+        self.stopping = self.gave_up = True
+        self._wake()
+        if not receiving.done():
+            await asyncio.wait([receiving], timeout=RECEIVE_WAIT_MS / 1000 + GIVE_UP_SLACK_S)
+            receiving.cancel()
+        await asyncio.gather(receiving, return_exceptions=True)
+        unstarted = _drain(self.waiting)
+        if unstarted:
+            await self.release(unstarted, "received but never started (the pool stopped waiting)")
+        await self.runner.give_up(self, [w for w in workers if not w.done()])
+
+    # -- receiving -------------------------------------------------------------------
+    async def _receive_loop(self) -> None:
+        try:
+            await asyncio.gather(*(self._receiving() for _ in range(max(1, self.runner.receives))))
+        finally:
+            self.receiving_done = True
+            self._wake()
+
+    async def _receiving(self) -> None:
+        """Receive while the pool runs and has room; each receive's messages held
+        (and watched by the extender) before it counts as ended."""
+        r = self.r
+        while True:
+            count = self._room()
+            if count is None:
                 return
-            alive = next((t for t in self._threads if t.is_alive()), None)
-            if alive is not None:
-                alive.join(0.1)
+            if not count:
+                await self._wait_for_room()
+                continue
+            self.asked += count
+            try:
+                messages = await r._receive(count, max_wait_ms=min(r.max_wait_ms, RECEIVE_WAIT_MS), owner=self.owner)
+            except StreamdError as err:
+                if self.stopping:
+                    return  # cut short by the stop: not a failure
+                log.warning("queue %s/%s: receive failed: %s", r.group, r.topic, err)
+                await self._nap(0.5)
+                continue
+            finally:
+                self.asked -= count
+            self._hold(messages)
 
-    def _abandoned(self) -> str:
-        """What becomes of the records of the handlers the pool stops waiting for."""
-        running = list(self._running.values())
-        if running:
-            return (f"their {len(running)} at-most-once record(s) will not come again if the handlers do not "
-                    f"finish: {places_text(running)}")
-        return "their records come again when their leases end"
+    def _room(self) -> int | None:
+        """How many records the next receive asks for (0: none now); None once the
+        pool stops.
 
-    def _work(self) -> None:
-        per_record_s: float | None = None  # at-most-once: this worker's handler time per record
+        - Threads (and any at-most-once pool): a batch for each handler with nothing
+          to do (at-most-once: what it runs in ``hold_s``); what is held or asked for
+          counts as work for as many handlers as it fills batches. So a busy or stuck
+          handler leases no more than its own batch, as a thread receiving for
+          itself did.
+        - Tasks: one receive's worth (up to ``concurrency``) held ahead of the
+          handlers, busy or not.
+        - While any handler has work, a receive waits until half a receive's worth
+          fits, so a busy pool does not receive a record at a time.
+        - No more than ``max_messages`` still needs beside what is held, asked for
+          and running: a run of 2 must not lease a whole batch that its stop then
+          hands back, a delivery the poorer each."""
+        if self.stopping:
+            return None
+        max_records, slots = self.r.max_records, self.runner.slots
+        with self._lock:
+            held, running = len(self.waiting) + self.asked, len(self.running)
+        if self.at_most_once or not self.runner.ahead:
+            per_slot = self._per_slot() if self.at_most_once else max_records
+            busy = running + -(-held // per_slot)  # what is held keeps handlers busy: a batch each
+            room = min((slots - busy) * per_slot, max_records)
+        else:  # one receive's worth ahead of the handlers, whether they are free or not
+            per_slot = 1
+            room = min(max_records, slots) - held
+        if (held or running) and room < max(1, min(max_records, slots * per_slot) // 2):
+            room = 0
+        if self.limit is not None:
+            room = min(room, self.limit - self.done - held - running)
+        return max(room, 0)
+
+    def _per_slot(self) -> int:
+        """At-most-once: how many records one handler runs in ``hold_s`` (one until
+        timed, then up to ``max_records``), so a stop can run every record received
+        within the grace while a quick handler still gets whole batches."""
+        if self.per_record_s is None:
+            return 1
+        return max(1, min(self.r.max_records, int(self.hold_s / max(self.per_record_s, 1e-6))))
+
+    async def _wait_for_room(self) -> None:
+        self._room_wanted = True
+        await _pulsed(self._room_opened, ROOM_POLL_S)
+
+    async def _nap(self, seconds: float) -> None:
+        """Sleep, unless the pool stops first."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self.stop.wait()
+        except TimeoutError:
+            pass
+
+    def _hold(self, messages: list[Message]) -> None:
+        if messages and not messages[0].lease_id:
+            self.at_most_once = True  # learnt here if the group could not be described
+        if self.auto_extend:
+            for msg in messages:  # the whole batch: those waiting their turn keep their lease
+                if msg.lease_id:
+                    self.watched[id(msg)] = msg
+        self.waiting.extend(messages)
+        if messages:
+            self._wake(-(-len(messages) // self.runner.batch(self.r.max_records)))
+
+    def _wake(self, count: int | None = None) -> None:
+        """(On the loop) wake ``count`` idle workers (None: all, the pool's state
+        changed). Messages wake one worker per batch they fill (a thread per receive,
+        as if it received them itself; a task per message), so idle threads do not
+        all run at once for one small batch."""
+        while self._idle and (count is None or count > 0):
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                if count is not None:
+                    count -= 1
+
+    def _pulse_room(self) -> None:
+        self._room_wanted = False
+        self._room_opened.set()
+        self._room_opened.clear()
+
+    def _progress(self) -> None:
+        """(Any thread) a message was taken or finished: wake a receive waiting for
+        room when it may go now (one hop to the loop, not one per message)."""
+        if self._room_wanted and self._room():
+            self._room_wanted = False
+            self.on_loop(self._pulse_room)
+
+    # -- the workers' side -------------------------------------------------------------
+    def take(self, slot: int) -> Message | None:
+        """(Any thread) the next message for ``slot`` to handle (counted as running
+        from here), or None (none waiting, or the pool stops: at-most-once records are
+        still taken until the pool gives up). A lease that ended while its message
+        waited is skipped."""
+        while not self.gave_up and (self.at_most_once or not self.stopping):
+            with self._lock:  # taken and running in one step, as _room counts them
+                try:
+                    msg = self.waiting.popleft()
+                except IndexError:
+                    return None
+                fresh = not msg.lease_id or time.monotonic() < msg.deadline
+                if fresh:
+                    self.running[slot] = msg
+            self._progress()
+            if fresh:
+                return msg
+            log.info("queue %s/%s: lease of %d/%d expired before its turn; skipped",
+                     self.r.group, self.r.topic, msg.partition, msg.offset)
+            self.watched.pop(id(msg), None)
+        return None
+
+    async def next_message(self, slot: int) -> Message | None:
+        """(On the loop) the next message for ``slot``, waiting for one; None when the
+        worker is done."""
+        while True:
+            msg = self.take(slot)
+            if msg is not None:
+                return msg
+            if self.gave_up or (self.stopping and (not self.at_most_once or self.receiving_done)):
+                return None
+            waiter: asyncio.Future[None] = self.loop.create_future()
+            self._idle.append(waiter)
+            self._pulse_room()  # an idle worker: room for a receive
+            await waiter
+
+    def ack(self, msg: Message) -> None:
+        try:
+            self.r.ack(msg)
+        except StreamdError as err:  # closed: the pool gave up on this handler
+            log.info("queue %s/%s: %s", self.r.group, self.r.topic, err)
+
+    async def nack(self, msg: Message, exc: Exception) -> None:
+        try:
+            await self.r.settle(msg, "nack", reason=f"{type(exc).__name__}: {exc}"[:1000])
+        except StreamdError as err:
+            log.info("queue %s/%s: nack failed: %s", self.r.group, self.r.topic, err)
+
+    def finished(self, slot: int, msg: Message, began: float) -> None:
+        """(Any thread) ``msg``'s handler returned or raised and it was settled."""
+        took = time.monotonic() - began
+        with self._lock:
+            self.running.pop(slot, None)
+            self.done += 1
+            self.per_record_s = took if self.per_record_s is None else (self.per_record_s + took) / 2
+            limit_hit = self.limit is not None and self.done >= self.limit
+        self.watched.pop(id(msg), None)
+        if limit_hit:
+            self.request_stop()
+        self._progress()
+
+    def on_loop(self, callback: Callable[[], object]) -> None:
+        """Run ``callback`` on the loop (at once when called there)."""
+        if threading.get_ident() == self.loop_thread:
+            callback()
+            return
+        try:
+            self.loop.call_soon_threadsafe(callback)
+        except RuntimeError:  # the loop is closed: the pool is long gone
+            pass
+
+    def wait_on_loop(self, coro: Coroutine[Any, Any, T]) -> T | None:
+        """(A worker thread) run ``coro`` on the loop and wait for it; None when the
+        loop is gone (a thread the pool gave up on, after the receiver closed)."""
+        try:
+            future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        except RuntimeError:
+            coro.close()
+            return None
         while True:
             try:
-                waiting = self._receive(self._at_most_once_count(per_record_s) if self.at_most_once else None)
-            except StreamdError as err:
-                if self.halt.is_set():
-                    break  # cut short by the stop (the channel closing): not a failure
-                log.warning("queue %s/%s: receive failed: %s", self.r.group, self.r.topic, err)
-                self.halt.wait(0.5)
-                continue
-            except ValueError:  # grpc: the channel is closed (under a worker the pool gave up on)
-                if self.halt.is_set():
-                    break
-                raise
-            if waiting is None:
-                break
-            started, count = time.monotonic(), len(waiting)
-            self._handle(waiting)
-            if self.at_most_once and count:
-                took = (time.monotonic() - started) / count
-                per_record_s = took if per_record_s is None else (per_record_s + took) / 2
-            if not waiting:  # else stopping: the pool hands the rest back
-                with self._lock:
-                    self._held.pop(id(waiting), None)
+                return future.result(0.5)
+            except concurrent.futures.TimeoutError:
+                if self.loop.is_closed() or not self.loop.is_running():
+                    future.cancel()
+                    return None
 
-    def _capped(self, count: int | None) -> int | None:
-        """(Under the lock) ``count``, but no more than ``max_messages`` still needs
-        beside what is held and asked for already (at least one): a run of 2 must not
-        lease a whole batch that its stop then hands back, a delivery the poorer each."""
-        if self.limit is None:
-            return count
-        remaining = self.limit - self.done - self._asked - sum(len(w) for w in self._held.values())
-        return max(1, min(count or self.r.max_records, remaining))
-
-    def _at_most_once_count(self, per_record_s: float | None) -> int:
-        """How many at-most-once records a worker receives: what its handler runs in
-        ``hold_s`` (one until it was timed, then up to ``max_records``), so a stop
-        can run every record received within the grace while a quick handler still
-        gets whole batches (a receive per record would cost far more than the handler)."""
-        if per_record_s is None:
-            return 1
-        return max(1, min(self.r.max_records, int(self.hold_s / max(per_record_s, 1e-6))))
-
-    def _receive(self, count: int | None) -> deque[Message] | None:
-        """One receive, its messages held (and watched by the extender) before it
-        counts as ended; None once the pool stops. A receive in flight is let answer
-        (cancelling it could lose records leased for an answer never read), and what
-        the pool hands back waits for every one: a record handed back while another
-        worker's receive waits would be leased, and counted, again."""
-        with self._lock:
-            if self.halt.is_set():
-                return None
-            count = self._capped(count)
-            asked = count or self.r.max_records
-            self._receiving += 1
-            self._asked += asked
-        messages: list[Message] = []
-        try:
-            messages = self.r.receive(count, max_wait_ms=min(self.r.max_wait_ms, RECEIVE_WAIT_MS))
-        finally:
-            with self._lock:
-                self._receiving -= 1
-                self._asked -= asked
-                self._idle.notify_all()
-                late = self._gave_up
-                waiting = deque(messages)
-                if messages and not late:
-                    self._held[id(waiting)] = waiting
-                    if not messages[0].lease_id:
-                        self.at_most_once = True  # learnt here if the group could not be described
-                    if self.extender is not None:
-                        for msg in messages:  # the whole batch: those waiting their turn keep their lease
-                            self.extender.watch(msg)
-        if late:  # the pool returned while this receive was in flight
-            self._settle_unstarted(messages, "received after the pool stopped")
-            return None
-        return waiting
-
-    def _handle(self, waiting: deque[Message]) -> None:
-        """Handle the messages of ``waiting`` one by one until it is empty or the pool
-        stops (at-most-once: until it is empty or the pool gives up)."""
-        r, extender = self.r, self.extender
-        while self.at_most_once or not self.halt.is_set():
-            try:
-                msg = waiting.popleft()
-            except IndexError:
-                return
-            if msg.lease_id and time.monotonic() >= msg.deadline:
-                log.info("queue %s/%s: lease of %d/%d expired before its turn; skipped",
-                         r.group, r.topic, msg.partition, msg.offset)
-                if extender is not None:
-                    extender.forget(msg)
-                continue
-            if self.at_most_once:
-                self._running[threading.get_ident()] = msg
-            try:
-                self.handler(msg)
-            except Exception as exc:
-                try:
-                    r.nack(msg, reason=f"{type(exc).__name__}: {exc}"[:1000])
-                except StreamdError as err:
-                    log.info("queue %s/%s: %s", r.group, r.topic, err)
-            else:
-                try:
-                    r.ack(msg)
-                except StreamdError as err:  # closed: the pool gave up on this handler
-                    log.info("queue %s/%s: %s", r.group, r.topic, err)
-            finally:
-                if self.at_most_once:
-                    self._running.pop(threading.get_ident(), None)
-                if extender is not None:
-                    extender.forget(msg)
-            self._add()
-
-    def _add(self) -> None:
-        with self._lock:
-            self.done += 1
-            if self.limit is not None and self.done >= self.limit:
-                self.halt.set()
-
-    def _hand_back(self) -> None:
-        """Stopping, once no receive is in flight (so none can lease them again): the
-        messages received but not started, handed back in one Settle. Not for an
-        at-most-once group: its workers run what they received."""
-        with self._lock:
-            if self._handed_back or self._receiving or self.at_most_once:
-                return
-            self._handed_back = True
-            held = list(self._held.values())
-        self._settle_unstarted([m for waiting in held for m in _drain(waiting)], "received but not started")
-
-    def _give_up(self) -> list[Message]:
-        """Every worker's messages not started (the pool is not waiting for them), once
-        the receives in flight answered (for at most a long poll)."""
-        with self._lock:
-            self._idle.wait_for(lambda: not self._receiving, timeout=RECEIVE_WAIT_MS / 1000 + GIVE_UP_SLACK_S)
-            self._gave_up = True
-            held, self._held = list(self._held.values()), {}
-        return [m for waiting in held for m in _drain(waiting)]
-
-    def _settle_unstarted(self, messages: list[Message], why: str) -> None:
-        """Nack ``messages`` (not started) with no delay, in one Settle of ranges; log
+    # -- handing back, extending -----------------------------------------------------------
+    async def release(self, messages: list[Message], why: str) -> None:
+        """Nack ``messages`` (not handled) with no delay, in one Settle of ranges; log
         the at-most-once ones (acked already: lost)."""
-        if self.extender is not None:
-            for msg in messages:
-                self.extender.forget(msg)
+        for msg in messages:
+            self.watched.pop(id(msg), None)
         log_unhandled(self.r.group, self.r.topic, messages, why)
         ranges = release_ranges(messages, STOPPING)
         if not ranges:
             return
         try:
-            results: list | StreamdError = self.r._send([], ranges)
+            results: list[Any] | StreamdError = await self.r._send([], ranges)
         except StreamdError as err:
             results = err
-        except ValueError as err:  # grpc: the channel is closed (a worker the pool gave up on)
-            results = StreamdError("CANCELLED", "CLOSED", str(err))
         log_release(self.r.group, self.r.topic, len(messages), results)
 
+    def abandoned(self) -> str:
+        """What becomes of the records of the handlers the pool stops waiting for."""
+        running = list(self.running.values())
+        if running and self.at_most_once:
+            return (f"their {len(running)} at-most-once record(s) will not come again if the handlers do not "
+                    f"finish: {places_text(running)}")
+        return "their records come again when their leases end"
 
-def _drain(waiting: deque[Message]) -> list[Message]:
-    out = []
-    while True:
-        try:
-            out.append(waiting.popleft())
-        except IndexError:
-            return out
-
-
-class Extender:
-    """Extends the leases of received messages not yet settled, when a third of the
-    lease is left, by the lease's length (deadlines by this process's monotonic clock)."""
-
-    def __init__(self, receiver: QueueReceiver) -> None:
-        self.receiver = receiver
-        self._watched: dict[int, Message] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="streamd-extender", daemon=True)
-        self._thread.start()
-
-    def watch(self, msg: Message) -> None:
-        if msg.lease_id:
-            with self._lock:
-                self._watched[id(msg)] = msg
-
-    def forget(self, msg: Message) -> None:
-        with self._lock:
-            self._watched.pop(id(msg), None)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
+    async def _extend_leases(self) -> None:
+        while True:
+            await asyncio.sleep(EXTEND_EVERY_S)
             now = time.monotonic()
-            with self._lock:
-                due = [m for m in self._watched.values() if m.deadline - now < m.lease_s / 3]
+            due = [m for m in list(self.watched.values()) if m.deadline - now < m.lease_s / 3]
             if due:
-                self._extend(due)
+                await self._extend(due)
 
-    def _extend(self, due: list[Message]) -> None:
+    async def _extend(self, due: list[Message]) -> None:
         """One Settle of extension ranges; a range with refused offsets is retried
         message by message, so exactly the lost leases are forgotten."""
         ranges = extend_ranges(due)
         sent = time.monotonic()
         try:
-            results = self.receiver._send([], [r for r, _ in ranges])
+            results = await self.r._send([], [r for r, _ in ranges])
         except StreamdError as err:
             log.info("%d lease(s) not extended: %s", len(due), err)
             return  # tried again on the next round while their leases last
@@ -371,187 +456,33 @@ class Extender:
                 continue
             for msg in messages:
                 try:
-                    self.receiver.extend(msg, int(msg.lease_s * 1000))
+                    await self.r.extend(msg, int(msg.lease_s * 1000))
                 except StreamdError as err:
                     log.info("lease of %s/%d@%d not extended: %s", msg.topic, msg.partition, msg.offset, err)
-                    self.forget(msg)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-
-class AsyncPool:
-    """One ``AsyncQueueReceiver.process`` run: a receive loop feeding handler tasks
-    (at most ``concurrency`` at once), the lease extender, and the stop."""
-
-    def __init__(self, receiver: AsyncQueueReceiver, handler: Callable[[Message], Awaitable[object]], *,
-                 concurrency: int, stop: asyncio.Event, max_messages: int | None) -> None:
-        self.r, self.handler, self.concurrency = receiver, handler, concurrency
-        self.stop, self.max_messages, self.done = stop, max_messages, 0
-        self.abandon = asyncio.Event()
-        self.limit = asyncio.Semaphore(concurrency)
-        self.tasks: dict[asyncio.Task, Message] = {}
-        self.watched: dict[int, Message] = {}
-        self.signals = 0
-        #: The group acks records as it hands them out: receive no more than there
-        #: are free handler slots, and start what was received even when stopping.
-        self.at_most_once = False
-
-    def signalled(self, signum: int) -> None:
-        self.signals += 1
-        where = f"queue {self.r.group}/{self.r.topic}: {signal_name(signum)}"
-        if self.signals == 1:
-            log.info("%s: stopping (again to stop waiting for the handlers)", where)
-            self.stop.set()
-        else:
-            log.warning("%s again: cancelling the handlers running", where)
-            self.abandon.set()
-
-    async def run(self, grace_s: float, signals: Sequence[int]) -> int:
-        """Handle messages until stopped; how many were handled."""
-        if not self.stop.is_set():
-            self.at_most_once = await self.r._at_most_once()
-        extender = asyncio.create_task(self._extend_leases())
-        try:
-            with loop_signals(asyncio.get_running_loop(), signals, self.signalled):
-                await self._receive_loop()
-                await self._finish(grace_s)
-        finally:
-            extender.cancel()
-            await asyncio.gather(extender, return_exceptions=True)
-            await self._give_up()
-            await self.r.flush()
-        return self.done
-
-    async def _receive_loop(self) -> None:
-        """Receive and start handlers until stopped. One receive at a time, so what
-        a stop hands back (the messages waiting for a slot) cannot be leased again by
-        this pool."""
-        r = self.r
-        while not self.stop.is_set():
-            count = min(r.max_records, self.concurrency)
-            if self.max_messages is not None:  # no more than the run still needs (see ThreadPool._capped)
-                count = max(1, min(count, self.max_messages - self.done - len(self.tasks)))
-            if self.at_most_once:
-                if not await self._slot():  # wait for a free slot...
-                    return
-                self.limit.release()  # ...and receive no more than there are free
-                count = min(count, self.concurrency - len(self.tasks))
-            try:
-                messages = await r.receive(count, max_wait_ms=200)
-            except StreamdError as err:
-                if self.stop.is_set():
-                    return  # cut short by the stop: not a failure
-                log.warning("queue %s/%s: receive failed: %s", r.group, r.topic, err)
-                await asyncio.sleep(0.5)
-                continue
-            if messages and not messages[0].lease_id:
-                self.at_most_once = True  # learnt here if the group could not be described
-            for msg in messages:
-                if msg.lease_id:
-                    self.watched[id(msg)] = msg
-            for i, msg in enumerate(messages):
-                if not await self._slot(acked=not msg.lease_id):
-                    await self._release(messages[i:], "received but not started")
-                    break
-                task = asyncio.create_task(self._handle(msg))
-                self.tasks[task] = msg
-                task.add_done_callback(self._finished)
-            await r.flush()
-
-    async def _slot(self, *, acked: bool = False) -> bool:
-        """Wait for a free handler slot; False when the pool stops first. ``acked``
-        (an at-most-once record): a free slot is taken even when stopping."""
-        if acked and not self.limit.locked():
-            await self.limit.acquire()
-            return True
-        if self.stop.is_set():
-            return False
-        if not self.limit.locked():
-            await self.limit.acquire()
-            return True
-        acquire = asyncio.ensure_future(self.limit.acquire())
-        stopped = asyncio.ensure_future(self.stop.wait())
-        await asyncio.wait((acquire, stopped), return_when=asyncio.FIRST_COMPLETED)
-        stopped.cancel()
-        if not acquire.done():
-            acquire.cancel()
-        await asyncio.gather(acquire, stopped, return_exceptions=True)
-        if acquire.cancelled():
-            return False
-        if self.stop.is_set():
-            self.limit.release()
-            return False
-        return True
-
-    async def _handle(self, msg: Message) -> None:
-        try:
-            await self.handler(msg)
-        except Exception as exc:
-            try:
-                await self.r.settle(msg, "nack", reason=f"{type(exc).__name__}: {exc}"[:1000])
-            except StreamdError as err:
-                log.info("nack failed: %s", err)
-        else:
-            self.r.ack(msg)
-        self.done += 1
-        if self.max_messages is not None and self.done >= self.max_messages:
-            self.stop.set()
-
-    def _finished(self, task: asyncio.Task) -> None:
-        self.limit.release()
-        msg = self.tasks.pop(task, None)
-        if msg is not None:
-            self.watched.pop(id(msg), None)
-
-    async def _finish(self, grace_s: float) -> None:
-        """Wait for the handlers running: up to ``grace_s``, or until a second signal."""
-        loop = asyncio.get_running_loop()
-        until = loop.time() + grace_s
-        abandon = asyncio.ensure_future(self.abandon.wait())
-        try:
-            while self.tasks and not self.abandon.is_set():
-                left = until - loop.time()
-                if left <= 0:
-                    log.warning("queue %s/%s: %d handler(s) still running after %.0f s: cancelled",
-                                self.r.group, self.r.topic, len(self.tasks), grace_s)
-                    return
-                await asyncio.wait((*self.tasks, abandon), timeout=left, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            abandon.cancel()
-            await asyncio.gather(abandon, return_exceptions=True)
-
-    async def _give_up(self) -> None:
-        """Cancel the handlers still running and hand their messages back at once."""
-        running = dict(self.tasks)
-        if not running:
-            return
-        for task in running:
-            task.cancel()
-        await asyncio.wait(running, timeout=CANCEL_WAIT_S)
-        await self._release([m for t, m in running.items() if t.cancelled()], "cancelled by the stop")
-
-    async def _release(self, messages: list[Message], why: str) -> None:
-        """Nack ``messages`` (not handled) with no delay, in one Settle of ranges; log
-        the at-most-once ones (acked already: lost)."""
-        for msg in messages:
-            self.watched.pop(id(msg), None)
-        log_unhandled(self.r.group, self.r.topic, messages, why)
-        ranges = release_ranges(messages, STOPPING)
-        if not ranges:
-            return
-        try:
-            results: list | StreamdError = await self.r._send([], ranges)
-        except StreamdError as err:
-            results = err
-        log_release(self.r.group, self.r.topic, len(messages), results)
-
-    async def _extend_leases(self) -> None:
-        while True:
-            await asyncio.sleep(0.05)
-            now = time.monotonic()
-            due = [m for m in self.watched.values() if m.deadline - now < m.lease_s / 3]
-            if due:
-                for msg in await self.r._extend(due):
                     self.watched.pop(id(msg), None)
+
+
+async def _pulsed(event: asyncio.Event, timeout_s: float | None) -> None:
+    """Wait for the next pulse of ``event``, for at most ``timeout_s``."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+    except TimeoutError:
+        pass
+
+
+def _log_deaths(workers: list[asyncio.Future[None]]) -> None:
+    """Log the worker tasks a handler's BaseException ended (a thread's is printed
+    by ``threading.excepthook``)."""
+    for worker in workers:
+        if worker.done() and not worker.cancelled() and worker.exception() is not None:
+            log.error("queue worker ended by its handler", exc_info=worker.exception())
+
+
+def _drain(waiting: deque[Message]) -> list[Message]:
+    out = []
+    while True:
+        try:
+            out.append(waiting.popleft())
+        except IndexError:
+            return out

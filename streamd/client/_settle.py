@@ -9,16 +9,20 @@ of ranges.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 from streamd.v1 import streamd_pb2 as pb
 
 from .errors import StreamdError
 
 if TYPE_CHECKING:
-    from .queue import Message
+    from ._message import Message
 
 log = logging.getLogger("streamd.client.queue")
+
+P = TypeVar("P")
+Place = tuple[int, int, int]  # (partition, offset, lease_id)
 
 
 def ack_ranges(acks: list[tuple[int, int, int]]) -> list[pb.SettleRange]:
@@ -31,17 +35,17 @@ def extend_ranges(messages: list[Message]) -> list[tuple[pb.SettleRange, list[Me
     """Lease extensions for ``messages`` (each by its own lease length) as
     SettleRanges, each with the messages it covers."""
     keyed = [((m.partition, m.offset, m.lease_id), m) for m in messages]
-    by_length: dict[int, list] = {}
+    by_length: dict[int, list[tuple[Place, Message]]] = {}
     for item in keyed:
         by_length.setdefault(int(item[1].lease_s * 1000), []).append(item)
     return [pair for ms, items in by_length.items() for pair in _ranges(items, pb.SETTLE_ACTION_EXTEND, ms)]
 
 
-def _ranges(items: list[tuple[tuple[int, int, int], object]], action: int,
-            delay_ms: int | None = None) -> list[tuple[pb.SettleRange, list]]:
+def _ranges(items: Sequence[tuple[Place, P]], action: pb.SettleAction,
+            delay_ms: int | None = None) -> list[tuple[pb.SettleRange, list[P]]]:
     """((partition, offset, lease_id), payload) items as ranges of consecutive offsets
     of one lease, each with the payloads it covers."""
-    out: list[tuple[pb.SettleRange, list]] = []
+    out: list[tuple[pb.SettleRange, list[P]]] = []
     last = None
     for (p, offset, lease_id), payload in sorted(items, key=lambda i: (i[0][0], i[0][2], i[0][1])):
         if last is not None and (last.partition, last.lease_id) == (p, lease_id) and last.last_offset == offset - 1:
@@ -64,7 +68,7 @@ def release_ranges(messages: list[Message], reason: str) -> list[pb.SettleRange]
     return ranges
 
 
-def log_release(group: str, topic: str, count: int, results: list | StreamdError) -> None:
+def log_release(group: str, topic: str, count: int, results: Sequence[pb.SettleResult] | StreamdError) -> None:
     """Log the records of a release (``release_ranges``) that were not handed back:
     they come again when their leases end."""
     if isinstance(results, StreamdError):

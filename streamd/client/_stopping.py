@@ -43,7 +43,7 @@ def caught_signals(signals: Sequence[int]) -> Iterator[list[int]]:
     if not signals or not _on_main_thread():
         yield caught
         return
-    previous = {}
+    previous: dict[int, signal._HANDLER] = {}
     try:
         for sig in signals:
             if signal.getsignal(sig) is signal.SIG_IGN:
@@ -62,7 +62,7 @@ def loop_signals(loop: asyncio.AbstractEventLoop, signals: Sequence[int],
     """Call ``callback(signum)`` on ``loop`` for each of ``signals`` while inside, when
     the loop runs on the main thread (and the platform has loop signal handlers); put
     the previous Python-level handlers back on exit."""
-    installed: dict[int, object] = {}
+    installed: dict[int, signal._HANDLER] = {}
     if signals and _on_main_thread():
         for sig in signals:
             previous = signal.getsignal(sig)
@@ -78,7 +78,7 @@ def loop_signals(loop: asyncio.AbstractEventLoop, signals: Sequence[int],
     finally:
         for sig, previous in installed.items():
             loop.remove_signal_handler(sig)
-            signal.signal(sig, signal.SIG_DFL if previous is None else previous)  # type: ignore[arg-type]
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
 
 
 def signal_name(signum: int) -> str:
