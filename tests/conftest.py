@@ -96,7 +96,7 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.address = ""
 
-    def start(self, timeout: float = 30) -> "ServerProcess":
+    def start(self, timeout: float = 30) -> ServerProcess:
         port = free_port()
         self.address = f"127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "streamd", "serve", "--data-dir", str(self.data_dir),

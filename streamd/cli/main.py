@@ -42,7 +42,7 @@ def _topic_json(t) -> dict:
 def _ms(ts: int) -> str:
     if not ts:
         return "-"
-    return dt.datetime.fromtimestamp(ts / 1000, dt.timezone.utc).isoformat(timespec="milliseconds")
+    return dt.datetime.fromtimestamp(ts / 1000, dt.UTC).isoformat(timespec="milliseconds")
 
 
 def parse_time(text: str) -> int:
@@ -52,7 +52,7 @@ def parse_time(text: str) -> int:
         return int(text)
     parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.timezone.utc)
+        parsed = parsed.replace(tzinfo=dt.UTC)
     return int(parsed.timestamp() * 1000)
 
 

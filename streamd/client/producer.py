@@ -412,7 +412,7 @@ class Producer:
     def send_and_wait(self, topic: str, value: bytes, **kwargs) -> RecordMetadata:
         return self._run(self._producer.send_and_wait(topic, value, **kwargs))
 
-    def send_batch(self, topic: str, partition: int, values: Sequence[bytes]) -> RecordMetadata:
+    def send_batch(self, topic: str, partition: int, values: Sequence[bytes] | pb.RecordSet) -> RecordMetadata:
         async def go():
             return await (await self._producer.send_batch(topic, partition, values))
 
