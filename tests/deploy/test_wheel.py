@@ -1,5 +1,6 @@
 """The built wheel ships the ``py.typed`` markers (PEP 561), so a user's type checker
-reads streamd's annotations instead of treating the packages as untyped."""
+reads streamd's annotations instead of treating the packages as untyped. (Here beside
+the image's wheel build rather than in tests/unit: pip builds a wheel, seconds.)"""
 
 from __future__ import annotations
 
