@@ -148,6 +148,7 @@ class Server:
             guard.derived["@group_topics_if_all"] = (
                 lambda request: sorted(groups.group_topics(request.group)) if request.all_topics else [])
         self.grpc_guard = guard
+
         def wired(service: ServiceDescriptor, servicer: object,
                   request_types: dict[str, type[Message]] | None = None) -> grpc.GenericRpcHandler:
             return generic_handler(service, servicer, request_types, admission=self.admission, guard=guard,
