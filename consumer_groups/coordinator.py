@@ -285,7 +285,7 @@ class Coordinator:
                 raise GroupNotEmpty(group, len(g.members), "commits need a member id and generation")
             return
         m = g.members.get(member_id) if g is not None else None
-        if m is None:
+        if g is None or m is None:
             raise UnknownMember(group, member_id)
         if group in self.resetting:
             tp = next(iter(tps), ("", -1))

@@ -52,7 +52,7 @@ import struct
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from segments.checkpoint import TEMP_SUFFIX, fsync_directory, write_atomic
 from segments.errors import DiskFull, is_disk_full
@@ -94,9 +94,20 @@ class Journal:
         self.size = self._recover(apply)
 
     # -- writing -------------------------------------------------------------
+    @overload
+    def write(
+        self, op: dict, *, durable: Literal[True] = True, then: Callable[[dict], Any] | None = None
+    ) -> asyncio.Future[Any]: ...
+    @overload
+    def write(self, op: dict, *, durable: Literal[False], then: Callable[[dict], Any] | None = None) -> None: ...
+    @overload
+    def write(
+        self, op: dict, *, durable: bool, then: Callable[[dict], Any] | None = None
+    ) -> asyncio.Future[Any] | None: ...
+
     def write(
         self, op: dict, *, durable: bool = True, then: Callable[[dict], Any] | None = None
-    ) -> asyncio.Future | None:
+    ) -> asyncio.Future[Any] | None:
         """Queue ``op``; for a durable one, a future that completes once it is fsynced,
         with the result of ``then(op)``, which the flusher calls right after the fsync
         and before any compaction (so an owner that changes its state only once an

@@ -192,7 +192,8 @@ class OffsetStore:
 
     def _remove_topic(self, topic: str) -> list[str]:
         affected = set()
-        for table in (self._offsets, self._undo):
+        tables: tuple[dict[str, dict[TopicPartition, Any]], ...] = (self._offsets, self._undo)
+        for table in tables:
             for group, entries in list(table.items()):
                 keys = [key for key in entries if key[0] == topic]
                 for key in keys:

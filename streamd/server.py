@@ -34,14 +34,15 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from consumer_groups.coordinator import Coordinator
+from consumer_groups.expiry import expire_groups
 from consumer_groups.offsets import OffsetStore
-from consumer_groups.queue_store import QueueStore
+from consumer_groups.queue.engine import TICK_MS, QueueEngine
+from consumer_groups.queue.store import QueueStore
 from streamd import __version__, logs
 from streamd._malloc import tune_malloc
 from streamd.addresses import is_loopback
 from streamd.auth import Authority
 from streamd.broker.broker import Broker
-from streamd.broker.queues import TICK_MS, QueueEngine
 from streamd.broker.topic import TopicSettings
 from streamd.clock import Clock, SystemClock
 from streamd.config import BrokerConfig
@@ -49,7 +50,7 @@ from streamd.metrics.exporter import MetricsExporter
 from streamd.metrics.instruments import FSYNC_BUCKETS_SECONDS, Histogram, Traffic
 from streamd.metrics.rpc_metrics import RpcMetrics
 from streamd.metrics.snapshot import Sources
-from streamd.service.group_service import GroupService, expire_groups
+from streamd.service.group_service import GroupService
 from streamd.service.guard import Guard
 from streamd.service.handlers import Admission, generic_handler
 from streamd.service.log_service import REQUEST_VIEWS, LogService
@@ -144,9 +145,9 @@ class Server:
             clock = self.broker.clock
             guard = Guard(Authority.load(Path(self.config.auth_file)), clock=lambda: clock.now_ms() / 1000)
         if guard is not None:
-            guard.derived["@group_topics"] = lambda request: sorted(groups.group_topics(request.group))
+            guard.derived["@group_topics"] = lambda request: sorted(groups.view.topics(request.group))
             guard.derived["@group_topics_if_all"] = (
-                lambda request: sorted(groups.group_topics(request.group)) if request.all_topics else [])
+                lambda request: sorted(groups.view.topics(request.group)) if request.all_topics else [])
         self.grpc_guard = guard
 
         def wired(service: ServiceDescriptor, servicer: object,
@@ -176,7 +177,7 @@ class Server:
             log.warning("!!! no auth_file: anyone who can reach %s can read, write and delete everything "
                         "(set auth_file, and TLS) !!!", self.config.listen)
         if rpc_metrics is not None:
-            sources = Sources(self.broker, self.traffic, self.fsync_seconds, rpc_metrics.rpcs, groups, self.queues)
+            sources = Sources(self.broker, self.traffic, self.fsync_seconds, rpc_metrics.rpcs, groups.view, self.queues)
             self.metrics = MetricsExporter(sources, loop)
             self.metrics_port = self.metrics.start(self.config.metrics_listen)
         await self.grpc.start()

@@ -63,7 +63,7 @@ from .errors import (
     TopicNotFound,
 )
 from .partition import Partition
-from .topic import TopicMeta, TopicSettings, check_topic_name
+from .topic import MAX_TOPIC_NAME_CHARS, TopicMeta, TopicSettings, check_topic_name
 
 log = logging.getLogger("streamd.broker")
 
@@ -276,6 +276,13 @@ class Broker:
 
     def partition(self, name: str, partition: int) -> Partition:
         return _partition_in(self.topic(name), partition)
+
+    #: Topic names the broker takes (queue groups check their dead-letter topic's).
+    max_topic_name_chars = MAX_TOPIC_NAME_CHARS
+
+    def check_topic_name(self, name: str, *, field: str = "topic") -> str:
+        """``name`` if it is a valid topic name, else InvalidTopicName naming ``field``."""
+        return check_topic_name(name, field=field)
 
     def create_topic(self, name: str, partition_count: int, overrides: dict[str, object]) -> Topic:
         self.check_serving()

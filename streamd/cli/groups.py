@@ -18,6 +18,7 @@ from google.protobuf import json_format
 from streamd.client import Admin
 from streamd.v1 import streamd_pb2 as pb
 
+from .common import format_age, parse_time
 from .format import table
 from .timeouts import client_options
 
@@ -35,18 +36,6 @@ def parse_duration_ms(text: str) -> int:
     parts = {k: float(v) if v else 0.0 for k, v in m.groupdict().items()}
     seconds = (((parts["w"] * 7 + parts["d"]) * 24 + parts["h"]) * 60 + parts["m"]) * 60 + parts["s"]
     return int(seconds * 1000)
-
-
-def format_age(ms: int) -> str:
-    if ms <= 0:
-        return "-"
-    seconds = ms / 1000
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, s = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    days, hours = divmod(hours, 24)
-    return "".join(f"{v}{u}" for v, u in ((days, "d"), (hours, "h"), (minutes, "m"), (s, "s")) if v) or "0s"
 
 
 def _json(message) -> dict:
@@ -119,7 +108,6 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def _target(args: argparse.Namespace) -> dict:
-    from .main import parse_time
 
     if args.to_earliest:
         return {"position": pb.OFFSET_SPEC_EARLIEST}

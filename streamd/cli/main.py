@@ -10,13 +10,11 @@ The server address comes from ``--server``, else ``STREAMD_SERVER``, else
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
-import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from google.protobuf import json_format
@@ -31,6 +29,7 @@ from . import inspect as inspect_cmd
 from . import queue as queue_cmd
 from . import replay as replay_cmd
 from . import timeouts
+from .common import client_warnings, parse_time
 from .format import format_record, record_json, table
 from .timeouts import client_options, producer_options
 
@@ -43,17 +42,6 @@ def _ms(ts: int) -> str:
     if not ts:
         return "-"
     return dt.datetime.fromtimestamp(ts / 1000, dt.UTC).isoformat(timespec="milliseconds")
-
-
-def parse_time(text: str) -> int:
-    """Epoch ms ("1700000000000", "@1700000000000") or ISO-8601 ("2026-11-28T10:00:00Z")."""
-    text = text.lstrip("@")
-    if text.isdigit():
-        return int(text)
-    parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.UTC)
-    return int(parsed.timestamp() * 1000)
 
 
 # -- serve --------------------------------------------------------------------
@@ -79,7 +67,7 @@ SERVE_HELP = {
     "tls_cert_file": "server certificate chain (PEM): serve TLS",
     "tls_key_file": "server private key (PEM)",
     "tls_client_ca_file": "CA (PEM) client certificates must chain to: mutual TLS",
-    "auth_file": "principals, tokens and allow rules (TOML; see README, Security)",
+    "auth_file": "principals, tokens and allow rules (TOML; see docs/operations.md, Security)",
 }
 
 
@@ -215,21 +203,6 @@ def _start(consumer: Consumer, topic: str, partitions, start: str) -> None:
                 consumer.seek(t, p, max(consumer.ends[(t, p)] + offset, 0))
             else:
                 consumer.seek(t, p, offset)
-
-
-@contextlib.contextmanager
-def client_warnings() -> Iterator[None]:
-    """The SDK's warnings (e.g. damaged records skipped) as ``streamd: warning: ...``
-    lines on stderr while a command runs."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("streamd: warning: %(message)s"))
-    handler.setLevel(logging.WARNING)
-    logger = logging.getLogger("streamd.client")
-    logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
 
 
 def cmd_consume(args: argparse.Namespace) -> int:

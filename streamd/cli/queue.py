@@ -21,9 +21,8 @@ from streamd.client.queue import QueueReceiver
 from streamd.v1 import streamd_pb2 as pb
 from streamd.v1 import streamd_pb2_grpc as rpc
 
+from .common import TokenBucket, format_age, parse_time
 from .format import table
-from .groups import format_age
-from .replay import TokenBucket
 from .timeouts import client_options
 
 REDRIVE_GROUP = "streamd-redrive"
@@ -90,7 +89,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_seek(args: argparse.Namespace) -> int:
-    from .main import parse_time
 
     target: dict = {}
     if args.to_offset is not None:

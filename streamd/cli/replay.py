@@ -41,6 +41,7 @@ from streamd.client.records import ConsumerRecord, add_record
 from streamd.partitioner import key_partition
 from streamd.v1 import streamd_pb2 as pb
 
+from .common import TokenBucket, client_warnings
 from .format import record_json, table
 from .replay_select import (
     PartitionRange,
@@ -63,7 +64,6 @@ FETCH_MAX_RECORDS = 5_000
 EMPTY_FETCH_LIMIT = 5  # empty answers in a row below the stop offset before giving up
 EMPTY_FETCH_WAIT_MS = 100
 PROGRESS_INTERVAL_S = 0.2  # at most ~5 progress updates a second
-MAX_SLEEP_S = 0.1  # the longest single sleep of the rate limiter (keeps Ctrl-C prompt)
 
 
 class ReplayError(Exception):
@@ -273,28 +273,6 @@ class JsonLinesSink:
 
 
 # -- pacing and reporting -----------------------------------------------------------------
-class TokenBucket:
-    """At most ``rate`` records a second, bursts up to a tenth of a second's worth."""
-
-    def __init__(self, rate: float, *, clock=time.monotonic, sleep=time.sleep) -> None:
-        self._rate = rate
-        self._capacity = max(1.0, rate / 10)
-        self._tokens = self._capacity
-        self._clock, self._sleep = clock, sleep
-        self._last = clock()
-        self._max_waits = int(1 / (rate * MAX_SLEEP_S)) + 3  # enough bounded sleeps for one token
-
-    def acquire(self) -> None:
-        for _ in range(self._max_waits):
-            now = self._clock()
-            self._tokens = min(self._capacity, self._tokens + (now - self._last) * self._rate)
-            self._last = now
-            if self._tokens >= 1:
-                break
-            self._sleep(min((1 - self._tokens) / self._rate, MAX_SLEEP_S))
-        self._tokens -= 1
-
-
 class Progress:
     """One ``\\r``-updated line on a TTY, at most every PROGRESS_INTERVAL_S."""
 
@@ -453,7 +431,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print("streamd replay: --from OFFSET|DATETIME is required (or --resume)", file=sys.stderr)
         return 2
     wanted = RecordFilter(None if args.key is None else args.key.encode(), tuple(args.header))
-    from .main import client_warnings  # here, not at the top: main imports this module
 
     with Consumer(args.server, skip_corrupt=args.skip_corrupt, **client_options(args)) as consumer, \
             client_warnings():

@@ -14,6 +14,8 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
+from .common import parse_time
+
 _PER_PARTITION = re.compile(r"^\d+:\d+(,\d+:\d+)*$")
 
 
@@ -46,7 +48,6 @@ def parse_partition_offsets(text: str) -> dict[int, int]:
 
 def parse_position(text: str) -> Position:
     """An offset ("42"), per-partition offsets ("0:42,1:7"), else a time (@epoch_ms, ISO-8601)."""
-    from .main import parse_time  # here, not at the top: main imports this module
 
     text = text.strip()
     if text.isdigit():

@@ -93,7 +93,8 @@ def families(snap: Snapshot) -> Iterator[Metric]:
 
 
 def _buckets(h: Histogram) -> tuple[list[tuple[str, float]], float]:
-    out, total = [], 0
+    out: list[tuple[str, float]] = []
+    total = 0.0
     for bound, n in zip([*map(str, h.bounds), "+Inf"], h.counts):
         total += n
         out.append((bound, total))

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from streamd.service.queue_service import partition_stats
+from consumer_groups.lag import GroupView
+from consumer_groups.queue.engine import QueueEngine
+from streamd.broker.broker import Broker
 
 from .instruments import Histogram, RpcStats, Traffic
 
@@ -106,12 +108,12 @@ class Sources:
     """What the snapshot reads; ``groups``/``queues`` are None until the server has
     opened them."""
 
-    broker: object  # streamd.broker.broker.Broker
+    broker: Broker
     traffic: Traffic
     fsync: Histogram
     rpcs: dict[str, RpcStats] | None = None
-    groups: object | None = None  # streamd.service.group_service.GroupService
-    queues: object | None = None  # streamd.broker.queues.QueueEngine
+    groups: GroupView | None = None
+    queues: QueueEngine | None = None
 
 
 def take(src: Sources) -> Snapshot:
@@ -149,28 +151,21 @@ def _traffic(traffic: Traffic, topics: dict, snap: Snapshot) -> None:
                                     t.bytes_fetched, t.subscribers))
 
 
-def _groups(service, snap: Snapshot) -> None:
-    coordinator, store, broker = service.coordinator, service.store, service.broker
-    now = broker.clock.now_ms()
-    for name in sorted(set(store.groups()) | set(coordinator.groups)):
-        snap.groups.append(GroupRow(name, coordinator.live_members(name), coordinator.rebalances.get(name, 0)))
-        committed = store.offsets(name)
-        for topic in sorted(service.group_topics(name)):
-            for p in range(len(broker.topics[topic].partitions)):
-                c = committed.get((topic, p))
-                lag = service.partition_lag(topic, p, c, "", now)
-                snap.group_partitions.append(GroupPartitionRow(
-                    name, topic, p, c.offset if c is not None else -1, lag.lag, lag.lag_ms / 1000))
+def _groups(view: GroupView, snap: Snapshot) -> None:
+    for s in view.summaries(view.broker.clock.now_ms()):
+        snap.groups.append(GroupRow(s.group, s.members, s.rebalances))
+        for lag in s.partitions:
+            snap.group_partitions.append(GroupPartitionRow(
+                s.group, lag.topic, lag.partition, lag.committed_offset, lag.lag, lag.lag_ms / 1000))
 
 
-def _queues(engine, snap: Snapshot) -> None:
+def _queues(engine: QueueEngine, snap: Snapshot) -> None:
     now = engine.broker.clock.now_ms()
-    for g in sorted(engine.store.groups.values(), key=lambda g: (g.topic, g.name)):
-        for s in partition_stats(engine, g, now):
-            q = g.partitions[s.partition]
+    for g in engine.groups():
+        for s in engine.partition_stats(g, now):
             snap.queues.append(QueueRow(
                 g.name, g.topic, s.partition, s.backlog, s.in_flight, s.waiting, s.acked, s.redelivered,
-                s.dead_lettered, q.stats.lease_expired, s.lost_to_retention, s.oldest_unacked_ms / 1000,
+                s.dead_lettered, s.lease_expired, s.lost_to_retention, s.oldest_unacked_ms / 1000,
                 s.lost_to_corruption,
             ))
 

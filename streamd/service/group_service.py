@@ -1,9 +1,10 @@
 """streamd.v1.GroupService: membership streams, offsets, lag, resets.
 
-Glue between gRPC, the ``Coordinator`` (membership and ownership), the
-``OffsetStore`` (committed offsets) and the ``Broker`` (log offsets for range checks,
-lag and resets). All decisions live in those; this module validates requests and
-converts messages.
+Glue between gRPC and ``consumer_groups``: the ``Coordinator`` (membership and
+ownership), the ``OffsetStore`` (committed offsets), ``GroupView`` (the topics a
+group covers, lag) and ``reset`` (reset plans and their execution), with the
+``Broker`` for the range check of a commit. All decisions live in those; this module
+validates requests and converts messages.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from consumer_groups.errors import (
     InstanceFenced,
     InvalidGroupRequest,
     MemberFenced,
-    NothingToUndo,
 )
+from consumer_groups.lag import GroupView, PartitionLag
 from consumer_groups.offsets import OffsetStore
-from segments import CorruptRecords, OffsetOutOfRange
-from segments.batch import iter_headers
+from consumer_groups.reset import ResetTarget, apply_reset, plan_reset
+from segments import OffsetOutOfRange
 from streamd.broker.broker import Broker
 from streamd.broker.errors import BrokerUnavailable, InvalidArgument
 from streamd.v1 import streamd_pb2 as pb
@@ -62,6 +63,8 @@ class GroupService:
         self.broker = broker
         self.coordinator = coordinator
         self.store = store
+        #: The read side the metrics scrape shares: topics of a group, lag.
+        self.view = GroupView(broker, coordinator, store)
         self._pending_commits: dict[str, set[asyncio.Future]] = {}
 
     # -- membership -----------------------------------------------------------
@@ -185,14 +188,6 @@ class GroupService:
         return response
 
     # -- inspection -------------------------------------------------------------
-    def group_topics(self, group: str) -> set[str]:
-        """Topics the group has offsets in or members subscribed to (that exist)."""
-        g = self.coordinator.groups.get(group)
-        topics = {t for t, _ in self.store.offsets(group)}
-        if g is not None:
-            topics |= g.topics()
-        return {t for t in topics if t in self.broker.topics}
-
     async def DescribeGroup(self, request: pb.DescribeGroupRequest, context) -> pb.DescribeGroupResponse:
         check_group_name(request.group)
         g = self.coordinator.groups.get(request.group)
@@ -211,46 +206,19 @@ class GroupService:
                     last_heartbeat_ms=m.last_seen_ms, connected=m.connected,
                 )
                 owners.update({tp: m.member_id for tp in m.assigned | m.revoking})
-        now = self.broker.clock.now_ms()
-        for topic in sorted(self.group_topics(request.group)):
-            for p in range(len(self.broker.topics[topic].partitions)):
-                d.partitions.append(self.partition_lag(topic, p, committed.get((topic, p)), owners.get((topic, p), ""), now))
+        for lag in self.view.group_lag(request.group, self.broker.clock.now_ms()):
+            d.partitions.append(_lag_pb(lag, owners.get((lag.topic, lag.partition), "")))
         return pb.DescribeGroupResponse(group=d)
 
-    def partition_lag(self, topic: str, p: int, committed, owner: str, now: int) -> pb.PartitionLag:
-        """Lag of a group at ``committed`` (None: nothing committed) on one partition:
-        records to the high watermark and the age of the first of them."""
-        part = self.broker.partition(topic, p)
-        start, end = part.log.log_start_offset, part.high_watermark
-        position = max(committed.offset, start) if committed is not None else start
-        lag = max(0, end - position)
-        lag_ms = 0
-        if lag:
-            try:
-                out = self.broker.read(topic, p, position, max_records=1, max_bytes=1)
-            except CorruptRecords:  # the log reported it; lag in records is still right
-                pass
-            except Exception as exc:  # lag in records is still worth showing
-                log.warning("lag time of %s/%d: %s", topic, p, exc)
-            else:
-                first = next(iter_headers(out.data), None)
-                lag_ms = max(0, now - first.append_time_ms) if first is not None else 0
-        return pb.PartitionLag(
-            topic=topic, partition=p, committed_offset=committed.offset if committed is not None else -1,
-            log_start_offset=start, log_end_offset=end, lag=lag, lag_ms=lag_ms, member_id=owner,
-            metadata=committed.metadata if committed is not None else "",
-        )
-
     async def ListGroups(self, request: pb.ListGroupsRequest, context) -> pb.ListGroupsResponse:
-        names = set(self.store.groups()) | set(self.coordinator.groups)
         response = pb.ListGroupsResponse()
-        for name in sorted(names):
+        for name in self.view.names():
             g = self.coordinator.groups.get(name)
             response.groups.add(
                 group=name,
                 state=STATES[g.state] if g is not None else pb.GROUP_STATE_EMPTY,
                 member_count=len(g.members) if g is not None else 0,
-                topics=sorted(self.group_topics(name)),
+                topics=sorted(self.view.topics(name)),
             )
         return response
 
@@ -269,110 +237,27 @@ class GroupService:
     async def ResetOffsets(self, request: pb.ResetOffsetsRequest, context) -> pb.ResetOffsetsResponse:
         self.broker.check_serving()
         check_group_name(request.group)
-        plan = self._plan(request)
+        target = _reset_target(request)
+        planned = plan_reset(self.view, request.group, target, all_topics=request.all_topics,
+                             requested=[(tps.topic, list(tps.partitions)) for tps in request.partitions])
+        plan = [
+            pb.OffsetResetPlan(
+                topic=e.topic, partition=e.partition, old_offset=e.old_offset, new_offset=e.new_offset,
+                requested_offset=e.requested_offset, clamped=e.clamped, log_start_offset=e.log_start_offset,
+                log_end_offset=e.log_end_offset,
+            )
+            for e in planned
+        ]
         response = pb.ResetOffsetsResponse(plan=plan)
         if not request.execute or not plan:
             return response
         # Shielded: a client that gives up (deadline, Ctrl-C) must not leave the group
         # fenced and its members untold.
-        await asyncio.shield(asyncio.ensure_future(self._apply_reset(request, plan, response)))
+        response.generation = await asyncio.shield(
+            asyncio.ensure_future(apply_reset(self.view, request.group, planned, undo=target.kind == "undo"))
+        )
+        response.executed = True
         return response
-
-    async def _apply_reset(self, request, plan, response: pb.ResetOffsetsResponse) -> None:
-        group = request.group
-        # Fence first: from here until notify_reset every member commit is refused, so
-        # nothing in flight can overwrite the new offsets.
-        response.generation = self.coordinator.fence(group)
-        try:
-            if request.WhichOneof("target") != "undo":
-                await self.store.save_undo(group, {(e.topic, e.partition): e.old_offset for e in plan})
-            forget = {(e.topic, e.partition) for e in plan if e.new_offset < 0}  # undo to "nothing committed"
-            metadata = self.store.offsets(group)
-            await self.store.commit(
-                group,
-                {
-                    (e.topic, e.partition): (e.new_offset, getattr(metadata.get((e.topic, e.partition)), "metadata", ""))
-                    for e in plan
-                    if e.new_offset >= 0
-                },
-            )
-            if forget:
-                await self.store.delete_partitions(group, forget)
-            response.executed = True
-            log.info("group %s: reset %d partition offset(s)", group, len(plan))
-        finally:
-            self.coordinator.notify_reset(group)
-
-    def _reset_partitions(self, request: pb.ResetOffsetsRequest) -> list[TopicPartition]:
-        if request.all_topics:
-            topics = self.group_topics(request.group)
-            if not topics:
-                raise GroupNotFound(request.group)
-            return [(t, p) for t in sorted(topics) for p in range(len(self.broker.topics[t].partitions))]
-        if not request.partitions:
-            raise InvalidGroupRequest("partitions", "name the partitions to reset, or set all_topics")
-        out = []
-        for tps in request.partitions:
-            topic = self.broker.topic(tps.topic)
-            for p in tps.partitions or range(len(topic.partitions)):
-                self.broker.partition(tps.topic, p)
-                out.append((tps.topic, p))
-        return sorted(set(out))
-
-    def _plan(self, request: pb.ResetOffsetsRequest) -> list[pb.OffsetResetPlan]:
-        target = request.WhichOneof("target")
-        if target is None:
-            raise InvalidGroupRequest("target", "say where to move the offsets")
-        committed = self.store.offsets(request.group)
-        undo = self.store.undo_offsets(request.group) if target == "undo" else None
-        if target == "undo" and undo is None:
-            raise NothingToUndo(request.group)
-        if target == "undo" and (request.all_topics or not request.partitions):
-            tps = sorted(tp for tp in undo if tp[0] in self.broker.topics)
-        else:
-            tps = self._reset_partitions(request)
-        now = self.broker.clock.now_ms()
-        plan = []
-        for topic, p in tps:
-            part = self.broker.partition(topic, p)
-            start, end = part.log.log_start_offset, part.high_watermark
-            c = committed.get((topic, p))
-            old = c.offset if c is not None else -1
-            if target == "undo":
-                if (topic, p) not in undo:
-                    continue
-                wanted = undo[(topic, p)]
-            else:
-                wanted = self._target(request, topic, p, old, start, end, now)
-            # -1 ("nothing committed") only comes back through undo; any other target clamps.
-            new = wanted if target == "undo" and wanted < 0 else min(max(wanted, start), end)
-            plan.append(
-                pb.OffsetResetPlan(
-                    topic=topic, partition=p, old_offset=old, new_offset=new, requested_offset=wanted,
-                    clamped=new != wanted, log_start_offset=start, log_end_offset=end,
-                )
-            )
-        return plan
-
-    def _target(self, request, topic: str, p: int, old: int, start: int, end: int, now: int) -> int:
-        target = request.WhichOneof("target")
-        if target == "position":
-            if request.position == pb.OFFSET_SPEC_LATEST:
-                return end
-            if request.position == pb.OFFSET_SPEC_EARLIEST:
-                return start
-            raise InvalidGroupRequest("position", "must be EARLIEST or LATEST")
-        if target == "offset":
-            if request.offset < 0:
-                raise InvalidArgument("offset", f"must not be negative, not {request.offset}", reason="NEGATIVE_OFFSET")
-            return request.offset
-        if target == "shift_by":
-            return (old if old >= 0 else start) + request.shift_by
-        if target == "timestamp_ms":
-            return self.broker.offset_for(topic, p, timestamp_ms=request.timestamp_ms)
-        if request.duration_ms < 0:
-            raise InvalidGroupRequest("duration_ms", "must not be negative")
-        return self.broker.offset_for(topic, p, timestamp_ms=now - request.duration_ms)
 
     # -- housekeeping ---------------------------------------------------------------
     async def forget_topic(self, topic: str) -> None:
@@ -394,18 +279,19 @@ class GroupService:
         self.coordinator.topics_changed(topic)
 
 
-async def expire_groups(coordinator: Coordinator, store: OffsetStore, *, retention_ms: int, started_ms: int) -> None:
-    """Forget the offsets (and undo record) of groups that have had no members for
-    ``retention_ms`` since their last commit (or since they emptied, or since start-up)."""
-    now = coordinator.clock.now_ms()
-    for group in sorted(set(store.groups()) | set(store.undo_groups())):
-        if coordinator.live_members(group):
-            continue
-        last = max(store.last_commit_ms(group), coordinator.empty_since_ms.get(group, started_ms))
-        if now - last > retention_ms:
-            log.info("group %s: no members for %d ms; deleting its offsets", group, now - last)
-            await store.delete_group(group)
-            coordinator.forget(group)
-    for group in list(coordinator.empty_since_ms):  # emptied without ever committing
-        if not coordinator.live_members(group) and not store.offsets(group) and store.undo_offsets(group) is None:
-            coordinator.forget(group)
+def _reset_target(request: pb.ResetOffsetsRequest) -> ResetTarget:
+    kind = request.WhichOneof("target")
+    if kind is None:
+        raise InvalidGroupRequest("target", "say where to move the offsets")
+    if kind == "position":
+        position = {pb.OFFSET_SPEC_LATEST: "latest", pb.OFFSET_SPEC_EARLIEST: "earliest"}.get(request.position, "")
+        return ResetTarget(kind, position=position)
+    return ResetTarget(kind, 0 if kind == "undo" else getattr(request, kind))
+
+
+def _lag_pb(lag: PartitionLag, owner: str) -> pb.PartitionLag:
+    return pb.PartitionLag(
+        topic=lag.topic, partition=lag.partition, committed_offset=lag.committed_offset,
+        log_start_offset=lag.log_start_offset, log_end_offset=lag.log_end_offset, lag=lag.lag, lag_ms=lag.lag_ms,
+        member_id=owner, metadata=lag.metadata,
+    )

@@ -1,14 +1,19 @@
-"""streamd.v1.QueueService: queue groups over gRPC (see ``streamd.broker.queues``)."""
+"""streamd.v1.QueueService: queue groups over gRPC, glue only: validate the request,
+call ``consumer_groups.queue.engine.QueueEngine`` (which decides everything), encode
+the answer. Errors are raised, never aborted here (``streamd.service.errors`` maps
+them)."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-from consumer_groups.queue import PartitionQueue, QueueConfig
-from consumer_groups.queue_store import QueueGroup
-from consumer_groups.retry import RetryPolicy
+from consumer_groups.queue.engine import Leased, QueueEngine
+from consumer_groups.queue.retry import RetryPolicy
+from consumer_groups.queue.stats import PartitionStats
+from consumer_groups.queue.store import QueueGroup
+from consumer_groups.queue.window import QueueConfig
 from streamd.broker.errors import BrokerUnavailable, InvalidArgument
-from streamd.broker.queues import Leased, QueueEngine
 from streamd.v1 import streamd_pb2 as pb
 
 from .errors import stream_error
@@ -78,16 +83,13 @@ class QueueService:
         return pb.DescribeQueueGroupResponse(group=self._describe(self.engine.group(request.group, request.topic)))
 
     async def ListQueueGroups(self, request: pb.ListQueueGroupsRequest, context) -> pb.ListQueueGroupsResponse:
-        groups = sorted(self.engine.store.groups.values(), key=lambda g: (g.topic, g.name))
-        return pb.ListQueueGroupsResponse(
-            groups=[self._describe(g) for g in groups if not request.topic or g.topic == request.topic]
-        )
+        return pb.ListQueueGroupsResponse(groups=[self._describe(g) for g in self.engine.groups(request.topic)])
 
     def _describe(self, g: QueueGroup) -> pb.QueueGroupDescription:
         d = pb.QueueGroupDescription(
             group=g.name, topic=g.topic, config=config_to_pb(g.config, g.topic), created_ms=g.created_ms
         )
-        d.partitions.extend(partition_stats(self.engine, g, self.broker.clock.now_ms()))
+        d.partitions.extend(_stats_pb(s) for s in self.engine.partition_stats(g, self.broker.clock.now_ms()))
         return d
 
     # -- receive -------------------------------------------------------------------
@@ -133,7 +135,8 @@ class QueueService:
                 if credit <= 0:
                     more.clear()
                     waiter = asyncio.ensure_future(more.wait())
-                    await asyncio.wait([waiter, reader, stopping], return_when=asyncio.FIRST_COMPLETED)
+                    waits: list[asyncio.Future[Any]] = [waiter, reader, stopping]
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                     waiter.cancel()
                     continue
                 wait = pb.ReceiveRequest()
@@ -218,9 +221,9 @@ class QueueService:
                 add(error=stream_error(result))
             elif isinstance(result, tuple):  # a range
                 settled, refused, expires, error = result
-                r = add(settled=settled, refused=refused, lease_expires_ms=expires or 0)
+                out = add(settled=settled, refused=refused, lease_expires_ms=expires or 0)
                 if error is not None:
-                    r.error.CopyFrom(stream_error(error))
+                    out.error.CopyFrom(stream_error(error))
             else:
                 add(lease_expires_ms=result)
         return response
@@ -232,25 +235,19 @@ class QueueService:
         if target is None:
             raise InvalidArgument("target", "say where to move the start offset")
         partitions = list(request.partitions) or sorted(g.partitions)
+        if target == "offset":
+            plan = self.engine.plan_seek(g, partitions, "offset", request.offset)
+        elif target == "timestamp_ms":
+            plan = self.engine.plan_seek(g, partitions, "timestamp_ms", request.timestamp_ms)
+        else:
+            plan = self.engine.plan_seek(g, partitions, "latest" if request.position == pb.OFFSET_SPEC_LATEST
+                                         else "earliest")
         response = pb.SeekQueueGroupResponse()
-        targets: dict[int, int] = {}
-        for p in partitions:
-            part = self.broker.partition(g.topic, p)
-            start, end = part.log.log_start_offset, part.high_watermark
-            if target == "offset":
-                wanted = request.offset
-            elif target == "timestamp_ms":
-                wanted = self.broker.offset_for(g.topic, p, timestamp_ms=request.timestamp_ms)
-            elif request.position == pb.OFFSET_SPEC_LATEST:
-                wanted = end
-            else:
-                wanted = start
-            new = min(max(wanted, start), end)
-            response.plan.add(partition=p, old_offset=g.partitions[p].start_offset, new_offset=new,
-                              clamped=new != wanted)
-            targets[p] = new
+        for step in plan:
+            response.plan.add(partition=step.partition, old_offset=step.old_offset, new_offset=step.new_offset,
+                              clamped=step.clamped)
         if request.execute:
-            await self.engine.seek(request.group, request.topic, targets)
+            await self.engine.seek(request.group, request.topic, {step.partition: step.new_offset for step in plan})
             response.executed = True
         return response
 
@@ -283,23 +280,10 @@ def _fill(response, leased: list[Leased]) -> None:
                 lease_id=lease.lease_id, delivery_count=deliveries, lease_expires_ms=lease.expires_ms)
 
 
-def partition_stats(engine: QueueEngine, g: QueueGroup, now: int) -> list[pb.QueuePartitionStats]:
-    """Per partition of ``g``: backlog, in flight, settled counts, oldest unacked age."""
-    topic = engine.broker.topics.get(g.topic)
-    out = []
-    for p, q in sorted(g.partitions.items()):
-        end = topic.partitions[p].high_watermark if topic is not None and p < len(topic.partitions) else 0
-        out.append(_stats(q, end, now, engine.oldest_append_ms(g, q)))
-    return out
-
-
-def _stats(q: PartitionQueue, end: int, now: int, oldest_ms: int | None) -> pb.QueuePartitionStats:
-    counts = q.counts()
+def _stats_pb(s: PartitionStats) -> pb.QueuePartitionStats:
     return pb.QueuePartitionStats(
-        partition=q.partition, start_offset=q.start_offset, backlog=max(0, end - q.scan_offset) + counts["available"],
-        in_flight=counts["leased"], waiting=counts["waiting"] + counts["blocked"] + counts["dead-lettering"],
-        acked=q.stats.acked, redelivered=q.stats.redelivered, dead_lettered=q.stats.dead_lettered,
-        oldest_unacked_ms=max(0, now - oldest_ms) if oldest_ms is not None else 0,
-        lost_to_retention=q.stats.lost_to_retention, log_end_offset=end,
-        lost_to_corruption=q.stats.lost_to_corruption,
+        partition=s.partition, start_offset=s.start_offset, backlog=s.backlog, in_flight=s.in_flight,
+        waiting=s.waiting, acked=s.acked, redelivered=s.redelivered, dead_lettered=s.dead_lettered,
+        oldest_unacked_ms=s.oldest_unacked_ms, lost_to_retention=s.lost_to_retention,
+        log_end_offset=s.log_end_offset, lost_to_corruption=s.lost_to_corruption,
     )

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from consumer_groups.queue.engine import QueueEngine
 from streamd.broker.broker import Broker, Topic
-from streamd.broker.queues import QueueEngine
 from streamd.service.group_service import GroupService
 from streamd.v1 import streamd_pb2 as pb
 

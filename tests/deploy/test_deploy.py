@@ -189,7 +189,7 @@ def test_compose_runs_the_image_on_its_ports_and_volume():
     (expose,) = instruction("EXPOSE")
     assert published == {int(p) for p in expose.text.split()}
     assert all(p.startswith("127.0.0.1:") for s in services.values() for p in s.get("ports", [])), \
-        "no authentication yet: publish on the host's loopback only"
+        "the Compose setup runs without an auth_file: publish on the host's loopback only"
     assert [v.split(":")[1] for v in streamd["volumes"]] == [DATA_DIR]
 
 

@@ -1,4 +1,4 @@
-"""Cutting stored batches by offset (``streamd.client.records.record_runs``) against a
+"""Cutting stored batches by offset (``streamd.codec.record_runs``) against a
 plain model: a dict offset -> record per partition, and the list of offsets asked for.
 
 Generated: per partition, a log of dense offsets from a random start, cut into batches
@@ -17,7 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamd.client.queue import _messages
-from streamd.client.records import add_record, batch_window, decode_batches, encode_batch, iter_batch, record_runs
+from streamd.client.records import decode_batches, iter_batch
+from streamd.codec import add_record, batch_window, encode_batch, record_runs
 from streamd.v1 import streamd_pb2 as pb
 
 TOPIC = "t"

@@ -12,11 +12,11 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-import consumer_groups.queue as queue_module
+import consumer_groups.queue.window as queue_module
 from consumer_groups.errors import LeaseExpired
-from consumer_groups.queue import BLOCKED, DEAD_LETTERING, LEASED, WAITING, PartitionQueue, QueueConfig
-from consumer_groups.queue_store import QueueGroup, QueueStore
-from consumer_groups.retry import RetryPolicy
+from consumer_groups.queue.retry import RetryPolicy
+from consumer_groups.queue.store import QueueGroup, QueueStore
+from consumer_groups.queue.window import BLOCKED, DEAD_LETTERING, LEASED, WAITING, PartitionQueue, QueueConfig
 
 MAX_DELIVERIES = 3
 POLICY = RetryPolicy(initial_delay_ms=100, multiplier=2.0, max_delay_ms=1000, jitter="equal")

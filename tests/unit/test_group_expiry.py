@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from consumer_groups.coordinator import Coordinator
+from consumer_groups.expiry import expire_groups
 from consumer_groups.offsets import OffsetStore
-from streamd.service.group_service import expire_groups
 from streamd.testing import FakeClock
 
 DAY = 24 * 3600 * 1000

@@ -50,8 +50,8 @@ def test_compaction_snapshots_state_that_includes_the_flushed_writes(tmp_path):
 
 
 def test_queue_journal_ignores_operations_of_a_group_deleted_before_them(tmp_path):
-    from consumer_groups.queue import PartitionQueue, QueueConfig
-    from consumer_groups.queue_store import QueueGroup, QueueStore
+    from consumer_groups.queue.store import QueueGroup, QueueStore
+    from consumer_groups.queue.window import PartitionQueue, QueueConfig
 
     async def scenario() -> None:
         store = QueueStore(tmp_path)
@@ -71,8 +71,8 @@ def test_queue_journal_ignores_operations_of_a_group_deleted_before_them(tmp_pat
 
 
 def test_a_queue_group_saved_with_more_in_flight_than_the_limit_loads_at_the_limit():
-    from consumer_groups.queue import MAX_IN_FLIGHT, QueueConfig
-    from consumer_groups.queue_store import config_from_dict, config_to_dict
+    from consumer_groups.queue.store import config_from_dict, config_to_dict
+    from consumer_groups.queue.window import MAX_IN_FLIGHT, QueueConfig
 
     saved = config_to_dict(QueueConfig())
     saved["max_in_flight"] = 1_000_000  # allowed before the limit came down

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import random
 
-from consumer_groups.queue import PartitionQueue, QueueConfig
-from consumer_groups.queue_store import QueueGroup, QueueStore
+from consumer_groups.queue.store import QueueGroup, QueueStore
+from consumer_groups.queue.window import PartitionQueue, QueueConfig
 
 NOW = 1_000_000
 

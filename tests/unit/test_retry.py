@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from consumer_groups.retry import RetryPolicy
+from consumer_groups.queue.retry import RetryPolicy
 
 
 def test_exponential_backoff_is_capped():

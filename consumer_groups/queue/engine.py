@@ -1,7 +1,8 @@
 """QueueEngine: queue groups on the broker's topics.
 
-Glue between the pure ``consumer_groups.queue.PartitionQueue`` state, its
-``QueueStore`` (journal) and the ``Broker`` (reading records, producing dead letters):
+Glue between the pure ``window.PartitionQueue`` state, its ``store.QueueStore``
+(journal) and the broker (reading records, producing dead letters), which it knows
+only through its face, ``consumer_groups.host.Broker``:
 
 - **Admission**: a partition's window is filled from the log (``Broker.read`` from the
   partition's ``scan_offset`` up to the high watermark). A batch none of whose records
@@ -39,25 +40,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Iterable
-from typing import NamedTuple
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
 
 import lz4.frame
 import numpy as np
 
-from consumer_groups.coordinator import check_group_name
-from consumer_groups.errors import LeaseExpired, QueueGroupExists, QueueGroupNotFound
-from consumer_groups.queue import DEAD_LETTERING, Lease, PartitionQueue, QueueConfig, check_lease_ms, offset_runs
-from consumer_groups.queue_store import QueueGroup, QueueStore
 from segments import CorruptRecords, OffsetOutOfRange
 from segments.batch import iter_headers
-from streamd.client.records import batch_records, record_runs
+from streamd.codec import batch_records, record_runs
 from streamd.v1 import streamd_pb2 as pb
 from streamd.wire_pb2 import DeliveryTimesSet
 
-from .broker import Broker
-from .errors import InvalidArgument, InvalidTopicName, TopicAlreadyExists, TopicNotFound
-from .topic import MAX_TOPIC_NAME_CHARS, check_topic_name
+from ..coordinator import check_group_name
+from ..errors import InvalidGroupRequest, LeaseExpired, QueueGroupExists, QueueGroupNotFound
+from ..host import Broker
+from .stats import PartitionStats, partition_stats
+from .store import QueueGroup, QueueStore
+from .window import DEAD_LETTERING, Lease, PartitionQueue, QueueConfig, check_lease_ms, offset_runs
 
 log = logging.getLogger("streamd.queues")
 
@@ -85,6 +85,15 @@ class Leased(NamedTuple):
     lease: Lease
     frames: bytes = b""
     records: dict | None = None
+
+
+class SeekStep(NamedTuple):
+    """One partition of a seek: its start offset now and after."""
+
+    partition: int
+    old_offset: int
+    new_offset: int
+    clamped: bool  # the target lay outside the log
 
 
 class QueueEngine:
@@ -117,7 +126,7 @@ class QueueEngine:
         if (name, topic) in self.store.groups:
             raise QueueGroupExists(name, topic)
         g = QueueGroup(name, topic, config, self.broker.clock.now_ms())
-        _check_dead_letter_topic(g)
+        _check_dead_letter_topic(self.broker, g)
         for p, part in enumerate(t.partitions):
             start = part.high_watermark if config.start == "latest" else part.log.log_start_offset
             g.partitions[p] = PartitionQueue(p, start, config, rng=self.rng)
@@ -163,11 +172,11 @@ class QueueEngine:
         try:
             lease = check_lease_ms(lease_ms) if lease_ms is not None else g.config.lease_ms
         except ValueError as exc:
-            raise InvalidArgument("lease_ms", str(exc)) from None
+            raise InvalidGroupRequest("lease_ms", str(exc)) from None
         if not 0 <= max_wait_ms:
-            raise InvalidArgument("max_wait_ms", "must not be negative")
+            raise InvalidGroupRequest("max_wait_ms", "must not be negative")
         if not 0 <= max_bytes <= MAX_RECEIVE_BYTES:
-            raise InvalidArgument("max_bytes", f"must be 0 .. {MAX_RECEIVE_BYTES}")
+            raise InvalidGroupRequest("max_bytes", f"must be 0 .. {MAX_RECEIVE_BYTES}")
         budget = max_bytes or DEFAULT_RECEIVE_BYTES
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(max_wait_ms, MAX_WAIT_MS) / 1000
@@ -263,7 +272,9 @@ class QueueEngine:
         """Until new records, a due timer or a settlement may make records available."""
         event = self._changed.setdefault((g.name, g.topic), asyncio.Event())
         event.clear()
-        waits = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(asyncio.shield(self.broker.stopping()))]
+        waits: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(event.wait()), asyncio.ensure_future(asyncio.shield(self.broker.stopping()))
+        ]
         t = self.broker.topics.get(g.topic)
         if t is not None:
             for p, q in g.partitions.items():
@@ -337,6 +348,20 @@ class QueueEngine:
         self._wake(g)
         return q.scan_offset > exc.last_offset
 
+    def groups(self, topic: str = "") -> list[QueueGroup]:
+        """The queue groups (of ``topic``, if given), by topic then name."""
+        groups = sorted(self.store.groups.values(), key=lambda g: (g.topic, g.name))
+        return [g for g in groups if not topic or g.topic == topic]
+
+    def partition_stats(self, g: QueueGroup, now: int) -> list[PartitionStats]:
+        """Per partition of ``g``: backlog, in flight, settled counts, oldest unacked age."""
+        topic = self.broker.topics.get(g.topic)
+        out = []
+        for p, q in sorted(g.partitions.items()):
+            end = topic.partitions[p].high_watermark if topic is not None and p < len(topic.partitions) else 0
+            out.append(partition_stats(q, end, now, self.oldest_append_ms(g, q)))
+        return out
+
     def oldest_append_ms(self, g: QueueGroup, q: PartitionQueue) -> int | None:
         """Append time of the oldest unsettled record, from the window or, when the
         window has not reached it yet (nobody received lately), from the log."""
@@ -384,7 +409,7 @@ class QueueEngine:
                     raise LeaseExpired(p, offset, "no such partition")
                 results.append(self._settle_one(g, q, action, offset, lease_id, delay_ms, reason, now, changes))
             except (LeaseExpired, ValueError) as exc:
-                results.append(exc if isinstance(exc, LeaseExpired) else InvalidArgument("settlement", str(exc)))
+                results.append(exc if isinstance(exc, LeaseExpired) else InvalidGroupRequest("settlement", str(exc)))
         for action, p, first, last, lease_id, delay_ms, reason in ranges:
             q = g.partitions.get(p)
             try:
@@ -393,7 +418,7 @@ class QueueEngine:
                 results.append(self._settle_range(g, q, action, first, last, lease_id, delay_ms, reason, now,
                                                   changes))
             except ValueError as exc:
-                results.append(InvalidArgument("range", str(exc)))
+                results.append(InvalidGroupRequest("range", str(exc)))
             except LeaseExpired as exc:
                 results.append(exc)
         writes = [self.store.settled(g, p, np.sort(np.concatenate(parts))) for p, parts in acked.items()]
@@ -550,20 +575,36 @@ class QueueEngine:
 
     def _dead_letter_topic(self, g: QueueGroup) -> str:
         name = g.dead_letter_topic
-        try:
-            self.broker.topic(name)
-        except TopicNotFound:
+        if name not in self.broker.topics:  # checked and created with no await between
             source = self.broker.topic(g.topic).meta.settings
             # Room for the streamd-dlq-* headers on top of the largest source record.
-            overrides = {"max_record_bytes": min(source.max_record_bytes + DLQ_HEADROOM, MAX_RECORD_LIMIT)}
-            try:
-                self.broker.create_topic(name, len(g.partitions), overrides)
-                log.info("created dead-letter topic %s for queue group %s", name, g.name)
-            except TopicAlreadyExists:
-                pass
+            overrides: dict[str, object] = {
+                "max_record_bytes": min(source.max_record_bytes + DLQ_HEADROOM, MAX_RECORD_LIMIT)
+            }
+            self.broker.create_topic(name, len(g.partitions), overrides)
+            log.info("created dead-letter topic %s for queue group %s", name, g.name)
         return name
 
     # -- seek -------------------------------------------------------------------------------
+    def plan_seek(self, g: QueueGroup, partitions: Sequence[int], target: str, value: int = 0) -> list[SeekStep]:
+        """Where a seek of ``partitions`` to ``target`` ("offset" or "timestamp_ms" ``value``,
+        "earliest", "latest") moves each start offset, clamped to the log."""
+        plan = []
+        for p in partitions:
+            part = self.broker.partition(g.topic, p)
+            start, end = part.log.log_start_offset, part.high_watermark
+            if target == "offset":
+                wanted = value
+            elif target == "timestamp_ms":
+                wanted = self.broker.offset_for(g.topic, p, timestamp_ms=value)
+            elif target == "latest":
+                wanted = end
+            else:
+                wanted = start
+            new = min(max(wanted, start), end)
+            plan.append(SeekStep(p, g.partitions[p].start_offset, new, new != wanted))
+        return plan
+
     async def seek(self, name: str, topic: str, targets: dict[int, int]) -> None:
         g = self.group(name, topic)
         await self.store.ready()
@@ -588,8 +629,8 @@ def _decoded(frames: bytes, offsets: np.ndarray, budget: int, *, first: bool) ->
     ``first``), how many of the offsets that is and the bytes they take."""
     found: dict[int, tuple[pb.Record, int]] = {}
     runs = ((first, last, None) for first, last in offset_runs(offsets))
-    for _, first, append_time, records in record_runs(pb.FetchResponse.FromString(frames).batches, runs):
-        for i, r in enumerate(records, first):
+    for _, run_first, append_time, records in record_runs(pb.FetchResponse.FromString(frames).batches, runs):
+        for i, r in enumerate(records, run_first):
             found[i] = (r, append_time)
     out: dict[int, tuple[pb.Record, int]] = {}
     size = 0
@@ -646,24 +687,27 @@ def _nack_delay(delay_ms: int | None) -> int | None:
     if delay_ms is not None and not 0 <= delay_ms <= 7 * 24 * 3600 * 1000:
         raise ValueError("delay_ms must be 0 .. 7 days")
     return delay_ms
-def _check_dead_letter_topic(g: QueueGroup) -> None:
+
+
+def _check_dead_letter_topic(broker: Broker, g: QueueGroup) -> None:
     field = "config.dead_letter_topic"
     name = g.dead_letter_topic
-    if not g.config.dead_letter_topic and len(name) > MAX_TOPIC_NAME_CHARS:
+    limit = broker.max_topic_name_chars
+    if not g.config.dead_letter_topic and len(name) > limit:
         # The default "<topic>.dlq" of a long topic name: say where it came from and
         # what to do, rather than reject a name the client never sent.
-        raise InvalidTopicName(
-            name, f"the default dead-letter topic <topic>.dlq is {len(name)} characters, over "
-            f"{MAX_TOPIC_NAME_CHARS}; set {field} to a shorter name", field=field,
+        raise InvalidGroupRequest(
+            field, f"{name[:300]!r} is not a valid topic name: the default dead-letter topic <topic>.dlq is "
+            f"{len(name)} characters, over {limit}; set {field} to a shorter name", reason="INVALID_TOPIC_NAME",
         )
-    check_topic_name(name, field=field)
+    broker.check_topic_name(name, field=field)
     if name == g.topic:
-        raise InvalidArgument(field, "must not be the group's own topic")
+        raise InvalidGroupRequest(field, "must not be the group's own topic")
 
 
 def _receive_count(max_records: int) -> int:
     if max_records < 0:
-        raise InvalidArgument("max_records", "must not be negative")
+        raise InvalidGroupRequest("max_records", "must not be negative")
     if max_records > MAX_RECEIVE:
-        raise InvalidArgument("max_records", f"at most {MAX_RECEIVE}")
+        raise InvalidGroupRequest("max_records", f"at most {MAX_RECEIVE}")
     return max_records or DEFAULT_RECEIVE

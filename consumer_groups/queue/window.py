@@ -45,8 +45,9 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
-from .errors import LeaseExpired
+from ..errors import LeaseExpired
 from .retry import RetryPolicy
 
 FREE, AVAILABLE, LEASED, WAITING, BLOCKED, DEAD_LETTERING, SETTLED = range(7)
@@ -149,6 +150,16 @@ class QueueStats:
 
 
 class PartitionQueue:
+    # The window's per-record arrays (``_ARRAYS``), indexed by ``offset - base``; made,
+    # cleared and moved together by ``_alloc`` and ``_reserve``.
+    _state: npt.NDArray[np.uint8]
+    _deliveries: npt.NDArray[np.int32]
+    _lease: npt.NDArray[np.int64]
+    _visible: npt.NDArray[np.int64]
+    _first: npt.NDArray[np.int64]
+    _last: npt.NDArray[np.int64]
+    _append: npt.NDArray[np.int64]
+
     def __init__(
         self,
         partition: int,
@@ -171,7 +182,6 @@ class PartitionQueue:
         self.remembered: dict[int, tuple[int, int, str, int, int, bool]] = {}
         #: Offsets at or above ``scan_offset`` settled before a restart (journal replay).
         self.settled_ahead: set[int] = set()
-        self._state: np.ndarray | None = None
         self._alloc(start_offset, MIN_CAPACITY)
 
     def _alloc(self, offset: int, capacity: int) -> None:
@@ -436,7 +446,7 @@ class PartitionQueue:
     def nack(self, offset: int, lease_id: int, now: int, *, delay_ms: int | None = None, reason: str = "") -> Entry:
         self._leased(offset, lease_id, now)
         self._failed(offset, now, delay_ms=delay_ms, reason=reason or "nacked")
-        return self.entry(offset)
+        return self._unsettled(offset)
 
     def extend(self, offset: int, lease_id: int, now: int, lease_ms: int) -> int:
         self._leased(offset, lease_id, now)
@@ -449,7 +459,7 @@ class PartitionQueue:
         self._leased(offset, lease_id, now)
         self._reason[offset] = (reason or "rejected")[:MAX_REASON_CHARS]
         self._to_dead_letter(offset)
-        return self.entry(offset)
+        return self._unsettled(offset)
 
     def dead_lettered(self, offset: int) -> None:
         """The owner produced the record to the dead-letter topic."""
@@ -472,7 +482,7 @@ class PartitionQueue:
                 due = np.flatnonzero((state == LEASED) & (self._lease[a:b] == lease_id) & (self._visible[a:b] <= now))
                 for offset in (due + a + self.base).tolist():
                     self._failed(offset, now, delay_ms=None, reason="lease expired")
-                    expired.append(self.entry(offset))
+                    expired.append(self._unsettled(offset))
                 self.stats.lease_expired += len(due)
             else:
                 due = np.flatnonzero((state == WAITING) & (self._visible[a:b] == when))
@@ -501,6 +511,13 @@ class PartitionQueue:
                      int(self._lease[i]) if state == LEASED else 0, int(self._first[i]), int(self._last[i]),
                      self._reason.get(offset, ""), self._keys.get(offset), int(self._append[i]))
 
+    def _unsettled(self, offset: int) -> Entry:
+        """The entry of a record the window holds unsettled (an invariant where called)."""
+        e = self.entry(offset)
+        if e is None:
+            raise AssertionError(f"offset {offset} is not an unsettled record of the window")
+        return e
+
     def entries(self, *, delivered_only: bool = False) -> list[Entry]:
         """The window's unsettled records (``delivered_only``: those delivered at least
         once, waiting or being dead-lettered: what a snapshot keeps)."""
@@ -509,7 +526,7 @@ class PartitionQueue:
         mask = (state != SETTLED)
         if delivered_only:
             mask &= (self._deliveries[a:b] > 0) | (state == WAITING) | (state == DEAD_LETTERING)
-        return [self.entry(o) for o in (np.flatnonzero(mask) + self.start_offset).tolist()]
+        return [self._unsettled(o) for o in (np.flatnonzero(mask) + self.start_offset).tolist()]
 
     def is_settled(self, offset: int) -> bool:
         """Settled (acked or dead-lettered), as far as this window knows."""

@@ -47,8 +47,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .journal import DEFAULT_COMPACT_BYTES, Journal
-from .queue import (
+from ..journal import DEFAULT_COMPACT_BYTES, Journal
+from .retry import RetryPolicy
+from .window import (
     DEAD_LETTERING,
     MAX_IN_FLIGHT,
     WAITING,
@@ -59,7 +60,6 @@ from .queue import (
     expand_ranges,
     offset_runs,
 )
-from .retry import RetryPolicy
 
 JOURNAL_NAME = "queues.journal"
 
@@ -221,8 +221,8 @@ class QueueStore:
         handler = _REPLAY.get(kind)
         if handler is None:
             raise ValueError(f"unknown operation {kind!r}")
-        group = self.groups.get((op["g"], op["t"]))
-        q = group.partitions.get(int(op["p"])) if group is not None else None
+        owner = self.groups.get((op["g"], op["t"]))
+        q = owner.partitions.get(int(op["p"])) if owner is not None else None
         if q is None:
             return  # written for a group deleted just before (a dead letter finishing late)
         handler(q, op)
