@@ -21,9 +21,10 @@ where the server wires it in.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from typing import Protocol
 
+from segments import FrameHeader, ReadLimits
 from streamd.clock import Clock
 
 
@@ -37,18 +38,19 @@ class ReadAnswer(Protocol):
     def log_start_offset(self) -> int: ...
     @property
     def log_end_offset(self) -> int: ...
-
-
-class PartitionLog(Protocol):
-    @property
-    def log_start_offset(self) -> int: ...
+    def frames(self) -> Iterator[FrameHeader]:
+        """The headers of the frames in ``data``, in order."""
+        ...
 
 
 class Partition(Protocol):
     @property
     def high_watermark(self) -> int: ...
     @property
-    def log(self) -> PartitionLog: ...
+    def log_start_offset(self) -> int: ...
+    def append_time_at(self, offset: int) -> int | None:
+        """Append time of the batch holding ``offset``; None past the high watermark."""
+        ...
     def wait_for_data(self, offset: int, timeout_s: float | None) -> Awaitable[bool]:
         """Until the high watermark passes ``offset`` (True), or the timeout (False)."""
         ...
@@ -95,7 +97,7 @@ class Broker(Protocol):
         ...
     @property
     def max_topic_name_chars(self) -> int: ...
-    def read(self, name: str, partition: int, offset: int, *, max_records: int, max_bytes: int) -> ReadAnswer: ...
+    def read(self, name: str, partition: int, offset: int, limits: ReadLimits) -> ReadAnswer: ...
     def offset_for(self, name: str, partition: int, *, position: str | None = None,
                    timestamp_ms: int | None = None) -> int:
         """The first offset at or after ``timestamp_ms`` (capped at the high watermark)."""

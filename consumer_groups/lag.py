@@ -19,7 +19,6 @@ import logging
 from dataclasses import dataclass
 
 from segments import CorruptRecords
-from segments.batch import iter_headers
 
 from .coordinator import Coordinator
 from .host import Broker
@@ -72,20 +71,19 @@ class GroupView:
         """Lag of a group at ``committed`` (None: nothing committed) on one partition:
         records to the high watermark and the age of the first of them."""
         part = self.broker.partition(topic, p)
-        start, end = part.log.log_start_offset, part.high_watermark
+        start, end = part.log_start_offset, part.high_watermark
         position = max(committed.offset, start) if committed is not None else start
         lag = max(0, end - position)
         lag_ms = 0
         if lag:
             try:
-                out = self.broker.read(topic, p, position, max_records=1, max_bytes=1)
+                first = part.append_time_at(position)
             except CorruptRecords:  # the log reported it; lag in records is still right
                 pass
             except Exception as exc:  # lag in records is still worth showing
                 log.warning("lag time of %s/%d: %s", topic, p, exc)
             else:
-                first = next(iter_headers(out.data), None)
-                lag_ms = max(0, now - first.append_time_ms) if first is not None else 0
+                lag_ms = max(0, now - first) if first is not None else 0
         return PartitionLag(
             topic=topic, partition=p, committed_offset=committed.offset if committed is not None else -1,
             log_start_offset=start, log_end_offset=end, lag=lag, lag_ms=lag_ms,

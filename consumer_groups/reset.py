@@ -87,7 +87,7 @@ def plan_reset(view: GroupView, group: str, target: ResetTarget, *, all_topics: 
     plan = []
     for topic, p in tps:
         part = broker.partition(topic, p)
-        start, end = part.log.log_start_offset, part.high_watermark
+        start, end = part.log_start_offset, part.high_watermark
         c = committed.get((topic, p))
         old = c.offset if c is not None else -1
         if undo is not None:

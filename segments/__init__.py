@@ -1,11 +1,20 @@
 """streamd's storage engine: partition logs of record batches on local disk.
 
-``PartitionLog`` is the interface the broker uses; ``Segment``, ``OffsetIndex`` and
-``TimeIndex`` are its parts; ``batch`` is the stored frame format; ``recovery`` loads a
-directory after a clean or unclean stop; ``checkpoint.write_atomic`` writes small state
-files crash-safely. Imports only the standard library and numpy.
+``PartitionLog`` is the interface the broker uses (the broker's ``Partition`` wraps
+it; nothing else above storage touches it); ``Segment``, ``OffsetIndex`` and
+``TimeIndex`` are its parts; ``batch`` is the stored frame format (public here as
+``FrameHeader`` and ``iter_frames``); ``ReadLimits`` bounds a read; ``layout`` names
+the files; ``recovery`` loads a directory after a clean or unclean stop;
+``checkpoint.write_atomic`` writes small state files crash-safely; ``inspection``
+reads a partition directory offline, read-only (``streamd inspect``). Imports only
+the standard library and numpy.
+
+Above ``segments`` only this package, ``segments.layout``, ``segments.checkpoint``
+and ``segments.inspection`` are imported; ``batch``, ``segment``, ``index`` and
+``recovery`` are internals (tests/unit/test_storage_face.py checks it).
 """
 
+from .batch import FrameHeader, iter_frames
 from .checkpoint import fsync_directory, write_atomic
 from .errors import (
     BatchTooLarge,
@@ -21,6 +30,7 @@ from .errors import (
     is_disk_full,
 )
 from .index import OffsetIndex, TimeIndex
+from .limits import ReadLimits
 from .log import (
     DEFAULT_INDEX_INTERVAL_BYTES,
     AppendInfo,
@@ -42,6 +52,7 @@ __all__ = [
     "DamagedOffsets",
     "DeletedSegment",
     "DiskFull",
+    "FrameHeader",
     "InvalidBatch",
     "LogClosed",
     "LogFailed",
@@ -49,6 +60,7 @@ __all__ = [
     "OffsetIndex",
     "OffsetOutOfRange",
     "PartitionLog",
+    "ReadLimits",
     "ReadResult",
     "RecoveryPoint",
     "RecoveryReport",
@@ -57,6 +69,7 @@ __all__ = [
     "TimeIndex",
     "disk_full_as",
     "fsync_directory",
+    "iter_frames",
     "is_disk_full",
     "write_atomic",
 ]

@@ -31,7 +31,14 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    import mmap
+    from typing import TypeAlias
+
+    #: What frames are read from: a read's bytes, a segment file's map, a view of one.
+    FrameBuffer: TypeAlias = bytes | bytearray | memoryview | mmap.mmap
 
 FRAME_TAG = 0x0A
 HEADER = struct.Struct("<B5sBIBqBqBI")
@@ -41,8 +48,9 @@ _TAGS = (0x0D, 0x11, 0x19, 0x25)
 MAX_FRAME_BYTES = (1 << 31) - 1  # positions in the offset index are uint32
 
 
-class BatchHeader(NamedTuple):
-    """The fixed header of one stored frame at a byte ``position`` of a file."""
+class FrameHeader(NamedTuple):
+    """The fixed header of one stored frame at a byte ``position`` of a file (or of
+    the data a read returned). Public as ``segments.FrameHeader``."""
 
     position: int
     size: int  # whole frame, header included
@@ -62,6 +70,11 @@ class BatchHeader(NamedTuple):
     @property
     def end(self) -> int:
         return self.position + self.size
+
+    @property
+    def body_position(self) -> int:
+        """Where the producer's part of the frame (``body_of``) starts."""
+        return self.position + HEADER_SIZE
 
 
 def _varint5(value: int) -> bytes:
@@ -93,7 +106,7 @@ def encode_frame(body: bytes, *, base_offset: int, append_time_ms: int, record_c
     return b"".join((bytes((FRAME_TAG,)), _varint5(size - 6), struct.pack("<BI", 0x0D, crc), tail, body))
 
 
-def read_header(buf, position: int, limit: int) -> BatchHeader | None:
+def read_header(buf: FrameBuffer, position: int, limit: int) -> FrameHeader | None:
     """The header of the frame at ``position``, or None where no well-formed frame
     header fits before ``limit`` (end of data, zero fill, or garbage).
 
@@ -109,10 +122,10 @@ def read_header(buf, position: int, limit: int) -> BatchHeader | None:
         return None
     if count < 1 or base < 0:
         return None
-    return BatchHeader(position, length + 6, crc, base, append, count)
+    return FrameHeader(position, length + 6, crc, base, append, count)
 
 
-def claimed_frame_size(buf, position: int, limit: int) -> int | None:
+def claimed_frame_size(buf: FrameBuffer, position: int, limit: int) -> int | None:
     """The size the frame at ``position`` claims by its tag and length prefix (6
     bytes, the rest unchecked), or None if no frame starts there or fewer than 6
     bytes are left before ``limit``: how much to read to check the frame whole."""
@@ -122,7 +135,7 @@ def claimed_frame_size(buf, position: int, limit: int) -> int | None:
     return None if length is None else length + 6
 
 
-def iter_headers(buf, position: int = 0, limit: int | None = None) -> Iterator[BatchHeader]:
+def iter_headers(buf: FrameBuffer, position: int = 0, limit: int | None = None) -> Iterator[FrameHeader]:
     """Headers of consecutive well-formed frames from ``position``; stops at the first
     position that does not hold one (end of data, zero fill or garbage)."""
     limit = len(buf) if limit is None else limit
@@ -134,7 +147,14 @@ def iter_headers(buf, position: int = 0, limit: int | None = None) -> Iterator[B
         position = header.end
 
 
-def crc_ok(buf, header: BatchHeader) -> bool:
+def iter_frames(data: bytes | memoryview) -> Iterator[FrameHeader]:
+    """The headers of the frames in ``data``, a run of whole stored frames as a read
+    returns them (``PartitionLog.read``), positions relative to ``data``. Public as
+    ``segments.iter_frames``: the one way above storage to walk stored frames."""
+    return iter_headers(data)
+
+
+def crc_ok(buf: FrameBuffer, header: FrameHeader) -> bool:
     """Whether the frame's bytes still match its checksum."""
     view = memoryview(buf)[header.position + CRC_START : header.end]
     try:

@@ -14,7 +14,9 @@ import os
 import tempfile
 from pathlib import Path
 
-TEMP_SUFFIX = ".tmp"
+from .layout import TEMP_SUFFIX
+
+__all__ = ["TEMP_SUFFIX", "fsync_directory", "remove_durable", "write_atomic"]
 
 
 def fsync_directory(directory: Path | str) -> None:

@@ -47,10 +47,13 @@ import re
 import struct
 import zlib
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from .batch import CRC_START, FRAME_TAG, HEADER_SIZE, BatchHeader, crc_ok, read_header
+from .batch import CRC_START, FRAME_TAG, HEADER_SIZE, FrameHeader, crc_ok, read_header
 from .index import OFFSET_ENTRY
+
+if TYPE_CHECKING:
+    from .batch import FrameBuffer
 
 #: Causes, as messages and metadata show them (stable words; no paths, no positions).
 CHECKSUM = "a stored batch failed its checksum"
@@ -76,7 +79,7 @@ class DamagedRange(NamedTuple):
         return self.last_offset + 1
 
 
-def valid_frame(buf, position: int, limit: int, above: int, below: int | None) -> BatchHeader | None:
+def valid_frame(buf: FrameBuffer, position: int, limit: int, above: int, below: int | None) -> FrameHeader | None:
     """The frame at ``position`` if its header parses, its CRC matches and its base
     offset is in ``(above, below)`` (``below`` None: no upper bound)."""
     header = read_header(buf, position, limit)
@@ -88,7 +91,7 @@ def valid_frame(buf, position: int, limit: int, above: int, below: int | None) -
 
 
 def locate(
-    buf,
+    buf: FrameBuffer,
     position: int,
     expected: int,
     *,
@@ -137,12 +140,12 @@ def _range(first: int, resume_offset: int | None, position: int, resume_position
     return DamagedRange(first, resume_offset - 1, position, resume_position, cause)
 
 
-def _runs_past_the_end(buf, position: int, limit: int, expected: int) -> bool:
+def _runs_past_the_end(buf: FrameBuffer, position: int, limit: int, expected: int) -> bool:
     """Whether the bytes at ``position`` are the start of the expected frame, cut off
     by the end of the data (a truncated file), rather than garbage. A frame whose bytes
     up to the end of the data still match its CRC is whole: only its length is garbled."""
     if limit - position < HEADER_SIZE:
-        return buf[position] == FRAME_TAG
+        return bool(buf[position] == FRAME_TAG)
     header = read_header(buf, position, 1 << 62)
     if header is None or header.base_offset != expected or header.end <= limit:
         return False
@@ -196,7 +199,7 @@ def check_tail(log_path: Path, index_path: Path, *, size: int, base_offset: int,
         os.close(fd)
 
 
-def _frame_crc_ok(fd: int, header: BatchHeader) -> bool:
+def _frame_crc_ok(fd: int, header: FrameHeader) -> bool:
     frame = os.pread(fd, header.size, header.position)
     return len(frame) == header.size and crc_ok(frame, header._replace(position=0))
 

@@ -75,6 +75,7 @@ from .errors import (
     is_disk_full,
 )
 from .index import MAX_POSITION, MAX_RELATIVE_OFFSET
+from .limits import ReadLimits
 from .recovery import PartitionState, RecoveryPoint, RecoveryReport
 from .segment import Segment
 
@@ -193,6 +194,7 @@ class PartitionLog:
             if segments and segments[-1].check_end() is not None:
                 # Its data ends in damage: it stays as it is, sealed (reads report the
                 # damaged range), and appends go to a new segment at the log end.
+                assert loaded.log_end is not None  # check_end needs the end offset set above
                 segments.append(_first_segment(directory, loaded.log_end, segment_bytes, index_interval_bytes,
                                                name))
                 fsync_directory(directory)
@@ -396,15 +398,18 @@ class PartitionLog:
         self._dirty.update((old, new))
         self._dir_dirty = True
 
-    def read(self, offset: int, *, max_bytes: int, max_records: int) -> ReadResult:
+    def read(self, offset: int, limits: ReadLimits, *, end_offset: int | None = None) -> ReadResult:
         """Whole frames from the one containing ``offset``: at least one if any exists,
-        then more (across segments) while the totals are below ``max_bytes`` and
-        ``max_records``. Empty at ``log_end_offset``; OffsetOutOfRange outside
-        ``[log_start_offset, log_end_offset]``."""
+        then more (across segments) while the totals are within ``limits``; never a
+        frame whose base offset is at or past ``end_offset`` (a reader's high
+        watermark; None: the log end). Empty at or past ``end_offset``, up to the log
+        end; outside ``[log_start_offset, log_end_offset]`` OffsetOutOfRange, which
+        names ``[log_start_offset, end_offset]`` as the valid range (``check_offset``)."""
         with self._lock:
             self._check_open()
-            self._check_range(offset)
-            if offset == self._log_end:
+            bound = self._log_end if end_offset is None else min(end_offset, self._log_end)
+            self._check_range(offset, bound)
+            if offset >= bound:
                 return ReadResult(b"", offset, offset, 0, 0)
             i = bisect.bisect_right(self._bases, offset) - 1
             seg = self._segments[i]
@@ -415,8 +420,8 @@ class PartitionLog:
                 raise self._corrupt(seg, exc) from None
             chunks, total_bytes, batches, records, next_offset = [], 0, 0, 0, offset
             while True:
-                part = seg.read(position, max_bytes=max_bytes, max_records=max_records,
-                                taken_bytes=total_bytes, taken_records=records)
+                part = seg.read(position, limits, taken_bytes=total_bytes, taken_records=records,
+                                end_offset=bound)
                 if part.batch_count:
                     chunks.append(part.data)
                     total_bytes += len(part.data)
@@ -431,7 +436,7 @@ class PartitionLog:
                 # Go on to the next segment only if this one was read to its end.
                 reached_end = part.batch_count and part.next_offset == (
                     self._bases[i] if i < len(self._segments) else self._log_end)
-                if i == len(self._segments) or not reached_end:
+                if i == len(self._segments) or not reached_end or next_offset >= bound:
                     break
                 seg, position = self._segments[i], 0
                 self._check_size(seg)
@@ -440,7 +445,9 @@ class PartitionLog:
                 raise self._corrupt(seg, CorruptRecords(offset, max(offset, end - 1),
                                                         "no stored batch holds the offset"))
             data = b"".join(chunks)
-            first_offset = read_header(data, 0, len(data)).base_offset
+            first = read_header(data, 0, len(data))
+            assert first is not None  # the data is the whole frames just read
+            first_offset = first.base_offset
             return ReadResult(data, first_offset, next_offset, batches, records)
 
     def offset_for_time(self, timestamp_ms: int) -> int:
@@ -650,7 +657,7 @@ class PartitionLog:
     def __enter__(self) -> PartitionLog:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- helpers -----------------------------------------------------------------------
@@ -693,9 +700,18 @@ class PartitionLog:
                    "last_offset": damage.last_offset, "cause": damage.cause, "segment": str(seg.log_path),
                    "position": damage.position})
 
-    def _check_range(self, offset: int) -> None:
+    def check_offset(self, offset: int, *, end_offset: int | None = None) -> None:
+        """OffsetOutOfRange unless ``log_start_offset <= offset <= log_end_offset``,
+        naming ``[log_start_offset, end_offset]`` (default: the log end) as the valid
+        range: the check ``read`` makes, for a reader about to wait at the end."""
+        with self._lock:
+            self._check_range(offset, self._log_end if end_offset is None else end_offset)
+
+    def _check_range(self, offset: int, end_offset: int) -> None:
+        """Offsets up to the log end are in range; the error names ``end_offset``
+        (what the reader may see) as the end of the valid range."""
         if not self._log_start <= offset <= self._log_end:
-            raise OffsetOutOfRange(offset, self._log_start, self._log_end, topic=self.topic,
+            raise OffsetOutOfRange(offset, self._log_start, end_offset, topic=self.topic,
                                    partition=self.partition, name=self.name)
 
     def abandon(self) -> None:

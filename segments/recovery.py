@@ -64,25 +64,26 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .batch import HEADER_SIZE, BatchHeader, claimed_frame_size, crc_ok
-from .checkpoint import TEMP_SUFFIX, fsync_directory, remove_durable, write_atomic
+from .batch import HEADER_SIZE, FrameHeader, claimed_frame_size, crc_ok
+from .checkpoint import fsync_directory, remove_durable, write_atomic
 from .errors import is_disk_full
 from .index import OffsetIndex, TimeIndex, check_entries
-from .segment import (
+from .layout import (
+    CLEAN_SHUTDOWN_FILE,
     DELETED_SUFFIX,
     INDEX_SUFFIX,
     LOG_SUFFIX,
+    SEGMENT_NAME_DIGITS,
+    STATE_FILE,
+    TEMP_SUFFIX,
     TIME_INDEX_SUFFIX,
-    build_index_entries,
     segment_name,
-    walk_frames,
 )
+from .segment import build_index_entries, walk_frames
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "partition.json"
-CLEAN_SHUTDOWN_FILE = "clean-shutdown"
-_SEGMENT_NAME = re.compile(r"\d{20}")
+_SEGMENT_NAME = re.compile(rf"\d{{{SEGMENT_NAME_DIGITS}}}")
 _CHUNK = 1 << 22
 
 
@@ -202,7 +203,7 @@ def _paths(directory: Path, base: int) -> tuple[Path, Path, Path]:
 
 
 def walk_file(fd: int, position: int, limit: int, *, expected_offset: int | None = None,
-              min_time_ms: int | None = None, verify_crc: bool = False) -> Iterator[BatchHeader]:
+              min_time_ms: int | None = None, verify_crc: bool = False) -> Iterator[FrameHeader]:
     """``walk_frames`` over bytes ``[position, limit)`` of the file ``fd``, read with
     ``pread`` in windows of ``_CHUNK`` bytes (a larger frame gets a window of its
     own), so memory stays bounded and no read goes through a map (module docstring)."""
@@ -446,7 +447,7 @@ def _file_data_end(path: Path) -> int:
         os.close(fd)
 
 
-def _data_regions(fd: int, start: int, end: int):
+def _data_regions(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
     """(start, end) ranges that may hold data, skipping holes of a sparse file."""
     if not hasattr(os, "SEEK_DATA"):
         yield start, end

@@ -55,14 +55,14 @@ import errno
 import logging
 import mmap
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from . import damage as damages
-from .batch import BatchHeader, crc_ok, iter_headers, read_header
+from .batch import FrameHeader, crc_ok, iter_headers, read_header
 from .damage import CHECKSUM, HEADER, TRUNCATED, DamagedRange
 from .errors import CorruptBatch, CorruptRecords, StorageError, is_disk_full
 from .index import (
@@ -75,32 +75,30 @@ from .index import (
     index_capacity,
     index_due,
 )
+from .layout import DELETED_SUFFIX, INDEX_SUFFIX, LOG_SUFFIX, TIME_INDEX_SUFFIX, segment_name
+from .limits import ReadLimits
+
+if TYPE_CHECKING:
+    from .batch import FrameBuffer
 
 log = logging.getLogger(__name__)
 
-LOG_SUFFIX = ".log"
-INDEX_SUFFIX = ".index"
-TIME_INDEX_SUFFIX = ".timeindex"
-DELETED_SUFFIX = ".deleted"
 #: How far ahead of the data an active segment's blocks are reserved (one
 #: posix_fallocate per this many bytes appended, not one per append).
 RESERVE_CHUNK_BYTES = 1 << 20
+_NO_BOUND = 1 << 63  # an end_offset no frame reaches
 _ZEROS = bytes(1 << 16)
 
 
-def segment_name(base_offset: int) -> str:
-    return f"{base_offset:020d}"
-
-
 def walk_frames(
-    buf,
+    buf: FrameBuffer,
     position: int,
     limit: int,
     *,
     expected_offset: int | None = None,
     min_time_ms: int | None = None,
     verify_crc: bool = False,
-) -> Iterator[BatchHeader]:
+) -> Iterator[FrameHeader]:
     """Yield the headers of consecutive valid frames from ``position`` up to ``limit``;
     stop silently at the first invalid one (the caller compares the last ``end``).
     With ``expected_offset`` each frame must continue the offsets; with ``min_time_ms``
@@ -120,7 +118,7 @@ def walk_frames(
 
 
 def build_index_entries(
-    headers: Iterator[BatchHeader], base_offset: int, index_interval_bytes: int,
+    headers: Iterator[FrameHeader], base_offset: int, index_interval_bytes: int,
     last_entry_position: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The index entries the sparse schedule gives ``headers`` (offset, time arrays)."""
@@ -134,7 +132,7 @@ def build_index_entries(
     return np.array(offsets, dtype=OFFSET_ENTRY), np.array(times, dtype=TIME_ENTRY)
 
 
-def _always(header: BatchHeader) -> bool:
+def _always(header: FrameHeader) -> bool:
     return True
 
 
@@ -412,8 +410,8 @@ class Segment:
     def first_append_time_ms(self) -> int | None:
         """Append time of the first batch; None when empty."""
         if self._first_time is None and self._size:
-            self._ensure_map()
-            header = read_header(self._map, 0, self._size)
+            buf = self._ensure_map()
+            header = read_header(buf, 0, self._size)
             if header is None or header.base_offset != self.base_offset:
                 return None  # a damaged first batch: not known (reads report the damage)
             self._first_time = header.append_time_ms
@@ -543,7 +541,7 @@ class Segment:
             expected, start = self._offset_index.lookup(offset - 1)
             previous = None
             for header in self._walk(start, expected):
-                if type(header) is DamagedRange or header.base_offset >= offset:
+                if isinstance(header, DamagedRange) or header.base_offset >= offset:
                     break
                 previous = header
             if previous is None or previous.next_offset != offset:
@@ -579,7 +577,7 @@ class Segment:
         self._ensure_indexes()
         expected, position = self._lookup(offset)
         for item in self._walk(position, expected):
-            if type(item) is DamagedRange:
+            if isinstance(item, DamagedRange):
                 if offset <= item.last_offset:
                     raise CorruptRecords(item.first_offset, item.last_offset, item.cause)
                 continue
@@ -587,17 +585,22 @@ class Segment:
                 return item.position
         return self._size
 
-    def read(self, position: int, *, max_bytes: int, max_records: int, taken_bytes: int,
-             taken_records: int) -> SegmentRead:
+    def read(self, position: int, limits: ReadLimits, *, taken_bytes: int, taken_records: int,
+             end_offset: int | None = None) -> SegmentRead:
         """Whole frames from ``position`` (a frame start, from ``find_position`` or 0):
         the first one if nothing is taken yet, then more while the running totals stay
-        below ``max_bytes`` and ``max_records``, up to the first damaged stretch."""
+        within ``limits``, up to the first damaged stretch and never a frame whose base
+        offset is at or past ``end_offset`` (None: no such bound)."""
+        max_bytes, max_records = limits.max_bytes, limits.max_records
+        bound = _NO_BOUND if end_offset is None else end_offset
         end, records, next_offset = position, 0, self.base_offset
-        taken: list[BatchHeader] = []
+        taken: list[FrameHeader] = []
         stop = None
         for item in self._walk(position, self._offset_at(position)):
-            if type(item) is DamagedRange:
+            if isinstance(item, DamagedRange):
                 stop = item
+                break
+            if item.base_offset >= bound:
                 break
             total_bytes = taken_bytes + end - position
             if (total_bytes or taken_records or taken) and not (
@@ -655,7 +658,7 @@ class Segment:
         # is checked): the times of the one returned and of the one before it decide
         # the answer, and a damaged batch's time is not known.
         for item in self._walk(position, expected, check=_always):
-            if type(item) is DamagedRange:
+            if isinstance(item, DamagedRange):
                 pending, first = item, False
                 continue
             if item.append_time_ms >= timestamp_ms:
@@ -670,7 +673,7 @@ class Segment:
     # -- damage ------------------------------------------------------------------------
 
     def _walk(self, position: int, expected: int, *,
-              check=None) -> Iterator[BatchHeader | DamagedRange]:
+              check: Callable[[FrameHeader], bool] | None = None) -> Iterator[FrameHeader | DamagedRange]:
         """From the frame at ``position`` (which must start at offset ``expected``) to
         the end of the data: the header of each frame that continues the offsets (and,
         where ``check(header)`` is true, matches its CRC), and a ``DamagedRange`` for
@@ -680,8 +683,8 @@ class Segment:
         A header is yielded only once the next frame (or the end offset) agrees with
         its length and record count, or its CRC vouches for them: a flipped count or
         length would otherwise pass as good and blame the intact frame after it."""
-        self._ensure_map()
-        buf, limit, end = self._map, self._size, self._end()
+        buf = self._ensure_map()
+        limit, end = self._size, self._end()
         header = read_header(buf, position, limit) if position < limit else None
         while position < limit:
             if header is not None and header.base_offset == expected and (
@@ -713,10 +716,10 @@ class Segment:
         known = self._damaged.get(position)
         if known is not None and known.first_offset == expected:
             return known
-        self._ensure_map()
+        buf = self._ensure_map()
         index = self._offset_index
         end = self._end()
-        found = damages.locate(self._map, position, expected, limit=self._size, end_offset=end,
+        found = damages.locate(buf, position, expected, limit=self._size, end_offset=end,
                                next_entry=index.entry_after(position) if index is not None else None, cause=cause)
         if found is not None and end is not None:  # with the end unknown the extent is a guess
             self._damaged[position] = found
@@ -729,8 +732,8 @@ class Segment:
         """The base offset of the frame at ``position`` (a frame start a lookup found)."""
         if position == 0 or position >= self._size:
             return self.base_offset
-        self._ensure_map()
-        header = read_header(self._map, position, self._size)
+        buf = self._ensure_map()
+        header = read_header(buf, position, self._size)
         if header is None:
             raise CorruptBatch(self.log_path, position, "read from a position where no frame starts")
         return header.base_offset
@@ -742,15 +745,16 @@ class Segment:
         assert self._offset_index is not None
         expected, position = self._offset_index.lookup(offset)
         if position and not self._index_trusted:
-            self._ensure_map()
-            header = read_header(self._map, position, self._size)
+            buf = self._ensure_map()
+            header = read_header(buf, position, self._size)
             if header is None or header.base_offset != expected:
                 self.rebuild_indexes(f"the entry for offset {expected} points at byte {position}, "
                                      "where no frame of that offset starts")
                 expected, position = self._offset_index.lookup(offset)
         return expected, position
 
-    def _ensure_map(self) -> None:
+    def _ensure_map(self) -> FrameBuffer:
+        """The file's data mapped (read-only if not mapped yet); empty when it has none."""
         if self._map is None and self._size:
             fd = os.open(self.log_path, os.O_RDONLY)
             try:
@@ -761,6 +765,7 @@ class Segment:
                     self._map = mmap.mmap(fd, self._size, access=mmap.ACCESS_READ)
             finally:
                 os.close(fd)
+        return self._map if self._map is not None else b""
 
     def _unmap(self) -> None:
         if self._map is not None:
@@ -801,7 +806,7 @@ class Segment:
         log.warning("rebuilding indexes of %s: %s", self.log_path, reason)
         self._ensure_map()
         # Damaged stretches get no entry; entry 0 stays (0, 0), the walks' start.
-        headers = [h for h in self._walk(0, self.base_offset) if type(h) is not DamagedRange]
+        headers = [h for h in self._walk(0, self.base_offset) if not isinstance(h, DamagedRange)]
         offsets, times = build_index_entries(iter(headers), self.base_offset, self._interval)
         if self._size and (not headers or headers[0].position):
             offsets = np.concatenate([np.array([(0, 0)], dtype=offsets.dtype), offsets])
@@ -816,9 +821,9 @@ class Segment:
         """Whether the last entry points at the frame it claims (one header read)."""
         if not len(offsets):
             return None
-        self._ensure_map()
+        buf = self._ensure_map()
         position = int(offsets[-1]["position"])
-        header = read_header(self._map, position, self._size)
+        header = read_header(buf, position, self._size)
         if header is None:
             return f"no frame at indexed position {position}"
         if header.base_offset != self.base_offset + int(offsets[-1]["relative_offset"]):
@@ -835,20 +840,20 @@ class Segment:
         self._ensure_indexes()
         assert self._offset_index is not None
         start = self._lookup(self.base_offset + MAX_RELATIVE_OFFSET)
-        good: list[BatchHeader] = []
-        last: BatchHeader | DamagedRange | None = None
+        good: list[FrameHeader] = []
+        last: FrameHeader | DamagedRange | None = None
         for expected, position in (start, (self.base_offset, 0)):
             good, last = [], None
             for last in self._walk(position, expected):
-                if type(last) is DamagedRange:
+                if isinstance(last, DamagedRange):
                     good = []
                 else:
                     good.append(last)
             if position == start[1]:
                 walked_to = last.next_offset if last is not None else self.base_offset
                 self._next_offset = walked_to if self._writable or self._end_offset is None else self._end_offset
-                self.tail_damage = last if type(last) is DamagedRange else None
-            while good and not crc_ok(self._map, good[-1]):
+                self.tail_damage = last if isinstance(last, DamagedRange) else None
+            while good and not crc_ok(self._ensure_map(), good[-1]):
                 found = self.damage_at(good[-1].position, good[-1].base_offset, CHECKSUM)
                 if position == start[1]:
                     self.tail_damage = found

@@ -23,6 +23,7 @@ import asyncio
 import dataclasses
 import logging
 import signal
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -73,9 +74,20 @@ def topic_defaults(config: BrokerConfig) -> TopicSettings:
     return TopicSettings(**{f.name: getattr(config, f.name) for f in dataclasses.fields(TopicSettings)})
 
 
+@dataclasses.dataclass(frozen=True)
+class ServerHooks:
+    """Calls the server makes at points a test needs to act at; none in production
+    (tests/crash/crash_broker.py injects one)."""
+
+    #: After each produce request is appended and durable, before it is answered
+    #: (``LogService``'s ``on_durable_append``).
+    on_durable_append: Callable[[], None] | None = None
+
+
 class Server:
-    def __init__(self, config: BrokerConfig, *, clock: Clock | None = None) -> None:
+    def __init__(self, config: BrokerConfig, *, clock: Clock | None = None, hooks: ServerHooks | None = None) -> None:
         self.config = config
+        self.hooks = hooks or ServerHooks()
         self.executor = ThreadPoolExecutor(config.io_threads, thread_name_prefix="streamd-io")
         self.traffic = Traffic()
         self.fsync_seconds = Histogram(FSYNC_BUCKETS_SECONDS)
@@ -158,7 +170,8 @@ class Server:
         self.grpc.add_generic_rpc_handlers(
             [
                 wired(SERVICES[0], TopicService(self.broker, groups, self.queues)),
-                wired(SERVICES[1], LogService(self.broker, self.traffic), REQUEST_VIEWS),
+                wired(SERVICES[1], LogService(self.broker, self.traffic, on_durable_append=self.hooks.on_durable_append),
+                      REQUEST_VIEWS),
                 wired(SERVICES[2], groups),
                 wired(SERVICES[3], QueueService(self.queues)),
             ]

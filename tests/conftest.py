@@ -51,19 +51,22 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``streamd serve`` as a child process (for crash and CLI smoke tests)."""
+    """``streamd serve`` as a child process (for crash and CLI smoke tests);
+    ``command``: another launcher taking the same flags (tests/crash/crash_broker.py)."""
 
-    def __init__(self, data_dir: Path, *extra: str, env: dict | None = None) -> None:
+    def __init__(self, data_dir: Path, *extra: str, env: dict | None = None,
+                 command: list[str] | None = None) -> None:
         self.data_dir = data_dir
         self.extra = extra
         self.env = env
+        self.command = command or [sys.executable, "-m", "streamd", "serve"]
         self.proc: subprocess.Popen | None = None
         self.address = ""
 
     def start(self, timeout: float = 30) -> ServerProcess:
         port = free_port()
         self.address = f"127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "streamd", "serve", "--data-dir", str(self.data_dir),
+        cmd = [*self.command, "--data-dir", str(self.data_dir),
                "--listen", self.address, "--metrics-listen", "127.0.0.1:0", *self.extra]
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(self.env or {}))
         self.log_path = self.data_dir.parent / f"server-{port}.log"
@@ -120,8 +123,9 @@ def same_port(monkeypatch):
 def server_process(tmp_path):
     procs: list[ServerProcess] = []
 
-    def start(*extra: str, data_dir: Path | None = None, env: dict | None = None) -> ServerProcess:
-        proc = ServerProcess(data_dir or tmp_path / "data", *extra, env=env).start()
+    def start(*extra: str, data_dir: Path | None = None, env: dict | None = None,
+              command: list[str] | None = None) -> ServerProcess:
+        proc = ServerProcess(data_dir or tmp_path / "data", *extra, env=env, command=command).start()
         procs.append(proc)
         return proc
 

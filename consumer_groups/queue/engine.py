@@ -5,10 +5,8 @@ Glue between the pure ``window.PartitionQueue`` state, its ``store.QueueStore``
 only through its face, ``consumer_groups.host.Broker``:
 
 - **Admission**: a partition's window is filled from the log (``Broker.read`` from the
-  partition's ``scan_offset`` up to the high watermark). A batch none of whose records
-  has a delivery time is admitted whole without decoding its records (a
-  ``DeliveryTimesSet`` view tells, in C); otherwise, and for ``ordered_by_key``
-  groups, records are decoded and admitted one by one.
+  partition's ``scan_offset`` up to the high watermark), batch by batch
+  (``admission.admit_batch``: whole runs where no record has a delivery time).
 - **Receive** leases up to N records across the group's partitions, starting at a
   rotating partition so no partition starves; with nothing available it waits for new
   records, a due retry or a settlement, up to ``max_wait_ms``. The answer is read from
@@ -20,9 +18,9 @@ only through its face, ``consumer_groups.host.Broker``:
   changes answer DISK_FULL, changing nothing, until the journal could be rewritten
   from memory, and then go through; no restart needed. Receiving goes on meanwhile
   (deliveries are written lazily).
-- **Dead letters** are produced by a background task to the group's dead-letter topic
-  (created on demand with the source's partition count) with provenance headers; the
-  record is settled once that append is durable. Nothing else waits for it.
+- **Dead letters** are produced by background tasks (``dead_letters.DeadLetters``) to
+  the group's dead-letter topic; the record is settled once that append is durable.
+  Nothing else waits for it.
 - ``tick()`` (every ``TICK_MS``) expires leases, releases due retries and wakes
   receivers; retention that overtook a partition's window is counted as lost.
 - **Damaged records** (a read answers ``CorruptRecords``: a corrupt batch, a
@@ -43,18 +41,17 @@ import random
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
-import lz4.frame
 import numpy as np
 
-from segments import CorruptRecords, OffsetOutOfRange
-from segments.batch import iter_headers
-from streamd.codec import batch_records, record_runs
+from segments import CorruptRecords, OffsetOutOfRange, ReadLimits
+from streamd.codec import record_runs
 from streamd.v1 import streamd_pb2 as pb
-from streamd.wire_pb2 import DeliveryTimesSet
 
 from ..coordinator import check_group_name
 from ..errors import InvalidGroupRequest, LeaseExpired, QueueGroupExists, QueueGroupNotFound
 from ..host import Broker
+from .admission import admit_batch
+from .dead_letters import DeadLetters, check_dead_letter_topic
 from .stats import PartitionStats, partition_stats
 from .store import QueueGroup, QueueStore
 from .window import DEAD_LETTERING, Lease, PartitionQueue, QueueConfig, check_lease_ms, offset_runs
@@ -71,10 +68,6 @@ DEFAULT_RECEIVE_BYTES = (4 << 20) - (64 << 10)  # fits grpc's default 4 MiB rece
 MAX_RECEIVE_BYTES = 32 << 20
 #: Bytes of a LeasedRecord around its record, at most (offsets, lease id, times, tags).
 LEASED_RECORD_OVERHEAD = 48
-DLQ_HEADROOM = 64 * 1024
-MAX_RECORD_LIMIT = 8 * 1024 * 1024
-DLQ_HEADERS = ("topic", "partition", "offset", "group", "deliveries", "reason", "first-delivery-ms",
-               "last-delivery-ms")
 
 
 class Leased(NamedTuple):
@@ -103,10 +96,8 @@ class QueueEngine:
         self.rng = rng or random.Random()
         self._changed: dict[tuple[str, str], asyncio.Event] = {}
         self._rotation: dict[tuple[str, str], int] = {}
-        self._dead_letter_tasks: set[asyncio.Task] = set()
-        self._dead_letter_backoff: dict[tuple[str, str, int, int], float] = {}
-        #: (group, topic) -> dead-letter attempts failed since the last that worked.
-        self._dead_letter_failing: dict[tuple[str, str], int] = {}
+        self.dead_letters = DeadLetters(broker, store, read_one=self._read_one, on_damaged=self._skip_damaged,
+                                        wake=self._wake)
         self._closed = False
 
     # -- groups ------------------------------------------------------------------
@@ -126,9 +117,9 @@ class QueueEngine:
         if (name, topic) in self.store.groups:
             raise QueueGroupExists(name, topic)
         g = QueueGroup(name, topic, config, self.broker.clock.now_ms())
-        _check_dead_letter_topic(self.broker, g)
+        check_dead_letter_topic(self.broker, g)
         for p, part in enumerate(t.partitions):
-            start = part.high_watermark if config.start == "latest" else part.log.log_start_offset
+            start = part.high_watermark if config.start == "latest" else part.log_start_offset
             g.partitions[p] = PartitionQueue(p, start, config, rng=self.rng)
         await self.store.create(g)
         log.info("created queue group %s on %s (%s)", name, topic, config)
@@ -137,9 +128,7 @@ class QueueEngine:
     async def delete(self, name: str, topic: str) -> None:
         g = self.group(name, topic)
         await self.store.ready()
-        for key in [k for k in self._dead_letter_backoff if k[:2] == (name, topic)]:
-            del self._dead_letter_backoff[key]
-        self._dead_letter_failing.pop((name, topic), None)
+        self.dead_letters.forget(name, topic)
         await self.store.delete(g)
         self._wake(g)
         self._changed.pop((name, topic), None)
@@ -238,7 +227,7 @@ class QueueEngine:
                 self._skip_retained(g, q)
             except CorruptRecords as exc:  # records of the window became unreadable
                 self._skip_damaged(g, q, exc)
-        self._start_dead_letters(g)
+        self.dead_letters.start(g)
         return out, writes
 
     def _frames(self, topic: str, partition: int, offsets: np.ndarray, budget: int, *,
@@ -252,11 +241,11 @@ class QueueEngine:
         for lo, hi in offset_runs(offsets):
             position = lo
             while position <= hi:
-                data = self.broker.read(topic, partition, position, max_records=hi - position + 1,
-                                        max_bytes=READ_BYTES).data
+                out = self.broker.read(topic, partition, position, ReadLimits(hi - position + 1, READ_BYTES))
+                data = out.data
                 if not data:
                     raise OffsetOutOfRange(position, 0, 0, name=f"{topic}/{partition}")
-                for h in iter_headers(data):
+                for h in out.frames():
                     if h.base_offset in seen:
                         position = max(position, h.next_offset)
                         continue
@@ -303,8 +292,7 @@ class QueueEngine:
         end = part.high_watermark
         while q.scan_offset < end and q.room() > 0:
             try:
-                out = self.broker.read(g.topic, q.partition, q.scan_offset, max_records=q.room(),
-                                       max_bytes=READ_BYTES)
+                out = self.broker.read(g.topic, q.partition, q.scan_offset, ReadLimits(q.room(), READ_BYTES))
             except CorruptRecords as exc:
                 if not self._skip_damaged(g, q, exc):
                     return  # the window must drain before it can span the damage
@@ -312,7 +300,7 @@ class QueueEngine:
             if not out.data:
                 return
             for batch in pb.FetchResponse.FromString(out.data).batches:
-                if not _admit_batch(q, batch, end):
+                if not admit_batch(q, batch, end):
                     return
 
     def _skip_retained(self, g: QueueGroup, q: PartitionQueue) -> None:
@@ -320,7 +308,7 @@ class QueueEngine:
         t = self.broker.topics.get(g.topic)
         if t is None or q.partition >= len(t.partitions):
             return
-        log_start = t.partitions[q.partition].log.log_start_offset
+        log_start = t.partitions[q.partition].log_start_offset
         if q.scan_offset < log_start or q.start_offset < log_start:
             before = q.stats.lost_to_retention
             q.skip_to(log_start)
@@ -377,7 +365,7 @@ class QueueEngine:
             return None
 
     def _read_one(self, topic: str, partition: int, offset: int) -> tuple[pb.Record, int]:
-        out = self.broker.read(topic, partition, offset, max_records=1, max_bytes=1)
+        out = self.broker.read(topic, partition, offset, ReadLimits(1, 1))
         for _, _, append_time, records in record_runs(pb.FetchResponse.FromString(out.data).batches,
                                                       ((offset, offset, None),)):
             return records[0], append_time
@@ -426,7 +414,7 @@ class QueueEngine:
         writes += [self.store.dead(g, p, entries) for p, entries in dead.items()]
         if retried or acked:
             self._wake(g)
-        self._start_dead_letters(g)
+        self.dead_letters.start(g)
         await asyncio.gather(*writes)
         return results
 
@@ -493,7 +481,7 @@ class QueueEngine:
                 if due is not None and due <= now:
                     self._expire(g, q, now)
                     woke = True
-            self._start_dead_letters(g)  # new ones, and failed attempts to try again
+            self.dead_letters.start(g)  # new ones, and failed attempts to try again
             if woke:
                 self._wake(g)
 
@@ -507,84 +495,6 @@ class QueueEngine:
             if dead:
                 self.store.dead(g, q.partition, dead)
 
-    # -- dead letters --------------------------------------------------------------------
-    def _start_dead_letters(self, g: QueueGroup) -> None:
-        if self._closed:
-            return
-        for p, q in g.partitions.items():
-            while q.to_dead_letter:
-                offset = q.to_dead_letter.popleft()
-                task = asyncio.ensure_future(self._dead_letter(g, q, offset))
-                self._dead_letter_tasks.add(task)
-                task.add_done_callback(self._dead_letter_tasks.discard)
-
-    async def _dead_letter(self, g: QueueGroup, q: PartitionQueue, offset: int) -> None:
-        e = q.entry(offset)
-        if e is None or e.state != DEAD_LETTERING or not self._live(g):
-            return
-        epoch = q.epoch
-        key = (g.name, g.topic, q.partition, offset)
-        try:
-            record, _ = self._read_one(g.topic, q.partition, offset)
-            letter = pb.Record()
-            letter.CopyFrom(record)
-            for field in ("deliver_at_ms", "delay_ms", "idempotency_key"):
-                letter.ClearField(field)
-            values = (g.topic, q.partition, offset, g.name, e.deliveries, e.reason, e.first_delivery_ms,
-                      e.last_delivery_ms)
-            for name, value in zip(DLQ_HEADERS, values):
-                letter.headers.add(key=f"streamd-dlq-{name}", value=str(value).encode())
-            target = self._dead_letter_topic(g)
-            _, durable = self.broker.append(target, [], [letter.SerializeToString()])
-            await durable
-        except CorruptRecords as exc:  # the record is gone: lost, not retried forever
-            self._dead_letter_backoff.pop(key, None)
-            if q.epoch == epoch and self._live(g):
-                self._skip_damaged(g, q, exc)
-            return
-        except Exception as exc:
-            delay = min(60.0, self._dead_letter_backoff.get(key, 0.5) * 2)
-            self._dead_letter_backoff[key] = delay
-            # Said once per group until it works again (a full disk fails every record,
-            # every few seconds); the rest at debug level.
-            group = (g.name, g.topic)
-            failures = self._dead_letter_failing.get(group, 0)
-            self._dead_letter_failing[group] = failures + 1
-            (log.debug if failures else log.error)(
-                "dead-lettering %s/%d offset %d for group %s failed (%s); retrying in %.0f s%s",
-                g.topic, q.partition, offset, g.name, exc, delay,
-                "" if failures else " (later failures of this group are logged once it works again)",
-                extra={"event": "dead_letter_failed", "group": g.name, "topic": g.topic})
-            await asyncio.sleep(delay)
-            if q.epoch == epoch and q.entry(offset) == e and self._live(g):
-                q.to_dead_letter.append(offset)
-            return
-        self._dead_letter_backoff.pop(key, None)
-        failed = self._dead_letter_failing.pop((g.name, g.topic), 0)
-        if failed:
-            log.warning("dead-lettering for group %s of %s works again, after %d failed attempt(s)",
-                        g.name, g.topic, failed, extra={"event": "dead_letter_recovered", "group": g.name,
-                                                         "topic": g.topic, "failures": failed})
-        if q.epoch == epoch and q.entry(offset) == e and self._live(g):
-            q.dead_lettered(offset)
-            self._wake(g)  # a full window may have room again
-            await self.store.settled(g, q.partition, [offset], kind="d")
-
-    def _live(self, g: QueueGroup) -> bool:
-        return self.store.groups.get((g.name, g.topic)) is g
-
-    def _dead_letter_topic(self, g: QueueGroup) -> str:
-        name = g.dead_letter_topic
-        if name not in self.broker.topics:  # checked and created with no await between
-            source = self.broker.topic(g.topic).meta.settings
-            # Room for the streamd-dlq-* headers on top of the largest source record.
-            overrides: dict[str, object] = {
-                "max_record_bytes": min(source.max_record_bytes + DLQ_HEADROOM, MAX_RECORD_LIMIT)
-            }
-            self.broker.create_topic(name, len(g.partitions), overrides)
-            log.info("created dead-letter topic %s for queue group %s", name, g.name)
-        return name
-
     # -- seek -------------------------------------------------------------------------------
     def plan_seek(self, g: QueueGroup, partitions: Sequence[int], target: str, value: int = 0) -> list[SeekStep]:
         """Where a seek of ``partitions`` to ``target`` ("offset" or "timestamp_ms" ``value``,
@@ -592,7 +502,7 @@ class QueueEngine:
         plan = []
         for p in partitions:
             part = self.broker.partition(g.topic, p)
-            start, end = part.log.log_start_offset, part.high_watermark
+            start, end = part.log_start_offset, part.high_watermark
             if target == "offset":
                 wanted = value
             elif target == "timestamp_ms":
@@ -617,9 +527,7 @@ class QueueEngine:
 
     async def close(self) -> None:
         self._closed = True
-        for task in list(self._dead_letter_tasks):
-            task.cancel()
-        await asyncio.gather(*self._dead_letter_tasks, return_exceptions=True)
+        await self.dead_letters.close()
         await self.store.close()
 
 
@@ -644,65 +552,10 @@ def _decoded(frames: bytes, offsets: np.ndarray, budget: int, *, first: bool) ->
     return out, len(out), size
 
 
-def _admit_batch(q: PartitionQueue, batch: pb.RecordBatch, end: int) -> bool:
-    """Admit the batch's records from ``q.scan_offset`` (below ``end``, while the
-    window has room); whether the whole batch was taken (go on with the next)."""
-    base, count, append_time = batch.base_offset, batch.record_count, batch.append_time_ms
-    stop = min(base + count, end)
-    first = q.scan_offset
-    if first >= stop:
-        return stop == base + count
-    room = q.room()
-    if room <= 0:
-        return False
-    if q.plain() and not _has_delivery_times(batch):
-        take = min(stop - first, room)
-        q.admit_run(first, take, append_time)
-    else:
-        records = batch_records(batch).records
-        for offset in range(first, stop):
-            if q.room() <= 0:
-                return False
-            r = records[offset - base]
-            at = r.deliver_at_ms
-            if r.delay_ms:
-                at = max(at, append_time + r.delay_ms)
-            q.admit(offset, key=r.key if r.HasField("key") else None, deliver_at_ms=at, append_time_ms=append_time)
-    return q.scan_offset == base + count
-
-
-def _has_delivery_times(batch: pb.RecordBatch) -> bool:
-    """Whether a record of the batch has a delivery time (delay or deliver-at), found
-    in C: parsed as ``DeliveryTimesSet`` without its other fields, a batch of records
-    without one is two bytes per record."""
-    payload = batch.records
-    if batch.compression == pb.COMPRESSION_LZ4:
-        payload = lz4.frame.decompress(payload)
-    view = DeliveryTimesSet.FromString(payload)
-    view.DiscardUnknownFields()
-    return view.ByteSize() != 2 * len(view.records)
-
-
 def _nack_delay(delay_ms: int | None) -> int | None:
     if delay_ms is not None and not 0 <= delay_ms <= 7 * 24 * 3600 * 1000:
         raise ValueError("delay_ms must be 0 .. 7 days")
     return delay_ms
-
-
-def _check_dead_letter_topic(broker: Broker, g: QueueGroup) -> None:
-    field = "config.dead_letter_topic"
-    name = g.dead_letter_topic
-    limit = broker.max_topic_name_chars
-    if not g.config.dead_letter_topic and len(name) > limit:
-        # The default "<topic>.dlq" of a long topic name: say where it came from and
-        # what to do, rather than reject a name the client never sent.
-        raise InvalidGroupRequest(
-            field, f"{name[:300]!r} is not a valid topic name: the default dead-letter topic <topic>.dlq is "
-            f"{len(name)} characters, over {limit}; set {field} to a shorter name", reason="INVALID_TOPIC_NAME",
-        )
-    broker.check_topic_name(name, field=field)
-    if name == g.topic:
-        raise InvalidGroupRequest(field, "must not be the group's own topic")
 
 
 def _receive_count(max_records: int) -> int:

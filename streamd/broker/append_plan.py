@@ -123,8 +123,9 @@ class PartitionPlan:
 def _offset(where: object) -> int:
     if isinstance(where, int):
         return where
-    plan, ordinal = where  # type: ignore[misc]
-    return plan.base_offset + ordinal
+    assert isinstance(where, tuple)  # (the plan of the batch kept, ordinal of its record)
+    plan, ordinal = where
+    return int(plan.base_offset + ordinal)
 
 
 def plan_partition(
@@ -233,6 +234,7 @@ def _drop_duplicate_keys(
             index += b.record_count
             ordinal += b.record_count
             continue
+        assert dedup is not None  # keys are collected only on topics with a dedup window
         keep: list[int] = []
         dropped: list[tuple[int, object]] = []
         for i, key in enumerate(keys):

@@ -56,7 +56,7 @@ class CheckedBatch(NamedTuple):
     #: the batch can be rebuilt without the duplicates.
     keys: list[str] | None = None
     records: list[bytes] | None = None
-    compression: int = pb.COMPRESSION_NONE
+    compression: pb.Compression = pb.COMPRESSION_NONE
 
 
 def check_batch(

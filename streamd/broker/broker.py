@@ -41,9 +41,9 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, cast
 
-from segments import DiskFull, LogFailed, OffsetOutOfRange, PartitionLog, disk_full_as, is_disk_full
-from segments.batch import iter_headers
+from segments import DiskFull, LogFailed, PartitionLog, ReadLimits, disk_full_as, is_disk_full
 from streamd.clock import Clock
 from streamd.partitioner import key_partition
 from streamd.v1 import streamd_pb2 as pb
@@ -62,7 +62,7 @@ from .errors import (
     TopicAlreadyExists,
     TopicNotFound,
 )
-from .partition import Partition
+from .partition import Partition, ReadOut
 from .topic import MAX_TOPIC_NAME_CHARS, TopicMeta, TopicSettings, check_topic_name
 
 log = logging.getLogger("streamd.broker")
@@ -90,16 +90,6 @@ class Topic:
 
 
 __all__ = ["Broker", "DataDirLocked", "ProduceResult", "ReadOut", "Topic"]
-
-
-@dataclass(frozen=True)
-class ReadOut:
-    """Stored frames (``data``) and where the partition stood when they were read."""
-
-    data: bytes
-    next_offset: int
-    log_start_offset: int
-    log_end_offset: int
 
 
 class Broker:
@@ -149,7 +139,7 @@ class Broker:
             meta = TopicMeta.read(entry)
             self.topics[meta.name] = self._open_topic(meta, entry)
         parts = self.all_partitions()
-        recovered = sum(1 for p in parts if p.log.recovery is not None)
+        recovered = sum(1 for p in parts if p.recovery is not None)
         log.info(
             "loaded %d topic(s), %d partition(s) from %s: %s", len(self.topics), len(parts), self.data_dir,
             f"{recovered} recovered (a crash, or damage found after a clean stop)" if recovered else "clean, nothing to recover",
@@ -200,7 +190,7 @@ class Broker:
                     _log_failure(f"producer snapshot of {part.topic}/{part.index}", exc)
                 await self._end_repair(part)
                 try:
-                    await loop.run_in_executor(self.executor, part.log.close)
+                    await loop.run_in_executor(self.executor, part.close_log)
                 except Exception as exc:  # no clean-shutdown mark: the next start recovers it
                     _log_failure(f"closing {part.topic}/{part.index}", exc)
         self.topics.clear()
@@ -214,7 +204,7 @@ class Broker:
             self._open_partitions(meta, directory, parts)
         except BaseException:
             for part in parts:  # no half-open topic: release what was opened
-                part.log.close()
+                part.close_log()
             raise
         return Topic(meta, directory, parts)
 
@@ -297,7 +287,7 @@ class Broker:
             raise TopicAlreadyExists(name)
         if len(self.topics) >= self.max_topics:
             raise LimitExceeded("topics", self.max_topics)
-        settings = replace(self.defaults, **overrides).validate()
+        settings = replace(self.defaults, **cast("dict[str, Any]", overrides)).validate()
         meta = TopicMeta(name, partition_count, settings, self.clock.now_ms())
         with disk_full_as(f"create topic {name}"):
             topic = self._create_topic_files(meta)
@@ -324,9 +314,9 @@ class Broker:
         try:
             _fsync_dir(self.data_dir)
             topic = self._open_topic(meta, final)
-            if not all(part.log.writable for part in topic.partitions):
+            if not all(part.writable for part in topic.partitions):
                 for part in topic.partitions:
-                    part.log.close()
+                    part.close_log()
                 raise DiskFull(f"create topic {name}")
         except BaseException:
             # Take the directory out of the way (into @tmp, which exists: no new
@@ -346,7 +336,7 @@ class Broker:
         loop = asyncio.get_running_loop()
         for part in topic.partitions:
             await self._end_repair(part)
-            await loop.run_in_executor(self.executor, part.log.close)
+            await loop.run_in_executor(self.executor, part.close_log)
         graveyard = self.data_dir / DELETED_DIR
         graveyard.mkdir(exist_ok=True)
         target = graveyard / _scratch_name(name)
@@ -415,6 +405,7 @@ class Broker:
         waits = [
             plan.part.sync_to(plan.durable_offset(base, count)) for plan, base, count, _ in appended if durable
         ] + [_save_producer_state(plan.part, now) for plan, *_ in appended if plan.needs_snapshot]
+        waiter: asyncio.Future[None]
         if waits:
             waiter = asyncio.ensure_future(_gather(*waits))
         else:
@@ -430,7 +421,7 @@ class Broker:
         if len(plans) == 1:  # the usual request: one partition, nothing to undo
             plan = plans[0]
             part = plan.part
-            plan.base_offset = part.log.log_end_offset
+            plan.base_offset = part.log_end_offset
             try:
                 stored = part.store(plan.batches, now_ms=now)
             except BaseException as exc:
@@ -446,7 +437,7 @@ class Broker:
         done: list[tuple[Partition, int]] = []
         for part_plans in by_partition.values():
             part = part_plans[0].part
-            start = offset = part.log.log_end_offset
+            start = offset = part.log_end_offset
             for plan in part_plans:
                 plan.base_offset = offset
                 offset += sum(b.record_count for b in plan.batches)
@@ -490,24 +481,12 @@ class Broker:
         ]
 
     # -- read ----------------------------------------------------------------
-    def read(self, name: str, partition: int, offset: int, *, max_records: int, max_bytes: int) -> ReadOut:
-        """Stored frames from the one holding ``offset``, never past the high watermark."""
-        part = self.partition(name, partition)
-        plog = part.log
-        end = part.high_watermark
-        if not plog.log_start_offset <= offset <= plog.log_end_offset:
-            raise OffsetOutOfRange(offset, plog.log_start_offset, end, name=f"{name}/{partition}")
-        if offset >= end:
-            return ReadOut(b"", offset, plog.log_start_offset, end)
-        res = plog.read(offset, max_bytes=max_bytes, max_records=max_records)
-        data, next_offset = res.data, res.next_offset
-        if next_offset > end:
-            data, next_offset = _cut_at(data, end)
-        return ReadOut(data, next_offset, plog.log_start_offset, end)
+    def read(self, name: str, partition: int, offset: int, limits: ReadLimits) -> ReadOut:
+        """Stored frames from the one holding ``offset``, never past the high watermark
+        (``Partition.read``)."""
+        return self.partition(name, partition).read(offset, limits)
 
-    async def fetch(
-        self, name: str, partition: int, offset: int, *, max_records: int, max_bytes: int, max_wait_ms: int
-    ) -> ReadOut:
+    async def fetch(self, name: str, partition: int, offset: int, limits: ReadLimits, *, max_wait_ms: int) -> ReadOut:
         self.check_serving()
         part = self.partition(name, partition)
         if offset >= part.high_watermark and max_wait_ms > 0:
@@ -516,30 +495,25 @@ class Broker:
                 raise TopicNotFound(part.topic)  # deleted while we waited
             # Stopping: answer now with what there is (nothing new can arrive); the
             # logs are closed only once the RPCs in flight have ended.
-        return self.read(name, partition, offset, max_records=max_records, max_bytes=max_bytes)
+        return self.read(name, partition, offset, limits)
 
     def offset_for(self, name: str, partition: int, *, position: str | None = None, timestamp_ms: int | None = None) -> int:
         part = self.partition(name, partition)
-        end = part.high_watermark
         if timestamp_ms is not None:
-            return min(part.log.offset_for_time(timestamp_ms), end)
-        return end if position == "latest" else part.log.log_start_offset
+            return part.offset_for_time(timestamp_ms)
+        return part.high_watermark if position == "latest" else part.log_start_offset
 
-    async def subscribe(
-        self, name: str, partition: int, offset: int, *, max_records: int, max_bytes: int
-    ) -> AsyncIterator[ReadOut]:
+    async def subscribe(self, name: str, partition: int, offset: int, limits: ReadLimits) -> AsyncIterator[ReadOut]:
         """Stored frames from ``offset`` on, then new ones as they are appended."""
         self.check_serving()
         part = self.partition(name, partition)
-        plog = part.log
-        if not plog.log_start_offset <= offset <= plog.log_end_offset:
-            raise OffsetOutOfRange(offset, plog.log_start_offset, part.high_watermark, name=f"{name}/{partition}")
+        part.check_offset(offset)
         while True:
             self._check_open(part)
             if offset >= part.high_watermark:
                 await part.wait_for_data(offset, None)
                 continue
-            out = self.read(name, partition, offset, max_records=max_records, max_bytes=max_bytes)
+            out = self.read(name, partition, offset, limits)
             offset = out.next_offset
             yield out
 
@@ -575,7 +549,7 @@ class Broker:
 
         async def one(part: Partition) -> None:
             await part.flush()
-            await loop.run_in_executor(self.executor, part.log.checkpoint)
+            await loop.run_in_executor(self.executor, part.checkpoint)
             await part.write_snapshot(self.clock.now_ms())
 
         for part in self.all_partitions():
@@ -584,13 +558,13 @@ class Broker:
     async def repair_failed(self) -> None:
         """Open again, from disk, every partition whose log failed (module docstring)."""
         for part in self.all_partitions():
-            if part.log.failed and not part.closed:
+            if part.failed and not part.closed:
                 await self._each(part, "repair", self._repair(part))
 
     async def _repair(self, part: Partition) -> None:
-        failed = part.log
+        failed = part.failed_log()
         topic = self.topics.get(part.topic)
-        if topic is None or part.repair is not None:
+        if failed is None or topic is None or part.repair is not None:
             return
         loop = asyncio.get_running_loop()
 
@@ -607,7 +581,7 @@ class Broker:
             part.repair = None
             raise
         part.repair = None
-        if part.closed or part.log is not failed:  # deleted or stopped meanwhile
+        if part.closed or not part.holds(failed):  # deleted or stopped meanwhile
             await loop.run_in_executor(self.executor, plog.close)
             return
         part.replace_log(plog, producers, covers, dedup)
@@ -625,7 +599,7 @@ class Broker:
             plog = (await asyncio.shield(job))[0]
         except Exception:
             return
-        if part.log is not plog:
+        if not part.holds(plog):
             await asyncio.get_running_loop().run_in_executor(self.executor, plog.close)
 
     async def apply_retention(self) -> None:
@@ -638,7 +612,7 @@ class Broker:
                 if part.closed:
                     continue
                 job = functools.partial(
-                    part.log.apply_retention, now_ms=now, retention_ms=s.retention_ms, retention_bytes=s.retention_bytes
+                    part.apply_retention, now_ms=now, retention_ms=s.retention_ms, retention_bytes=s.retention_bytes
                 )
                 deleted = await self._each(part, "retention", loop.run_in_executor(self.executor, job))
                 if deleted:
@@ -646,9 +620,9 @@ class Broker:
                     part.retention_deleted_bytes += sum(d.size_bytes for d in deleted)
                     log.info(
                         "retention deleted %d segment(s) of %s/%d; log start offset now %d",
-                        len(deleted), topic.meta.name, part.index, part.log.log_start_offset,
+                        len(deleted), topic.meta.name, part.index, part.log_start_offset,
                         extra={"event": "retention", "topic": topic.meta.name, "partition": part.index,
-                               "segments": len(deleted), "log_start_offset": part.log.log_start_offset},
+                               "segments": len(deleted), "log_start_offset": part.log_start_offset},
                     )
 
     async def _each(self, part: Partition, what: str, work):
@@ -728,16 +702,6 @@ def _partition_in(topic: Topic, partition: int) -> Partition:
     if not 0 <= partition < len(topic.partitions):
         raise PartitionNotFound(topic.meta.name, partition, len(topic.partitions))
     return topic.partitions[partition]
-
-
-def _cut_at(data: bytes, end_offset: int) -> tuple[bytes, int]:
-    """The leading frames of ``data`` that hold only offsets below ``end_offset``."""
-    position, next_offset = 0, end_offset
-    for header in iter_headers(data):
-        if header.base_offset >= end_offset:
-            break
-        position, next_offset = header.end, header.next_offset
-    return data[:position], next_offset
 
 
 async def _save_producer_state(part: Partition, now_ms: int) -> None:

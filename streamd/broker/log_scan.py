@@ -13,22 +13,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from segments import CorruptRecords, PartitionLog
-from segments.batch import HEADER_SIZE, BatchHeader, iter_headers
+from segments import CorruptRecords, FrameHeader, PartitionLog, ReadLimits, iter_frames
 
 SCAN_CHUNK_BYTES = 4 * 1024 * 1024
-_ALL_RECORDS = 1 << 31
+_SCAN = ReadLimits(max_records=1 << 31, max_bytes=SCAN_CHUNK_BYTES)
 _INT64_SIGN = 1 << 63
 
 
-def iter_batches(plog: PartitionLog, from_offset: int) -> Iterator[tuple[BatchHeader, memoryview]]:
+def iter_batches(plog: PartitionLog, from_offset: int) -> Iterator[tuple[FrameHeader, memoryview]]:
     """(header, body) of every stored batch holding an offset at or after
     ``from_offset`` (clamped to the log start), oldest first. ``body`` is the
-    producer's part of the frame (see ``segments.batch``), valid until the next item."""
+    producer's part of the frame (``FrameHeader.body_position`` on), valid until the
+    next item. Runs while the partition opens, before there is a ``Partition``."""
     offset = max(from_offset, plog.log_start_offset)
     while offset < plog.log_end_offset:
         try:
-            res = plog.read(offset, max_bytes=SCAN_CHUNK_BYTES, max_records=_ALL_RECORDS)
+            res = plog.read(offset, _SCAN)
         except CorruptRecords as exc:
             offset = exc.next_offset
             continue
@@ -36,9 +36,9 @@ def iter_batches(plog: PartitionLog, from_offset: int) -> Iterator[tuple[BatchHe
             return
         view = memoryview(res.data)
         try:
-            for header in iter_headers(res.data):
+            for header in iter_frames(res.data):
                 if header.next_offset > offset:
-                    yield header, view[header.position + HEADER_SIZE : header.end]
+                    yield header, view[header.body_position : header.end]
         finally:
             view.release()
         offset = res.next_offset

@@ -123,15 +123,15 @@ def take(src: Sources) -> Snapshot:
     _traffic(src.traffic, broker.topics, snap)
     for topic in list(broker.topics.values()):
         for part in topic.partitions:
-            if part.closed or part.log.closed or part.log.failed:  # failed: the repair job reopens it
+            if part.closed or not part.log_open:  # failed: the repair job reopens it
                 continue
-            stats = part.log.describe()
-            report = part.log.recovery
+            stats = part.describe()
+            report = part.recovery
             snap.partitions.append(PartitionRow(
                 part.topic, part.index, stats.log_start_offset, stats.log_end_offset, part.high_watermark,
                 stats.segment_count, stats.size_bytes, part.retention_deleted_segments,
                 part.retention_deleted_bytes, report.bytes_truncated if report is not None else 0,
-                sum(d.last_offset - d.first_offset + 1 for d in part.log.damaged()),
+                sum(d.last_offset - d.first_offset + 1 for d in part.damaged()),
                 part.disk_full_refusals, int(part.disk_full),
             ))
     for r in (src.rpcs or {}).values():

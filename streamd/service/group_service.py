@@ -139,7 +139,7 @@ class GroupService:
                 raise InvalidArgument("offset", f"must not be negative, not {o.offset}", reason="NEGATIVE_OFFSET")
             if o.offset > part.high_watermark:
                 raise OffsetOutOfRange(
-                    o.offset, part.log.log_start_offset, part.high_watermark, name=f"{o.topic}/{o.partition}"
+                    o.offset, part.log_start_offset, part.high_watermark, name=f"{o.topic}/{o.partition}"
                 )
             if len(o.metadata.encode()) > MAX_METADATA_BYTES:
                 raise InvalidGroupRequest("metadata", f"at most {MAX_METADATA_BYTES} bytes")

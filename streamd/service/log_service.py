@@ -4,21 +4,22 @@ Fetch and Subscribe answer with stored frames as they are: the response bytes ar
 slice of the log followed by the serialized scalar fields (protobuf merges
 concatenated messages, and each frame is a serialized ``batches`` entry).
 
-Test hook: with ``STREAMD_TEST_CRASH_AFTER_APPEND=N`` in its environment the broker
-SIGKILLs itself once the N-th produce request (Produce or one ProduceStream request)
-has been appended and made as durable as its topic promises, before answering it:
-the crash window an idempotent producer's retry must survive
-(tests/crash/test_idempotent_crash.py). Read once at start-up; unset, it costs nothing.
+Hook: ``on_durable_append()`` (None by default, then it costs nothing) is called
+once each produce request (Produce or one ProduceStream request) has been appended
+and made as durable as its topic promises, before it is answered: the crash window
+an idempotent producer's retry must survive. The crash tests inject one that
+SIGKILLs the broker at the N-th call (tests/crash/crash_broker.py, through
+``streamd.server.Server(hooks=...)``); production code never sets it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import secrets
-import signal
+from collections.abc import Callable
 
+from segments import ReadLimits
 from streamd.broker.broker import Broker, ProduceResult, ReadOut
 from streamd.broker.errors import BrokerUnavailable, InvalidArgument
 from streamd.metrics.instruments import Traffic
@@ -36,12 +37,13 @@ PIPELINE_DEPTH = 1024  # produce-stream requests in flight before we stop readin
 REQUEST_VIEWS = {"Produce": RawProduceRequest, "ProduceStream": RawProduceStreamRequest}
 
 
-def _limits(max_records: int, max_bytes: int) -> tuple[int, int]:
+def _limits(max_records: int, max_bytes: int) -> ReadLimits:
+    """A request's limits, checked, with the defaults for 0 and the byte cap."""
     if max_records < 0:
         raise InvalidArgument("max_records", "must not be negative")
     if max_bytes < 0:
         raise InvalidArgument("max_bytes", "must not be negative")
-    return max_records or DEFAULT_MAX_RECORDS, min(max_bytes or DEFAULT_MAX_BYTES, MAX_FETCH_BYTES)
+    return ReadLimits(max_records or DEFAULT_MAX_RECORDS, min(max_bytes or DEFAULT_MAX_BYTES, MAX_FETCH_BYTES))
 
 
 def _frames_response(out: ReadOut) -> bytes:
@@ -51,9 +53,6 @@ def _frames_response(out: ReadOut) -> bytes:
         next_offset=out.next_offset,
     ).SerializeToString()
     return out.data + tail
-
-
-CRASH_AFTER_APPEND_ENV = "STREAMD_TEST_CRASH_AFTER_APPEND"
 
 
 def _fill_results(response: pb.ProduceResponse, results: list[ProduceResult]) -> pb.ProduceResponse:
@@ -75,47 +74,34 @@ def _fill_results(response: pb.ProduceResponse, results: list[ProduceResult]) ->
     return response
 
 
-def _crash_hook():
-    """The test hook of the module docstring: a callable to run after each durable
-    append, or None."""
-    raw = os.environ.get(CRASH_AFTER_APPEND_ENV)
-    if not raw:
-        return None
-    remaining = [int(raw)]
-
-    def appended() -> None:
-        remaining[0] -= 1
-        if remaining[0] == 0:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return appended
-
-
 def _failed(exc: Exception) -> asyncio.Future:
     future = asyncio.get_running_loop().create_future()
     future.set_exception(exc)
     return future
 
 
-async def _stream_answer(request_id: int, results, durable: asyncio.Future, crash=None) -> pb.ProduceStreamResponse:
+async def _stream_answer(request_id: int, results, durable: asyncio.Future,
+                         on_durable_append: Callable[[], None] | None = None) -> pb.ProduceStreamResponse:
     answer = pb.ProduceStreamResponse(request_id=request_id)
     try:
         await durable
     except Exception as exc:
         answer.error.CopyFrom(stream_error(exc))
     else:
-        if crash is not None and results is not None:
-            crash()
+        if on_durable_append is not None and results is not None:
+            on_durable_append()
         _fill_results(answer.response, results)
     return answer
 
 
 class LogService:
-    def __init__(self, broker: Broker, traffic: Traffic | None = None) -> None:
+    def __init__(self, broker: Broker, traffic: Traffic | None = None, *,
+                 on_durable_append: Callable[[], None] | None = None) -> None:
+        """``on_durable_append``: the hook of the module docstring (tests only)."""
         self.broker = broker
         #: Records and bytes in and out per topic (metrics); counted per request.
         self.traffic = traffic if traffic is not None else Traffic()
-        self._crash = _crash_hook()
+        self._on_durable_append = on_durable_append
 
     def _append(self, request: RawProduceRequest):
         batches = [(p.partition, list(p.batches)) for p in request.partitions]
@@ -130,8 +116,8 @@ class LogService:
     async def Produce(self, request: RawProduceRequest, context) -> pb.ProduceResponse:
         results, durable = self._append(request)
         await durable
-        if self._crash is not None:
-            self._crash()
+        if self._on_durable_append is not None:
+            self._on_durable_append()
         return _fill_results(pb.ProduceResponse(), results)
 
     async def InitProducer(self, request: pb.InitProducerRequest, context) -> pb.InitProducerResponse:
@@ -150,12 +136,12 @@ class LogService:
         """
         pending: collections.deque = collections.deque()
         writer: asyncio.Task | None = None
-        crash = self._crash
+        appended = self._on_durable_append
 
         async def drain() -> None:
             while pending:
                 request_id, results, durable = pending[0]
-                await context.write(await _stream_answer(request_id, results, durable, crash))
+                await context.write(await _stream_answer(request_id, results, durable, appended))
                 pending.popleft()
 
         async def requests() -> None:
@@ -166,7 +152,7 @@ class LogService:
                 except Exception as exc:
                     results, durable = None, _failed(exc)
                 if not pending and durable.done():
-                    await context.write(await _stream_answer(item.request_id, results, durable, crash))
+                    await context.write(await _stream_answer(item.request_id, results, durable, appended))
                     continue
                 pending.append((item.request_id, results, durable))
                 if writer is None or writer.done():
@@ -190,16 +176,11 @@ class LogService:
         raise BrokerUnavailable("stopping")
 
     async def Fetch(self, request: pb.FetchRequest, context) -> bytes:
-        max_records, max_bytes = _limits(request.max_records, request.max_bytes)
+        limits = _limits(request.max_records, request.max_bytes)
         if request.max_wait_ms < 0:
             raise InvalidArgument("max_wait_ms", "must not be negative")
         out = await self.broker.fetch(
-            request.topic,
-            request.partition,
-            request.offset,
-            max_records=max_records,
-            max_bytes=max_bytes,
-            max_wait_ms=request.max_wait_ms,
+            request.topic, request.partition, request.offset, limits, max_wait_ms=request.max_wait_ms
         )
         self.traffic.fetched(request.topic, out.next_offset - request.offset, len(out.data))
         return _frames_response(out)
@@ -220,14 +201,14 @@ class LogService:
                 pb.PartitionOffset(
                     partition=p,
                     offset=offset,
-                    log_start_offset=part.log.log_start_offset,
+                    log_start_offset=part.log_start_offset,
                     log_end_offset=part.high_watermark,
                 )
             )
         return pb.ListOffsetsResponse(offsets=out)
 
     async def Subscribe(self, request: pb.SubscribeRequest, context):
-        max_records, max_bytes = _limits(request.max_records, request.max_bytes)
+        limits = _limits(request.max_records, request.max_bytes)
         topic, p = request.topic, request.partition
         self.broker.partition(topic, p)
         which = request.WhichOneof("start")
@@ -241,7 +222,7 @@ class LogService:
         traffic = self.traffic.topic(topic)
         traffic.subscribers += 1
         try:
-            async for out in self.broker.subscribe(topic, p, offset, max_records=max_records, max_bytes=max_bytes):
+            async for out in self.broker.subscribe(topic, p, offset, limits):
                 traffic.records_fetched += out.next_offset - offset
                 traffic.bytes_fetched += len(out.data)
                 offset = out.next_offset

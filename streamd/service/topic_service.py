@@ -11,8 +11,8 @@ from .convert import overrides_from_pb, topic_to_pb
 
 
 def describe(topic: Topic) -> pb.TopicDescription:
-    return topic_to_pb(topic.meta, [p.log.describe() for p in topic.partitions],
-                       [p.log.damaged() for p in topic.partitions])
+    return topic_to_pb(topic.meta, [p.describe() for p in topic.partitions],
+                       [p.damaged() for p in topic.partitions])
 
 
 class TopicService:

@@ -1,9 +1,9 @@
 """Idempotent producer: kill the broker between append and response, retry, no
 duplicates.
 
-The broker (a subprocess) SIGKILLs itself right after the N-th produce request was
-appended (and, for fsync=always, fsynced) and before answering it
-(``STREAMD_TEST_CRASH_AFTER_APPEND``, a test hook of streamd.service.log_service).
+The broker (a subprocess started by tests/crash/crash_broker.py, which injects the
+hook) SIGKILLs itself right after the N-th produce request was appended (and, for
+fsync=always, fsynced) and before answering it (LogService's ``on_durable_append``).
 It is restarted on the same address; the producer's retry of the unanswered batch
 must be answered with the original offsets, and the log must hold every record once.
 """
@@ -17,10 +17,10 @@ import pytest
 
 from streamd.client import Producer
 from streamd.client.records import decode_batches, values_batch
-from streamd.service.log_service import CRASH_AFTER_APPEND_ENV
 from streamd.v1 import streamd_pb2 as pb
 
 from ..integration.helpers import Stubs
+from .crash_broker import command as crash_broker
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,7 @@ def produce(stubs: Stubs, topic: str, batch: pb.RecordBatch) -> pb.PartitionProd
 @pytest.mark.parametrize("fsync", ["always", "interval"])
 def test_a_batch_appended_before_a_sigkill_is_a_duplicate_when_retried(server_process, tmp_path, same_port, fsync):
     data = tmp_path / "data"
-    proc = server_process("--fsync", fsync, data_dir=data, env={CRASH_AFTER_APPEND_ENV: "3"})
+    proc = server_process("--fsync", fsync, data_dir=data, command=crash_broker(3))
     stubs = Stubs(proc.address)
     stubs.create("t", 1)
     pid = stubs.log.InitProducer(pb.InitProducerRequest()).producer_id
@@ -80,7 +80,7 @@ def test_a_batch_appended_before_a_sigkill_is_a_duplicate_when_retried(server_pr
 def test_the_sdk_retries_across_a_sigkill_and_every_record_is_written_once(server_process, tmp_path, same_port,
                                                                            fsync):
     data = tmp_path / "data"
-    proc = server_process("--fsync", fsync, data_dir=data, env={CRASH_AFTER_APPEND_ENV: "7"})
+    proc = server_process("--fsync", fsync, data_dir=data, command=crash_broker(7))
     stubs = Stubs(proc.address)
     stubs.create("t", 2)
     stubs.close()

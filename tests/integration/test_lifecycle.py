@@ -62,7 +62,7 @@ def test_clean_restart_keeps_every_record_and_recovers_nothing(make_server, tmp_
             producer.send_batch("t", i % 2, [b"%d" % i])
     first.stop()
     second = make_server()
-    logs = [p.log for p in second.server.broker.topic("t").partitions]
+    logs = list(second.server.broker.topic("t").partitions)
     assert all(log.recovery is None for log in logs)  # clean shutdown: nothing rescanned
     with Consumer(second.address) as consumer:
         consumer.assign("t")

@@ -26,7 +26,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from segments import CorruptRecords, PartitionLog
+from segments import CorruptRecords, PartitionLog, ReadLimits
 from segments.batch import iter_headers
 from tests.faults import flip_byte
 
@@ -138,7 +138,7 @@ def test_damaged_segments_against_a_model(batches, damage, truncate, limits, tim
                 steps += 1
                 assert steps < 10 * len(written) + 10
                 try:
-                    res = log.read(offset, max_bytes=limits[steps % len(limits)], max_records=1 << 20)
+                    res = log.read(offset, ReadLimits(1 << 20, limits[steps % len(limits)]))
                 except CorruptRecords as exc:
                     assert exc.first_offset <= offset <= exc.last_offset
                     assert (exc.topic, exc.partition) == ("t", 0)
@@ -156,7 +156,7 @@ def test_damaged_segments_against_a_model(batches, damage, truncate, limits, tim
             for base, count, _, _ in written:
                 for o in (base, base + count - 1):
                     try:
-                        res = log.read(o, max_bytes=1, max_records=1)
+                        res = log.read(o, ReadLimits(1, 1))
                     except CorruptRecords as exc:
                         # From where the walk starts, a run may be found in parts.
                         assert base in damaged and _within(exc, runs)
@@ -186,4 +186,4 @@ def test_damaged_segments_against_a_model(batches, damage, truncate, limits, tim
                     assert not ambiguous and answer == expected, (t, answer, expected)
             # 4. Offsets are never reused: the next batch goes at the recorded log end.
             assert log.append(b"new", record_count=1, append_time_ms=10**6).base_offset == log_end
-            assert frames(log.read(log_end, max_bytes=1, max_records=1).data)[0][0] == log_end
+            assert frames(log.read(log_end, ReadLimits(1, 1)).data)[0][0] == log_end

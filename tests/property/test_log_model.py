@@ -9,7 +9,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
-from segments import OffsetOutOfRange, PartitionLog
+from segments import OffsetOutOfRange, PartitionLog, ReadLimits
 from segments.batch import HEADER_SIZE
 
 from ..framing import frames
@@ -56,7 +56,7 @@ class LogModel(RuleBasedStateMachine):
     @rule(where=st.floats(0, 1), max_bytes=st.integers(0, 600), max_records=st.integers(0, 12))
     def read(self, where, max_bytes, max_records):
         offset = self.log_start + int(where * (self.log_end - self.log_start))
-        got = self.log.read(offset, max_bytes=max_bytes, max_records=max_records)
+        got = self.log.read(offset, ReadLimits(max_records, max_bytes))
         if offset == self.log_end:
             assert got == (b"", offset, offset, 0, 0)
             return
@@ -76,7 +76,7 @@ class LogModel(RuleBasedStateMachine):
     def read_out_of_range(self, delta):
         for offset in (self.log_end + delta, self.log_start - delta):
             try:
-                self.log.read(offset, max_bytes=10, max_records=10)
+                self.log.read(offset, ReadLimits(10, 10))
             except OffsetOutOfRange as err:
                 assert (err.log_start_offset, err.log_end_offset) == (self.log_start, self.log_end)
             else:
@@ -141,7 +141,7 @@ class LogModel(RuleBasedStateMachine):
 
     @invariant()
     def everything_reads_back(self):
-        got = self.log.read(self.log_start, max_bytes=1 << 30, max_records=1 << 30)
+        got = self.log.read(self.log_start, ReadLimits(1 << 30, 1 << 30))
         assert frames(got.data) == self.batches
 
 

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from segments import LogFailed, PartitionLog
+from segments import LogFailed, PartitionLog, ReadLimits
 from streamd.broker.batches import check_batch
 from streamd.broker.broker import Broker
 from streamd.broker.topic import TopicSettings
@@ -103,12 +103,12 @@ def test_fsync_always_readers_see_only_fsynced_records(tmp_path):
             broker.create_topic("t", 1, {})
             raw = values_batch([b"r1", b"r2"]).SerializeToString()
             results, durable = broker.append("t", [(0, [raw])], [])
-            assert broker.partition("t", 0).log.log_end_offset == 2
-            before = broker.read("t", 0, 0, max_records=100, max_bytes=1 << 20)
+            assert broker.partition("t", 0).log_end_offset == 2
+            before = broker.read("t", 0, 0, ReadLimits(100, 1 << 20))
             assert (before.data, before.log_end_offset) == (b"", 0)  # not yet durable
             assert broker.offset_for("t", 0, position="latest") == 0
             await durable
-            after = broker.read("t", 0, 0, max_records=100, max_bytes=1 << 20)
+            after = broker.read("t", 0, 0, ReadLimits(100, 1 << 20))
             assert after.data and after.log_end_offset == 2 and after.next_offset == 2
             await broker.close()
 
@@ -184,6 +184,6 @@ def test_a_damaged_index_entry_is_rebuilt_not_data_loss(tmp_path):
     entries[2]["position"] += 1  # still increasing, so load-time checks pass
     entries.tofile(index)
     plog = PartitionLog.open(tmp_path / "p", now_ms=0, **kw)
-    got = plog.read(2, max_bytes=1, max_records=1)
+    got = plog.read(2, ReadLimits(1, 1))
     assert got.first_offset == 2 and got.batch_count == 1
     plog.close()

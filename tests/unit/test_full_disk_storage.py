@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from segments import DiskFull, PartitionLog
+from segments import DiskFull, PartitionLog, ReadLimits
 from segments.batch import encode_frame
 from tests.full_disk import ballast_dirs, fill_into
 
@@ -25,7 +25,7 @@ def _open(path, segment_bytes: int = 1 << 20) -> PartitionLog:
 
 
 def _all(plog: PartitionLog) -> bytes:
-    return plog.read(plog.log_start_offset, max_bytes=1 << 30, max_records=1 << 30).data
+    return plog.read(plog.log_start_offset, ReadLimits(1 << 30, 1 << 30)).data
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from segments import OffsetIndex, PartitionLog, TimeIndex
+from segments import OffsetIndex, PartitionLog, ReadLimits, TimeIndex
 from segments.index import (
     OFFSET_ENTRY,
     TIME_ENTRY,
@@ -170,7 +170,7 @@ def _fill_log(path, batches=30):
 
 
 def _all_frames(log):
-    return log.read(log.log_start_offset, max_bytes=1 << 30, max_records=1 << 30).data
+    return log.read(log.log_start_offset, ReadLimits(1 << 30, 1 << 30)).data
 
 
 @pytest.mark.parametrize("garbage", ["random", "decreasing", "wrong_size", "past_log"])
@@ -178,7 +178,7 @@ def test_garbled_index_is_rebuilt(tmp_path, caplog, garbage):
     _fill_log(tmp_path / "p")
     log = _open(tmp_path / "p")
     expected = _all_frames(log)
-    probes = {o: log.read(o, max_bytes=1, max_records=1) for o in range(0, log.log_end_offset, 3)}
+    probes = {o: log.read(o, ReadLimits(1, 1)) for o in range(0, log.log_end_offset, 3)}
     times = {t: log.offset_for_time(t) for t in range(-1, 32)}
     log.close()
     first = tmp_path / "p" / "00000000000000000000.index"
@@ -200,7 +200,7 @@ def test_garbled_index_is_rebuilt(tmp_path, caplog, garbage):
 
     log = _open(tmp_path / "p")
     assert _all_frames(log) == expected
-    assert {o: log.read(o, max_bytes=1, max_records=1) for o in probes} == probes
+    assert {o: log.read(o, ReadLimits(1, 1)) for o in probes} == probes
     assert {t: log.offset_for_time(t) for t in times} == times
     log.close()
     assert "rebuilding indexes" in caplog.text

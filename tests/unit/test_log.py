@@ -15,6 +15,7 @@ from segments import (
     LogClosed,
     OffsetOutOfRange,
     PartitionLog,
+    ReadLimits,
 )
 from segments.batch import HEADER_SIZE
 
@@ -47,7 +48,7 @@ def fill(log, n=30, start_time=1000):
 
 
 def read_all(log):
-    return frames(log.read(log.log_start_offset, max_bytes=1 << 30, max_records=1 << 30).data)
+    return frames(log.read(log.log_start_offset, ReadLimits(1 << 30, 1 << 30)).data)
 
 
 def segment_files(path):
@@ -58,7 +59,7 @@ def test_new_log_is_empty(tmp_path, plog):
     assert (plog.log_start_offset, plog.log_end_offset, plog.flushed_offset) == (0, 0, 0)
     assert plog.recovery is None
     assert plog.describe() == (0, 0, 1, 0, 0, 0)
-    assert plog.read(0, max_bytes=100, max_records=100) == (b"", 0, 0, 0, 0)
+    assert plog.read(0, ReadLimits(100, 100)) == (b"", 0, 0, 0, 0)
     assert segment_files(tmp_path / "p") == ["00000000000000000000.log"]
 
 
@@ -76,7 +77,7 @@ def test_read_in_the_middle_of_a_batch_returns_the_containing_batch(plog):
     written = fill(plog)
     for base, count, _, body in written:
         for offset in range(base, base + count):
-            got = plog.read(offset, max_bytes=1, max_records=1)
+            got = plog.read(offset, ReadLimits(1, 1))
             assert got.first_offset == base and got.next_offset == base + count
             assert got.batch_count == 1 and got.record_count == count
             assert frames(got.data)[0][3] == body
@@ -85,7 +86,7 @@ def test_read_in_the_middle_of_a_batch_returns_the_containing_batch(plog):
 def test_reads_cross_segments(tmp_path, plog):
     written = fill(plog)
     assert len(segment_files(tmp_path / "p")) > 3
-    got = plog.read(written[2][0], max_bytes=1 << 20, max_records=1 << 20)
+    got = plog.read(written[2][0], ReadLimits(1 << 20, 1 << 20))
     assert frames(got.data) == written[2:]
     assert got.next_offset == plog.log_end_offset
 
@@ -93,34 +94,34 @@ def test_reads_cross_segments(tmp_path, plog):
 def test_max_bytes_is_a_hard_limit_after_the_first_frame(plog):
     written = fill(plog)
     sizes = [HEADER_SIZE + len(w[3]) for w in written]
-    got = plog.read(0, max_bytes=0, max_records=0)
+    got = plog.read(0, ReadLimits(0, 0))
     assert got.batch_count == 1  # always one frame, however large
     # A further frame is added only if the total stays within max_bytes.
-    got = plog.read(0, max_bytes=sizes[0] + sizes[1], max_records=1000)
+    got = plog.read(0, ReadLimits(1000, sizes[0] + sizes[1]))
     assert got.batch_count == 2 and len(got.data) == sizes[0] + sizes[1]
-    got = plog.read(0, max_bytes=sizes[0] + sizes[1] + sizes[2] - 1, max_records=1000)
+    got = plog.read(0, ReadLimits(1000, sizes[0] + sizes[1] + sizes[2] - 1))
     assert got.batch_count == 2
-    got = plog.read(0, max_bytes=sizes[0] + sizes[1] + sizes[2], max_records=1000)
+    got = plog.read(0, ReadLimits(1000, sizes[0] + sizes[1] + sizes[2]))
     assert got.batch_count == 3
     # max_records stays soft: frames are added while fewer records are taken.
-    got = plog.read(0, max_bytes=1 << 20, max_records=3)  # counts 1, 2 -> 3 records
+    got = plog.read(0, ReadLimits(3, 1 << 20))  # counts 1, 2 -> 3 records
     assert got.batch_count == 2 and got.record_count == 3
-    got = plog.read(0, max_bytes=1 << 20, max_records=4)
+    got = plog.read(0, ReadLimits(4, 1 << 20))
     assert got.batch_count == 3 and got.record_count == 6
 
 
 def test_offset_out_of_range_carries_the_valid_range(plog):
     fill(plog, 5)
     end = plog.log_end_offset
-    assert plog.read(end, max_bytes=10, max_records=10) == (b"", end, end, 0, 0)
+    assert plog.read(end, ReadLimits(10, 10)) == (b"", end, end, 0, 0)
     with pytest.raises(OffsetOutOfRange) as err:
-        plog.read(end + 1, max_bytes=10, max_records=10)
+        plog.read(end + 1, ReadLimits(10, 10))
     e = err.value
     assert (e.offset, e.log_start_offset, e.log_end_offset) == (end + 1, 0, end)
     assert (e.topic, e.partition, e.name) == ("orders", 3, "orders-3")
     assert "orders-3" in str(e)
     with pytest.raises(OffsetOutOfRange):
-        plog.read(-1, max_bytes=10, max_records=10)
+        plog.read(-1, ReadLimits(10, 10))
 
 
 def test_offset_for_time_matches_a_scan(plog):
@@ -205,7 +206,7 @@ def test_time_retention_never_deletes_the_active_segment(tmp_path):
         assert log.log_start_offset == 4 and log.describe().segment_count == 1
         assert [f[0] for f in read_all(log)] == [4, 5]
         with pytest.raises(OffsetOutOfRange) as err:
-            log.read(3, max_bytes=10, max_records=10)
+            log.read(3, ReadLimits(10, 10))
         assert err.value.log_start_offset == 4
         assert not list((tmp_path / "p").glob("*.deleted"))
         state = json.loads((tmp_path / "p" / "partition.json").read_text())
@@ -311,7 +312,7 @@ def test_closed_log_raises_log_closed(tmp_path):
     with pytest.raises(LogClosed):
         log.append(b"", record_count=1, append_time_ms=0)
     with pytest.raises(LogClosed):
-        log.read(0, max_bytes=1, max_records=1)
+        log.read(0, ReadLimits(1, 1))
 
 
 def test_delete_removes_the_directory(tmp_path):

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from segments import PartitionLog, RecoveryReport
+from segments import PartitionLog, ReadLimits, RecoveryReport
 from segments.batch import HEADER_SIZE
 from segments.checkpoint import write_atomic
 
@@ -26,7 +26,7 @@ def open_log(path, **kw):
 
 
 def read_all(log):
-    return frames(log.read(log.log_start_offset, max_bytes=1 << 30, max_records=1 << 30).data)
+    return frames(log.read(log.log_start_offset, ReadLimits(1 << 30, 1 << 30)).data)
 
 
 def append(log, i):
@@ -136,7 +136,7 @@ def test_recover_rebuilds_garbled_index(tmp_path, caplog):
     try:
         assert read_all(log) == written
         for base, count, ts, _ in written:
-            assert log.read(base + count - 1, max_bytes=1, max_records=1).first_offset == base
+            assert log.read(base + count - 1, ReadLimits(1, 1)).first_offset == base
             assert log.offset_for_time(ts) == base
         assert log.recovery.batches_recovered == 0  # all before the recovery point
     finally:
@@ -152,7 +152,7 @@ def test_recover_with_missing_index_files(tmp_path):
         assert log.describe().segment_count > 2
         assert read_all(log) == written
         for base, count, ts, _ in written:
-            assert log.read(base, max_bytes=1, max_records=1).first_offset == base
+            assert log.read(base, ReadLimits(1, 1)).first_offset == base
             assert log.offset_for_time(ts) == base
     finally:
         log.close()

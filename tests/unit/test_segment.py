@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from segments import Segment
+from segments import ReadLimits, Segment
 from segments.batch import encode_frame
 
 from ..framing import frames as _frames
@@ -38,39 +38,39 @@ def test_new_segment_is_preallocated_and_empty(tmp_path, segment):
     assert segment.size == 0 and segment.next_offset == 100 and segment.is_active
     assert os.path.getsize(segment.log_path) == 4096
     assert segment.first_append_time_ms is None and segment.last_append_time_ms is None
-    assert segment.read(0, max_bytes=100, max_records=10, taken_bytes=0, taken_records=0).data == b""
+    assert segment.read(0, ReadLimits(10, 100), taken_bytes=0, taken_records=0).data == b""
 
 
 def test_append_then_read_every_offset(segment):
     batches = _fill(segment)
     assert segment.next_offset == batches[-1][0] + batches[-1][1]
     assert segment.first_append_time_ms == 0 and segment.last_append_time_ms == 190
-    everything = segment.read(0, max_bytes=1 << 20, max_records=1 << 20, taken_bytes=0,
+    everything = segment.read(0, ReadLimits(1 << 20, 1 << 20), taken_bytes=0,
                               taken_records=0)
     assert _frames(everything.data) == batches
     for base, count, _, _ in batches:
         for offset in range(base, base + count):
             pos = segment.find_position(offset)
-            got = segment.read(pos, max_bytes=1, max_records=1, taken_bytes=0, taken_records=0)
+            got = segment.read(pos, ReadLimits(1, 1), taken_bytes=0, taken_records=0)
             assert _frames(got.data)[0][0] == base and got.batch_count == 1
 
 
 def test_read_limits_are_running_totals(segment):
     batches = _fill(segment)
-    one = segment.read(0, max_bytes=0, max_records=0, taken_bytes=0, taken_records=0)
+    one = segment.read(0, ReadLimits(0, 0), taken_bytes=0, taken_records=0)
     assert one.batch_count == 1  # always at least one frame
     # After the first frame, a frame is added only if the byte total stays in bounds.
     first = len(one.data)
-    part = segment.read(0, max_bytes=first + 1, max_records=100, taken_bytes=0, taken_records=0)
+    part = segment.read(0, ReadLimits(100, first + 1), taken_bytes=0, taken_records=0)
     assert part.batch_count == 1 and part.next_offset == batches[1][0]
-    whole = segment.read(0, max_bytes=1 << 20, max_records=100, taken_bytes=0, taken_records=0)
+    whole = segment.read(0, ReadLimits(100, 1 << 20), taken_bytes=0, taken_records=0)
     two = len(whole.data) if whole.batch_count == 2 else None
     if two is None:
-        second = segment.read(0, max_bytes=1 << 20, max_records=2, taken_bytes=0, taken_records=0)
+        second = segment.read(0, ReadLimits(2, 1 << 20), taken_bytes=0, taken_records=0)
         two = len(second.data)
-    part = segment.read(0, max_bytes=two, max_records=100, taken_bytes=0, taken_records=0)
+    part = segment.read(0, ReadLimits(100, two), taken_bytes=0, taken_records=0)
     assert part.batch_count == 2 and part.next_offset == batches[2][0]
-    none = segment.read(0, max_bytes=100, max_records=5, taken_bytes=100, taken_records=0)
+    none = segment.read(0, ReadLimits(5, 100), taken_bytes=100, taken_records=0)
     assert none.batch_count == 0 and none.data == b""
 
 
@@ -89,7 +89,7 @@ def test_seal_trims_and_reads_lazily_read_only(tmp_path, segment):
         assert again.next_offset == batches[-1][0] + batches[-1][1]
         assert again.find_time(55) == batches[6][0]
         assert again.find_time(10**6) is None
-        data = again.read(again.find_position(120), max_bytes=1 << 20, max_records=1 << 20,
+        data = again.read(again.find_position(120), ReadLimits(1 << 20, 1 << 20),
                           taken_bytes=0, taken_records=0).data
         assert _frames(data)[0][0] <= 120 < _frames(data)[0][0] + _frames(data)[0][1]
     finally:
