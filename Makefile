@@ -25,8 +25,7 @@ run: install
 test: install
 	$(BIN)/python -m pytest -q --durations=20
 
-# The inner loop: unit and property tests only (no servers, no sleeps; under 30 s on
-# one core, about half that on the two of a small machine).
+# The inner loop: unit and property tests only (no servers, no sleeps), on every core.
 test-fast: install
 	$(BIN)/python -m pytest -q -n auto tests/unit tests/property
 
