@@ -21,15 +21,18 @@ install: $(STAMP)
 run: install
 	$(BIN)/streamd serve --data-dir $(DATA_DIR) --listen $(LISTEN)
 
+# Everything; the 20 slowest tests are listed so a slow one is seen when it creeps in.
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
-# The inner loop: unit and property tests only (seconds, no servers).
+# The inner loop: unit and property tests only (no servers, no sleeps), on every core.
 test-fast: install
-	$(BIN)/python -m pytest -q tests/unit tests/property
+	$(BIN)/python -m pytest -q -n auto tests/unit tests/property
 
+# Lint and types: ruff over the tree, mypy as [tool.mypy] in pyproject.toml says.
 check: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 bench: install
 	$(BIN)/python -m bench

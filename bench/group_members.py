@@ -41,7 +41,7 @@ class Params:
     profile_dir: str = ""  # when set, every throughput member writes a cProfile file here
 
     @classmethod
-    def for_run(cls, quick: bool, **overrides) -> "Params":
+    def for_run(cls, quick: bool, **overrides) -> Params:
         base = cls(records_per_partition=2_000, repeat=1, reassign_members=2, reassign_repeat=1,
                    read_timeout_s=20.0) if quick else cls()
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})

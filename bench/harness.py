@@ -18,8 +18,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 MB = 1_000_000  # MB/s in the results is payload bytes / 10**6 per second
 
@@ -253,7 +254,7 @@ def _server_preexec() -> None:  # runs in the child before exec (Linux)
         os.sched_setaffinity(0, SERVER_CPUS)
 
 
-_live: set["ServerProcess"] = set()
+_live: set[ServerProcess] = set()
 
 
 class ServerProcess:
@@ -284,7 +285,7 @@ class ServerProcess:
         except OSError:
             return ""
 
-    def start(self) -> "ServerProcess":
+    def start(self) -> ServerProcess:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             self.argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
@@ -316,7 +317,7 @@ class ServerProcess:
             self._log = None
         _live.discard(self)
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -79,7 +79,7 @@ class Sampler:
         self.pid, self.path = pid, path
         self.proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> "Sampler":
+    def __enter__(self) -> Sampler:
         binary = py_spy()
         if binary is None:
             raise RuntimeError("py-spy not found: pip install py-spy")

@@ -51,7 +51,7 @@ class Params:
         return self.partitions * self.records_per_partition
 
     @classmethod
-    def for_run(cls, quick: bool, **overrides) -> "Params":
+    def for_run(cls, quick: bool, **overrides) -> Params:
         base = cls(records_per_partition=5_000, per_record_total=2_000, per_record_sequential_total=400,
                    redelivery_records=40, repeat=1, run_timeout_s=30.0) if quick else cls()
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})

@@ -93,7 +93,7 @@ class _CpuMeter:
 
     def since(self, before: tuple, records: int, seconds: float) -> dict:
         names = ("broker_cpu_s", "broker_loop_thread_cpu_s", "workers_cpu_s")
-        out = {k: round(b - a, 3) for k, a, b in zip(names, before, self.read()) if a is not None and b is not None}
+        out = {k: round(b - a, 3) for k, a, b in zip(names, before, self.read(), strict=True) if a is not None and b is not None}
         for k in names:
             if k in out and records:
                 out[k[:-len("_s")] + "_us_per_record"] = round(out[k] / records * 1e6, 2)

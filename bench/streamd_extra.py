@@ -36,7 +36,7 @@ class _Server:
         self.log_path = os.path.join(workdir, f"{name}.log")
         self.proc: ServerProcess | None = None
 
-    def start(self) -> "_Server":
+    def start(self) -> _Server:
         self.proc = start_server("streamd", serve_argv(self.data), self.log_path, cwd=ROOT)
         self.address = f"127.0.0.1:{self.proc.port}"
         return self

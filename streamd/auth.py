@@ -66,6 +66,7 @@ import tomllib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from streamd.errors import StructuredError
 
@@ -314,7 +315,7 @@ def needs_of(method: str, request, derived: dict | None = None) -> list[tuple[st
     if method not in _NEEDS:
         raise KeyError(f"no authorization rule for {method}")
     resolvers = _DERIVED | (derived or {})
-    out = []
+    out: list[tuple[str, str, str]] = []
     for operation, kind, field in _NEEDS[method]:
         out.extend((operation, kind, name) for name in _names(request, field, resolvers))
     return out
@@ -342,7 +343,7 @@ def _names(message, path: str, resolvers: dict) -> list[str]:
         return resolvers[path](message)
     values = [message]
     for part in path.split("."):
-        nxt = []
+        nxt: list[Any] = []
         for v in values:
             got = getattr(v, part)
             nxt.extend(got if isinstance(got, Iterable) and not isinstance(got, (str, bytes)) else [got])

@@ -126,7 +126,7 @@ class BrokerConfig:
         flags: Mapping[str, Any] | None = None,
         env: Mapping[str, str] | None = None,
         file: Path | None = None,
-    ) -> "BrokerConfig":
+    ) -> BrokerConfig:
         """Merge the sources in precedence order; unknown keys and bad values are
         ``ConfigError`` naming their source. ``flags`` entries that are None are unset."""
         env = os.environ if env is None else env
@@ -138,10 +138,10 @@ class BrokerConfig:
                 values[name], origin[name] = _typed(name, value, source), source
         for key, raw in env.items():
             if key.startswith(ENV_PREFIX):
-                name = _env_field(key)
-                if name is not None:
+                env_name = _env_field(key)
+                if env_name is not None:
                     source = f"environment variable {key}"
-                    values[name], origin[name] = _parsed(name, raw, source), source
+                    values[env_name], origin[env_name] = _parsed(env_name, raw, source), source
         for name, value in (flags or {}).items():
             if value is not None:
                 source = f"flag --{name.replace('_', '-')}"

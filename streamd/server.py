@@ -28,6 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -129,11 +131,11 @@ class Server:
         """Open storage, start listening; returns the bound port."""
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.executor, self.broker.open)
-        self.store = await loop.run_in_executor(
+        store = self.store = await loop.run_in_executor(
             self.executor,
             lambda: OffsetStore(self.config.data_dir / GROUPS_DIR, clock=self.clock, executor=self.executor),
         )
-        groups = GroupService(self.broker, self.coordinator, self.store)
+        groups = GroupService(self.broker, self.coordinator, store)
         await groups.purge_missing_topics()
         queue_store = await loop.run_in_executor(
             self.executor, lambda: QueueStore(self.config.data_dir / QUEUES_DIR, executor=self.executor)
@@ -159,13 +161,19 @@ class Server:
             guard.derived["@group_topics_if_all"] = (
                 lambda request: sorted(groups.view.topics(request.group)) if request.all_topics else [])
         self.grpc_guard = guard
-        wiring = {"admission": self.admission, "guard": guard, "rpc_metrics": rpc_metrics}
+
+        def wired(service: ServiceDescriptor, servicer: object,
+                  request_types: dict[str, type[Message]] | None = None) -> grpc.GenericRpcHandler:
+            return generic_handler(service, servicer, request_types, admission=self.admission, guard=guard,
+                                   rpc_metrics=rpc_metrics)
+
         self.grpc.add_generic_rpc_handlers(
             [
-                generic_handler(SERVICES[0], TopicService(self.broker, groups, self.queues), **wiring),
-                generic_handler(SERVICES[1], LogService(self.broker, self.traffic, on_durable_append=self.hooks.on_durable_append), REQUEST_VIEWS, **wiring),
-                generic_handler(SERVICES[2], groups, **wiring),
-                generic_handler(SERVICES[3], QueueService(self.queues), **wiring),
+                wired(SERVICES[0], TopicService(self.broker, groups, self.queues)),
+                wired(SERVICES[1], LogService(self.broker, self.traffic, on_durable_append=self.hooks.on_durable_append),
+                      REQUEST_VIEWS),
+                wired(SERVICES[2], groups),
+                wired(SERVICES[3], QueueService(self.queues)),
             ]
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -197,7 +205,7 @@ class Server:
 
         async def expire() -> None:
             await expire_groups(
-                self.coordinator, self.store, retention_ms=self.config.group_retention_ms, started_ms=started_ms
+                self.coordinator, store, retention_ms=self.config.group_retention_ms, started_ms=started_ms
             )
 
         self.broker.run_every("group-timeouts", GROUP_TICK_MS, tick)

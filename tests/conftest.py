@@ -1,8 +1,8 @@
-"""Shared fixtures: a real broker on 127.0.0.1 (in-process or as a subprocess)."""
+"""Shared fixtures: a real broker on 127.0.0.1 (in-process, ``streamd.testing.RunningServer``,
+or as a subprocess, ``ServerProcess``)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import socket
@@ -15,52 +15,16 @@ from pathlib import Path
 import grpc
 import pytest
 
-from streamd.config import BrokerConfig
-from streamd.server import Server
+# Re-exported: tests import RunningServer from here as well as from streamd.testing.
+from streamd.testing import RunningServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-class RunningServer:
-    """A Server on its own event-loop thread, listening on 127.0.0.1:<free port>."""
-
-    def __init__(self, data_dir: Path, *, clock=None, port: int = 0, listen_host: str = "127.0.0.1",
-                 **overrides) -> None:
-        """``port``: a fixed port, so a restarted broker is found by clients connected
-        to the old one (0: any free port)."""
-        overrides.setdefault("metrics_listen", "127.0.0.1:0")  # never the fixed default port
-        self.config = BrokerConfig(data_dir=data_dir, listen=f"{listen_host}:{port}", **overrides)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = Server(self.config, clock=clock)
-        port = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(30)
-        self.address = f"127.0.0.1:{port}"
-
-    def call(self, coro_fn, timeout: float = 30):
-        async def go():
-            return await coro_fn()
-
-        return asyncio.run_coroutine_threadsafe(go(), self.loop).result(timeout)
-
-    def stop(self) -> None:
-        if self.loop.is_closed():
-            return
-        try:
-            asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(30)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-            self.loop.close()
-
-
 @pytest.fixture
 def server(tmp_path):
-    running = RunningServer(tmp_path / "data")
-    try:
+    with RunningServer(tmp_path / "data") as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture
@@ -99,7 +63,7 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.address = ""
 
-    def start(self, timeout: float = 30) -> "ServerProcess":
+    def start(self, timeout: float = 30) -> ServerProcess:
         port = free_port()
         self.address = f"127.0.0.1:{port}"
         cmd = [*self.command, "--data-dir", str(self.data_dir),

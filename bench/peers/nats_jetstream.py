@@ -244,7 +244,7 @@ class NatsJetStream(Driver):
             await nc.publish(next_subject, request, reply=inbox)
             try:
                 await asyncio.wait_for(done.wait(), max(0.0, deadline - now()) + 10)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise RuntimeError(f"pull consumer stalled after {state['got']} records") from None
         finally:
             await sub.unsubscribe()

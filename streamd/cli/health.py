@@ -27,7 +27,8 @@ def check(server: str | None, service: str = "", timeout_s: float = DEFAULT_TIME
     channel = sync_channel(address)
     try:
         stub = health_pb2_grpc.HealthStub(channel)
-        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+        # types-grpcio-health-checking declares HealthStub without its methods (set in __init__).
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)  # type: ignore[attr-defined]
     except grpc.RpcError as exc:
         if exc.code() == grpc.StatusCode.NOT_FOUND:
             return NOT_SERVING, f"SERVICE_UNKNOWN {service!r} on {address}"

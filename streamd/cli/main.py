@@ -41,7 +41,7 @@ def _topic_json(t) -> dict:
 def _ms(ts: int) -> str:
     if not ts:
         return "-"
-    return dt.datetime.fromtimestamp(ts / 1000, dt.timezone.utc).isoformat(timespec="milliseconds")
+    return dt.datetime.fromtimestamp(ts / 1000, dt.UTC).isoformat(timespec="milliseconds")
 
 
 # -- serve --------------------------------------------------------------------

@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from streamd.client import Consumer, CorruptRecordsError, Producer, StreamdError
+from streamd.client import Consumer, CorruptRecordsError, Producer, RecordMetadata, StreamdError
 from streamd.client.consumer import skip_past
 from streamd.client.producer import DEFAULT_BATCH_MAX_BYTES
 from streamd.client.records import ConsumerRecord, add_record
@@ -115,7 +115,7 @@ def _provenance(record: ConsumerRecord) -> list[tuple[str, bytes]]:
     # already carried (from an earlier replay) are replaced: one answer per header name.
     kept = [h for h in record.headers if h[0] not in PROVENANCE_HEADERS]
     values = (record.topic, str(record.partition), str(record.offset))
-    return kept + [(k, v.encode()) for k, v in zip(PROVENANCE_HEADERS, values)]
+    return kept + [(k, v.encode()) for k, v in zip(PROVENANCE_HEADERS, values, strict=True)]
 
 
 @dataclass
@@ -127,7 +127,12 @@ class _Batch:
     first: dict[int, int] = field(default_factory=dict)  # source partition -> lowest offset
     count: int = 0
     size: int = 0
-    future: concurrent.futures.Future | None = None
+    future: concurrent.futures.Future[RecordMetadata] | None = None
+
+    def sent(self) -> concurrent.futures.Future[RecordMetadata]:
+        """The send of a shipped batch (every batch in ``TopicSink._shipped`` has one)."""
+        assert self.future is not None, "the batch was never shipped"
+        return self.future
 
 
 class TopicSink:
@@ -185,7 +190,7 @@ class TopicSink:
             self._shipped.append(batch)
         del self._open[target]
         while len(self._shipped) > MAX_BATCHES_IN_FLIGHT:  # bounded: each pass retires a batch or raises
-            oldest = self._shipped[0].future
+            oldest = self._shipped[0].sent()
             concurrent.futures.wait([oldest], timeout=ACK_WAIT_S)
             if not oldest.done():
                 raise ReplayError(f"no acknowledgement from the broker within {ACK_WAIT_S:.0f}s")
@@ -194,8 +199,8 @@ class TopicSink:
     def _collect(self) -> BaseException | None:
         """Retire acknowledged batches in shipping order; return the first failure (a
         failed or cancelled batch and those after it stay unacknowledged)."""
-        while self._shipped and self._shipped[0].future.done():
-            future = self._shipped[0].future
+        while self._shipped and self._shipped[0].sent().done():
+            future = self._shipped[0].sent()
             if future.cancelled():
                 return None
             if future.exception() is not None:
@@ -216,8 +221,8 @@ class TopicSink:
                 return exc
         else:
             for batch in self._shipped:
-                batch.future.cancel()
-        concurrent.futures.wait([b.future for b in self._shipped], timeout=timeout)
+                batch.sent().cancel()
+        concurrent.futures.wait([b.sent() for b in self._shipped], timeout=timeout)
         return self._collect()
 
     def finish(self) -> None:

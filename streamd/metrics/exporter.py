@@ -40,7 +40,7 @@ class MetricsExporter:
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
-        self._httpd = None
+        self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
 
     def start(self, listen: str) -> int:
@@ -49,11 +49,12 @@ class MetricsExporter:
         so a stop does not wait.)"""
         host, port = parse_listen(listen)
         server_class = _IPv6Server if ":" in host else _Server
-        self._httpd = make_server(host, port, make_wsgi_app(self.registry), server_class, handler_class=_QuietHandler)
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+        httpd = self._httpd = make_server(host, port, make_wsgi_app(self.registry), server_class,
+                                          handler_class=_QuietHandler)
+        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="streamd-metrics", daemon=True)
         self._thread.start()
-        bound = self._httpd.server_port
+        bound = httpd.server_port
         log.info("metrics on http://%s:%d/metrics", host if ":" not in host else f"[{host}]", bound)
         return bound
 

@@ -38,7 +38,7 @@ class Histogram:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
 
-    def copy(self) -> "Histogram":
+    def copy(self) -> Histogram:
         h = Histogram(self.bounds)
         h.counts = list(self.counts)
         h.sum = self.sum

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from segments import DamagedOffsets, LogStats
 from streamd.broker.errors import InvalidArgument
 from streamd.broker.topic import TopicMeta, TopicSettings
@@ -59,7 +61,7 @@ def settings_to_pb(s: TopicSettings) -> pb.TopicConfig:
     )
 
 
-def partition_to_pb(index: int, stats: LogStats, damaged: list[DamagedOffsets] = ()) -> pb.PartitionDescription:
+def partition_to_pb(index: int, stats: LogStats, damaged: Sequence[DamagedOffsets] = ()) -> pb.PartitionDescription:
     return pb.PartitionDescription(
         damaged=[pb.DamagedRange(first_offset=d.first_offset, last_offset=d.last_offset, cause=d.cause)
                  for d in damaged],

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from typing import Any, cast
 
 import grpc
 
@@ -45,7 +47,7 @@ LISTS = {
 #: Answers about a group that name its topics: each place is (repeated field, how an
 #: entry names its topic); entries of topics the caller may not describe are dropped,
 #: as FetchOffsets drops them (the group itself the caller may describe).
-SCRUBBED = {
+SCRUBBED: dict[str, Callable[[Any], list[tuple[Any, str | None]]]] = {
     "ListGroups": lambda r: [(g.topics, None) for g in r.groups],
     "DescribeGroup": lambda r: [(r.group.partitions, "topic")] + [
         place for m in r.group.members
@@ -70,7 +72,8 @@ class Guard:
     def principal(self, context: grpc.aio.ServicerContext) -> str:
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
-                scheme, _, token = value.partition(" ")
+                # grpc hands over bytes only for keys ending in "-bin"; this one is text.
+                scheme, _, token = cast(str, value).partition(" ")
                 if scheme.lower() != "bearer" or not token:
                     raise Unauthenticated("the authorization metadata must be 'Bearer <token>'")
                 principal = self.authority.principal_for_token(token.strip())

@@ -183,7 +183,7 @@ def generic_handler(
     ``rpc_metrics`` (``streamd.metrics.rpc_metrics.RpcMetrics``) counts them.
     """
     request_types = request_types or {}
-    handlers = {}
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in service.methods:
         impl = getattr(servicer, method.name)
         message_cls = request_types.get(method.name) or _message_class(method.input_type)
