@@ -209,7 +209,7 @@ def inspect_partition(path: Path | str, *, segment: int | None = None,
     selected = [segment] if segment is not None else bases
     segments = [_inspect_segment(directory, base, last=base == bases[-1], describe=describe, problems=problems)
                 for base in selected]
-    for previous, info in zip(segments, segments[1:] + [None]):
+    for previous, info in zip(segments, segments[1:] + [None], strict=True):
         if not previous.end_verified:
             previous.next_offset = _trusted_end(previous, info, state)
         elif info is not None and info.base_offset != previous.next_offset:

@@ -184,7 +184,7 @@ class PartitionLog:
         state = loaded.state
         segments = [Segment.load(directory, b, index_interval_bytes=index_interval_bytes)
                     for b in loaded.base_offsets]
-        for seg, successor in zip(segments, segments[1:]):
+        for seg, successor in zip(segments, segments[1:], strict=False):
             seg.set_end_offset(successor.base_offset)
         try:
             if segments and loaded.log_end is not None:

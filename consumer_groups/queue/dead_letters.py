@@ -75,7 +75,7 @@ class DeadLetters:
     def start(self, g: QueueGroup) -> None:
         if self._closed:
             return
-        for p, q in g.partitions.items():
+        for q in g.partitions.values():
             while q.to_dead_letter:
                 offset = q.to_dead_letter.popleft()
                 task = asyncio.ensure_future(self._send(g, q, offset))
@@ -96,7 +96,7 @@ class DeadLetters:
                 letter.ClearField(field)
             values = (g.topic, q.partition, offset, g.name, e.deliveries, e.reason, e.first_delivery_ms,
                       e.last_delivery_ms)
-            for name, value in zip(DLQ_HEADERS, values):
+            for name, value in zip(DLQ_HEADERS, values, strict=True):
                 letter.headers.add(key=f"streamd-dlq-{name}", value=str(value).encode())
             target = self.topic(g)
             _, durable = self.broker.append(target, [], [letter.SerializeToString()])

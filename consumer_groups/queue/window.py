@@ -134,7 +134,7 @@ class Lease:
 
     def records(self) -> list[tuple[int, int]]:
         """(offset, deliveries) of each record."""
-        return list(zip(self.offsets.tolist(), self.deliveries.tolist()))
+        return list(zip(self.offsets.tolist(), self.deliveries.tolist(), strict=True))
 
 
 @dataclass
@@ -195,7 +195,7 @@ class PartitionQueue:
             for name in _ARRAYS:
                 getattr(self, name)[:] = 0
         else:
-            for name, dtype in zip(_ARRAYS, _DTYPES):
+            for name, dtype in zip(_ARRAYS, _DTYPES, strict=True):
                 setattr(self, name, np.zeros(capacity, dtype))
         self._reason: dict[int, str] = {}
         self._keys: dict[int, bytes] = {}
@@ -731,7 +731,7 @@ def run_bounds(offsets: np.ndarray, values: np.ndarray | None = None) -> list[tu
     if values is not None:
         breaks |= np.diff(values) != 0
     cuts = np.flatnonzero(breaks) + 1
-    return list(zip(np.concatenate(([0], cuts)).tolist(), (np.concatenate((cuts, [n])) - 1).tolist()))
+    return list(zip(np.concatenate(([0], cuts)).tolist(), (np.concatenate((cuts, [n])) - 1).tolist(), strict=True))
 
 
 def offset_runs(offsets: Iterable[int] | np.ndarray) -> list[tuple[int, int]]:

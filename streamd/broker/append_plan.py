@@ -74,7 +74,7 @@ class RequestState:
 class PartitionPlan:
     __slots__ = ("part", "batches", "duplicates", "deduplicated", "answers", "needs_snapshot", "base_offset")
 
-    def __init__(self, part: "Partition", batches: list[CheckedBatch]) -> None:
+    def __init__(self, part: Partition, batches: list[CheckedBatch]) -> None:
         self.part = part
         self.batches = batches
         #: Producer retries answered from memory (then ``batches`` is empty).
@@ -129,7 +129,7 @@ def _offset(where: object) -> int:
 
 
 def plan_partition(
-    part: "Partition", batches: list[CheckedBatch], request: RequestState, *, topic: str, now_ms: int
+    part: Partition, batches: list[CheckedBatch], request: RequestState, *, topic: str, now_ms: int
 ) -> PartitionPlan:
     """Check ``batches`` for ``part`` (see module docstring); raises what refuses them."""
     dedup = part.dedup

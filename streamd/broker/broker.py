@@ -166,7 +166,7 @@ class Broker:
         for part in self.all_partitions():
             part.close()
 
-    def stopping(self) -> "asyncio.Future[None]":
+    def stopping(self) -> asyncio.Future[None]:
         """A future resolved when the broker stops accepting work (long-lived streams
         end then, instead of holding a graceful stop up until its deadline)."""
         if self._stopping is None:
@@ -362,7 +362,7 @@ class Broker:
         name: str,
         partition_batches: list[tuple[int, list[bytes]]],
         records: list[bytes],
-    ) -> tuple[list[ProduceResult], "asyncio.Future[None]"]:
+    ) -> tuple[list[ProduceResult], asyncio.Future[None]]:
         """Check and append batches (and broker-routed records) now; return the
         results and a future that completes when they are as durable as the topic's
         policy promises. Every check happens before anything is appended, so a

@@ -83,8 +83,9 @@ import logging
 import struct
 import zlib
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 from segments import PartitionLog
 from segments.checkpoint import write_atomic
@@ -373,7 +374,7 @@ class ProducerStateTable:
 
     @classmethod
     def from_snapshot(cls, raw: bytes, *, max_producers: int = MAX_PRODUCERS,
-                      max_answer_entries: int = MAX_ANSWER_ENTRIES) -> tuple["ProducerStateTable", int]:
+                      max_answer_entries: int = MAX_ANSWER_ENTRIES) -> tuple[ProducerStateTable, int]:
         """(table, covers_offset); ValueError if ``raw`` is not a valid snapshot (of
         this version or version 1)."""
         if len(raw) < _HEAD.size + _CRC.size:
@@ -394,12 +395,13 @@ class ProducerStateTable:
                 entry = table._producers[producer_id] = ProducerEntry()
                 entry.last_append_ms, entry.next_sequence = last_ms, next_sequence
                 for _ in range(n):
-                    fields = _BATCH.unpack_from(raw, pos)
+                    base_sequence, sequence_count, base_offset, record_count, append_time_ms = \
+                        _BATCH.unpack_from(raw, pos)
                     pos += _BATCH.size
                     answer = None
                     if version >= 2:
                         answer, pos = _read_answer(raw, pos, end)
-                    meta = BatchMeta(*fields, answer)
+                    meta = BatchMeta(base_sequence, sequence_count, base_offset, record_count, append_time_ms, answer)
                     entry.batches.append(meta)
                     table.answer_entries += _answer_size(meta)
         except struct.error:

@@ -60,7 +60,7 @@ class TopicSettings:
         """Largest batch body accepted: room for several maximal records."""
         return max(self.max_record_bytes, 1024 * 1024) * 4
 
-    def validate(self) -> "TopicSettings":
+    def validate(self) -> TopicSettings:
         for name in ("retention_ms", "retention_bytes"):
             value = getattr(self, name)
             if value < -1 or value == 0:
@@ -101,7 +101,7 @@ class TopicMeta:
         return json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
 
     @classmethod
-    def from_json(cls, raw: bytes) -> "TopicMeta":
+    def from_json(cls, raw: bytes) -> TopicMeta:
         doc = json.loads(raw)
         return cls(
             name=doc["name"],
@@ -114,5 +114,5 @@ class TopicMeta:
         write_atomic(topic_dir / TOPIC_FILE, self.to_json())
 
     @classmethod
-    def read(cls, topic_dir: Path) -> "TopicMeta":
+    def read(cls, topic_dir: Path) -> TopicMeta:
         return cls.from_json((topic_dir / TOPIC_FILE).read_bytes())

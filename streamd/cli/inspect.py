@@ -88,7 +88,7 @@ def _iso(ms: int | None) -> str:
     if ms is None:
         return "-"
     try:
-        return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(timespec="milliseconds")
+        return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="milliseconds")
     except (OverflowError, ValueError, OSError):
         return "?"
 
@@ -108,8 +108,8 @@ def _text(raw) -> str:
 
 def report_json(report: PartitionReport) -> dict:
     doc = asdict(report)
-    for seg_doc, seg in zip(doc["segments"], report.segments):
-        for batch_doc, batch in zip(seg_doc["batches"], seg.batches):
+    for seg_doc, seg in zip(doc["segments"], report.segments, strict=True):
+        for batch_doc, batch in zip(seg_doc["batches"], seg.batches, strict=True):
             batch_doc["last_offset"] = batch.last_offset
             batch_doc["append_time"] = _iso(batch.append_time_ms)
             batch_doc["checksum"] = "ok" if batch.checksum_ok else "CORRUPT"

@@ -448,7 +448,7 @@ class Pool:
         except StreamdError as err:
             log.info("%d lease(s) not extended: %s", len(due), err)
             return  # tried again on the next round while their leases last
-        for (_, messages), result in zip(ranges, results):
+        for (_, messages), result in zip(ranges, results, strict=False):
             if not result.refused and not result.HasField("error"):
                 for msg in messages:
                     msg.lease_expires_ms = result.lease_expires_ms

@@ -95,7 +95,7 @@ def families(snap: Snapshot) -> Iterator[Metric]:
 def _buckets(h: Histogram) -> tuple[list[tuple[str, float]], float]:
     out: list[tuple[str, float]] = []
     total = 0.0
-    for bound, n in zip([*map(str, h.bounds), "+Inf"], h.counts):
+    for bound, n in zip([*map(str, h.bounds), "+Inf"], h.counts, strict=False):
         total += n
         out.append((bound, total))
     return out, h.sum

@@ -189,7 +189,7 @@ class Session:
             if "Ctrl-C" in command:
                 parses(shlex.split(command, comments=True), block)
                 continue
-            out = in_thread(BLOCK_TIMEOUT_S, lambda: self.shell(command, expected), f"{block.where}: $ {command}")
+            out = in_thread(BLOCK_TIMEOUT_S, lambda command=command, expected=expected: self.shell(command, expected), f"{block.where}: $ {command}")
             actual = [normalized(line.replace(self.server.address, DOC_ADDRESS)) for line in out.splitlines()]
             want = [normalized(line) for line in expected]
             assert matches(want, actual), (
@@ -422,7 +422,7 @@ def test_configuration_table_lists_every_setting_with_its_default():
         settings, values = names_in(cells[0]), [v.strip() for v in cells[1].split(",")]
         if len(values) != len(settings):
             values = values * len(settings)
-        documented.update(zip(settings, values))
+        documented.update(zip(settings, values, strict=False))
     assert set(documented) == {f.name for f in fields(BrokerConfig)}
     for name, cell in documented.items():
         want = getattr(defaults, name)

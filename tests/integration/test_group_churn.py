@@ -177,6 +177,6 @@ def test_every_record_is_processed_through_joins_leaves_and_kills(make_server):
     # before the next one starts).
     intervals = sorted((p, start, end, m.name) for m in members for p, start, end in m.ownership())
     assert len(intervals) > PARTITIONS
-    for (p1, _, end1, n1), (p2, start2, _, n2) in zip(intervals, intervals[1:]):
+    for (p1, _, end1, n1), (p2, start2, _, n2) in zip(intervals, intervals[1:], strict=False):
         if p1 == p2:
             assert start2 >= end1, f"partition {p1}: {n2} started before {n1} stopped ({start2} < {end1})"

@@ -283,7 +283,7 @@ def test_dedup_window_and_producer_state_survive_restarts(make_server, clock, tm
 
 def test_the_dedup_window_is_validated_and_described(stubs):
     for bad in (-1, 7 * 86_400_000 + 1):
-        code, _, meta = refused(lambda: stubs.create("bad", 1, dedup_window_ms=bad))
+        code, _, meta = refused(lambda bad=bad: stubs.create("bad", 1, dedup_window_ms=bad))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and meta["field"] == "config.dedup_window_ms"
     assert stubs.create("d", 1, dedup_window_ms=5000).config.dedup_window_ms == 5000
     assert stubs.create("plain", 1).config.dedup_window_ms == 0

@@ -63,11 +63,11 @@ def test_no_client_chosen_name_reaches_outside_the_data_directory(make_server, t
         for name in BAD_NAMES:
             # Topic names become directories: every one of these is refused.
             topic_calls = [
-                lambda: stubs.create(name, 1),
-                lambda: stubs.produce_values(name, 0, [b"x"]),
-                lambda: stubs.fetch(name, 0, 0),
-                lambda: stubs.topics.DeleteTopic(pb.DeleteTopicRequest(topic=name)),
-                lambda: stubs.queues.CreateQueueGroup(pb.CreateQueueGroupRequest(
+                lambda name=name: stubs.create(name, 1),
+                lambda name=name: stubs.produce_values(name, 0, [b"x"]),
+                lambda name=name: stubs.fetch(name, 0, 0),
+                lambda name=name: stubs.topics.DeleteTopic(pb.DeleteTopicRequest(topic=name)),
+                lambda name=name: stubs.queues.CreateQueueGroup(pb.CreateQueueGroupRequest(
                     group="q", topic="ok", config=pb.QueueGroupConfig(dead_letter_topic=name or "."))),
             ]
             for call in topic_calls:
@@ -79,9 +79,9 @@ def test_no_client_chosen_name_reaches_outside_the_data_directory(make_server, t
                     raise AssertionError(f"topic name {name!r} was accepted")
             # Group names are only journal content ("." and ".." are valid names):
             # accepted or refused, they never become paths.
-            for call in (lambda: stubs.groups.CommitOffsets(pb.CommitOffsetsRequest(
+            for call in (lambda name=name: stubs.groups.CommitOffsets(pb.CommitOffsetsRequest(
                              group=name, offsets=[pb.OffsetCommit(topic="ok", partition=0, offset=0)])),
-                         lambda: stubs.queues.CreateQueueGroup(pb.CreateQueueGroupRequest(group=name, topic="ok"))):
+                         lambda name=name: stubs.queues.CreateQueueGroup(pb.CreateQueueGroupRequest(group=name, topic="ok"))):
                 try:
                     call()
                 except grpc.RpcError as err:

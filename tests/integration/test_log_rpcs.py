@@ -49,7 +49,7 @@ def test_fetch_from_middle_of_batch_starts_with_containing_batch(stubs):
 
 def test_fetch_limits_max_records_and_max_bytes(stubs):
     stubs.create("t", 1)
-    for i in range(10):
+    for _ in range(10):
         stubs.produce_values("t", 0, [b"x" * 100] * 10)
     assert len(stubs.fetch("t", 0, 0, max_records=25).batches) == 3
     one = stubs.fetch("t", 0, 0, max_bytes=1)

@@ -49,7 +49,7 @@ def test_a_first_send_waits_out_a_stop_shorter_than_the_delivery_timeout(server_
             metas = [f.result(timeout=BOUND_S) for f in (keyless, keyed, pinned)]
     finally:
         os.kill(broker.proc.pid, signal.SIGCONT)
-    for (v, meta) in zip((b"keyless", b"keyed", b"pinned"), metas):
+    for (v, meta) in zip((b"keyless", b"keyed", b"pinned"), metas, strict=False):
         assert (meta.offset, v) in stored(broker.address, "t", meta.partition)
     broker.kill()
 
@@ -70,7 +70,7 @@ def test_a_first_send_after_a_kill_waits_for_the_restarted_broker(server_process
 
     restarted: list = []
     metas = bounded(asyncio.run, scenario())
-    for v, meta in zip((b"keyless", b"keyed"), metas):
+    for v, meta in zip((b"keyless", b"keyed"), metas, strict=False):
         assert (meta.offset, v) in stored(restarted[0].address, "t", meta.partition)
     restarted[0].kill()
 

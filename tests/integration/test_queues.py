@@ -342,7 +342,7 @@ def test_records_deleted_by_retention_before_delivery_are_counted(make_server):
     try:
         stubs.create("jobs", 1, retention_bytes=4096, segment_bytes=4096)
         create(stubs)
-        for i in range(40):
+        for _ in range(40):
             produce(stubs, "jobs", [{"value": b"x" * 200}])
         assert wait_until(lambda: stubs.log.ListOffsets(pb.ListOffsetsRequest(topic="jobs")).offsets[0]
                           .log_start_offset > 0)

@@ -117,16 +117,16 @@ def test_replay_by_datetime_range(server, capsys):
         for phase in range(3):
             if phases:  # the next phase is appended strictly later (bounded wait)
                 limit = max(m.append_time_ms for m in phases[-1]) + 1
-                wait_until(lambda: time.time() * 1000 > limit + 1, timeout=5)
+                wait_until(lambda limit=limit: time.time() * 1000 > limit + 1, timeout=5)
                 limits.append(limit)
             futures = [producer.send("t", b"%d-%d" % (phase, i), key=b"k%d" % i) for i in range(12)]
             phases.append([f.result(30) for f in futures])
     assert min(m.append_time_ms for m in phases[1]) >= limits[0]
-    iso = dt.datetime.fromtimestamp(limits[0] / 1000, dt.timezone.utc).isoformat(timespec="milliseconds")
+    iso = dt.datetime.fromtimestamp(limits[0] / 1000, dt.UTC).isoformat(timespec="milliseconds")
     code, out, err = run_cli(capsys, server, "replay", "t", "--from", iso, "--to", f"@{limits[1]}", "--output", "-")
     assert code == 0, err
     values = sorted(json.loads(line)["value"] for line in out.splitlines())
-    assert values == sorted("1-%d" % i for i in range(12))
+    assert values == sorted(f"1-{i}" for i in range(12))
 
 
 def test_replay_key_and_header_filters(server, source, capsys):
@@ -265,7 +265,7 @@ def test_failed_write_reports_where_it_stopped_and_exits_1(server, capsys):
     assert stopped <= 20  # the record that failed, or the batch it was in, is not counted as copied
     copied = read_all(server.address, "small")
     assert [source_of(r)[1] for r in copied] == list(range(stopped))
-    assert "--resume 0:%d" % stopped in err
+    assert f"--resume 0:{stopped}" in err
 
 
 def test_replay_clamps_offsets_below_the_log_start(make_server, capsys):

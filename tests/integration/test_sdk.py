@@ -55,7 +55,7 @@ def test_keys_follow_the_documented_partitioner_and_keep_order(server, admin):
     with Producer(server.address, compression="lz4") as producer:
         futures = [producer.send("t", b"%d" % i, key=k, headers=[("n", b"%d" % i)]) for i, k in enumerate(keys)]
         metas = [f.result(10) for f in futures]
-    for k, meta in zip(keys, metas):
+    for k, meta in zip(keys, metas, strict=False):
         assert meta.partition == key_partition(k, 4)
     with Consumer(server.address) as consumer:
         consumer.assign("t")

@@ -188,7 +188,7 @@ def test_records_keep_their_order_while_batches_wait_to_be_sealed(server, admin,
         for p in range(parts):
             stored = all_records(server.address, "t", p)[-n:]
             assert [v for _, v in stored] == values[p], round_
-            assert [(m.offset, v) for m, (q, v) in zip(metas, sent) if q == p] == stored
+            assert [(m.offset, v) for m, (q, v) in zip(metas, sent, strict=False) if q == p] == stored
 
 
 def test_a_failed_producer_state_save_is_retried_and_the_next_records_are_kept(server, admin, monkeypatch):

@@ -248,7 +248,7 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 def test_every_batch_is_stored_once_or_fails_alone_and_nothing_cascades(plan, faults, inits, stuck):
     fake, outcomes = bounded_run(run(plan, faults, inits, 3, delivery_timeout_ms=60_000, stuck=stuck))
     check(fake, outcomes, expiry=False)
-    for _, values, outcome in outcomes:  # without expiry, only refusals fail
+    for _, _values, outcome in outcomes:  # without expiry, only refusals fail
         if isinstance(outcome, BaseException) and not isinstance(outcome, OutcomeUnknown):
             assert outcome.reason in ("DISK_FULL", "QUOTA_EXCEEDED"), outcome
 

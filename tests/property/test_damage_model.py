@@ -71,7 +71,7 @@ def _model_runs(layout, damaged: set[int], counts: dict[int, int]) -> list[tuple
     runs = []
     for frames_ in layout.values():
         run = None
-        for position, size, base in frames_:
+        for _position, _size, base in frames_:
             if base in damaged:
                 run = (run[0] if run else base, base + counts[base] - 1)
             elif run:
@@ -167,7 +167,7 @@ def test_damaged_segments_against_a_model(batches, damage, truncate, limits, tim
             #    since the last good batch older than T may hold it.
             for t in times:
                 expected, ambiguous, pending = log_end, False, False
-                for base, count, when, _ in written:
+                for base, _count, when, _ in written:
                     if base in damaged:
                         pending = True
                     elif when >= t:

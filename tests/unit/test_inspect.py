@@ -115,7 +115,7 @@ def test_json_document_matches_the_log(capsys, partition):
         positions = {b["position"]: b["base_offset"] for b in seg["batches"]}
         index, times = seg["offset_index"], seg["time_index"]
         assert index["used"] == len(index["entries"]) >= 1 and times["used"] == index["used"]
-        for e, t in zip(index["entries"], times["entries"]):
+        for e, t in zip(index["entries"], times["entries"], strict=False):
             assert positions[e["position"]] == e["offset"] == t["offset"] and e["problem"] is None
     assert doc["state"]["recovery_point"]["offset"] == doc["log_end_offset"]
 

@@ -151,7 +151,7 @@ def test_recover_with_missing_index_files(tmp_path):
     try:
         assert log.describe().segment_count > 2
         assert read_all(log) == written
-        for base, count, ts, _ in written:
+        for base, _count, ts, _ in written:
             assert log.read(base, ReadLimits(1, 1)).first_offset == base
             assert log.offset_for_time(ts) == base
     finally:
