@@ -13,6 +13,8 @@ broker and one SDK client process, both importing streamd from that tree
 Workloads (one partition, ``--records`` records of 100 B, produced untimed with
 ``Producer.send_batch`` of 1,000):
 
+- ``produce``: the untimed produce above, timed: ``Producer.send_batch`` of 1,000
+  records per call, each acknowledged before the next (the bulk path);
 - ``consume``: ``Consumer.assign`` + ``records(exit_at_end=True)``, every record read;
 - ``queue``: ``QueueReceiver(create=True)``, ``receive(1000)`` and ``ack()`` per
   message until every record came, then ``flush()``; checked with ``describe()``;
@@ -38,7 +40,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKLOADS = ("consume", "queue", "process", "send")
+WORKLOADS = ("produce", "consume", "queue", "process", "send")
 
 
 def client(address: str, workload: str, records: int) -> dict:
@@ -63,8 +65,16 @@ def client(address: str, workload: str, records: int) -> dict:
             got = sum(f.result(timeout=60).offset >= 0 for f in futures)
         return {"records": got, "seconds": seconds, "records_per_s": got / seconds}
     with Producer(address) as producer:
+        began = time.perf_counter()
         for start in range(0, records, 1000):
-            producer.send_batch(topic, 0, [value] * min(1000, records - start))
+            count = min(1000, records - start)
+            got += count if producer.send_batch(topic, 0, [value] * count).offset >= 0 else 0
+        seconds = time.perf_counter() - began
+    if workload == "produce":
+        if got != records:
+            raise SystemExit(f"produce: {got} of {records} acknowledged")
+        return {"records": got, "seconds": seconds, "records_per_s": got / seconds}
+    got = 0
     if workload == "consume":
         with Consumer(address) as consumer:
             consumer.assign(topic)

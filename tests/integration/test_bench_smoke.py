@@ -76,7 +76,7 @@ def test_bench_ab_runs_both_versions_interleaved_and_prints_ratios():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     doc = json.loads(result.stdout)
-    for workload in ("consume", "queue", "process", "send"):
+    for workload in ("produce", "consume", "queue", "process", "send"):
         for version in ("before", "after"):
             assert len(doc["workloads"][workload][version]["runs"]) == 1
         assert doc["after_vs_before"][workload] > 0
