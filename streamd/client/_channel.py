@@ -205,6 +205,40 @@ def server_label(server: str | None, channel: object) -> str:
     return server or "the broker"
 
 
+class AsyncClient:
+    """An asyncio client over its own ``grpc.aio`` channel (or one it is given): the
+    per-call deadlines (``Calls``), ``async with``, ``timeout_s`` and ``close()``
+    closing the channel it made. The asyncio clients build on it; one with more to
+    end in ``close()`` ends that, then awaits ``_close_channel()``."""
+
+    def __init__(self, server: str | None, *, channel: grpc.aio.Channel | None, security: Security | None,
+                 timeout_s: float, extra_options: Sequence[tuple[str, object]] | None = None) -> None:
+        from streamd._malloc import tune_malloc
+
+        tune_malloc()
+        self._calls = Calls(server_label(server, channel), timeout_s)
+        self._own_channel = channel is None
+        self._channel = channel or aio_channel(server, security=security, extra_options=extra_options)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._close_channel()
+
+    async def _close_channel(self) -> None:
+        if self._own_channel:
+            await self._channel.close()
+
+    @property
+    def timeout_s(self) -> float:
+        """The default deadline of this client's calls, in seconds."""
+        return self._calls.timeout_s
+
+
 class SyncClient:
     """A blocking client over its own channel (or one it is given)."""
 

@@ -33,15 +33,14 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
-from typing import Any, Self
+from typing import Any
 
 import grpc.aio
 
-from streamd._malloc import tune_malloc
 from streamd.v1 import streamd_pb2 as pb
 from streamd.v1 import streamd_pb2_grpc as rpc
 
-from ._channel import DEFAULT_TIMEOUT_S, Calls, Security, aio_channel, server_label, stub
+from ._channel import DEFAULT_TIMEOUT_S, AsyncClient, Security, stub
 from ._membership import Event, Membership, StreamEnded
 from .consumer import skip_past
 from .errors import CorruptRecordsError, StreamdError
@@ -71,7 +70,7 @@ class Turn:
         self.started = self.finished = False
 
 
-class AsyncGroupConsumer:
+class AsyncGroupConsumer(AsyncClient):
     def __init__(
         self,
         group: str,
@@ -102,10 +101,7 @@ class AsyncGroupConsumer:
         if start not in ("earliest", "latest"):
             raise ValueError("start must be 'earliest' or 'latest'")
         asyncio.get_running_loop()  # fail before opening anything
-        tune_malloc()
-        self._calls = Calls(server_label(server, channel), timeout_s)
-        self._own_channel = channel is None
-        self._channel = channel or aio_channel(server, security=security)
+        super().__init__(server, channel=channel, security=security, timeout_s=timeout_s)
         self._log = stub(rpc.LogServiceStub, self._channel)
         self._groups = stub(rpc.GroupServiceStub, self._channel)
         self.group = group
@@ -152,17 +148,6 @@ class AsyncGroupConsumer:
     def _join(self) -> Membership:
         first = self._session_timeout_ms / 3000 if self._session_timeout_ms else DEFAULT_HEARTBEAT_S
         return Membership(self._groups, self._join_request, self._events, self._wake, heartbeat_s=first)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    @property
-    def timeout_s(self) -> float:
-        """The default deadline of this client's calls, in seconds."""
-        return self._calls.timeout_s
 
     # -- public ---------------------------------------------------------------------
     async def records(self, *, idle_timeout_s: float | None = None) -> AsyncIterator[ConsumerRecord]:
@@ -571,7 +556,6 @@ class AsyncGroupConsumer:
                 # Bounded by the call deadline: a broker that answers ends the stream at once.
                 await self._membership.end(leave=(not self.static) if leave is None else leave,
                                            timeout_s=min(5.0, self.timeout_s))
-            if self._own_channel:
-                await self._channel.close()
+            await self._close_channel()
             self._closed_event.set()
 

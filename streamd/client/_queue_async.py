@@ -31,7 +31,7 @@ import grpc
 from streamd.v1 import streamd_pb2 as pb
 from streamd.v1 import streamd_pb2_grpc as rpc
 
-from ._channel import DEFAULT_TIMEOUT_S, Calls, Security, aio_channel, server_label
+from ._channel import DEFAULT_TIMEOUT_S, AsyncClient, Security
 from ._message import ACTIONS, Message, Settler, _messages, log_acks, queue_config, settle_error
 from ._pools import Pool
 from ._runners import TaskRunner
@@ -49,7 +49,7 @@ IDLE_TICKS = 20
 Ack = tuple[int, int, int]  # (partition, offset, lease_id)
 
 
-class AsyncQueueReceiver:
+class AsyncQueueReceiver(AsyncClient):
     """asyncio queue receiver: receive, settle (acks batched, see the module
     docstring), and ``process`` with a concurrency limit."""
 
@@ -59,9 +59,7 @@ class AsyncQueueReceiver:
                  ack_batch: int = DEFAULT_ACK_BATCH, worker_id: str = "",
                  timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         """``timeout_s``: the deadline of each call (a receive: plus its ``max_wait_ms``)."""
-        self._calls = Calls(server_label(server, channel), timeout_s)
-        self._own_channel = channel is None
-        self._channel = channel or aio_channel(server, security=security)
+        super().__init__(server, channel=channel, security=security, timeout_s=timeout_s)
         stub: Any = rpc.QueueServiceStub  # generated, untyped
         self._queues = stub(self._channel)
         self.group, self.topic = group, topic
@@ -82,17 +80,6 @@ class AsyncQueueReceiver:
         self._group_config: pb.QueueGroupConfig | None = None  # asked once, when first needed
         self._pool: Pool | None = None  # the process() running
         self._stop_requested = False
-
-    async def __aenter__(self) -> AsyncQueueReceiver:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    @property
-    def timeout_s(self) -> float:
-        """The default deadline of this receiver's calls, in seconds."""
-        return self._calls.timeout_s
 
     def _bind(self) -> None:
         """Remember the loop this receiver runs on (where ``ack`` sends its batches)."""
@@ -327,5 +314,4 @@ class AsyncQueueReceiver:
                 await asyncio.gather(*list(self._background), return_exceptions=True)
         finally:
             self._channel_closed = True
-            if self._own_channel:
-                await self._channel.close()
+            await self._close_channel()

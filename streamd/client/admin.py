@@ -17,11 +17,10 @@ from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 import grpc.aio
 
-from streamd._malloc import tune_malloc
 from streamd.v1 import streamd_pb2 as pb
 from streamd.v1 import streamd_pb2_grpc as rpc
 
-from ._channel import DEFAULT_TIMEOUT_S, Calls, Security, aio_channel, server_label, stub
+from ._channel import DEFAULT_TIMEOUT_S, AsyncClient, Security, stub
 from ._loop import LoopThread
 
 FSYNC = {
@@ -35,33 +34,15 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-class AsyncAdmin:
+class AsyncAdmin(AsyncClient):
     def __init__(self, server: str | None = None, *, channel: grpc.aio.Channel | None = None,
                  security: Security | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         """``security``: TLS files and token (default: from ``STREAMD_TLS_*``/``STREAMD_TOKEN``).
         ``timeout_s``: the default deadline of each call (see the module docstring)."""
-        tune_malloc()
-        self._calls = Calls(server_label(server, channel), timeout_s)
-        self._own_channel = channel is None
-        self._channel = channel or aio_channel(server, security=security)
+        super().__init__(server, channel=channel, security=security, timeout_s=timeout_s)
         self._topics = stub(rpc.TopicServiceStub, self._channel)
         self._log = stub(rpc.LogServiceStub, self._channel)
         self._groups = stub(rpc.GroupServiceStub, self._channel)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        if self._own_channel:
-            await self._channel.close()
-
-    @property
-    def timeout_s(self) -> float:
-        """The default deadline of this client's calls, in seconds."""
-        return self._calls.timeout_s
 
     # -- topics -------------------------------------------------------------------
     async def create_topic(

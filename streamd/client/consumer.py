@@ -30,15 +30,14 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
-from typing import Any, Self
+from typing import Any
 
 import grpc
 
-from streamd._malloc import tune_malloc
 from streamd.v1 import streamd_pb2 as pb
 from streamd.v1 import streamd_pb2_grpc as rpc
 
-from ._channel import DEFAULT_TIMEOUT_S, Calls, Security, SyncClient, aio_channel, server_label, stub
+from ._channel import DEFAULT_TIMEOUT_S, AsyncClient, Security, SyncClient, stub
 from .errors import CorruptRecordsError, StreamdError
 from .records import ConsumerRecord, decode_batches, iter_batch
 
@@ -313,30 +312,17 @@ class Consumer(SyncClient):
                 call.cancel()
 
 
-class AsyncConsumer:
+class AsyncConsumer(AsyncClient):
     """asyncio flavour: ``fetch`` and a merged multi-partition ``subscribe``."""
 
     def __init__(self, server: str | None = None, *, channel: grpc.aio.Channel | None = None,
                  security: Security | None = None, skip_corrupt: bool = False,
                  timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         """``skip_corrupt``: as ``Consumer``'s, for ``subscribe``."""
-        tune_malloc()
+        super().__init__(server, channel=channel, security=security, timeout_s=timeout_s)
         self.skip_corrupt = skip_corrupt
-        self._calls = Calls(server_label(server, channel), timeout_s)
-        self._own_channel = channel is None
-        self._channel = channel or aio_channel(server, security=security)
         self._log = stub(rpc.LogServiceStub, self._channel)
         self._topics = stub(rpc.TopicServiceStub, self._channel)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        if self._own_channel:
-            await self._channel.close()
 
     async def fetch(self, topic: str, partition: int, offset: int, *, timeout_s: float | None = None,
                     **limits: int) -> tuple[list[ConsumerRecord], pb.FetchResponse]:

@@ -46,12 +46,11 @@ from typing import Any
 
 import grpc
 
-from streamd._malloc import tune_malloc
 from streamd.partitioner import key_partition
 from streamd.v1 import streamd_pb2 as pb
 from streamd.v1 import streamd_pb2_grpc as rpc
 
-from ._channel import Calls, Security, aio_channel, server_label, stub
+from ._channel import AsyncClient, Security, server_label, stub
 from ._loop import LoopThread
 from ._sender import (
     DEFAULT_DELIVERY_TIMEOUT_MS,
@@ -98,7 +97,7 @@ class _Lookup:
         self.last_error: StreamdError | None = None
 
 
-class AsyncProducer:
+class AsyncProducer(AsyncClient):
     def __init__(
         self,
         server: str | None = None,
@@ -121,16 +120,14 @@ class AsyncProducer:
         lookup for its reply)."""
         if compression not in ("none", "lz4"):
             raise ValueError("compression must be 'none' or 'lz4'")
-        tune_malloc()
-        self._own_channel = channel is None
-        self._channel = channel or aio_channel(server, security=security, extra_options=_RECONNECT_OPTIONS)
+        super().__init__(server, channel=channel, security=security, timeout_s=request_timeout_ms / 1000,
+                         extra_options=_RECONNECT_OPTIONS)
         self._topics = stub(rpc.TopicServiceStub, self._channel)
         label = server_label(server, channel)
         self._sender = Sender(self._channel, idempotent=idempotent, max_in_flight=max_in_flight,
                               delivery_timeout_ms=delivery_timeout_ms, request_timeout_ms=request_timeout_ms,
                               retry_backoff_ms=retry_backoff_ms, retry_backoff_max_ms=retry_backoff_max_ms,
                               server=label)
-        self._calls = Calls(label, request_timeout_ms / 1000)
         self.linger_ms = linger_ms
         self.batch_max_bytes = batch_max_bytes
         self.compression = compression
@@ -141,12 +138,6 @@ class AsyncProducer:
         self._sticky: dict[str, int] = {}
         self._shipping: set[asyncio.Future[None]] = set()  # linger-expired batches being sealed
         self._closed = False
-
-    async def __aenter__(self) -> AsyncProducer:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     @property
     def producer_id(self) -> int | None:
@@ -258,8 +249,7 @@ class AsyncProducer:
                 if lookup.task is not None:
                     lookup.task.cancel()  # its waiters fail with PRODUCER_CLOSED
             await self._sender.close()
-            if self._own_channel:
-                await self._channel.close()
+            await self._close_channel()
 
     async def partition_count(self, topic: str) -> int:
         """The topic's partition count (looked up once, then kept). Waits at most
