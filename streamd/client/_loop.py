@@ -25,6 +25,7 @@ import concurrent.futures
 import contextvars
 import queue
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -32,6 +33,8 @@ T = TypeVar("T")
 
 #: How long ``close`` waits for the loop thread to end.
 JOIN_TIMEOUT_S = 5.0
+#: How long an interrupted ``run`` waits for its operation to be cancelled.
+CANCEL_WAIT_S = 2.0
 
 
 class _Inbox:
@@ -51,34 +54,80 @@ _INBOX: contextvars.ContextVar[_Inbox | None] = contextvars.ContextVar("streamd_
 class LoopThread:
     def __init__(self, name: str) -> None:
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._abandoned = False
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
+
+    def _main(self) -> None:
+        self.loop.run_forever()
+        if self._abandoned:  # no one will close it: its owner is gone
+            self.loop.close()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the loop and return its result (or raise its exception),
         running meanwhile on this thread whatever it hands back (``on_caller``). An
-        interrupt of this thread (KeyboardInterrupt) cancels the operation."""
+        interrupt of this thread (KeyboardInterrupt, or any exception a signal handler
+        or the work handed back raises here) cancels the operation, waits up to
+        ``CANCEL_WAIT_S`` for it to end (so the client may be called again at once),
+        and is raised."""
         if threading.current_thread() is self._thread or self.closed:
             coro.close()
             raise RuntimeError("the client is closed" if self.closed else
                                "a blocking streamd client was called from its own event-loop thread")
         inbox = _Inbox()
+        outcome: concurrent.futures.Future[T] = concurrent.futures.Future()
+        tasks: list[asyncio.Task[T]] = []
 
         async def operation() -> T:
             _INBOX.set(inbox)
             return await coro
 
-        future = asyncio.run_coroutine_threadsafe(operation(), self.loop)
-        future.add_done_callback(lambda _: inbox.items.put(None))
+        def ended(task: asyncio.Task[T]) -> None:
+            # The operation's end, cancelled or not (set before the inbox hears of it).
+            coro.close()  # a no-op, unless it was cancelled before it started
+            if task.cancelled():
+                outcome.cancel()
+            elif (exc := task.exception()) is not None:
+                outcome.set_exception(exc)
+            else:
+                outcome.set_result(task.result())
+            inbox.items.put(None)
+
+        def start() -> None:
+            task = self.loop.create_task(operation())
+            tasks.append(task)
+            task.add_done_callback(ended)
+
+        try:
+            self.loop.call_soon_threadsafe(start)
+        except RuntimeError:  # closed meanwhile
+            coro.close()
+            raise RuntimeError("the client is closed") from None
         try:
             while (work := inbox.items.get()) is not None:
                 work()
-            return future.result()
         except BaseException:
-            future.cancel()
+            inbox.open = False
+            self._cancel(tasks, inbox)
             raise
         finally:
             inbox.open = False
+        return outcome.result()
+
+    def _cancel(self, tasks: list[asyncio.Task[Any]], inbox: _Inbox) -> None:
+        """Cancel an interrupted operation and wait (bounded) for it to end; the work
+        it still hands back is dropped (its task is being cancelled)."""
+        try:
+            self.loop.call_soon_threadsafe(lambda: [task.cancel() for task in tasks])
+        except RuntimeError:  # the loop is closed: nothing runs there any more
+            return
+        deadline = time.monotonic() + CANCEL_WAIT_S
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                if inbox.items.get(timeout=left) is None:
+                    return
+            except queue.Empty:
+                return
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Start ``coro`` on the loop without waiting (its work runs on the loop)."""
@@ -100,6 +149,27 @@ class LoopThread:
         if not self._thread.is_alive():
             self.loop.close()
 
+    def abandon(self, coro: Coroutine[Any, Any, object]) -> None:
+        """For a client collected without ``close()`` (from a ``weakref.finalize``, on
+        whatever thread the collector runs): run ``coro`` (the client's own close, for
+        up to ``JOIN_TIMEOUT_S``), then stop and close the loop on its thread, without
+        waiting for any of it."""
+
+        async def last() -> None:
+            try:
+                await asyncio.wait_for(coro, JOIN_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - nothing to report it to
+                pass
+            finally:
+                await _cancel_the_rest()
+                self._abandoned = True
+                self.loop.stop()
+
+        try:
+            asyncio.run_coroutine_threadsafe(last(), self.loop)
+        except RuntimeError:  # already closed
+            coro.close()
+
     @property
     def closed(self) -> bool:
         return self.loop.is_closed() or not self._thread.is_alive()
@@ -118,8 +188,12 @@ async def on_caller(fn: Callable[[], T]) -> T:
     def work() -> None:
         try:
             result = fn()
-        except BaseException as exc:  # handed to the waiting coroutine, which raises it
+        except Exception as exc:  # handed to the waiting coroutine, which raises it
             loop.call_soon_threadsafe(_fail, done, exc)
+        # What is not an Exception (KeyboardInterrupt, SystemExit), raised on the loop,
+        # would stop the loop thread (asyncio lets it out of run_forever) and leave
+        # the caller waiting for ever. It goes up the caller's stack, and ``run``
+        # cancels the operation.
         else:
             loop.call_soon_threadsafe(_resolve, done, result)
 

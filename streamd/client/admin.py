@@ -12,6 +12,7 @@ came within it (``streamd.client._channel``)."""
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
@@ -180,6 +181,10 @@ class Admin:
         except BaseException:
             self._loop.close()
             raise
+        # Dropped without close() (``Admin(addr).list_topics()``): its thread and
+        # channel go with it, as a blocking channel's did.
+        self._finalizer = weakref.finalize(self, _abandoned, self._loop, self._admin)
+        self._finalizer.atexit = False
 
     def __enter__(self) -> Self:
         return self
@@ -188,6 +193,7 @@ class Admin:
         self.close()
 
     def close(self) -> None:
+        self._finalizer.detach()
         if self._loop.closed:
             return
         try:
@@ -211,6 +217,10 @@ class Admin:
     fetch_offsets = _blocking(AsyncAdmin.fetch_offsets)
     commit_offsets = _blocking(AsyncAdmin.commit_offsets)
     reset_offsets = _blocking(AsyncAdmin.reset_offsets)
+
+
+def _abandoned(loop: LoopThread, admin: AsyncAdmin) -> None:
+    loop.abandon(admin.close())
 
 
 async def _make_async_admin(server: str | None, security: Security | None, timeout_s: float) -> AsyncAdmin:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
@@ -107,7 +108,14 @@ class QueueReceiver:
         if self._loop.is_closed():
             coro.close()
             raise StreamdError("CANCELLED", "CLOSED", "the receiver is closed")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout_s)
+        except BaseException:
+            # Interrupted (KeyboardInterrupt) or out of time: the call must not go on
+            # without its caller (a receive would lease records no one reads).
+            future.cancel()
+            raise
 
     @property
     def _r(self) -> AsyncQueueReceiver:
@@ -214,8 +222,10 @@ class QueueReceiver:
         (acked when handed out) are received no faster than the workers run them (about
         a second's worth each) and all run, within the grace; any not finished is
         logged at WARNING. Returns how many messages were handled (and sets ``stop``)."""
-        halt = stop or threading.Event()
         engine = self._r
+        if self._closed or self._loop.is_closed():
+            raise StreamdError("CANCELLED", "CLOSED", "the receiver is closed")
+        halt = stop or threading.Event()
         pool = Pool(engine, ThreadRunner(handler, workers), loop=self._loop, owner=self, stop=None,
                     auto_extend=auto_extend, max_messages=max_messages)
         try:
@@ -223,7 +233,17 @@ class QueueReceiver:
                 if halt.is_set():
                     pool.request_stop()
                 run = asyncio.run_coroutine_threadsafe(engine._run_pool(pool, stop_grace_s), self._loop)
-                return self._wait_pool(run, pool, halt, caught)
+                try:
+                    return self._wait_pool(run, pool, halt, caught)
+                except BaseException:
+                    # Interrupted (KeyboardInterrupt, the signals left alone): the pool
+                    # stops as on a second signal (what was not started is handed back,
+                    # the handlers running are not waited for, the acks are flushed),
+                    # then the interrupt goes on up; no pool runs on without its caller.
+                    self._loop.call_soon_threadsafe(_give_up, pool)
+                    with contextlib.suppress(Exception):
+                        run.result(_CLOSE_SLACK_S)
+                    raise
         finally:
             halt.set()
 
@@ -264,6 +284,12 @@ class QueueReceiver:
             self._thread.join(5)
             if not self._thread.is_alive():
                 self._loop.close()
+
+
+def _give_up(pool: Pool) -> None:
+    """(On the loop) stop ``pool`` and stop waiting for its handlers."""
+    pool.request_stop()
+    pool.abandon.set()
 
 
 async def _make(group: str, topic: str, server: str | None, options: dict[str, Any]) -> AsyncQueueReceiver:

@@ -94,3 +94,41 @@ def test_a_closed_loop_and_the_loop_itself_are_refused(loop_thread):
     assert loop_thread.closed
     with pytest.raises(RuntimeError, match="closed"):
         loop_thread.run(asyncio.sleep(0))
+
+
+def test_an_interrupt_on_the_caller_cancels_the_operation_and_waits_for_it(loop_thread):
+    """A KeyboardInterrupt raised on the caller's thread (by work handed to it, or
+    by Ctrl-C) reaches the caller, not the loop (asyncio would stop the loop thread
+    with it, and the caller would wait for ever); the operation is cancelled, and
+    ``run`` returns only once its clean-up ran, so the client can be called again."""
+    cleaned: list[str] = []
+    raised: list[BaseException] = []
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    async def operation() -> None:
+        try:
+            await on_caller(interrupt)
+        finally:
+            await asyncio.sleep(0.2)  # a clean-up that takes a while
+            cleaned.append("done")
+
+    def caller() -> None:
+        try:
+            loop_thread.run(operation())
+        except BaseException as exc:  # noqa: BLE001 - looked at below
+            raised.append(exc)
+
+    thread = threading.Thread(target=caller, daemon=True)  # bounded: a hang fails the join
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "run() still waiting"
+    assert [type(e) for e in raised] == [KeyboardInterrupt]
+    assert cleaned == ["done"]
+    assert not loop_thread.closed
+
+    async def again() -> str:
+        return "ok"
+
+    assert loop_thread.run(again()) == "ok"
