@@ -56,6 +56,7 @@ import yaml
 from streamd.auth import Authority
 from streamd.cli.main import SERVE_ALIASES, SERVE_FLAGS, build_parser, main
 from streamd.config import BrokerConfig
+from tests.conftest import bounded
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -134,26 +135,6 @@ def matches(expected: list[str], actual: list[str]) -> bool:
     return go(0, 0)
 
 
-def in_thread(timeout_s: float, fn, what: str):
-    """``fn()`` in a daemon thread that must end within ``timeout_s``; its exception is
-    raised here (a docs example that hangs fails the test instead of wedging it)."""
-    box: dict = {}
-
-    def run() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as exc:  # re-raised in the test's thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    assert not thread.is_alive(), f"{what} did not finish within {timeout_s} s"
-    if "error" in box:
-        raise box["error"]
-    return box.get("result")
-
-
 # -- a session: the blocks of one file against one broker ---------------------------
 class Session:
     def __init__(self, server, workdir: Path, monkeypatch) -> None:
@@ -182,14 +163,15 @@ class Session:
         code = compile(self.address(block.text), block.where, "exec")
         if "fragment" in block.modifiers:
             return
-        in_thread(BLOCK_TIMEOUT_S, lambda: exec(code, self.namespace), block.where)
+        bounded(BLOCK_TIMEOUT_S, lambda: exec(code, self.namespace), what=block.where)
 
     def console(self, block: Block) -> None:
         for command, expected in console_steps(block):
             if "Ctrl-C" in command:
                 parses(shlex.split(command, comments=True), block)
                 continue
-            out = in_thread(BLOCK_TIMEOUT_S, lambda command=command, expected=expected: self.shell(command, expected), f"{block.where}: $ {command}")
+            out = bounded(BLOCK_TIMEOUT_S, lambda command=command, expected=expected: self.shell(command, expected),
+                          what=f"{block.where}: $ {command}")
             actual = [normalized(line.replace(self.server.address, DOC_ADDRESS)) for line in out.splitlines()]
             want = [normalized(line) for line in expected]
             assert matches(want, actual), (
