@@ -1,6 +1,7 @@
 """The transport's floor and the broker's cost of a one-record request, in one run.
 
-    python -m bench.floor [--messages N] [--seconds S] [--latency] [--rates 2000,20000]
+    python -m bench.floor [--messages N] [--seconds S] [--latency | --latency-only]
+                          [--rates 2000,20000] [--fsync always] [--broker-tree DIR]
 
 (a) **echo floor**: a bare grpc.aio bidi echo server in its own process (the same
 read/write handler style as the broker's ProduceStream), a client here doing one-message
@@ -50,6 +51,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ECHO_METHOD = "/floor.Echo/Echo"
 RECORD_BYTES = 100
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+_RUNNER: asyncio.Runner | None = None
+
+
+def run(coro: Any) -> Any:
+    """Run ``coro`` on this process's one event loop (grpc.aio binds to the first loop
+    it runs on; a second ``asyncio.run`` leaves callbacks for a closed loop)."""
+    global _RUNNER
+    if _RUNNER is None:
+        _RUNNER = asyncio.Runner()
+    return _RUNNER.run(coro)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -112,7 +125,7 @@ def echo_floor(workdir: str, n: int, seconds: float) -> dict[str, float]:
                           os.path.join(workdir, "echo.log"), cwd=ROOT)
     try:
         assert server.proc is not None
-        return asyncio.run(_echo_client(f"127.0.0.1:{server.port}", n, seconds, server.proc.pid))
+        return run(_echo_client(f"127.0.0.1:{server.port}", n, seconds, server.proc.pid))
     finally:
         server.stop()
 
@@ -126,11 +139,18 @@ def _serve_argv(data_dir: str) -> Callable[[int], list[str]]:
     return argv
 
 
+#: Where the broker's streamd comes from (``--broker-tree``: compare a tree's broker
+#: with this one's under the same clients); None: this checkout.
+BROKER_TREE: str | None = None
+
+
 @contextlib.contextmanager
 def broker(workdir: str) -> Iterator[tuple[str, int]]:
     """A ``streamd serve`` process: (address, pid); stopped on the way out."""
+    tree = BROKER_TREE or ROOT
+    env = {**os.environ, "PYTHONPATH": tree}
     server = start_server("streamd", _serve_argv(os.path.join(workdir, "data")),
-                          os.path.join(workdir, "streamd.log"), cwd=ROOT)
+                          os.path.join(workdir, "streamd.log"), cwd=tree, env=env)
     try:
         assert server.proc is not None
         yield f"127.0.0.1:{server.port}", server.proc.pid
@@ -214,8 +234,8 @@ def produce_one_at_a_time(address: str, pid: int, n: int, seconds: float) -> dic
         for fsync in ("interval", "always"):
             topic = f"floor-{fsync}"
             admin.create_topic(topic, 1, fsync=fsync)
-            results[f"raw_stream/{fsync}"] = asyncio.run(_raw_stream(address, topic, n, seconds, pid))
-            results[f"send_and_wait_async/{fsync}"] = asyncio.run(_async_sdk(address, topic, n, seconds, pid))
+            results[f"raw_stream/{fsync}"] = run(_raw_stream(address, topic, n, seconds, pid))
+            results[f"send_and_wait_async/{fsync}"] = run(_async_sdk(address, topic, n, seconds, pid))
             results[f"send_and_wait_blocking/{fsync}"] = _blocking_sdk(address, topic, n, seconds, pid)
             admin.delete_topic(topic)
     return results
@@ -327,7 +347,7 @@ def latency(reader: str = "blocking", rate: float = 2000, seconds: float = 5.0, 
                 if stdout.readline().strip() != "ready":
                     raise RuntimeError("the reader did not start")
 
-            sent, elapsed = asyncio.run(_paced_send(address, topic, rate, seconds, ready))
+            sent, elapsed = run(_paced_send(address, topic, rate, seconds, ready))
             line, _ = proc.communicate(timeout=seconds + 30)
             lat = json.loads(line.strip().splitlines()[-1])
         finally:
@@ -354,13 +374,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--latency", action="store_true", help="also end-to-end latency, both readers")
     ap.add_argument("--latency-only", action="store_true", help="only end-to-end latency")
     ap.add_argument("--rates", default="2000,20000", help="latency: records/s, comma-separated")
+    ap.add_argument("--broker-tree", help="run the broker from this streamd source tree (default: this one)")
+    ap.add_argument("--fsync", default="always", help="latency: the topic's fsync policy")
     args = ap.parse_args(argv)
+    global BROKER_TREE
+    BROKER_TREE = args.broker_tree
     doc: dict[str, Any] = {}
     if not args.latency_only:
         doc.update(floor(messages=args.messages, seconds=args.seconds))
     if args.latency or args.latency_only:
         with tempfile.TemporaryDirectory(prefix="floor-") as work, broker(work) as (address, _):
-            doc["latency"] = [latency(reader, float(rate), args.seconds, address=address)
+            doc["latency"] = [latency(reader, float(rate), args.seconds, fsync=args.fsync, address=address)
                               for rate in args.rates.split(",") for reader in ("blocking", "async")]
     json.dump(doc, sys.stdout, indent=2)
     print()
