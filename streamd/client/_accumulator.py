@@ -104,7 +104,7 @@ class Accumulator:
         return future_type(batch.outcome, index), flags, batch
 
     def _put(self, topic: str, prefix: bytes, value: bytes | None, record_len: int, key: bytes | None,
-             partition: int | None, info: TopicInfo) -> tuple[OpenBatch, int, int]:
+             partition: int | None, info: TopicInfo, deadline: float | None = None) -> tuple[OpenBatch, int, int]:
         limit = info.max_record_bytes
         if limit is not None and record_len > limit:
             raise too_large(topic, record_len, limit, "the topic's max_record_bytes")
@@ -132,8 +132,10 @@ class Accumulator:
         if batch is None:
             batch = self.open[(topic, partition)] = OpenBatch(
                 topic, partition, BatchOutcome(topic, partition, self.loop, self.loop_thread),
-                self.loop.time() + self.delivery_timeout_s)
+                self.loop.time() + self.delivery_timeout_s if deadline is None else deadline)
             flags |= OPENED
+        elif deadline is not None and deadline < batch.deadline:
+            batch.deadline = deadline  # a deferred record: its time runs from its send
         index = batch.count
         batch.count = index + 1
         batch.parts.append(prefix)
@@ -176,26 +178,42 @@ class Accumulator:
         with self.lock:
             return self.deferred[0] if self.deferred else None
 
-    def place(self, record: Deferred, info: TopicInfo | None) -> tuple[int, OpenBatch | None]:
+    def place(self, record: Deferred, info: TopicInfo | None) -> list[tuple[int, OpenBatch]]:
         """Place the oldest deferred record (``record``) into its batch, now that its
-        topic is looked up (``info``; None: the lookup failed, as ``record.outcome``
-        says). Returns the flags and the batch it joined (None: it failed)."""
+        topic is looked up (``info``; None: the lookup failed, as the caller tells
+        ``record.outcome``), then every deferred record after it whose topic is known
+        (in one go: a sender keeps adding while this runs). Returns the flags and
+        batch of each record that asks something of the loop."""
+        woken: list[tuple[int, OpenBatch]] = []
+        refused: list[tuple[Deferred, StreamdError]] = []
         with self.lock:
             if not self.deferred or self.deferred[0] is not record:
-                return 0, None
+                return woken
             self.deferred.popleft()
-            if info is None or record.outcome.done:
-                return 0, None
-            try:
-                batch, index, flags = self._put(record.topic, record.prefix, record.value, record.record_len,
-                                                record.key, record.partition, info)
-            except StreamdError as exc:
-                refused = exc
-            else:
-                batch.outcome.link(index, record.outcome)
-                return flags, batch
-        record.outcome.fail(refused)  # outside the lock: its callbacks may send again
-        return 0, None
+            if info is not None:
+                self._place(record, info, woken, refused)
+            while self.deferred:
+                head = self.deferred[0]
+                known = self.topics.get(head.topic)
+                if known is None or (head.partition is None and known.partition_count is None):
+                    break
+                self.deferred.popleft()
+                self._place(head, known, woken, refused)
+        for failed, exc in refused:  # outside the lock: their callbacks may send again
+            failed.outcome.fail(exc)
+        return woken
+
+    def _place(self, record: Deferred, info: TopicInfo, woken: list[tuple[int, OpenBatch]],
+               refused: list[tuple[Deferred, StreamdError]]) -> None:
+        try:
+            batch, index, flags = self._put(record.topic, record.prefix, record.value, record.record_len,
+                                            record.key, record.partition, info, record.deadline)
+        except StreamdError as exc:
+            refused.append((record, exc))
+            return
+        batch.outcome.link(index, record.outcome)
+        if flags:
+            woken.append((flags, batch))
 
     def fail_deferred(self, exc: BaseException) -> None:
         with self.lock:

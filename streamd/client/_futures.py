@@ -38,6 +38,9 @@ from streamd.v1 import streamd_pb2 as pb
 from .records import RecordMetadata
 
 log = logging.getLogger("streamd.client")
+#: Held while an outcome's condition is made, and while it finishes (so that a
+#: condition made meanwhile is never missed).
+_MAKING = threading.Lock()
 
 
 class BatchOutcome:
@@ -45,7 +48,7 @@ class BatchOutcome:
     pending, then finished with a result or an exception (never both)."""
 
     __slots__ = ("topic", "partition", "count", "state", "base_offset", "append_time_ms", "durable", "duplicate",
-                 "metas", "error", "cond", "callbacks", "watched", "links", "loop", "loop_thread")
+                 "metas", "error", "_cond", "callbacks", "watched", "links", "loop", "loop_thread")
 
     def __init__(self, topic: str, partition: int, loop: asyncio.AbstractEventLoop, loop_thread: int | None,
                  count: int = 0) -> None:
@@ -59,12 +62,22 @@ class BatchOutcome:
         self.duplicate = False
         self.metas: list[RecordMetadata] | None = None  # per index, when not base + index
         self.error: BaseException | None = None
-        self.cond = threading.Condition()
+        self._cond: threading.Condition | None = None  # made when a thread waits (most batches never)
         self.callbacks: list[tuple[Any, Callable[[Any], object], Context | None]] = []
         self.watched: list[RecordFuture] = []  # futures a concurrent.futures waiter watches
         self.links: list[tuple[int, BatchOutcome]] | None = None
         self.loop = loop
         self.loop_thread = loop_thread
+
+    @property
+    def cond(self) -> threading.Condition:
+        cond = self._cond
+        if cond is None:
+            with _MAKING:
+                cond = self._cond
+                if cond is None:
+                    cond = self._cond = threading.Condition()
+        return cond
 
     @property
     def done(self) -> bool:
@@ -116,16 +129,23 @@ class BatchOutcome:
             self._finish()
 
     def _finish(self) -> None:
-        with self.cond:
+        # A thread that makes the condition after this sees FINISHED under it; one
+        # that made it before is woken through it (see ``cond``).
+        with _MAKING:
             self.state = FINISHED
-            self.cond.notify_all()
-            for future in self.watched:
-                for waiter in future._w:
-                    if self.error is None:
-                        waiter.add_result(future)
-                    else:
-                        waiter.add_exception(future)
+            cond = self._cond
+        if cond is None:
             callbacks, self.callbacks = self.callbacks, []
+        else:
+            with cond:
+                cond.notify_all()
+                for future in self.watched:
+                    for waiter in future._w:
+                        if self.error is None:
+                            waiter.add_result(future)
+                        else:
+                            waiter.add_exception(future)
+                callbacks, self.callbacks = self.callbacks, []
         for future, fn, context in callbacks:
             future._run_callback(fn, context)
         if self.links:

@@ -484,6 +484,10 @@ class Sender:
                     await self._write(queue)
                 self._mark_ready(queue)
 
+    async def drain(self) -> None:
+        """Write what is ready now (``submit`` leaves it to a task)."""
+        await self._drain()
+
     def _kick(self) -> None:
         if self._ready and not self._reconnecting and (self._drainer is None or self._drainer.done()):
             self._drainer = asyncio.ensure_future(self._drain())

@@ -164,7 +164,17 @@ class AsyncProducer(AsyncClient):
                                          delay_ms, deliver_at_ms, AsyncRecordFuture)
         if flags:
             self._on_loop(flags, batch)
+        if batch is None:
+            await self._placed()
         return future
+
+    async def _placed(self) -> None:
+        """Wait until the deferred records are placed: an asyncio sender's next
+        record then goes straight into its batch (as the first send to a topic always
+        waited for its lookup)."""
+        placer = self._placer
+        if placer is not None and not placer.done():
+            await asyncio.wait([placer])
 
     async def send_and_wait(
         self,
@@ -184,6 +194,7 @@ class AsyncProducer(AsyncClient):
         future, flags, batch = self._add(topic, value, key, partition, headers, timestamp_ms, idempotency_key,
                                          delay_ms, deliver_at_ms, AsyncRecordFuture)
         self._ship_now(flags, batch)
+        await self._sender.drain()  # written now, not on the loop's next turn
         return await future
 
     async def send_batch(
@@ -302,10 +313,10 @@ class AsyncProducer(AsyncClient):
                                                         pinned=record.partition is not None)
                 except StreamdError as exc:
                     info, error = None, exc
-                flags, batch = self._acc.place(record, info)
+                woken = self._acc.place(record, info)
                 if error is not None:
                     record.outcome.fail(error)
-                if flags:
+                for flags, batch in woken:
                     self._on_loop(flags & ~DEFERRED, batch)
         except asyncio.CancelledError:
             self._acc.fail_deferred(closed_error())
