@@ -21,7 +21,9 @@ Workloads (one partition, ``--records`` records of 100 B, produced untimed with
 - ``process``: ``QueueReceiver.process(handler, max_messages=N)`` with a handler that
   does nothing (default workers), then ``flush()``; checked with ``describe()``;
 - ``send``: ``Producer.send()`` of each record (no key, default ``linger_ms``) in a
-  loop, then ``flush()``, every future resolved (nothing produced beforehand).
+  loop, then ``flush()``, every future resolved (nothing produced beforehand);
+- ``async_send``: the same with ``AsyncProducer.send()`` (``await producer.send(...)``
+  per record, then ``await flush()``).
 
 JSON on stdout: per workload and version the runs and their median, and
 ``after_vs_before`` (median after ÷ median before; > 1: after is faster).
@@ -40,7 +42,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKLOADS = ("produce", "consume", "queue", "process", "send")
+WORKLOADS = ("produce", "consume", "queue", "process", "send", "async_send")
 
 
 def client(address: str, workload: str, records: int) -> dict:
@@ -56,6 +58,21 @@ def client(address: str, workload: str, records: int) -> dict:
         admin.create_topic(topic, partitions=1)
     value = os.urandom(100)
     got = 0
+    if workload == "async_send":
+        import asyncio
+
+        from streamd.client import AsyncProducer
+
+        async def run() -> tuple[int, float]:
+            async with AsyncProducer(address) as producer:
+                began = time.perf_counter()
+                futures = [await producer.send(topic, value) for _ in range(records)]
+                await producer.flush()
+                seconds = time.perf_counter() - began
+                return sum([(await f).offset >= 0 for f in futures]), seconds
+
+        got, seconds = asyncio.run(run())
+        return {"records": got, "seconds": seconds, "records_per_s": got / seconds}
     if workload == "send":
         with Producer(address) as producer:
             began = time.perf_counter()

@@ -82,11 +82,8 @@ from streamd.v1 import streamd_pb2 as pb
 from streamd.v1 import streamd_pb2_grpc as rpc
 
 from ._channel import Calls, stub
+from ._futures import BatchOutcome
 from .errors import OutcomeUnknown, ProduceError, StreamdError
-from .records import RecordMetadata
-
-#: The futures of a batch's records (one for a whole batch sent with ``send_batch``).
-Futures = list["asyncio.Future[RecordMetadata]"]
 
 DEFAULT_DELIVERY_TIMEOUT_MS = 120_000
 DEFAULT_REQUEST_TIMEOUT_MS = 30_000
@@ -120,14 +117,13 @@ log = logging.getLogger("streamd.client")
 class _Batch:
     """A sealed batch until it is settled (answered, or failed for good)."""
 
-    __slots__ = ("queue", "batch", "futures", "whole", "record_count", "deadline", "written_at", "maybe_stored")
+    __slots__ = ("queue", "batch", "outcome", "record_count", "deadline", "written_at", "maybe_stored")
 
-    def __init__(self, queue: _PartitionQueue, batch: pb.RecordBatch, futures: Futures, whole: bool,
-                 count: int, deadline: float) -> None:
+    def __init__(self, queue: _PartitionQueue, batch: pb.RecordBatch, outcome: BatchOutcome, count: int,
+                 deadline: float) -> None:
         self.queue = queue
         self.batch = batch
-        self.futures = futures
-        self.whole = whole  # one future for the whole batch (send_batch)
+        self.outcome = outcome  # its records' futures point at it
         self.record_count = count
         self.deadline = deadline  # loop time
         self.written_at = 0.0
@@ -212,7 +208,8 @@ class Sender:
         self._random = rng or random.Random()
         self._running_loop: asyncio.AbstractEventLoop | None = None
         self._window = PER_PARTITION_IN_FLIGHT if idempotent else max_in_flight
-        self._slots = asyncio.Semaphore(max_in_flight)
+        self._free_slots = max_in_flight  # batches that may be sealed before one settles
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._seal_lock = asyncio.Lock()
         self._waiting_to_seal = 0  # enqueue() calls queued on (or holding) _seal_lock
         self._write_lock = asyncio.Lock()
@@ -254,7 +251,7 @@ class Sender:
     async def wait_settled(self) -> None:
         """Return once every batch sealed so far is answered or failed for good
         (within the delivery timeout)."""
-        while self._unsettled:
+        while self._unsettled or self._waiting_to_seal:
             if self._idle is None or self._idle.done():
                 self._idle = self._loop.create_future()
             await asyncio.shield(self._idle)
@@ -293,42 +290,91 @@ class Sender:
         if stream is not None:
             self._cancel_watchdog(stream)
 
-    async def enqueue(self, topic: str, partition: int, batch: pb.RecordBatch, futures: Futures, whole: bool,
-                      count: int, deadline: float) -> None:
+    def submit(self, topic: str, partition: int, batch: pb.RecordBatch, outcome: BatchOutcome, count: int,
+               deadline: float) -> None:
+        """``enqueue`` without waiting: sealed now when nothing waits to be sealed,
+        else queued behind what does (in call order, as ``enqueue``)."""
+        if self._must_wait():
+            self._waiting_to_seal += 1
+            task = asyncio.ensure_future(self._seal_in_turn(topic, partition, batch, outcome, count, deadline))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        self._free_slots -= 1
+        self._seal(topic, partition, batch, outcome, count, deadline)
+        self._kick()
+
+    async def enqueue(self, topic: str, partition: int, batch: pb.RecordBatch, outcome: BatchOutcome, count: int,
+                      deadline: float) -> None:
         """Seal a batch (its sequence number is fixed here) and queue it for writing.
-        ``futures``: one per record, or one for the whole batch (``whole``); each
-        resolves to its RecordMetadata once the batch is answered. ``deadline``: loop
-        time by which it is settled (see ``deadline()``)."""
+        ``outcome`` resolves (per record, or once for a whole ``send_batch``) once the
+        batch is answered. ``deadline``: loop time by which it is settled (see
+        ``deadline()``)."""
+        if self._must_wait():
+            self._waiting_to_seal += 1
+            await self._seal_in_turn(topic, partition, batch, outcome, count, deadline)
+        else:
+            self._free_slots -= 1
+            self._seal(topic, partition, batch, outcome, count, deadline)
+        await self._drain()
+
+    def _must_wait(self) -> bool:
         # FIFO: batches are sealed, and so numbered and written, in the order shipped.
         # While any batch waits to be sealed (for a slot or the producer id) every
         # later one queues behind it on the lock; only with nobody waiting may a batch
         # be sealed at once. (Not lock.locked(): between a release and the next
         # waiter's turn the lock reads as free, and a newcomer would overtake.)
-        if self._waiting_to_seal or self._slots.locked() or (self.idempotent and self._producer_id is None):
-            self._waiting_to_seal += 1
-            try:
-                async with self._seal_lock:
-                    # Bounded: the batches holding the slots are older, and expire first.
-                    await self._slots.acquire()
-                    if self.idempotent and self._producer_id is None:
-                        try:
-                            self._producer_id = await self._init_producer(deadline)
-                        except BaseException as exc:
-                            self._slots.release()
-                            _fail_futures(futures, exc)
-                            if isinstance(exc, Exception):
-                                return
-                            raise
-                    self._seal(topic, partition, batch, futures, whole, count, deadline)
-            finally:
-                self._waiting_to_seal -= 1
-        else:
-            await self._slots.acquire()  # free: returns at once, without yielding
-            self._seal(topic, partition, batch, futures, whole, count, deadline)
-        await self._drain()
+        return bool(self._waiting_to_seal or self._free_slots <= 0 or (self.idempotent and self._producer_id is None))
 
-    def _seal(self, topic: str, partition: int, batch: pb.RecordBatch, futures: Futures, whole: bool,
-              count: int, deadline: float) -> None:
+    async def _seal_in_turn(self, topic: str, partition: int, batch: pb.RecordBatch, outcome: BatchOutcome,
+                            count: int, deadline: float) -> None:
+        """Seal once the batches queued before are sealed (``_waiting_to_seal`` was
+        counted by the caller)."""
+        try:
+            async with self._seal_lock:
+                # Bounded: the batches holding the slots are older, and expire first.
+                await self._acquire_slot(outcome)
+                if self.idempotent and self._producer_id is None:
+                    try:
+                        self._producer_id = await self._init_producer(deadline)
+                    except BaseException as exc:
+                        self._release_slot()
+                        outcome.fail(exc if isinstance(exc, Exception) else closed_error())
+                        if isinstance(exc, Exception):
+                            return
+                        raise
+                self._seal(topic, partition, batch, outcome, count, deadline)
+        except asyncio.CancelledError:
+            outcome.fail(closed_error())  # close() gave up on it (or its caller was cancelled)
+            raise
+        finally:
+            self._waiting_to_seal -= 1
+            self._check_idle()
+        self._kick()
+
+    async def _acquire_slot(self, outcome: BatchOutcome) -> None:
+        if self._free_slots > 0 and not self._slot_waiters:
+            self._free_slots -= 1
+            return
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._slot_waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release_slot()  # handed over just as it was cancelled
+            raise
+
+    def _release_slot(self) -> None:
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot goes to it
+                return
+        self._free_slots += 1
+
+    def _seal(self, topic: str, partition: int, batch: pb.RecordBatch, outcome: BatchOutcome, count: int,
+              deadline: float) -> None:
         key = (topic, partition)
         queue = self._queues.get(key)
         if queue is None:
@@ -339,7 +385,7 @@ class Sender:
                 batch.base_sequence = queue.next_sequence
             queue.next_sequence += count
         self._unsettled += 1
-        queue.pending.append(_Batch(queue, batch, futures, whole, count, deadline))
+        queue.pending.append(_Batch(queue, batch, outcome, count, deadline))
         if self._expiry is None or deadline < self._expiry_at:
             self._arm_expiry(deadline)
         if self.idempotent and queue.producer_id is None:
@@ -438,6 +484,10 @@ class Sender:
                     await self._write(queue)
                 self._mark_ready(queue)
 
+    async def drain(self) -> None:
+        """Write what is ready now (``submit`` leaves it to a task)."""
+        await self._drain()
+
     def _kick(self) -> None:
         if self._ready and not self._reconnecting and (self._drainer is None or self._drainer.done()):
             self._drainer = asyncio.ensure_future(self._drain())
@@ -534,7 +584,7 @@ class Sender:
         if not answer.HasField("error"):
             self._attempt = 0
             self._take(item)
-            self._resolve(item, answer.response.results[0])
+            item.outcome.resolve(answer.response.results[0])
             self._settle(item)
         else:
             e = answer.error
@@ -564,27 +614,6 @@ class Sender:
         else:  # cannot happen: the broker answers a partition's requests in order
             log.error("produce answer for %s/%d out of order", queue.topic, queue.partition)
             queue.pending.remove(item)
-
-    def _resolve(self, item: _Batch, result: pb.PartitionProduceResult) -> None:
-        topic, partition = item.queue.topic, result.partition
-        base, append_time, durable, duplicate = result.base_offset, result.append_time_ms, result.durable, result.duplicate
-        futures = item.futures
-        if result.deduplicated:
-            seen = {d.index: d.offset for d in result.deduplicated}
-            metas, offset = [], base
-            for i in range(1 if item.whole else len(futures)):
-                if i in seen:
-                    metas.append(RecordMetadata(topic, partition, seen[i], append_time, durable, True))
-                else:
-                    metas.append(RecordMetadata(topic, partition, offset, append_time, durable, duplicate))
-                    offset += 1
-            for f, meta in zip(futures, metas, strict=True):
-                if not f.done():
-                    f.set_result(meta)
-            return
-        for i, f in enumerate(futures):
-            if not f.done():
-                f.set_result(RecordMetadata(topic, partition, base + i, append_time, durable, duplicate))
 
     def _unwrite(self, stream: _Stream, queue: _PartitionQueue) -> None:
         """Forget the requests of ``queue`` on ``stream`` (their answers are ignored);
@@ -624,10 +653,13 @@ class Sender:
 
     def _settle(self, item: _Batch, exc: BaseException | None = None) -> None:
         if exc is not None:
-            _fail_futures(item.futures, exc)
-        self._slots.release()
+            item.outcome.fail(exc)
+        self._release_slot()
         self._unsettled -= 1
-        if not self._unsettled and self._idle is not None and not self._idle.done():
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        if not self._unsettled and not self._waiting_to_seal and self._idle is not None and not self._idle.done():
             self._idle.set_result(None)
 
     def _fail_all(self, queue: _PartitionQueue, exc: BaseException) -> None:
@@ -789,10 +821,8 @@ def _code_of(cause: BaseException | None) -> str:
     return code if isinstance(code, str) else "UNKNOWN"
 
 
-def _fail_futures(futures: Futures, exc: BaseException) -> None:
-    for f in futures:
-        if not f.done():
-            f.set_exception(exc)
+def closed_error() -> StreamdError:
+    return StreamdError("CANCELLED", "PRODUCER_CLOSED", "the producer was closed before the record was sent")
 
 
 def _code_name(code: int) -> str:

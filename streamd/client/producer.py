@@ -40,17 +40,20 @@ resolves to the first record's offset with ``duplicate=True``.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeVar
 
 import grpc
+import lz4.frame
 
-from streamd.partitioner import key_partition
 from streamd.v1 import streamd_pb2 as pb
 from streamd.v1 import streamd_pb2_grpc as rpc
 
+from ._accumulator import DEFERRED, OPENED, SEALED, Accumulator, OpenBatch, encode
 from ._channel import AsyncClient, Security, server_label, stub
+from ._futures import AsyncRecordFuture, BatchOutcome, RecordFuture
+from ._lookups import TopicLookups
 from ._loop import LoopThread
 from ._sender import (
     DEFAULT_DELIVERY_TIMEOUT_MS,
@@ -58,43 +61,27 @@ from ._sender import (
     DEFAULT_RETRY_BACKOFF_MAX_MS,
     DEFAULT_RETRY_BACKOFF_MS,
     Sender,
+    closed_error,
+)
+from ._wire_records import (
+    _PLAIN,
+    MAX_TRANSPORT_RECORD_BYTES,
+    as_bytes,
+    check_fields,
+    encode_record,
+    entry,
+    plain_prefix,
+    too_large,
 )
 from .errors import StreamdError
-from .records import Headers, RecordMetadata, add_record, encode_batch, values_record_set
+from .records import Headers, RecordMetadata, values_record_set
 
 DEFAULT_LINGER_MS = 5
 DEFAULT_BATCH_MAX_BYTES = 512 * 1024
 DEFAULT_MAX_IN_FLIGHT = 64
-_RECORD_OVERHEAD = 16  # tags, lengths, timestamp
 #: Reconnect quickly after a broker restart (grpc's default waits 1 s, then longer).
 _RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
-
-
-class _Accumulator:
-    """Records waiting to be shipped to one partition."""
-
-    __slots__ = ("topic", "partition", "record_set", "futures", "size", "timer", "deadline")
-
-    def __init__(self, topic: str, partition: int) -> None:
-        self.topic = topic
-        self.partition = partition
-        self.record_set = pb.RecordSet()
-        self.futures: list[asyncio.Future[RecordMetadata]] = []
-        self.size = 0
-        self.timer: asyncio.TimerHandle | None = None
-        self.deadline = 0.0  # delivery deadline of the first record (loop time)
-
-
-class _Lookup:
-    """One topic's partition-count lookup in progress, shared by the calls waiting
-    for it (``waiters``); ``last_error``: its last failed attempt."""
-
-    __slots__ = ("task", "waiters", "last_error")
-
-    def __init__(self) -> None:
-        self.task: asyncio.Task[int] | None = None
-        self.waiters = 0
-        self.last_error: StreamdError | None = None
+F = TypeVar("F", RecordFuture, AsyncRecordFuture)
 
 
 class AsyncProducer(AsyncClient):
@@ -117,12 +104,15 @@ class AsyncProducer(AsyncClient):
         """``delivery_timeout_ms``: how long after a record is sent its future may
         stay unresolved (retries included; Kafka's ``delivery.timeout.ms``);
         ``request_timeout_ms``: how long one attempt waits for its answer (and a topic
-        lookup for its reply)."""
+        lookup for its reply). Made on the event loop it is used on."""
         if compression not in ("none", "lz4"):
             raise ValueError("compression must be 'none' or 'lz4'")
+        if not linger_ms >= 0:
+            raise ValueError("linger_ms must not be negative")
+        if not 0 < batch_max_bytes <= MAX_TRANSPORT_RECORD_BYTES:
+            raise ValueError(f"batch_max_bytes must be between 1 and {MAX_TRANSPORT_RECORD_BYTES}")
         super().__init__(server, channel=channel, security=security, timeout_s=request_timeout_ms / 1000,
                          extra_options=_RECONNECT_OPTIONS)
-        self._topics = stub(rpc.TopicServiceStub, self._channel)
         label = server_label(server, channel)
         self._sender = Sender(self._channel, idempotent=idempotent, max_in_flight=max_in_flight,
                               delivery_timeout_ms=delivery_timeout_ms, request_timeout_ms=request_timeout_ms,
@@ -131,12 +121,13 @@ class AsyncProducer(AsyncClient):
         self.linger_ms = linger_ms
         self.batch_max_bytes = batch_max_bytes
         self.compression = compression
-        self._order = asyncio.Lock()
-        self._acc: dict[tuple[str, int], _Accumulator] = {}
-        self._partition_counts: dict[str, int] = {}  # known: kept
-        self._lookups: dict[str, _Lookup] = {}  # in progress
-        self._sticky: dict[str, int] = {}
-        self._shipping: set[asyncio.Future[None]] = set()  # linger-expired batches being sealed
+        self._loop = asyncio.get_running_loop()
+        self._acc = Accumulator(self._loop, batch_max_bytes=batch_max_bytes,
+                                delivery_timeout_s=delivery_timeout_ms / 1000)
+        self._acc.loop_thread = threading.get_ident()
+        self._lookups = TopicLookups(stub(rpc.TopicServiceStub, self._channel).DescribeTopic, self._sender,
+                                     self._acc, label, request_timeout_ms / 1000)
+        self._placer: asyncio.Task[None] | None = None  # places deferred records
         self._closed = False
 
     @property
@@ -155,38 +146,35 @@ class AsyncProducer(AsyncClient):
         headers: Headers | None = None,
         timestamp_ms: int = 0,
         idempotency_key: str | None = None,
-    ) -> asyncio.Future[RecordMetadata]:
-        """Queue one record; the returned future resolves once it is acknowledged.
+        delay_ms: int = 0,
+        deliver_at_ms: int = 0,
+    ) -> AsyncRecordFuture:
+        """Queue one record; the returned future (an asyncio future: ``await`` it)
+        resolves once it is acknowledged. Wrong arguments raise here (TypeError,
+        ValueError; a record over the topic's ``max_record_bytes`` or a partition
+        past its count, once the topic was looked up: ``StreamdError``).
 
         ``idempotency_key``: on a topic with a dedup window, a record whose key the
         partition saw within the window is not appended again; its metadata then says
-        ``duplicate=True`` with the first record's offset.
+        ``duplicate=True`` with the first record's offset. ``delay_ms`` /
+        ``deliver_at_ms`` (ms since the epoch; one or the other): queue groups hand
+        the record out no earlier (stream readers see it at once).
         """
-        if self._closed:
-            raise RuntimeError("producer is closed")
-        deadline = self._sender.deadline()  # from now: a topic lookup counts against it
-        # Records enter their batches in call order. The first sends to a topic wait
-        # for its partition count; a later send must not overtake them when it starts
-        # just after the lookup ends, hence the FIFO lock (free when uncontended).
-        async with self._order:
-            if partition is None:
-                partition = await self._choose_partition(topic, key, deadline)
-            acc = self._acc.get((topic, partition))
-            if acc is None:
-                acc = self._acc[(topic, partition)] = _Accumulator(topic, partition)
-            add_record(acc.record_set, value, key, headers, timestamp_ms, idempotency_key)
-            future = asyncio.get_running_loop().create_future()
-            if not acc.futures:
-                acc.deadline = deadline
-            acc.futures.append(future)
-            acc.size += len(value) + (len(key) if key else 0) + _RECORD_OVERHEAD
-            if idempotency_key:
-                acc.size += len(idempotency_key)
-        if acc.size >= self.batch_max_bytes:
-            await self._ship(acc)
-        elif acc.timer is None:
-            acc.timer = asyncio.get_running_loop().call_later(self.linger_ms / 1000, self._linger_expired, acc)
+        future, flags, batch = self._add(topic, value, key, partition, headers, timestamp_ms, idempotency_key,
+                                         delay_ms, deliver_at_ms, AsyncRecordFuture)
+        if flags:
+            self._on_loop(flags, batch)
+        if batch is None:
+            await self._placed()
         return future
+
+    async def _placed(self) -> None:
+        """Wait until the deferred records are placed: an asyncio sender's next
+        record then goes straight into its batch (as the first send to a topic always
+        waited for its lookup)."""
+        placer = self._placer
+        if placer is not None and not placer.done():
+            await asyncio.wait([placer])
 
     async def send_and_wait(
         self,
@@ -198,44 +186,42 @@ class AsyncProducer(AsyncClient):
         headers: Headers | None = None,
         timestamp_ms: int = 0,
         idempotency_key: str | None = None,
+        delay_ms: int = 0,
+        deliver_at_ms: int = 0,
     ) -> RecordMetadata:
-        """Send one record now (no linger) and wait for its acknowledgement."""
-        if self._closed:
-            raise RuntimeError("producer is closed")
-        record_set = pb.RecordSet()
-        add_record(record_set, value, key, headers, timestamp_ms, idempotency_key)
-        future: asyncio.Future[RecordMetadata] = asyncio.get_running_loop().create_future()
-        deadline = self._sender.deadline()
-        async with self._order:
-            if partition is None:
-                partition = await self._choose_partition(topic, key, deadline)
-            acc = self._acc.get((topic, partition))
-            if acc is not None and acc.futures:
-                await self._ship(acc)  # records sent earlier go first
-            await self._sender.enqueue(topic, partition, encode_batch(record_set, self.compression), [future], False, 1,
-                                       deadline)
+        """Send one record now (no linger: with the records sent before it to its
+        partition) and wait for its acknowledgement."""
+        future, flags, batch = self._add(topic, value, key, partition, headers, timestamp_ms, idempotency_key,
+                                         delay_ms, deliver_at_ms, AsyncRecordFuture)
+        self._ship_now(flags, batch)
+        await self._sender.drain()  # written now, not on the loop's next turn
         return await future
 
     async def send_batch(
         self, topic: str, partition: int, values: Iterable[bytes] | pb.RecordSet
-    ) -> asyncio.Future[RecordMetadata]:
+    ) -> AsyncRecordFuture:
         """Ship one batch now (no linger); resolves with the batch's first offset.
 
         The bulk fast path: ``values`` are keyless record values, or a prepared RecordSet.
         """
+        if self._closed:
+            raise RuntimeError("producer is closed")
         record_set = values if isinstance(values, pb.RecordSet) else values_record_set(values)
-        future = asyncio.get_running_loop().create_future()
-        deadline = self._sender.deadline()
-        batch = encode_batch(record_set, self.compression)
-        await self._sender.enqueue(topic, partition, batch, [future], True, len(record_set.records), deadline)
-        return future
+        count = len(record_set.records)
+        batch = self._batch(record_set.SerializeToString())
+        if batch.ByteSize() > MAX_TRANSPORT_RECORD_BYTES:
+            raise too_large(topic, batch.ByteSize(), MAX_TRANSPORT_RECORD_BYTES, "the transport's limit")
+        outcome = BatchOutcome(topic, partition, self._loop, self._acc.loop_thread, 1)
+        await self._sender.enqueue(topic, partition, batch, outcome, count, self._sender.deadline())
+        return AsyncRecordFuture(outcome, 0)
 
     async def flush(self) -> None:
         """Ship everything queued and wait for every answer."""
-        for acc in list(self._acc.values()):
-            await self._ship(acc)
-        if self._shipping:
-            await asyncio.gather(*list(self._shipping), return_exceptions=True)
+        placer = self._placer
+        if placer is not None and not placer.done():
+            await asyncio.wait([placer])
+        self._acc.seal_all()
+        self._pump()
         await self._sender.wait_settled()
 
     async def close(self) -> None:
@@ -245,9 +231,10 @@ class AsyncProducer(AsyncClient):
             await self.flush()
         finally:
             self._closed = True
-            for lookup in list(self._lookups.values()):
-                if lookup.task is not None:
-                    lookup.task.cancel()  # its waiters fail with PRODUCER_CLOSED
+            self._lookups.cancel()
+            if self._placer is not None and not self._placer.done():
+                self._placer.cancel()
+                await asyncio.wait([self._placer])
             await self._sender.close()
             await self._close_channel()
 
@@ -255,115 +242,96 @@ class AsyncProducer(AsyncClient):
         """The topic's partition count (looked up once, then kept). Waits at most
         ``request_timeout_ms`` (retrying meanwhile), then fails with
         ``DEADLINE_EXCEEDED``/``TIMED_OUT``."""
-        count = self._partition_counts.get(topic)
-        if count is not None:
-            return count
-        timeout_s = self._calls.timeout_s
-        return await self._wait_lookup(topic, asyncio.get_running_loop().time() + timeout_s, lambda last: StreamdError(
-            "DEADLINE_EXCEEDED", "TIMED_OUT",
-            f"no answer to DescribeTopic from {self._calls.server} within {timeout_s:g} s{_last(last)}"))
+        return await self._lookups.partition_count(topic)
 
-    async def _count_for(self, topic: str, deadline: float) -> int:
-        """The partition count a record sent with delivery ``deadline`` needs."""
-        count = self._partition_counts.get(topic)
-        if count is not None:
-            return count
-        return await self._wait_lookup(topic, deadline, lambda last: StreamdError(
-            "DEADLINE_EXCEEDED", "DELIVERY_TIMEOUT",
-            f"record(s) for {topic} not stored: its partition count was not known within delivery_timeout_ms="
-            f"{self._sender.delivery_timeout_s * 1000:g}{_last(last)}"))
-
-    async def _wait_lookup(self, topic: str, deadline: float,
-                           timed_out: Callable[[StreamdError | None], StreamdError]) -> int:
-        """Wait for the topic's shared lookup until ``deadline`` (loop time), then
-        raise ``timed_out(last error)``; the lookup goes on for the other waiters and
-        is given up when none is left. Concurrent waiters resume in the order they
-        came (a future wakes its waiters FIFO), so record order is kept."""
-        lookup = self._lookups.get(topic)
-        if lookup is None:
-            lookup = self._lookups[topic] = _Lookup()
-            lookup.task = asyncio.ensure_future(self._look_up(topic, lookup))
-        task = lookup.task
-        assert task is not None
-        lookup.waiters += 1
-        try:
-            async with asyncio.timeout_at(deadline):
-                return await asyncio.shield(task)
-        except TimeoutError:
-            raise timed_out(lookup.last_error) from None
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if task.cancelled() and not (current is not None and current.cancelling()):
-                raise StreamdError("CANCELLED", "PRODUCER_CLOSED",
-                                   f"the producer was closed before the partition count of {topic} was known") from None
-            raise
-        finally:
-            lookup.waiters -= 1
-            if not lookup.waiters and not task.done():
-                # Nobody waits for it: give it up now (not when the task gets to
-                # it), so that the next send starts a lookup of its own.
-                task.cancel()
-                if self._lookups.get(topic) is lookup:
-                    del self._lookups[topic]
-
-    async def _look_up(self, topic: str, lookup: _Lookup) -> int:
-        """DescribeTopic until it answers or fails for good (FATAL_CODES); each attempt
-        bounded by the request timeout, backoff between them. Keeps the count; a
-        failure is not kept (the lookup leaves ``_lookups`` either way)."""
-        try:
-            reply: pb.DescribeTopicResponse = await self._sender.call_retrying(
-                self._topics.DescribeTopic, pb.DescribeTopicRequest(topic=topic),
-                failed=lambda exc: setattr(lookup, "last_error", exc))
-            count: int = reply.topic.partition_count
-            self._partition_counts[topic] = count
-            return count
-        finally:
-            if self._lookups.get(topic) is lookup:
-                del self._lookups[topic]
-
-    # -- batching ------------------------------------------------------------
-    async def _choose_partition(self, topic: str, key: bytes | None, deadline: float) -> int:
-        count = await self._count_for(topic, deadline)
+    # -- adding records (any thread) ------------------------------------------
+    def _add(self, topic: str, value: bytes, key: bytes | None, partition: int | None, headers: Headers | None,
+             timestamp_ms: int, idempotency_key: str | None, delay_ms: int, deliver_at_ms: int,
+             future_type: type[F]) -> tuple[F, int, OpenBatch | None]:
+        """Check one record and add it to the accumulator (see ``Accumulator.add``)."""
+        if self._closed:
+            raise RuntimeError("producer is closed")
+        if value.__class__ is not bytes:
+            value = as_bytes(value, "value")
+        if (key is None and headers is None and not timestamp_ms and idempotency_key is None and not delay_ms
+                and not deliver_at_ms and (partition is None or partition.__class__ is int and partition >= 0)):
+            got = _PLAIN.get(len(value))
+            if got is None:
+                if len(value) > MAX_TRANSPORT_RECORD_BYTES:
+                    raise too_large(topic, len(value), MAX_TRANSPORT_RECORD_BYTES, "the transport's limit")
+                got = plain_prefix(len(value))
+            return self._acc.add(topic, got[0], value, got[1], None, partition, future_type)
+        check_fields(key, partition, headers, timestamp_ms, idempotency_key, delay_ms, deliver_at_ms)
         if key is not None:
-            return key_partition(key, count)
-        # Sticky round-robin: keyless records fill one partition's batch at a time.
-        return self._sticky.setdefault(topic, 0) % count
+            key = as_bytes(key, "key")
+        record = encode_record(value, key, headers, timestamp_ms, idempotency_key, delay_ms, deliver_at_ms)
+        if len(record) > MAX_TRANSPORT_RECORD_BYTES:
+            raise too_large(topic, len(record), MAX_TRANSPORT_RECORD_BYTES, "the transport's limit")
+        return self._acc.add(topic, entry(record), None, len(record), key, partition, future_type)
 
-    def _linger_expired(self, acc: _Accumulator) -> None:
-        acc.timer = None
-        if acc.futures:
-            task = asyncio.ensure_future(self._ship(acc))
-            self._shipping.add(task)
-            task.add_done_callback(self._shipping.discard)
+    # -- on the loop -----------------------------------------------------------
+    def _on_loop(self, flags: int, batch: OpenBatch | None) -> None:
+        """What ``Accumulator.add``'s ``flags`` ask of the loop (once per batch)."""
+        if flags & OPENED and batch is not None and batch.timer is None and batch.outcome.count == 0:
+            batch.timer = self._loop.call_later(self.linger_ms / 1000, self._linger_expired, batch)
+        if flags & SEALED:
+            self._pump()
+        if flags & DEFERRED and (self._placer is None or self._placer.done()):
+            self._placer = asyncio.ensure_future(self._place_deferred())
 
-    async def _ship(self, acc: _Accumulator) -> None:
-        if acc.timer is not None:
-            acc.timer.cancel()
-            acc.timer = None
-        if not acc.futures:
-            return
-        record_set, futures = acc.record_set, acc.futures
-        acc.record_set, acc.futures, acc.size = pb.RecordSet(), [], 0
-        if acc.topic in self._sticky:
-            self._sticky[acc.topic] += 1
-        batch = encode_batch(record_set, self.compression)
-        await self._sender.enqueue(acc.topic, acc.partition, batch, futures, False, len(futures), acc.deadline)
+    def _ship_now(self, flags: int, batch: OpenBatch | None) -> None:
+        self._on_loop(flags & ~OPENED, batch)
+        if batch is not None and self._acc.linger_expired(batch):
+            self._pump()
 
+    def _linger_expired(self, batch: OpenBatch) -> None:
+        if self._acc.linger_expired(batch):
+            self._pump()
 
-def _last(error: StreamdError | None) -> str:
-    return "" if error is None else f" (last error: {error})"
+    def _pump(self) -> None:
+        """Hand the sealed batches to the sender, oldest first."""
+        while (batch := self._acc.take_sealed()) is not None:
+            if batch.timer is not None:
+                batch.timer.cancel()
+                batch.timer = None
+            self._sender.submit(batch.topic, batch.partition, self._batch(encode(batch)), batch.outcome, batch.count,
+                                batch.deadline)
+
+    def _batch(self, payload: bytes) -> pb.RecordBatch:
+        if self.compression == "lz4":
+            return pb.RecordBatch(compression=pb.COMPRESSION_LZ4, records=lz4.frame.compress(payload))
+        return pb.RecordBatch(compression=pb.COMPRESSION_NONE, records=payload)
+
+    async def _place_deferred(self) -> None:
+        """Place the deferred records, oldest first, each once its topic is looked up
+        (or fail it, alone, when the lookup fails for it)."""
+        try:
+            while (record := self._acc.head_deferred()) is not None:
+                error: StreamdError | None = None
+                try:
+                    info = await self._lookups.info_for(record.topic, record.deadline,
+                                                        pinned=record.partition is not None)
+                except StreamdError as exc:
+                    info, error = None, exc
+                woken = self._acc.place(record, info)
+                if error is not None:
+                    record.outcome.fail(error)
+                for flags, batch in woken:
+                    self._on_loop(flags & ~DEFERRED, batch)
+        except asyncio.CancelledError:
+            self._acc.fail_deferred(closed_error())
+            raise
 
 
 class Producer:
     """A blocking producer: an AsyncProducer on a private event-loop thread
-    (``_loop``).
-
-    ``send`` returns a ``concurrent.futures.Future`` resolving to RecordMetadata.
-    """
+    (``_loop``). ``send`` adds the record to its partition's batch on the calling
+    thread (no hop to the loop thread per record) and returns a ``RecordFuture`` (a
+    ``concurrent.futures.Future`` resolving to RecordMetadata; ``_futures``).
+    Thread-safe: any number of threads may send at once."""
 
     def __init__(self, server: str | None = None, **options: Any) -> None:
         self._loop = LoopThread("streamd-producer")
-        self._enqueued: list[concurrent.futures.Future[None]] = []
         self._producer: AsyncProducer = self._loop.run(self._make(server, options))
 
     async def _make(self, server: str | None, options: dict[str, Any]) -> AsyncProducer:
@@ -375,32 +343,49 @@ class Producer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def send(self, topic: str, value: bytes, **kwargs: Any) -> concurrent.futures.Future[RecordMetadata]:
-        result: concurrent.futures.Future[RecordMetadata] = concurrent.futures.Future()
+    def send(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: bytes | None = None,
+        partition: int | None = None,
+        headers: Headers | None = None,
+        timestamp_ms: int = 0,
+        idempotency_key: str | None = None,
+        delay_ms: int = 0,
+        deliver_at_ms: int = 0,
+    ) -> RecordFuture:
+        """As ``AsyncProducer.send``; returns a ``concurrent.futures.Future``."""
+        future, flags, batch = self._producer._add(topic, value, key, partition, headers, timestamp_ms,
+                                                   idempotency_key, delay_ms, deliver_at_ms, RecordFuture)
+        if flags:
+            self._producer._loop.call_soon_threadsafe(self._producer._on_loop, flags, batch)
+        return future
 
-        def copy(done: asyncio.Future[RecordMetadata]) -> None:
-            error = done.exception()
-            if error is not None:
-                result.set_exception(error)
-            else:
-                result.set_result(done.result())
-
-        async def enqueue() -> None:
-            try:
-                record = await self._producer.send(topic, value, **kwargs)
-            except BaseException as exc:
-                result.set_exception(exc)
-            else:
-                record.add_done_callback(copy)
-
-        # flush() waits for these, so a flush covers every send made before it.
-        self._enqueued.append(self._loop.submit(enqueue()))
-        if len(self._enqueued) > 10_000:
-            self._enqueued = [f for f in self._enqueued if not f.done()]
-        return result
-
-    def send_and_wait(self, topic: str, value: bytes, **kwargs: Any) -> RecordMetadata:
-        return self._loop.run(self._producer.send_and_wait(topic, value, **kwargs))
+    def send_and_wait(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: bytes | None = None,
+        partition: int | None = None,
+        headers: Headers | None = None,
+        timestamp_ms: int = 0,
+        idempotency_key: str | None = None,
+        delay_ms: int = 0,
+        deliver_at_ms: int = 0,
+    ) -> RecordMetadata:
+        """Send one record now (no linger) and wait for its acknowledgement (at most
+        the delivery timeout)."""
+        producer = self._producer
+        future, flags, batch = producer._add(topic, value, key, partition, headers, timestamp_ms, idempotency_key,
+                                             delay_ms, deliver_at_ms, RecordFuture)
+        try:
+            producer._loop.call_soon_threadsafe(producer._ship_now, flags, batch)
+        except RuntimeError:
+            raise RuntimeError("the client is closed") from None
+        return future.result()
 
     def send_batch(self, topic: str, partition: int, values: Sequence[bytes] | pb.RecordSet) -> RecordMetadata:
         async def go() -> RecordMetadata:
@@ -409,9 +394,6 @@ class Producer:
         return self._loop.run(go())
 
     def flush(self) -> None:
-        enqueued, self._enqueued = self._enqueued, []
-        for future in enqueued:
-            future.result()
         self._loop.run(self._producer.flush())
 
     def partition_count(self, topic: str) -> int:
@@ -421,8 +403,6 @@ class Producer:
         if self._loop.closed:
             return
         try:
-            for future in self._enqueued:
-                future.result()
             self._loop.run(self._producer.close())
         finally:
             self._loop.close()
