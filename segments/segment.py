@@ -342,13 +342,30 @@ class Segment:
 
     def sync_fds(self) -> list[int]:
         """Duplicates of the open descriptors with unsynced writes (caller fsyncs and
-        closes them); duplicates stay valid even if the segment is closed meanwhile."""
-        fds = [os.dup(self._fd)] if self._fd is not None else []
-        for index in (self._offset_index, self._time_index):
-            fd = index.sync_fd() if index is not None else None
-            if fd is not None:
-                fds.append(fd)
+        closes them); duplicates stay valid even if the segment is closed meanwhile.
+        Index files come only if their entries changed since the last call; if a
+        duplicate cannot be made (EMFILE) none is returned and the indexes stay due."""
+        fds: list[int] = []
+        try:
+            if self._fd is not None:
+                fds.append(os.dup(self._fd))
+            for index in (self._offset_index, self._time_index):
+                fd = index.sync_fd() if index is not None else None
+                if fd is not None:
+                    fds.append(fd)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            self.mark_unsynced()
+            raise
         return fds
+
+    def mark_unsynced(self) -> None:
+        """Its indexes are due for the next ``sync_fds`` again (the flush that took
+        their descriptors did not happen)."""
+        for index in (self._offset_index, self._time_index):
+            if index is not None:
+                index.mark_unsynced()
 
     def release_fds(self) -> None:
         """Close a sealed segment's descriptors once its writes are synced."""

@@ -258,9 +258,9 @@ class Broker:
 
     # -- topics --------------------------------------------------------------
     def topic(self, name: str) -> Topic:
-        check_topic_name(name)
         topic = self.topics.get(name)
-        if topic is None:
+        if topic is None:  # only valid names are ever keys: check the name on a miss
+            check_topic_name(name)
             raise TopicNotFound(name)
         return topic
 
@@ -406,7 +406,9 @@ class Broker:
             plan.part.sync_to(plan.durable_offset(base, count)) for plan, base, count, _ in appended if durable
         ] + [_save_producer_state(plan.part, now) for plan, *_ in appended if plan.needs_snapshot]
         waiter: asyncio.Future[None]
-        if waits:
+        if len(waits) == 1:  # the usual fsync=always request: one partition's sync
+            waiter = asyncio.ensure_future(waits[0])
+        elif waits:
             waiter = asyncio.ensure_future(_gather(*waits))
         else:
             waiter = asyncio.get_running_loop().create_future()

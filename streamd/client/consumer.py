@@ -19,6 +19,19 @@ Kafka's consumer does with a CorruptRecordException: the caller decides. With
 the range (logger ``streamd.client.consumer``). ``fetch()`` is one plain Fetch and
 always raises.
 
+Positions out of range (OFFSET_OUT_OF_RANGE: retention deleted the records, or the
+position is past the end): ``auto_offset_reset`` says what ``poll()``, ``records()``
+and ``subscribe()`` do, with Kafka's names. ``"error"`` (the default: a plain
+consumer's positions are the caller's own, so nothing moves them behind its back,
+as before) raises the ``StreamdError`` (reason ``OFFSET_OUT_OF_RANGE``, metadata
+``log_start_offset``/``log_end_offset``) with the position left where it was;
+``"earliest"`` goes on at the log start and ``"latest"`` at the log end (the high
+watermark), whichever side the position fell off, and each reset is logged once as a
+warning naming the partition and both offsets (event ``offset_reset``). Kafka's
+default for a new group is ``latest``; a plain consumer has no group and starts
+where ``assign``/``seek`` put it, so it keeps raising unless asked otherwise.
+``fetch()`` is one plain Fetch at the offset given and always raises.
+
 Deadlines: each unary call (and each Fetch, with its long-poll ``max_wait_ms`` added)
 gets the client's ``timeout_s`` (default 30 s) or a per-call ``timeout_s=``;
 Subscribe streams have none (``streamd.client._channel``).
@@ -44,6 +57,41 @@ from .records import ConsumerRecord, decode_batches, iter_batch
 log = logging.getLogger("streamd.client.consumer")
 
 DEFAULT_MAX_WAIT_MS = 500
+#: ``auto_offset_reset`` values (module docstring); "error" is the default.
+AUTO_OFFSET_RESETS = ("earliest", "latest", "error")
+OUT_OF_RANGE_REASON = "OFFSET_OUT_OF_RANGE"
+
+
+def check_reset(policy: str) -> str:
+    if policy not in AUTO_OFFSET_RESETS:
+        raise ValueError(f"auto_offset_reset must be one of {AUTO_OFFSET_RESETS}, not {policy!r}")
+    return policy
+
+
+def reset_offset(err: StreamdError, policy: str, topic: str, partition: int) -> int:
+    """Where to go on after ``err``: for OFFSET_OUT_OF_RANGE with an ``earliest`` or
+    ``latest`` policy, the log start or end the broker named (logged once); any other
+    error, or the ``error`` policy, raises ``err``."""
+    if err.reason != OUT_OF_RANGE_REASON or policy == "error":
+        raise err
+    try:
+        start, end = int(err.metadata["log_start_offset"]), int(err.metadata["log_end_offset"])
+    except (KeyError, ValueError):
+        raise err from None
+    offset = start if policy == "earliest" else end
+    log.warning("%s/%d: offset %s is out of range [%d, %d]; auto_offset_reset=%s goes on at %d",
+                topic, partition, err.metadata.get("offset", "?"), start, end, policy, offset,
+                extra={"event": "offset_reset", "topic": topic, "partition": partition,
+                       "from_offset": err.metadata.get("offset"), "to_offset": offset, "policy": policy})
+    return offset
+
+
+def go_on_at(err: StreamdError, skip_corrupt: bool, reset: str, topic: str, partition: int) -> int:
+    """Where reading goes on after ``err``: past damage (``skip_past``), at a reset
+    position (``reset_offset``), or ``err`` is raised."""
+    if isinstance(err, CorruptRecordsError):
+        return skip_past(err, skip_corrupt)
+    return reset_offset(err, reset, topic, partition)
 
 
 def skip_past(err: CorruptRecordsError, skip: bool) -> int:
@@ -58,13 +106,15 @@ def skip_past(err: CorruptRecordsError, skip: bool) -> int:
     return err.next_offset
 
 
-def resubscribe_at(err: grpc.RpcError, skip: bool) -> int:
+def resubscribe_at(err: grpc.RpcError, skip: bool, reset: str = "error", topic: str = "", partition: int = 0) -> int:
     """Where a Subscribe stream that ended with ``err`` starts again: past damaged
-    records when skipping them (logged); any other error is raised as a StreamdError."""
+    records when skipping them, at the reset position when out of range (both
+    logged); any other error is raised as a StreamdError."""
     error = StreamdError.from_rpc_error(err)
-    if not (isinstance(error, CorruptRecordsError) and skip):
+    try:
+        return go_on_at(error, skip, reset, topic, partition)
+    except StreamdError:
         raise error from None
-    return skip_past(error, True)
 
 
 def _start_fields(offset: int | None, timestamp_ms: int | None, position: str | None) -> dict[str, Any]:
@@ -100,9 +150,11 @@ def fetch_future(
 class Consumer(SyncClient):
     def __init__(self, server: str | None = None, *, channel: grpc.Channel | None = None,
                  security: Security | None = None, skip_corrupt: bool = False,
-                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+                 timeout_s: float = DEFAULT_TIMEOUT_S, auto_offset_reset: str = "error") -> None:
         """``skip_corrupt``: go on past damaged records (logged) instead of raising
-        ``CorruptRecordsError`` (see the module docstring)."""
+        ``CorruptRecordsError``; ``auto_offset_reset``: "earliest", "latest" or
+        "error" for positions out of range (see the module docstring)."""
+        self.auto_offset_reset = check_reset(auto_offset_reset)  # before a channel exists
         super().__init__(server, channel=channel, security=security, timeout_s=timeout_s)
         self.skip_corrupt = skip_corrupt
         self.positions: dict[tuple[str, int], int] = {}
@@ -200,8 +252,8 @@ class Consumer(SyncClient):
         for key, offset in list(self.positions.items()):
             try:
                 records, reply = self.fetch(*key, offset, max_records=max_records)
-            except CorruptRecordsError as err:
-                self.positions[key] = skip_past(err, self.skip_corrupt)
+            except StreamdError as err:
+                self.positions[key] = self._go_on_at(err, key)
                 continue
             self._advance(key, reply)
             out.extend(records)
@@ -209,14 +261,20 @@ class Consumer(SyncClient):
             key, offset = next(iter(self.positions.items()))
             try:
                 records, reply = self.fetch(*key, offset, max_records=max_records, max_wait_ms=max_wait_ms)
-            except CorruptRecordsError as err:
-                self.positions[key] = skip_past(err, self.skip_corrupt)
+            except StreamdError as err:
+                self.positions[key] = self._go_on_at(err, key)
                 return out
             self._advance(key, reply)
             out.extend(records)
         elif not out and max_wait_ms > 0:
             time.sleep(min(max_wait_ms, 50) / 1000)
         return out
+
+    def _go_on_at(self, err: StreamdError, key: tuple[str, int]) -> int:
+        offset = go_on_at(err, self.skip_corrupt, self.auto_offset_reset, *key)
+        if err.reason == OUT_OF_RANGE_REASON:  # reset: the end the broker named is the end
+            self.ends[key] = int(err.metadata["log_end_offset"])
+        return offset
 
     def _advance(self, key: tuple[str, int], reply: pb.FetchResponse) -> None:
         if reply.batches:
@@ -247,8 +305,8 @@ class Consumer(SyncClient):
                 for key in keys:
                     try:
                         reply = self._result(inflight[key], self._calls.deadline(wait_s=wait / 1000))
-                    except CorruptRecordsError as err:
-                        self.positions[key] = skip_past(err, self.skip_corrupt)
+                    except StreamdError as err:
+                        self.positions[key] = self._go_on_at(err, key)
                         inflight[key] = self._fetch_future(key, self.positions[key], wait, max_bytes)
                         continue
                     start = self.positions[key]
@@ -306,7 +364,7 @@ class Consumer(SyncClient):
             except grpc.RpcError as err:
                 if err.code() == grpc.StatusCode.CANCELLED:
                     return
-                start = resubscribe_at(err, self.skip_corrupt)
+                start = resubscribe_at(err, self.skip_corrupt, self.auto_offset_reset, topic, partition)
                 start_fields = {"offset": start}
             finally:
                 call.cancel()
@@ -317,8 +375,9 @@ class AsyncConsumer(AsyncClient):
 
     def __init__(self, server: str | None = None, *, channel: grpc.aio.Channel | None = None,
                  security: Security | None = None, skip_corrupt: bool = False,
-                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        """``skip_corrupt``: as ``Consumer``'s, for ``subscribe``."""
+                 timeout_s: float = DEFAULT_TIMEOUT_S, auto_offset_reset: str = "error") -> None:
+        """``skip_corrupt``, ``auto_offset_reset``: as ``Consumer``'s, for ``subscribe``."""
+        self.auto_offset_reset = check_reset(auto_offset_reset)  # before a channel exists
         super().__init__(server, channel=channel, security=security, timeout_s=timeout_s)
         self.skip_corrupt = skip_corrupt
         self._log = stub(rpc.LogServiceStub, self._channel)
@@ -366,10 +425,11 @@ class AsyncConsumer(AsyncClient):
                     return
                 except grpc.RpcError as err:
                     error = StreamdError.from_rpc_error(err)
-                    if not (isinstance(error, CorruptRecordsError) and self.skip_corrupt):
+                    try:
+                        start = go_on_at(error, self.skip_corrupt, self.auto_offset_reset, topic, partition)
+                    except StreamdError:
                         await queue.put(error)
                         return
-                    start = skip_past(error, True)
                     start_fields = {"offset": start}
 
         tasks = [asyncio.create_task(pump(p)) for p in partitions]
@@ -399,7 +459,7 @@ class AsyncConsumer(AsyncClient):
                     start = message.next_offset
                 return
             except grpc.RpcError as err:
-                start = resubscribe_at(err, self.skip_corrupt)
+                start = resubscribe_at(err, self.skip_corrupt, self.auto_offset_reset, topic, partition)
                 start_fields = {"offset": start}
             finally:
                 call.cancel()

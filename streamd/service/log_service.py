@@ -80,11 +80,12 @@ def _failed(exc: Exception) -> asyncio.Future:
     return future
 
 
-async def _stream_answer(request_id: int, results, durable: asyncio.Future,
-                         on_durable_append: Callable[[], None] | None = None) -> pb.ProduceStreamResponse:
+def _answer(request_id: int, results, durable: asyncio.Future,
+            on_durable_append: Callable[[], None] | None = None) -> pb.ProduceStreamResponse:
+    """The answer to a request whose ``durable`` future is done (its error, if it failed)."""
     answer = pb.ProduceStreamResponse(request_id=request_id)
     try:
-        await durable
+        durable.result()
     except Exception as exc:
         answer.error.CopyFrom(stream_error(exc))
     else:
@@ -92,6 +93,15 @@ async def _stream_answer(request_id: int, results, durable: asyncio.Future,
             on_durable_append()
         _fill_results(answer.response, results)
     return answer
+
+
+async def _stream_answer(request_id: int, results, durable: asyncio.Future,
+                         on_durable_append: Callable[[], None] | None = None) -> pb.ProduceStreamResponse:
+    try:
+        await durable
+    except Exception:
+        pass  # answered by _answer
+    return _answer(request_id, results, durable, on_durable_append)
 
 
 class LogService:
@@ -151,8 +161,8 @@ class LogService:
                     results, durable = self._append(item.request)
                 except Exception as exc:
                     results, durable = None, _failed(exc)
-                if not pending and durable.done():
-                    await context.write(await _stream_answer(item.request_id, results, durable, appended))
+                if not pending and durable.done():  # answered inline: no coroutine, no task
+                    await context.write(_answer(item.request_id, results, durable, appended))
                     continue
                 pending.append((item.request_id, results, durable))
                 if writer is None or writer.done():

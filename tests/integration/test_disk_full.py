@@ -188,8 +188,8 @@ def test_dead_letters_that_cannot_be_written_are_logged_once_and_written_once_th
 
 
 class _FsyncFailsOnce:
-    """``os`` for ``segments.log``: its first fsync fails with ENOSPC, as ext4 may when
-    writeback cannot allocate."""
+    """``os`` for ``segments.log``: its first fsync of a file's data (``fdatasync``)
+    fails with ENOSPC, as ext4 may when writeback cannot allocate."""
 
     def __init__(self) -> None:
         self.failed = 0
@@ -197,11 +197,11 @@ class _FsyncFailsOnce:
     def __getattr__(self, name):
         return getattr(os, name)
 
-    def fsync(self, fd: int) -> None:
+    def fdatasync(self, fd: int) -> None:
         if not self.failed:
             self.failed += 1
             raise OSError(errno.ENOSPC, "No space left on device")
-        os.fsync(fd)
+        os.fdatasync(fd)
 
 
 def test_a_failed_fsync_answers_unavailable_and_the_partition_recovers_by_itself(server, monkeypatch):

@@ -28,15 +28,15 @@ def _open(path) -> PartitionLog:
 def test_failed_fsync_fails_the_log_instead_of_retrying(tmp_path, monkeypatch):
     plog = _open(tmp_path / "p")
     plog.append(b"x" * 10, record_count=1, append_time_ms=1)
-    real_fsync = os.fsync
+    real_fsync = os.fdatasync
 
     def eio(fd):
         raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setattr(os, "fsync", eio)
+    monkeypatch.setattr(os, "fdatasync", eio)
     with pytest.raises(LogFailed):
         plog.flush()
-    monkeypatch.setattr(os, "fsync", real_fsync)
+    monkeypatch.setattr(os, "fdatasync", real_fsync)
     # A retry must not report the data durable: the log refuses work until reopened.
     with pytest.raises(LogFailed):
         plog.flush()
@@ -66,8 +66,8 @@ def test_failed_dup_loses_no_dirty_segment(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         plog.flush()
     synced = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    real_fsync = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real_fsync(fd)))
     assert plog.flush() == 20
     assert synced, "the second flush must fsync what the first could not"
     plog.close()
@@ -187,3 +187,26 @@ def test_a_damaged_index_entry_is_rebuilt_not_data_loss(tmp_path):
     got = plog.read(2, ReadLimits(1, 1))
     assert got.first_offset == 2 and got.batch_count == 1
     plog.close()
+
+
+def test_flush_syncs_index_files_only_when_their_entries_changed(tmp_path, monkeypatch):
+    plog = PartitionLog.open(tmp_path / "p", segment_bytes=1 << 20, segment_ms=10**9, index_interval_bytes=1000,
+                             now_ms=0)
+    real, synced = os.fdatasync, []
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd)))
+
+    def flushed_files(value: bytes, t: int) -> int:
+        synced.clear()
+        plog.append(value, record_count=1, append_time_ms=t)
+        plog.flush()
+        return len(synced)
+
+    assert flushed_files(b"a" * 10, 1) == 3  # the log and both new index entries
+    assert flushed_files(b"b" * 10, 2) == 1  # no index entry due: the log alone
+    assert flushed_files(b"c" * 2000, 3) == 1
+    assert flushed_files(b"d" * 10, 4) == 3  # past the interval: an entry in each index
+    plog.close()
+    reopened = PartitionLog.open(tmp_path / "p", segment_bytes=1 << 20, segment_ms=10**9,
+                                 index_interval_bytes=1000, now_ms=0)
+    assert reopened.log_end_offset == 4 and reopened.recovery is None
+    reopened.close()
