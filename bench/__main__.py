@@ -1,7 +1,8 @@
 """python -m bench [--quick] [--only NAME ...] [--repeat N] [--out FILE]
 
 ``--only groups`` runs only the consumer-group section (bench/groups.py), ``--only
-queues`` only the queue-group section (bench/queues.py).
+queues`` only the queue-group section (bench/queues.py), ``--only sdk_paths`` only the
+per-SDK-class paths beside the peers (bench/sdk_paths.py).
 
 Prints one JSON document on stdout (progress goes to stderr).
 """
@@ -27,7 +28,7 @@ SYSTEMS = {
     "nats_jetstream": "bench.peers.nats_jetstream",
 }
 # streamd-only sections that ``--only`` can also name; they run with streamd otherwise.
-SECTIONS = ("groups", "queues")
+SECTIONS = ("groups", "queues", "sdk_paths")
 
 
 def _factory(module_name: str, workdir: str):
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     groups = section("groups", "consumer groups (throughput, reassignment latency)")
     queues = section("queues", "queue groups (receive + ack throughput vs peers, redelivery timing)")
+    sdk_paths = section("sdk_paths", "each SDK class's per-record paths beside the peers, interleaved")
 
     doc = {
         "benchmark": "streamd vs Redis Streams vs NATS JetStream",
@@ -139,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "streamd_only": streamd_only,
         "streamd_groups": groups,
         "streamd_queues": queues,
+        "sdk_paths": sdk_paths,
     }
     harness.emit(doc, args.out)
     return 0

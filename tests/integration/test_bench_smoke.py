@@ -80,3 +80,29 @@ def test_bench_ab_runs_both_versions_interleaved_and_prints_ratios():
         for version in ("before", "after"):
             assert len(doc["workloads"][workload][version]["runs"]) == 1
         assert doc["after_vs_before"][workload] > 0
+
+
+@pytest.mark.timeout(400)
+def test_bench_sdk_paths_quick_fills_every_row_of_the_table():
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "sdk_paths"],
+        cwd=ROOT, capture_output=True, text=True, timeout=380,
+        env={**os.environ, "STREAMD_BENCH_NO_INSTALL": "1"},  # peers run only if already installed
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    paths = json.loads(result.stdout)["sdk_paths"]
+    assert paths["status"] == "ok", paths
+    peers_up = {name for name, s in paths["servers"].items() if s["status"] == "ok"}
+    assert "streamd" in peers_up
+    for name, server in paths["servers"].items():  # a peer that cannot run here is skipped, never broken
+        assert server["status"] in ("ok", "skipped"), (name, server)
+    for name, entry in paths["entries"].items():
+        assert all("error" not in run for run in entry["runs"]), (name, entry["runs"])
+        if "latency" in name:
+            assert entry["median"]["received"] == entry["median"]["sent"] > 0, (name, entry["median"])
+    rows = [row for row in paths["table"] if "see" not in row]
+    assert len(rows) == 14
+    for row in rows:
+        assert row["streamd"] > 0, row
+        if {"redis", "nats"} <= peers_up:
+            assert row["best_peer"] is not None and row["ratio"] > 0, row
